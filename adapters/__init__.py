@@ -1,0 +1,1 @@
+"""The SpeechLM model: config, Whisper encoder, projectors, speech vocabulary, training modes."""
