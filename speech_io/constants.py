@@ -1,0 +1,31 @@
+"""Fixed facts of the Whisper front end that the processor and the model must agree on."""
+
+from __future__ import annotations
+
+import math
+
+SAMPLE_RATE = 16_000
+# Whisper's STFT hop: 160 samples = 10 ms, so 100 mel frames a second.
+MEL_HOP_LENGTH = 160
+# 30 s, the longest input a Whisper encoder has positional embeddings for.
+MAX_MEL_FRAMES = 3000
+
+
+def mel_frames(num_samples: int) -> int:
+    """Mel frames for ``num_samples`` of 16 kHz audio (Whisper drops the STFT's last frame)."""
+    return num_samples // MEL_HOP_LENGTH
+
+
+def encoder_frames(num_mel_frames: int) -> int:
+    """Whisper encoder outputs for ``num_mel_frames`` inputs: its second conv has stride 2 (50 Hz)."""
+    return math.ceil(num_mel_frames / 2)
+
+
+def stacked_frames(num_frames: int, stack_factor: int) -> int:
+    """Frames left after stacking ``stack_factor`` neighbours; a partial last group is zero-padded."""
+    return math.ceil(num_frames / stack_factor)
+
+
+def audio_placeholder_count(num_mel_frames: int, stack_factor: int) -> int:
+    """How many ``<|audio|>`` positions a clip of ``num_mel_frames`` fills after encoder + projector."""
+    return stacked_frames(encoder_frames(num_mel_frames), stack_factor)

@@ -1,0 +1,61 @@
+"""Speech units <-> token strings <-> token ids: the one place that knows the speech vocabulary layout.
+
+The added vocabulary, in order, after the backbone's own tokens:
+``<|audio|>`` (continuous-audio placeholder), ``<|speech_start|>``, ``<|speech_end|>``,
+then ``<|s_0|>`` .. ``<|s_{N-1}|>`` for the N codes of the codec's first RVQ layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+AUDIO_TOKEN = "<|audio|>"
+SPEECH_START_TOKEN = "<|speech_start|>"
+SPEECH_END_TOKEN = "<|speech_end|>"
+SPECIAL_SPEECH_TOKENS = (AUDIO_TOKEN, SPEECH_START_TOKEN, SPEECH_END_TOKEN)
+
+_UNIT_TOKEN = re.compile(r"<\|s_(\d+)\|>")
+
+
+def speech_unit_token(unit: int) -> str:
+    """The token string of one speech unit: ``7 -> "<|s_7|>"``."""
+    return f"<|s_{int(unit)}|>"
+
+
+def speech_unit_tokens(num_units: int) -> list[str]:
+    """All unit token strings, ``<|s_0|>`` .. ``<|s_{num_units-1}|>``."""
+    return [speech_unit_token(k) for k in range(num_units)]
+
+
+def added_speech_tokens(num_units: int) -> list[str]:
+    """Every token speechlm adds to a backbone's vocabulary, in id order."""
+    return [*SPECIAL_SPEECH_TOKENS, *speech_unit_tokens(num_units)]
+
+
+def units_to_text(units: Iterable[int], *, with_span: bool = True) -> str:
+    """Units as token text, optionally wrapped in ``<|speech_start|>`` .. ``<|speech_end|>``."""
+    body = "".join(speech_unit_token(u) for u in units)
+    return f"{SPEECH_START_TOKEN}{body}{SPEECH_END_TOKEN}" if with_span else body
+
+
+def text_to_units(text: str) -> list[int]:
+    """Every ``<|s_k|>`` in ``text``, in order, as integers (other text is ignored)."""
+    return [int(m) for m in _UNIT_TOKEN.findall(text)]
+
+
+def units_to_token_ids(units: Sequence[int] | np.ndarray, first_unit_id: int, num_units: int) -> list[int]:
+    """Unit k -> token id ``first_unit_id + k``; a unit outside ``[0, num_units)`` is a ValueError."""
+    units = np.asarray(units, dtype=np.int64).reshape(-1)
+    bad = units[(units < 0) | (units >= num_units)]
+    if bad.size:
+        raise ValueError(f"speech unit {int(bad[0])} is outside the codebook [0, {num_units}); "
+                         f"was the data prepared with a codec of another codebook size?")
+    return (units + first_unit_id).tolist()
+
+
+def token_ids_to_units(token_ids: Iterable[int], first_unit_id: int, num_units: int) -> list[int]:
+    """The units among ``token_ids`` (ids of unit tokens), in order; other ids are skipped."""
+    return [int(t) - first_unit_id for t in token_ids if first_unit_id <= int(t) < first_unit_id + num_units]
