@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 SAMPLE_RATE = 16_000
 # Whisper's STFT hop: 160 samples = 10 ms, so 100 mel frames a second.
 MEL_HOP_LENGTH = 160
@@ -16,16 +14,19 @@ def mel_frames(num_samples: int) -> int:
     return num_samples // MEL_HOP_LENGTH
 
 
-def encoder_frames(num_mel_frames: int) -> int:
+# The arithmetic below is written with // so that it works on ints and on tensors of lengths alike.
+
+
+def encoder_frames(num_mel_frames):
     """Whisper encoder outputs for ``num_mel_frames`` inputs: its second conv has stride 2 (50 Hz)."""
-    return math.ceil(num_mel_frames / 2)
+    return (num_mel_frames + 1) // 2
 
 
-def stacked_frames(num_frames: int, stack_factor: int) -> int:
+def stacked_frames(num_frames, stack_factor: int):
     """Frames left after stacking ``stack_factor`` neighbours; a partial last group is zero-padded."""
-    return math.ceil(num_frames / stack_factor)
+    return (num_frames + stack_factor - 1) // stack_factor
 
 
-def audio_placeholder_count(num_mel_frames: int, stack_factor: int) -> int:
+def audio_placeholder_count(num_mel_frames, stack_factor: int):
     """How many ``<|audio|>`` positions a clip of ``num_mel_frames`` fills after encoder + projector."""
     return stacked_frames(encoder_frames(num_mel_frames), stack_factor)
