@@ -1,1 +1,24 @@
-"""speechlm: turn Hugging Face Llama-family LLMs into Speech Language Models with adapters."""
+"""speechlm: turn Hugging Face Llama-family LLMs into Speech Language Models with adapters.
+
+Importing it registers ``model_type="speechlm"`` with transformers' Auto classes.
+"""
+
+from speechlm.adapters.building import ModelSpec, build_speechlm
+from speechlm.adapters.configuration import SpeechLMAudioConfig, SpeechLMConfig, SpeechLMProjectorConfig
+from speechlm.adapters.modeling import SpeechLMForCausalLM
+from speechlm.adapters.modes import apply_training_mode, merge_lora
+from speechlm.registration import register
+
+register()
+
+__version__ = "0.1.0"
+__all__ = [
+    "ModelSpec",
+    "SpeechLMAudioConfig",
+    "SpeechLMConfig",
+    "SpeechLMForCausalLM",
+    "SpeechLMProjectorConfig",
+    "apply_training_mode",
+    "build_speechlm",
+    "merge_lora",
+]

@@ -1,0 +1,104 @@
+"""The Whisper encoder of openai-whisper, taking any input up to 30 s and masking batch padding.
+
+openai-whisper's ``AudioEncoder`` asserts 3000 mel frames (30 s). Here a clip of T frames adds the first
+T/2 positional embeddings instead (same weights, ~10x less work for a 3 s clip), and padded frames of
+shorter clips in a batch are masked out of attention, so a clip encodes the same alone or in a batch.
+On an unpadded 30 s input the result equals the stock encoder's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from whisper.model import AudioEncoder
+
+from speechlm.adapters.configuration import SpeechLMAudioConfig
+from speechlm.speech_io.constants import encoder_frames
+
+WHISPER_DIM_FIELDS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
+
+
+class WhisperAudioEncoder(AudioEncoder):
+    """``B, n_mels, T`` log-mel (T <= 2 * n_audio_ctx) -> ``B, ceil(T/2), n_audio_state`` frames at 50 Hz."""
+
+    def __init__(self, config: SpeechLMAudioConfig):
+        super().__init__(config.n_mels, config.n_audio_ctx, config.n_audio_state, config.n_audio_head,
+                         config.n_audio_layer)
+        self.n_head = config.n_audio_head
+
+    def forward(self, input_features: torch.Tensor, mel_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        max_frames = 2 * self.positional_embedding.shape[0]
+        if input_features.shape[-1] > max_frames:
+            raise ValueError(f"audio features have {input_features.shape[-1]} mel frames but the Whisper encoder "
+                             f"takes at most {max_frames} ({max_frames // 100} s); split longer audio")
+        x = F.gelu(self.conv1(input_features))
+        x = F.gelu(self.conv2(x)).permute(0, 2, 1)  # B, T/2, C
+        x = (x + self.positional_embedding[: x.shape[1]]).to(x.dtype)
+
+        key_mask = None
+        if mel_lengths is not None:
+            frames = torch.arange(x.shape[1], device=x.device)
+            key_mask = frames[None, :] < encoder_frames(mel_lengths)[:, None]  # B, T/2
+            if bool(key_mask.all()):
+                key_mask = None
+        for block in self.blocks:
+            x = block(x) if key_mask is None else self._masked_block(block, x, key_mask)
+        return self.ln_post(x)
+
+    def _masked_block(self, block: torch.nn.Module, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """Whisper's residual block with padded keys excluded from attention (the stock block takes no mask)."""
+        attn = block.attn
+        h = block.attn_ln(x)
+        batch, length, width = h.shape
+        q, k, v = (proj(h).view(batch, length, self.n_head, -1).transpose(1, 2)
+                   for proj in (attn.query, attn.key, attn.value))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        x = x + attn.out(a.transpose(1, 2).reshape(batch, length, width))
+        return x + block.mlp(block.mlp_ln(x))
+
+
+def read_whisper_checkpoint(path: str | os.PathLike) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """Read an openai-whisper ``.pt`` (``{"dims", "model_state_dict"}``) -> (dims, encoder state dict).
+
+    Loaded with ``weights_only=True``: a checkpoint that needs pickled objects is refused.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"openai-whisper checkpoint {path!r} does not exist (expected a .pt file with "
+                                f"'dims' and 'model_state_dict', as written by openai-whisper)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a loadable openai-whisper checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(checkpoint, dict) or not {"dims", "model_state_dict"} <= checkpoint.keys():
+        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path}: an openai-whisper checkpoint holds 'dims' and 'model_state_dict'; found {found}")
+    dims = checkpoint["dims"]
+    missing = [name for name in WHISPER_DIM_FIELDS if name not in dims]
+    if missing:
+        raise ValueError(f"{path}: 'dims' lacks {missing}")
+    encoder_state = {key.removeprefix("encoder."): value for key, value in checkpoint["model_state_dict"].items()
+                     if key.startswith("encoder.")}
+    if not encoder_state:
+        raise ValueError(f"{path}: 'model_state_dict' has no 'encoder.*' weights")
+    return {name: int(dims[name]) for name in WHISPER_DIM_FIELDS}, encoder_state
+
+
+def load_whisper_encoder(path: str | os.PathLike, config: SpeechLMAudioConfig | None = None) -> WhisperAudioEncoder:
+    """A `WhisperAudioEncoder` with the weights of an openai-whisper checkpoint.
+
+    With ``config`` given, the checkpoint's dims must match it; the error names both sides.
+    """
+    dims, state = read_whisper_checkpoint(path)
+    if config is None:
+        config = SpeechLMAudioConfig(**dims)
+    mismatched = {name: (dims[name], getattr(config, name)) for name in WHISPER_DIM_FIELDS
+                  if dims[name] != getattr(config, name)}
+    if mismatched:
+        detail = ", ".join(f"{name}: checkpoint {a} vs config {b}" for name, (a, b) in mismatched.items())
+        raise ValueError(f"{os.fspath(path)}: Whisper dims differ from audio_config ({detail})")
+    encoder = WhisperAudioEncoder(config)
+    encoder.load_state_dict(state, strict=True)
+    return encoder

@@ -1,0 +1,224 @@
+"""Build a SpeechLM from its parts (``speechlm init``) and reassemble a saved one (``from_pretrained``).
+
+Parts come from real checkpoints (an HF causal-LM directory or Hub id, an openai-whisper ``.pt``) or,
+when a source is left out, are tiny random components made from the given dimensions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
+from speechlm.adapters.audio_encoder import read_whisper_checkpoint
+from speechlm.adapters.configuration import (
+    TRAINING_MODES,
+    ConfigError,
+    SpeechLMAudioConfig,
+    SpeechLMConfig,
+    SpeechLMProjectorConfig,
+)
+from speechlm.adapters.modeling import SpeechLMForCausalLM
+from speechlm.adapters.modes import apply_training_mode
+from speechlm.adapters.tiny import BYTE_VOCAB_SIZE, build_byte_tokenizer
+from speechlm.adapters.vocabulary import check_tokenizer_layout, expand_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ModelSpec:
+    """What ``speechlm init`` (and the ``model:`` section of a training recipe) builds."""
+
+    text_model: str | None = field(default=None, metadata={
+        "help": "HF causal-LM directory or Hub id; null builds a random backbone from `text`"})
+    text: dict | None = field(default_factory=dict, metadata={
+        "help": "config kwargs of a random backbone (model_type defaults to llama), e.g. hidden_size"})
+    audio_encoder: str | None = field(default=None, metadata={
+        "help": "openai-whisper checkpoint (.pt with dims + model_state_dict); null: random from `audio`"})
+    audio: dict | None = field(default_factory=dict, metadata={"help": "Whisper encoder dims of a random encoder"})
+    projector: dict | None = field(default_factory=dict, metadata={
+        "help": "projector_type (mlp|swiglu), stack_factor, hidden_size"})
+    num_speech_units: int = field(default=1024, metadata={"help": "codec codebook size (SpeechTokenizer: 1024)"})
+    mode: str = field(default="frozen", metadata={"help": f"backbone training mode: {'|'.join(TRAINING_MODES)}"})
+    lora: dict | None = field(default_factory=dict, metadata={"help": "r, alpha, dropout, target_modules"})
+    train_audio_encoder: bool = field(default=False, metadata={"help": "also train the Whisper encoder"})
+    dtype: str = field(default="float32", metadata={"help": f"weights dtype: {'|'.join(DTYPES)}"})
+    seed: int = field(default=0, metadata={"help": "seed of random components and new vocabulary rows"})
+
+    def __post_init__(self):
+        for name in ("text", "audio", "projector", "lora"):
+            if getattr(self, name) is None:
+                setattr(self, name, {})
+        problems = []
+        if self.mode not in TRAINING_MODES:
+            problems.append(f"mode={self.mode!r}: choose one of {list(TRAINING_MODES)}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype={self.dtype!r}: choose one of {list(DTYPES)}")
+        if self.mode == "qlora" and self.text_model is None:
+            problems.append("mode='qlora' needs model.text_model (a path or Hub id) to load in 4 bits")
+        unknown_lora = set(self.lora) - {"r", "alpha", "dropout", "target_modules"}
+        if unknown_lora:
+            problems.append(f"lora has unknown keys {sorted(unknown_lora)}: use r, alpha, dropout, "
+                            f"target_modules")
+        if self.audio_encoder is not None and self.audio:
+            problems.append("give audio_encoder (a checkpoint) or audio (random dims), not both")
+        if self.text_model is not None and self.text:
+            problems.append("give text_model (a checkpoint) or text (random dims), not both")
+        for cls, kwargs in ((SpeechLMAudioConfig, self.audio), (SpeechLMProjectorConfig, self.projector)):
+            try:
+                cls(**kwargs)
+            except ConfigError as error:
+                problems.extend(error.problems)
+            except (TypeError, ValueError) as error:
+                problems.append(f"{cls.__name__}: {error}")
+        ConfigError.collect("model spec", problems)
+
+
+def load_backbone(source: str, *, mode: str, dtype: torch.dtype, **hub_kwargs) -> PreTrainedModel:
+    """The backbone from a directory or Hub id; 4-bit NF4 (bitsandbytes) for ``qlora``."""
+    kwargs = {"dtype": dtype, **hub_kwargs}
+    if mode == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise FileNotFoundError(f"text model {source!r}: {error}") from error
+
+
+def assemble_model(config: SpeechLMConfig, *, dtype: torch.dtype = torch.float32,
+                   language_model: PreTrainedModel | None = None,
+                   audio_state: dict[str, torch.Tensor] | None = None, **hub_kwargs) -> SpeechLMForCausalLM:
+    """A model with base weights from the config's sources (random where it names none), mode applied."""
+    if language_model is None and config.text_model_name_or_path is not None:
+        language_model = load_backbone(config.text_model_name_or_path, mode=config.mode, dtype=dtype, **hub_kwargs)
+    model = SpeechLMForCausalLM(config, language_model=language_model)
+    if audio_state is None and config.audio_model_name_or_path is not None:
+        dims, audio_state = read_whisper_checkpoint(config.audio_model_name_or_path)
+        check_audio_dims(config.audio_config, dims, config.audio_model_name_or_path)
+    if audio_state is not None:
+        model.audio_tower.load_state_dict(audio_state)
+    if dtype != torch.float32:
+        # 4-bit weights keep their storage; everything else takes the requested dtype.
+        for part in (model.audio_tower, model.multi_modal_projector, model.speech_vocab):
+            part.to(dtype)
+        if not getattr(model.text_model, "is_quantized", False):
+            model.language_model.to(dtype)
+    return apply_training_mode(model)
+
+
+def check_audio_dims(audio_config: SpeechLMAudioConfig, dims: dict[str, int], source: str) -> None:
+    mismatched = [f"{name}: checkpoint {value} vs config {getattr(audio_config, name)}"
+                  for name, value in dims.items() if getattr(audio_config, name) != value]
+    if mismatched:
+        raise ValueError(f"{source}: Whisper dims differ from the saved audio_config ({', '.join(mismatched)})")
+
+
+def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:
+    """A new SpeechLM and its expanded tokenizer from a `ModelSpec`."""
+    dtype = DTYPES[spec.dtype]
+    torch.manual_seed(spec.seed)
+    if spec.text_model is not None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec.text_model)
+        except OSError as error:
+            raise FileNotFoundError(f"text model {spec.text_model!r}: no tokenizer ({error})") from error
+        language_model = load_backbone(spec.text_model, mode=spec.mode, dtype=dtype)
+        text_config = language_model.config
+    else:
+        tokenizer = build_byte_tokenizer()
+        text_kwargs = {"model_type": "llama", "vocab_size": BYTE_VOCAB_SIZE, "bos_token_id": None,
+                       "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **spec.text}
+        text_config = AutoConfig.for_model(**text_kwargs)
+        language_model = AutoModelForCausalLM.from_config(text_config)
+    if len(tokenizer) > text_config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the backbone embeds only "
+                         f"{text_config.vocab_size}; they do not belong together")
+    text_vocab_size = expand_tokenizer(tokenizer, spec.num_speech_units)
+
+    audio_state = None
+    if spec.audio_encoder is not None:
+        dims, audio_state = read_whisper_checkpoint(spec.audio_encoder)
+        audio_config = SpeechLMAudioConfig(**dims)
+    else:
+        audio_config = SpeechLMAudioConfig(**spec.audio)
+    lora = {f"lora_{key}" if key != "target_modules" else "lora_target_modules": value
+            for key, value in spec.lora.items()}
+    config = SpeechLMConfig(
+        text_config=text_config, audio_config=audio_config, projector_config=dict(spec.projector),
+        num_speech_units=spec.num_speech_units, text_vocab_size=text_vocab_size, mode=spec.mode,
+        train_audio_encoder=spec.train_audio_encoder, text_model_name_or_path=spec.text_model,
+        audio_model_name_or_path=spec.audio_encoder, **lora)
+    model = assemble_model(config, dtype=dtype, language_model=language_model, audio_state=audio_state)
+    generator = torch.Generator().manual_seed(spec.seed)
+    model.speech_vocab.initialize_from(model.get_input_embeddings().weight, model.get_output_embeddings().weight,
+                                       generator=generator)
+    return model, tokenizer
+
+
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike, **hub_kwargs) -> Path:
+    """A local directory for a saved SpeechLM: the path itself, or a Hub snapshot of its small files."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/")):
+        raise FileNotFoundError(f"{name_or_path}: not a SpeechLM directory (expected config.json and "
+                                f"{WEIGHTS_NAME} written by save_pretrained)")
+    from huggingface_hub import snapshot_download
+
+    allowed = {key: hub_kwargs[key] for key in ("revision", "token", "cache_dir") if key in hub_kwargs}
+    return Path(snapshot_download(str(name_or_path), **allowed))
+
+
+def load_speechlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                  mode: str | None = None, device_map=None, **kwargs) -> SpeechLMForCausalLM:
+    """`SpeechLMForCausalLM.from_pretrained`: base parts from their sources, then the saved tensors.
+
+    Every tensor the model expects from the checkpoint must be there and every saved tensor must fit;
+    the error names the file and the first offending keys. The tokenizer saved beside the model, if
+    any, must have the speech tokens at the config's ids.
+    """
+    directory = resolve_checkpoint_dir(name_or_path, **kwargs)
+    config = kwargs.pop("config", None) or SpeechLMConfig.from_pretrained(directory)
+    if mode is not None:
+        config.mode = mode
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, torch.float32) if dtype != "auto" else torch.float32
+    dtype = dtype or torch.float32
+
+    weights_file = directory / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} (a SpeechLM checkpoint holds config.json "
+                                f"and {WEIGHTS_NAME})")
+    saved = load_file(weights_file)
+    check_speech_vocab_rows(config, saved, weights_file)
+    if (directory / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        check_tokenizer_layout(tokenizer, config.text_vocab_size, config.num_speech_units,
+                               source=f"{directory} tokenizer")
+
+    hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+    model = assemble_model(config, dtype=dtype, **hub_kwargs)
+    expected = {key for key in model.state_dict() if model.is_checkpoint_key(key)}
+    missing, unexpected = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights_file} does not fit the model its config.json describes: "
+                         f"missing {len(missing)} tensors {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}")
+    model.load_state_dict(saved, strict=False)
+    if device_map is not None:
+        model.to(device_map if isinstance(device_map, (str, torch.device)) else "cpu")
+    return model.eval()
+
+
+def check_speech_vocab_rows(config: SpeechLMConfig, saved: dict[str, torch.Tensor], weights_file: Path) -> None:
+    rows = saved.get("speech_vocab.embed_tokens.weight")
+    if rows is not None and rows.shape[0] != config.num_added_tokens:
+        raise ValueError(f"{weights_file} has {rows.shape[0]} speech-vocabulary rows but config.json expects "
+                         f"{config.num_added_tokens} (num_speech_units={config.num_speech_units} + 3 special)")

@@ -1,0 +1,189 @@
+"""`SpeechLMConfig`: the backbone's own config nested beside the Whisper-encoder and projector settings.
+
+Dimensions live in exactly one sub-config and are read from there: the LM width from ``text_config``,
+the encoder width from ``audio_config``, the stacking factor from ``projector_config``.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from speechlm.speech_io.units import SPECIAL_SPEECH_TOKENS
+
+TRAINING_MODES = ("frozen", "lora", "qlora", "full")
+
+
+class ConfigError(ValueError):
+    """Configuration values a user set are invalid; the message names every bad field at once."""
+
+    def __init__(self, owner: str, problems: list[str]):
+        super().__init__(f"invalid {owner}:\n  - " + "\n  - ".join(problems))
+        self.problems = problems
+
+    @classmethod
+    def collect(cls, owner: str, problems: list[str]) -> None:
+        if problems:
+            raise cls(owner, problems)
+
+
+@strict
+class SpeechLMAudioConfig(PreTrainedConfig):
+    """The dimensions of an openai-whisper ``AudioEncoder`` (field names as in ``whisper.model.ModelDimensions``).
+
+    Whisper sizes: tiny 384/6/4, base 512/8/6, small 768/12/12, medium 1024/16/24, large 1280/20/32
+    (n_audio_state / n_audio_head / n_audio_layer); large-v3 uses ``n_mels=128``.
+    """
+
+    model_type = "speechlm_audio"
+
+    n_mels: int = 80
+    n_audio_ctx: int = 1500
+    n_audio_state: int = 512
+    n_audio_head: int = 8
+    n_audio_layer: int = 6
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        problems = []
+        if self.n_mels not in (80, 128):
+            problems.append(f"audio_config.n_mels={self.n_mels}: Whisper uses 80 or 128 mel bins")
+        for name in ("n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer"):
+            if getattr(self, name) < 1:
+                problems.append(f"audio_config.{name}={getattr(self, name)}: must be >= 1")
+        if self.n_audio_head >= 1 and self.n_audio_state % self.n_audio_head:
+            problems.append(f"audio_config.n_audio_state={self.n_audio_state} is not divisible by "
+                            f"n_audio_head={self.n_audio_head}")
+        ConfigError.collect("SpeechLMAudioConfig", problems)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.n_audio_state
+
+
+@strict
+class SpeechLMProjectorConfig(PreTrainedConfig):
+    """The adapter from Whisper frames (50 Hz) to LM embeddings; ``projector_type`` names a registered variant."""
+
+    model_type = "speechlm_projector"
+
+    projector_type: str = "mlp"
+    stack_factor: int = 5
+    hidden_size: int = 2048
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        from speechlm.adapters.projectors import PROJECTORS  # the registry lives beside the modules
+
+        problems = []
+        if self.projector_type not in PROJECTORS:
+            problems.append(f"projector_config.projector_type={self.projector_type!r}: "
+                            f"choose one of {sorted(PROJECTORS)}")
+        if self.stack_factor < 1:
+            problems.append(f"projector_config.stack_factor={self.stack_factor}: must be >= 1")
+        if self.hidden_size < 1:
+            problems.append(f"projector_config.hidden_size={self.hidden_size}: must be >= 1")
+        ConfigError.collect("SpeechLMProjectorConfig", problems)
+
+
+@strict
+class SpeechLMConfig(PreTrainedConfig):
+    r"""Configuration of a [`SpeechLMForCausalLM`].
+
+    Args:
+        text_config: the backbone's own config (any HF causal LM; Llama by default).
+        audio_config: Whisper encoder dimensions ([`SpeechLMAudioConfig`]).
+        projector_config: the projector variant and its sizes ([`SpeechLMProjectorConfig`]).
+        num_speech_units: codes in the codec's first RVQ layer (1024 for SpeechTokenizer).
+        text_vocab_size: id of the first added token. It equals the tokenizer's length before expansion,
+            which may be smaller than ``text_config.vocab_size`` (padded embedding matrices).
+        audio_token_id / speech_start_token_id / speech_end_token_id / speech_unit_start_id: the ids of
+            ``<|audio|>``, ``<|speech_start|>``, ``<|speech_end|>`` and ``<|s_0|>``, derived from
+            ``text_vocab_size`` and recorded so that a reload can check the tokenizer against them.
+        mode: how the backbone trains: ``frozen``, ``lora``, ``qlora`` (4-bit NF4 + LoRA) or ``full``.
+        lora_r / lora_alpha / lora_dropout / lora_target_modules: peft LoRA settings (lora and qlora).
+        train_audio_encoder: also train the Whisper encoder (it is frozen by default).
+        text_model_name_or_path / audio_model_name_or_path: where the base weights come from. When set
+            and the backbone is not fully tuned, checkpoints hold only what was trained.
+    """
+
+    model_type = "speechlm"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "audio_config": SubConfigSpec(config_class=SpeechLMAudioConfig),
+        "projector_config": SubConfigSpec(config_class=SpeechLMProjectorConfig),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    audio_config: dict | PreTrainedConfig | None = None
+    projector_config: dict | PreTrainedConfig | None = None
+    num_speech_units: int = 1024
+    text_vocab_size: int | None = None
+    audio_token_id: int | None = None
+    speech_start_token_id: int | None = None
+    speech_end_token_id: int | None = None
+    speech_unit_start_id: int | None = None
+    mode: str = "frozen"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str = "all-linear"
+    train_audio_encoder: bool = False
+    text_model_name_or_path: str | None = None
+    audio_model_name_or_path: str | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.text_vocab_size is None:
+            self.text_vocab_size = self.text_config.vocab_size
+        expected = self.expected_token_ids()
+        problems = []
+        if self.mode not in TRAINING_MODES:
+            problems.append(f"mode={self.mode!r}: choose one of {list(TRAINING_MODES)}")
+        if self.num_speech_units < 1:
+            problems.append(f"num_speech_units={self.num_speech_units}: must be >= 1")
+        if not 1 <= self.text_vocab_size <= self.text_config.vocab_size:
+            problems.append(f"text_vocab_size={self.text_vocab_size}: must be in [1, text_config.vocab_size="
+                            f"{self.text_config.vocab_size}] (the tokenizer has more tokens than the LM embeds)")
+        if self.lora_r < 1:
+            problems.append(f"lora_r={self.lora_r}: must be >= 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        for name, value in expected.items():
+            current = getattr(self, name)
+            if current is None:
+                setattr(self, name, value)
+            elif current != value:
+                problems.append(f"{name}={current} disagrees with text_vocab_size={self.text_vocab_size}, "
+                                f"which puts it at {value}")
+        ConfigError.collect("SpeechLMConfig", problems)
+
+    def expected_token_ids(self) -> dict[str, int]:
+        """The added-token ids implied by ``text_vocab_size`` (layout in ``speech_io.units``)."""
+        start = self.text_vocab_size
+        return {
+            "audio_token_id": start,
+            "speech_start_token_id": start + 1,
+            "speech_end_token_id": start + 2,
+            "speech_unit_start_id": start + len(SPECIAL_SPEECH_TOKENS),
+        }
+
+    @property
+    def num_added_tokens(self) -> int:
+        return len(SPECIAL_SPEECH_TOKENS) + self.num_speech_units
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the fused vocabulary: the backbone's text tokens, then the added speech tokens."""
+        return self.text_vocab_size + self.num_added_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def saves_adapter_only(self) -> bool:
+        """Checkpoints hold only trained weights when the backbone can be re-read from its source."""
+        return self.text_model_name_or_path is not None and self.mode != "full"

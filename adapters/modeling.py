@@ -1,0 +1,223 @@
+"""`SpeechLMForCausalLM`: Whisper encoder -> projector -> embeddings spliced into a causal LM at ``<|audio|>``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from speechlm.adapters.audio_encoder import WhisperAudioEncoder
+from speechlm.adapters.configuration import SpeechLMConfig
+from speechlm.adapters.projectors import build_projector
+from speechlm.adapters.vocabulary import SpeechVocabulary
+from speechlm.speech_io.constants import audio_placeholder_count, encoder_frames
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100 * self.trainable / max(self.total, 1)
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {share:.4f}"
+
+
+class SpeechLMPreTrainedModel(PreTrainedModel):
+    config_class = SpeechLMConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["ResidualAttentionBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only our own modules: the backbone initialises itself and the Whisper encoder comes with
+        # openai-whisper's init (or its checkpoint). SpeechVocabulary rows are set by `initialize_from`.
+        if isinstance(module, (nn.Linear, nn.Embedding)) and getattr(module, "_speechlm_owned", False):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
+    """A causal LM that hears (continuous Whisper features at ``<|audio|>``) and speaks (unit tokens).
+
+    Parts, named as checkpoint keys: ``audio_tower`` (openai-whisper ``AudioEncoder``),
+    ``multi_modal_projector``, ``language_model`` (any HF causal LM; a peft model in lora/qlora modes)
+    and ``speech_vocab`` (rows of the added tokens).
+    """
+
+    def __init__(self, config: SpeechLMConfig, *, language_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.audio_tower = WhisperAudioEncoder(config.audio_config)
+        projector = config.projector_config
+        self.multi_modal_projector = build_projector(
+            projector.projector_type, config.audio_config.n_audio_state, config.text_config.hidden_size,
+            stack_factor=projector.stack_factor, hidden_size=projector.hidden_size)
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        elif language_model.config._attn_implementation is None:
+            # Wrapping the backbone's config in a SpeechLMConfig reset its attention choice (the setter
+            # recurses into sub-configs); give the backbone back the one this model resolved.
+            language_model.config._attn_implementation = self.config._attn_implementation
+        self.language_model = language_model
+        self.speech_vocab = SpeechVocabulary(config.text_vocab_size, config.num_added_tokens,
+                                             config.text_config.hidden_size)
+        for module in (*self.multi_modal_projector.modules(), *self.speech_vocab.modules()):
+            module._speechlm_owned = True
+        self.post_init()
+
+    # -- the backbone, whether or not peft wraps it -------------------------------------------------------
+    @property
+    def text_model(self) -> PreTrainedModel:
+        """The backbone ``*ForCausalLM`` itself (unwrapped from peft; LoRA layers stay injected)."""
+        model = self.language_model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.text_model.get_output_embeddings()
+
+    def get_decoder(self) -> nn.Module:
+        return self.text_model.get_decoder()
+
+    def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        vocab_size = self.config.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0].item()
+            raise ValueError(f"input_ids contain {bad}, outside this model's vocabulary [0, {vocab_size}); "
+                             f"was it tokenized with this model's tokenizer?")
+        return self.speech_vocab.embed(input_ids, self.get_input_embeddings())
+
+    # -- audio ---------------------------------------------------------------------------------------
+    def audio_lengths(self, mel_lengths: torch.Tensor) -> torch.Tensor:
+        """Projected frames (``<|audio|>`` positions) for each clip of ``mel_lengths`` mel frames."""
+        return audio_placeholder_count(mel_lengths, self.config.projector_config.stack_factor)
+
+    def get_audio_features(self, input_features: torch.Tensor,
+                           input_features_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``N, n_mels, T`` log-mel of N clips -> ``sum_i L_i, D``: each clip's projected frames, in order,
+        padding dropped (``L_i = audio_lengths(mel frames of clip i)``)."""
+        num_clips, _, num_frames = input_features.shape
+        if input_features_mask is None:
+            mel_lengths = torch.full((num_clips,), num_frames, device=input_features.device)
+        else:
+            mel_lengths = input_features_mask.sum(-1)
+        features = input_features.to(self.audio_tower.conv1.weight.dtype)
+        frames = self.audio_tower(features, mel_lengths)  # N, T/2, C
+        # Zero the padded frames so a clip's last stacked group is the same alone or in a batch.
+        valid_frames = torch.arange(frames.shape[1], device=frames.device) < encoder_frames(mel_lengths)[:, None]
+        frames = frames * valid_frames.unsqueeze(-1).to(frames.dtype)
+        projected = self.multi_modal_projector(frames)  # N, T/2/S, D
+        valid = torch.arange(projected.shape[1], device=projected.device) < self.audio_lengths(mel_lengths)[:, None]
+        return projected[valid]
+
+    def merge_audio_embeddings(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor,
+                               audio_embeds: torch.Tensor) -> torch.Tensor:
+        placeholders = input_ids == self.config.audio_token_id
+        num_placeholders = int(placeholders.sum())
+        if num_placeholders != audio_embeds.shape[0]:
+            raise ValueError(f"the input has {num_placeholders} <|audio|> placeholder tokens but the audio yields "
+                             f"{audio_embeds.shape[0]} embeddings; build inputs with SpeechLMProcessor, which "
+                             f"expands each clip to the number its encoder + projector emit")
+        mask = placeholders.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.dtype))
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        input_features: ``N, n_mels, T`` log-mel of the N clips in the batch, in the order their
+            ``<|audio|>`` spans appear (row-major over the batch).
+        input_features_mask: ``N, T``, 1 for real mel frames, 0 for padding.
+        labels: ``B, L`` token ids to predict, -100 where no loss is taken (shifted inside).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if input_features is not None:
+            if input_ids is None:
+                raise ValueError("input_features need input_ids to locate the <|audio|> placeholders")
+            audio_embeds = self.get_audio_features(input_features, input_features_mask)
+            inputs_embeds = self.merge_audio_embeddings(input_ids, inputs_embeds, audio_embeds)
+        elif input_ids is not None and bool((input_ids == self.config.audio_token_id).any()):
+            raise ValueError("the input has <|audio|> placeholder tokens but no input_features were given")
+
+        outputs = self.get_decoder()(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.speech_vocab.logits(hidden_states, self.get_output_embeddings())
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    # -- reporting -------------------------------------------------------------------------------------
+    def parameter_counts(self) -> ParameterCounts:
+        """Trainable and total parameters (4-bit weights counted as their unpacked element count)."""
+        trainable = total = 0
+        for param in self.parameters():
+            count = param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
+            total += count
+            trainable += count if param.requires_grad else 0
+        return ParameterCounts(trainable, total)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def is_checkpoint_key(self, key: str) -> bool:
+        """Whether a checkpoint holds this state-dict entry. Parts that can be re-read from their source
+        (``text_model_name_or_path``, ``audio_model_name_or_path``) and did not train are left out."""
+        config = self.config
+        if key.startswith("language_model."):
+            return not config.saves_adapter_only or "lora_" in key
+        if key.startswith("audio_tower."):
+            return config.audio_model_name_or_path is None or config.train_audio_encoder
+        return True
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+        """Safetensors with only what `is_checkpoint_key` keeps: a few MB for a frozen or LoRA-tuned
+        backbone that names its source, everything for a standalone model."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        state_dict = {key: value for key, value in state_dict.items() if self.is_checkpoint_key(key)}
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> SpeechLMForCausalLM:
+        """Reassemble a saved SpeechLM: base parts from their sources, then the saved weights on top.
+        Keyword arguments: ``dtype``, ``mode`` (e.g. ``"lora"`` to load a QLoRA checkpoint in full
+        precision), ``device_map``/``revision``/``token`` as usual."""
+        from speechlm.adapters.building import load_speechlm
+
+        return load_speechlm(pretrained_model_name_or_path, **kwargs)

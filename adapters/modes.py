@@ -1,0 +1,56 @@
+"""Training modes: which parameters learn. LoRA is always peft's.
+
+In every mode the projector and the added vocabulary rows train; the Whisper encoder trains only with
+``train_audio_encoder``. The backbone is frozen (``frozen``), gets LoRA adapters (``lora``), is a 4-bit
+NF4 model with LoRA adapters (``qlora``), or trains whole (``full``).
+"""
+
+from __future__ import annotations
+
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+from speechlm.adapters.modeling import SpeechLMForCausalLM
+
+
+def lora_config(model: SpeechLMForCausalLM) -> LoraConfig:
+    config = model.config
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+
+
+def apply_training_mode(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
+    """Set ``requires_grad`` (and wrap the backbone with peft LoRA) as ``model.config.mode`` says."""
+    config = model.config
+    if config.mode in ("lora", "qlora") and not isinstance(model.language_model, PeftModel):
+        backbone = model.language_model
+        if config.mode == "qlora":
+            if not getattr(backbone, "is_loaded_in_4bit", False):
+                raise ValueError("mode='qlora' needs a backbone loaded in 4 bits: build it from text_model "
+                                 "(a path or Hub id) so that it loads with bitsandbytes NF4")
+            backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+        model.language_model = get_peft_model(backbone, lora_config(model))
+    model.requires_grad_(False)
+    model.multi_modal_projector.requires_grad_(True)
+    model.speech_vocab.requires_grad_(True)
+    if config.train_audio_encoder:
+        model.audio_tower.requires_grad_(True)
+    if config.mode == "full":
+        model.language_model.requires_grad_(True)
+    elif config.mode in ("lora", "qlora"):
+        for name, param in model.language_model.named_parameters():
+            param.requires_grad_("lora_" in name)
+    return model
+
+
+def merge_lora(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
+    """Fold LoRA into the backbone's weights and make the model standalone (checkpoints include the
+    backbone and need no base model). The result is in ``frozen`` mode."""
+    if isinstance(model.language_model, PeftModel):
+        if getattr(model.text_model, "is_loaded_in_4bit", False):
+            raise ValueError("cannot merge LoRA into a 4-bit backbone exactly: load the checkpoint with "
+                             "mode='lora' (full-precision backbone) and merge that")
+        model.language_model = model.language_model.merge_and_unload()
+    model.config.mode = "frozen"
+    model.config.text_model_name_or_path = None
+    model.config.audio_model_name_or_path = None
+    return apply_training_mode(model)

@@ -1,0 +1,62 @@
+"""``speechlm SUBCOMMAND``: each subcommand is one function whose signature is its interface.
+
+User errors (a bad file, field or value) exit with status 2 and one line naming what is wrong;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+USER_ERRORS = (ValueError, OSError, KeyError)
+
+
+def init(config: str, out: str, overrides: list[str]) -> Path:
+    """Build a SpeechLM from a model YAML and save it with its tokenizer."""
+    from speechlm.adapters.building import ModelSpec, build_speechlm
+    from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
+
+    spec = build_dataclass(ModelSpec, apply_overrides(read_yaml(config), overrides), where="")
+    model, tokenizer = build_speechlm(spec)
+    out_dir = Path(out)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    print(f"{model.parameter_counts()}\nsaved to {out_dir}")
+    return out_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("init", help="build a SpeechLM from a model YAML and save it")
+    p.add_argument("config", help="model YAML (component paths, or tiny random dims)")
+    p.add_argument("--out", required=True, help="directory to save the model and its tokenizer to")
+    p.set_defaults(run=lambda a: init(a.config, a.out, a.overrides), takes_overrides=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # key.sub=value overrides may stand anywhere after the subcommand; argparse leaves them over.
+    args, leftover = parser.parse_known_args(argv)
+    args.overrides = [item for item in leftover if "=" in item and not item.startswith("-")]
+    unknown = [item for item in leftover if item not in args.overrides]
+    if unknown or (args.overrides and not getattr(args, "takes_overrides", False)):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or args.overrides)}")
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        message = str(error).strip() or type(error).__name__
+        print(f"speechlm {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""YAML recipes -> typed dataclasses, with ``key.sub=value`` overrides from the command line.
+
+Unknown keys and bad values are reported all at once, each naming the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigFileError(ValueError):
+    """A recipe file or override is malformed; the message names the file and every bad key."""
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigFileError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigFileError(f"{path}: not valid YAML ({error})") from error
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["model.mode=lora", "seed=3"]`` -> nested updates; values are parsed as YAML scalars/lists."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigFileError(f"override {override!r}: expected key.sub=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigFileError(f"override {override!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw else None
+    return data
+
+
+def build_dataclass(cls: type[T], data: dict, *, where: str = "") -> T:
+    """Instantiate ``cls`` from ``data``, recursing into dataclass-typed fields; unknown keys and
+    ``__post_init__`` errors of every section are collected and raised together."""
+    problems: list[str] = []
+    result = _build(cls, data, where, problems)
+    if problems:
+        raise ConfigFileError("invalid config:\n  - " + "\n  - ".join(problems))
+    return result
+
+
+def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config'}: expected a mapping, got {data!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    for key in unknown:
+        problems.append(f"{prefix}{key}: unknown key; valid keys are {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        if name not in fields:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value, f"{prefix}{name}", problems)
+            if value is None:
+                continue
+        elif not _matches(value, hint):
+            problems.append(f"{prefix}{name}={value!r}: expected {_type_name(hint)}")
+            continue
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as error:
+        for problem in getattr(error, "problems", None) or [str(error)]:
+            problems.append(f"{prefix}{problem}")
+        return None
+
+
+def describe(cls: type) -> str:
+    """Every field with its default and help text, for ``--help`` style listings."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    hint = origin or hint
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
