@@ -10,9 +10,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from speechlm.speech_io.constants import stacked_frames
+from torch import nn
 
 PROJECTORS: dict[str, type[nn.Module]] = {}
 

@@ -9,10 +9,9 @@ logits over the original vocabulary that are bit-identical to the base model's, 
 from __future__ import annotations
 
 import torch
+from speechlm.speech_io.units import added_speech_tokens
 from torch import nn
 from transformers import PreTrainedTokenizerBase
-
-from speechlm.speech_io.units import added_speech_tokens
 
 
 class SpeechVocabulary(nn.Module):
