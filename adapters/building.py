@@ -60,7 +60,7 @@ class ModelSpec:
         if self.dtype not in DTYPES:
             problems.append(f"dtype={self.dtype!r}: choose one of {list(DTYPES)}")
         if self.mode == "qlora" and self.text_model is None:
-            problems.append("mode='qlora' needs model.text_model (a path or Hub id) to load in 4 bits")
+            problems.append("mode='qlora' needs text_model (a path or Hub id) to load in 4 bits")
         unknown_lora = set(self.lora) - {"r", "alpha", "dropout", "target_modules"}
         if unknown_lora:
             problems.append(f"lora has unknown keys {sorted(unknown_lora)}: use r, alpha, dropout, "

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import speechlm  # noqa: F401  (registers the Auto classes)
+from speechlm import SpeechLMForCausalLM, merge_lora
+from speechlm.adapters.building import build_speechlm
+from tests.adapters.conftest import audio_inputs
+from tests.conftest import tiny_spec
+
+
+def save(model, tokenizer, directory):
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model.eval()(**inputs).logits
+
+
+def test_random_model_saves_whole_and_reloads_exactly(tiny, tmp_path):
+    model, tokenizer = tiny
+    save(model, tokenizer, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, SpeechLMForCausalLM)
+    inputs = audio_inputs(model, tokenizer, [40, 22])
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+    assert set(load_file(tmp_path / "model.safetensors")) == set(model.state_dict())
+
+
+def test_frozen_backbone_with_a_source_saves_only_what_trained(llama_dir, whisper_pt, tmp_path):
+    model, tokenizer = build_speechlm(tiny_spec(text_model=llama_dir, text={}, audio_encoder=whisper_pt, audio={}))
+    save(model, tokenizer, tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert {key.split(".")[0] for key in saved} == {"multi_modal_projector", "speech_vocab"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["text_model_name_or_path"] == llama_dir and config["audio_model_name_or_path"] == whisper_pt
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    inputs = audio_inputs(model, tokenizer, [40])
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+
+
+def test_lora_checkpoint_holds_adapters_and_reloads_exactly(llama_dir, tmp_path):
+    model, tokenizer = build_speechlm(tiny_spec(text_model=llama_dir, text={}, mode="lora"))
+    with torch.no_grad():  # LoRA B starts at zero; make the adapters matter
+        for name, param in model.language_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    save(model, tokenizer, tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    lm_keys = [key for key in saved if key.startswith("language_model.")]
+    assert lm_keys and all("lora_" in key for key in lm_keys)
+    loaded = SpeechLMForCausalLM.from_pretrained(tmp_path)
+    inputs = audio_inputs(model, tokenizer, [40])
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+    assert any(p.requires_grad for n, p in loaded.named_parameters() if "lora_" in n)
+
+
+def test_merge_makes_a_standalone_checkpoint(llama_dir, tmp_path):
+    backbone = tmp_path / "base"
+    shutil.copytree(llama_dir, backbone)
+    model, tokenizer = build_speechlm(tiny_spec(text_model=str(backbone), text={}, mode="lora"))
+    with torch.no_grad():
+        for name, param in model.language_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    inputs = audio_inputs(model, tokenizer, [40])
+    before = logits(model, inputs)
+    merged = merge_lora(model)
+    save(merged, tokenizer, tmp_path / "merged")
+    shutil.rmtree(backbone)  # the merged checkpoint must not need the base any more
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(loaded, inputs), before, rtol=1e-5, atol=1e-5)
+    assert loaded.config.mode == "frozen" and loaded.config.text_model_name_or_path is None
+
+
+def test_tokenizer_from_another_checkpoint_is_named(tiny, tmp_path):
+    model, tokenizer = tiny
+    save(model, tokenizer, tmp_path)
+    other = AutoTokenizer.from_pretrained(tmp_path)
+    other.add_tokens(["<|extra|>"])
+    other.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="tokenizer: has 279 tokens but the model config expects 278"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_weights_with_another_speech_vocabulary_are_named(tiny, tmp_path):
+    model, tokenizer = tiny
+    save(model, tokenizer, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["speech_vocab.embed_tokens.weight"] = weights["speech_vocab.embed_tokens.weight"][:10]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="has 10 speech-vocabulary rows but config.json expects 19"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_tensors_are_named(tiny, tmp_path):
+    model, tokenizer = tiny
+    save(model, tokenizer, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["multi_modal_projector.linear_1.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="missing 1 tensors \\['multi_modal_projector.linear_1.weight'\\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_not_a_checkpoint_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "speechlm"}))
+        SpeechLMForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a SpeechLM directory"):
+        SpeechLMForCausalLM.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_qlora_checkpoint_reloads_in_4bit_and_in_full_precision(llama_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model, tokenizer = build_speechlm(tiny_spec(text_model=llama_dir, text={}, mode="qlora"))
+    save(model, tokenizer, tmp_path)
+    assert all(not key.startswith("language_model.") or "lora_" in key
+               for key in load_file(tmp_path / "model.safetensors"))
+    inputs = audio_inputs(model, tokenizer, [30])
+    assert torch.equal(logits(SpeechLMForCausalLM.from_pretrained(tmp_path), inputs), logits(model, inputs))
+    full_precision = SpeechLMForCausalLM.from_pretrained(tmp_path, mode="lora")
+    assert not getattr(full_precision.text_model, "is_loaded_in_4bit", False)

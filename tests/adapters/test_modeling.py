@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from speechlm.adapters.building import build_speechlm
+from tests.adapters.conftest import audio_inputs
+from tests.conftest import tiny_spec
+
+
+def test_forward_backward_reaches_the_projector_and_new_rows(tiny):
+    model, tokenizer = tiny
+    model.train()
+    inputs = audio_inputs(model, tokenizer, [40, 23])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    out = model(**inputs, labels=labels)
+    assert out.logits.shape == (*inputs["input_ids"].shape, model.config.vocab_size)
+    out.loss.backward()
+    assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    assert model.speech_vocab.embed_tokens.weight.grad is not None
+    assert all(p.grad is None for p in model.language_model.parameters())  # frozen backbone
+
+
+def test_loss_counts_only_labelled_positions(tiny):
+    model, tokenizer = tiny
+    inputs = audio_inputs(model, tokenizer, [30])
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[0, -3:] = inputs["input_ids"][0, -3:]
+    out = model(**inputs, labels=labels)
+    logits = out.logits[0, -4:-1]  # positions predicting the last three tokens
+    expected = torch.nn.functional.cross_entropy(logits, labels[0, -3:])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_placeholder_count_mismatch_names_both_counts(tiny):
+    model, tokenizer = tiny
+    inputs = audio_inputs(model, tokenizer, [40])  # 40 mel -> 20 frames -> 10 placeholders
+    inputs["input_ids"] = inputs["input_ids"][:, 1:]  # keep all placeholders, drop a text token: still fine
+    model(**inputs | {"attention_mask": None})
+    inputs["input_features_mask"][0, 30:] = 0  # now the clip yields 8 embeddings for 10 placeholders
+    with pytest.raises(ValueError, match="10 <\\|audio\\|> placeholder tokens but the audio yields 8"):
+        model(**inputs)
+
+
+def test_placeholders_without_features_are_an_error(tiny):
+    model, tokenizer = tiny
+    inputs = audio_inputs(model, tokenizer, [40])
+    with pytest.raises(ValueError, match="no input_features"):
+        model(input_ids=inputs["input_ids"])
+
+
+def test_out_of_vocabulary_ids_are_an_error(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=f"outside this model's vocabulary \\[0, {model.config.vocab_size}\\)"):
+        model(input_ids=torch.tensor([[1, model.config.vocab_size]]))
+
+
+def test_padded_audio_never_leaks_into_a_shorter_clip(tiny):
+    model, tokenizer = tiny
+    batch = audio_inputs(model, tokenizer, [24, 60], seed=1)
+    alone = audio_inputs(model, tokenizer, [24], seed=1)
+    with torch.no_grad():
+        batched_logits = model(**batch).logits[0, : alone["input_ids"].shape[1]]
+        alone_logits = model(**alone).logits[0]
+    torch.testing.assert_close(batched_logits, alone_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_text_only_logits_are_bit_identical_to_the_base_model():
+    spec = tiny_spec()
+    model, tokenizer = build_speechlm(spec)
+    torch.manual_seed(spec.seed)
+    base = AutoModelForCausalLM.from_config(model.text_model.config).eval()
+    base.load_state_dict(model.text_model.state_dict())
+    ids = torch.tensor([tokenizer("The cat sat on the mat.").input_ids])
+    with torch.no_grad():
+        ours = model.eval()(input_ids=ids).logits
+        theirs = base(input_ids=ids).logits
+    text_vocab = model.config.text_vocab_size
+    assert torch.equal(ours[..., :text_vocab], theirs[..., :text_vocab])
+
+
+def test_frozen_backbone_from_a_checkpoint_keeps_its_text_logits(llama_dir):
+    model, tokenizer = build_speechlm(tiny_spec(text_model=llama_dir, text={}))
+    base = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    ids = torch.tensor([tokenizer("Hello there, general.").input_ids])
+    with torch.no_grad():
+        ours = model.eval()(input_ids=ids).logits[..., : model.config.text_vocab_size]
+        assert torch.equal(ours, base(input_ids=ids).logits)
+
+
+def test_other_backbone_family(qwen2_dir, tiny):
+    model, tokenizer = build_speechlm(tiny_spec(text_model=qwen2_dir, text={}))
+    assert model.text_model.config.model_type == "qwen2"
+    inputs = audio_inputs(model.eval(), tokenizer, [33])
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+
+
+@pytest.mark.parametrize("with_audio", [False, True])
+def test_generate_with_cache_equals_without(tiny, with_audio):
+    model, tokenizer = tiny
+    if with_audio:
+        inputs = audio_inputs(model, tokenizer, [40, 26])
+    else:
+        encoded = tokenizer(["Say something", "Hi"], return_tensors="pt", padding=True, padding_side="left")
+        inputs = dict(encoded)
+    with_cache = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True)
+    without = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_audio_features_reach_only_the_first_generation_step(tiny):
+    model, tokenizer = tiny
+    inputs = audio_inputs(model, tokenizer, [40])
+    seen = []
+    original = model.get_audio_features
+
+    def spy(*args, **kwargs):
+        seen.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    model.get_audio_features = spy
+    model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert len(seen) == 1
+
+
+def test_speech_unit_tokens_are_single_ids(tiny):
+    model, tokenizer = tiny
+    config = model.config
+    ids = tokenizer("<|speech_start|><|s_0|><|s_15|><|speech_end|>", add_special_tokens=False).input_ids
+    assert ids == [config.speech_start_token_id, config.speech_unit_start_id, config.speech_unit_start_id + 15,
+                   config.speech_end_token_id]

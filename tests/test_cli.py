@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+import speechlm  # noqa: F401
+from speechlm.cli import main
+
+TINY_YAML = Path(__file__).parents[1] / "configs" / "tiny" / "model.yaml"
+
+
+def test_init_builds_the_tiny_default(tmp_path, capsys):
+    assert main(["init", str(TINY_YAML), "--out", str(tmp_path / "tiny"), "num_speech_units=32"]) == 0
+    assert "saved to" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    assert type(model).__name__ == "SpeechLMForCausalLM" and model.config.num_speech_units == 32
+
+
+def test_bad_config_values_exit_2_naming_every_field(tmp_path, capsys):
+    code = main(["init", str(TINY_YAML), "--out", str(tmp_path), "mode=half", "projector.stack_factor=0", "foo=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "mode='half'" in err and "stack_factor=0" in err and "foo: unknown key" in err
+    assert "Traceback" not in err
+
+
+def test_missing_config_file_is_one_line(tmp_path, capsys):
+    assert main(["init", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"speechlm init: error: {tmp_path / 'nope.yaml'}: no such config file"
+
+
+def test_console_script_is_installed(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "speechlm.cli", "init", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "model YAML" in result.stdout
