@@ -13,7 +13,6 @@ import os
 import torch
 import torch.nn.functional as F
 from speechlm.adapters.configuration import SpeechLMAudioConfig
-from speechlm.speech_io.constants import encoder_frames
 from whisper.model import AudioEncoder
 
 WHISPER_DIM_FIELDS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
@@ -32,16 +31,15 @@ class WhisperAudioEncoder(AudioEncoder):
         if input_features.shape[-1] > max_frames:
             raise ValueError(f"audio features have {input_features.shape[-1]} mel frames but the Whisper encoder "
                              f"takes at most {max_frames} ({max_frames // 100} s); split longer audio")
-        x = F.gelu(self.conv1(input_features))
+        x = F.gelu(self.conv1(input_features))  # B, C, T
+        key_mask = None
+        if mel_lengths is not None and bool((mel_lengths < input_features.shape[-1]).any()):
+            # conv2 must see zeros past a clip's end, as its own padding gives a clip encoded alone
+            mel_mask = torch.arange(x.shape[-1], device=x.device)[None, :] < mel_lengths[:, None]  # B, T
+            x = x * mel_mask.unsqueeze(1).to(x.dtype)
+            key_mask = mel_mask[:, ::2]  # B, T/2: frame j is real iff mel frame 2j is
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)  # B, T/2, C
         x = (x + self.positional_embedding[: x.shape[1]]).to(x.dtype)
-
-        key_mask = None
-        if mel_lengths is not None:
-            frames = torch.arange(x.shape[1], device=x.device)
-            key_mask = frames[None, :] < encoder_frames(mel_lengths)[:, None]  # B, T/2
-            if bool(key_mask.all()):
-                key_mask = None
         for block in self.blocks:
             x = block(x) if key_mask is None else self._masked_block(block, x, key_mask)
         return self.ln_post(x)

@@ -6,6 +6,7 @@ from whisper.model import AudioEncoder
 
 from speechlm.adapters.audio_encoder import WhisperAudioEncoder, load_whisper_encoder, read_whisper_checkpoint
 from speechlm.adapters.configuration import SpeechLMAudioConfig
+from speechlm.speech_io.constants import encoder_frames
 from tests.conftest import TINY_AUDIO, save_tiny_whisper
 
 
@@ -28,14 +29,16 @@ def test_short_input_uses_the_first_positions(encoder):
         assert encoder(torch.randn(2, 80, 301)).shape == (2, 151, 32)
 
 
-def test_a_clip_encodes_the_same_alone_and_in_a_padded_batch(encoder):
-    short, long = torch.randn(1, 80, 120), torch.randn(1, 80, 200)
+@pytest.mark.parametrize("short_frames", [120, 121])  # odd lengths end mid-way through conv2's stride
+def test_a_clip_encodes_the_same_alone_and_in_a_padded_batch(encoder, short_frames):
+    short, long = torch.randn(1, 80, short_frames), torch.randn(1, 80, 200)
     batch = torch.zeros(2, 80, 200)
-    batch[0, :, :120], batch[1] = short[0], long[0]
+    batch[0, :, :short_frames], batch[1] = short[0], long[0]
     with torch.no_grad():
-        alone = encoder(short, torch.tensor([120]))
-        batched = encoder(batch, torch.tensor([120, 200]))
-        torch.testing.assert_close(batched[0, :60], alone[0], rtol=1e-5, atol=1e-5)
+        alone = encoder(short, torch.tensor([short_frames]))
+        batched = encoder(batch, torch.tensor([short_frames, 200]))
+        assert alone.shape[1] == encoder_frames(short_frames)
+        torch.testing.assert_close(batched[0, : alone.shape[1]], alone[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batched[1], encoder(long)[0], rtol=1e-5, atol=1e-5)
 
 
