@@ -12,8 +12,9 @@ import os
 
 import torch
 import torch.nn.functional as F
-from speechlm.adapters.configuration import SpeechLMAudioConfig
 from whisper.model import AudioEncoder
+
+from speechlm.adapters.configuration import SpeechLMAudioConfig
 
 WHISPER_DIM_FIELDS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
 

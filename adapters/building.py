@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
 from speechlm.adapters.audio_encoder import read_whisper_checkpoint
 from speechlm.adapters.configuration import (
     TRAINING_MODES,
@@ -23,8 +25,7 @@ from speechlm.adapters.configuration import (
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
 from speechlm.adapters.tiny import BYTE_VOCAB_SIZE, build_byte_tokenizer
-from speechlm.adapters.vocabulary import check_tokenizer_layout, expand_tokenizer
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from speechlm.speech_io.units import check_tokenizer_layout, expand_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS_NAME = "model.safetensors"

@@ -7,9 +7,10 @@ the encoder width from ``audio_config``, the stacking factor from ``projector_co
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from speechlm.speech_io.units import SPECIAL_SPEECH_TOKENS
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from speechlm.speech_io.units import SPECIAL_SPEECH_TOKENS
 
 TRAINING_MODES = ("frozen", "lora", "qlora", "full")
 

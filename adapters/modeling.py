@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
 from speechlm.adapters.audio_encoder import WhisperAudioEncoder
 from speechlm.adapters.configuration import SpeechLMConfig
 from speechlm.adapters.projectors import build_projector
 from speechlm.adapters.vocabulary import SpeechVocabulary
 from speechlm.speech_io.constants import audio_placeholder_count, encoder_frames
-from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
 @dataclass(frozen=True)

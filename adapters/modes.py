@@ -8,6 +8,7 @@ NF4 model with LoRA adapters (``qlora``), or trains whole (``full``).
 from __future__ import annotations
 
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 
 

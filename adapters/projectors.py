@@ -10,8 +10,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from speechlm.speech_io.constants import stacked_frames
 from torch import nn
+
+from speechlm.speech_io.constants import stacked_frames
 
 PROJECTORS: dict[str, type[nn.Module]] = {}
 

@@ -9,9 +9,7 @@ logits over the original vocabulary that are bit-identical to the base model's, 
 from __future__ import annotations
 
 import torch
-from speechlm.speech_io.units import added_speech_tokens
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 
 class SpeechVocabulary(nn.Module):
@@ -47,40 +45,3 @@ class SpeechVocabulary(nn.Module):
         tokenizer's vocabulary are dropped, so that column index == token id."""
         text_logits = text_head(hidden_states)[..., : self.text_vocab_size]
         return torch.cat([text_logits, self.lm_head(hidden_states).to(text_logits.dtype)], dim=-1)
-
-
-def expand_tokenizer(tokenizer: PreTrainedTokenizerBase, num_speech_units: int) -> int:
-    """Add ``<|audio|>``, ``<|speech_start|>``, ``<|speech_end|>`` and the unit tokens to ``tokenizer``.
-
-    Returns ``text_vocab_size``, the id of the first added token. A tokenizer that already has them
-    (a reloaded SpeechLM tokenizer) is left as it is, after checking their ids are contiguous.
-    """
-    tokens = added_speech_tokens(num_speech_units)
-    vocab = tokenizer.get_vocab()
-    if tokens[0] in vocab:
-        first = vocab[tokens[0]]
-        check_tokenizer_layout(tokenizer, first, num_speech_units, source="tokenizer")
-        return first
-    first = len(tokenizer)
-    tokenizer.add_tokens(tokens[:3], special_tokens=True)
-    # Unit tokens are ordinary added tokens: special ones would be dropped by skip_special_tokens.
-    tokenizer.add_tokens(tokens[3:])
-    check_tokenizer_layout(tokenizer, first, num_speech_units, source="tokenizer")
-    return first
-
-
-def check_tokenizer_layout(tokenizer: PreTrainedTokenizerBase, text_vocab_size: int, num_speech_units: int,
-                           *, source: str) -> None:
-    """Raise if the tokenizer's added speech tokens are not at ``text_vocab_size ..`` in order."""
-    tokens = added_speech_tokens(num_speech_units)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    expected = list(range(text_vocab_size, text_vocab_size + len(tokens)))
-    if ids != expected:
-        bad = next(i for i, (a, b) in enumerate(zip(ids, expected, strict=True)) if a != b)
-        raise ValueError(f"{source}: token {tokens[bad]!r} has id {ids[bad]} but the model config puts it at "
-                         f"{expected[bad]} (text_vocab_size={text_vocab_size}, num_speech_units="
-                         f"{num_speech_units}); the tokenizer and the model come from different checkpoints")
-    extra = len(tokenizer) - expected[-1] - 1
-    if extra:
-        raise ValueError(f"{source}: has {len(tokenizer)} tokens but the model config expects "
-                         f"{expected[-1] + 1} ({text_vocab_size} text + {len(tokens)} speech tokens)")

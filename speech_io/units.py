@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,3 +60,40 @@ def units_to_token_ids(units: Sequence[int] | np.ndarray, first_unit_id: int, nu
 def token_ids_to_units(token_ids: Iterable[int], first_unit_id: int, num_units: int) -> list[int]:
     """The units among ``token_ids`` (ids of unit tokens), in order; other ids are skipped."""
     return [int(t) - first_unit_id for t in token_ids if first_unit_id <= int(t) < first_unit_id + num_units]
+
+
+def expand_tokenizer(tokenizer: Any, num_speech_units: int) -> int:
+    """Add ``<|audio|>``, ``<|speech_start|>``, ``<|speech_end|>`` and the unit tokens to ``tokenizer``.
+
+    Returns ``text_vocab_size``, the id of the first added token. A tokenizer that already has them
+    (a reloaded SpeechLM tokenizer) is left as it is, after checking their ids are contiguous.
+    """
+    tokens = added_speech_tokens(num_speech_units)
+    vocab = tokenizer.get_vocab()
+    if tokens[0] in vocab:
+        first = vocab[tokens[0]]
+        check_tokenizer_layout(tokenizer, first, num_speech_units, source="tokenizer")
+        return first
+    first = len(tokenizer)
+    tokenizer.add_tokens(tokens[:3], special_tokens=True)
+    # Unit tokens are ordinary added tokens: special ones would be dropped by skip_special_tokens.
+    tokenizer.add_tokens(tokens[3:])
+    check_tokenizer_layout(tokenizer, first, num_speech_units, source="tokenizer")
+    return first
+
+
+def check_tokenizer_layout(tokenizer: Any, text_vocab_size: int, num_speech_units: int,
+                           *, source: str) -> None:
+    """Raise if the tokenizer's added speech tokens are not at ``text_vocab_size ..`` in order."""
+    tokens = added_speech_tokens(num_speech_units)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    expected = list(range(text_vocab_size, text_vocab_size + len(tokens)))
+    if ids != expected:
+        bad = next(i for i, (a, b) in enumerate(zip(ids, expected, strict=True)) if a != b)
+        raise ValueError(f"{source}: token {tokens[bad]!r} has id {ids[bad]} but the model config puts it at "
+                         f"{expected[bad]} (text_vocab_size={text_vocab_size}, num_speech_units="
+                         f"{num_speech_units}); the tokenizer and the model come from different checkpoints")
+    extra = len(tokenizer) - expected[-1] - 1
+    if extra:
+        raise ValueError(f"{source}: has {len(tokenizer)} tokens but the model config expects "
+                         f"{expected[-1] + 1} ({text_vocab_size} text + {len(tokens)} speech tokens)")

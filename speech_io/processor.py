@@ -1,0 +1,290 @@
+"""`SpeechLMProcessor`: chat-style conversations with audio -> model inputs (and labels for training).
+
+A conversation is a list of ``{"role", "content"}`` messages. ``content`` is a string or a list of parts:
+
+- ``{"type": "text", "text": "..."}``
+- ``{"type": "audio", "audio": <path | bytes | array (+ "sampling_rate") | {"array", "sampling_rate"}>}``
+- ``{"type": "units", "units": [k, ...]}``: codec units, e.g. a spoken answer to learn (TTS targets)
+
+Audio parts become, per ``speech_input``, either ``<|audio|>`` placeholders, exactly as many as the
+Whisper encoder + projector emit for that clip (``continuous``), or the clip's first-layer codec units
+between ``<|speech_start|>`` and ``<|speech_end|>`` (``discrete``).
+
+Without a chat template on the tokenizer, ``PLAIN_CHAT_TEMPLATE`` renders ``Role: content`` lines and
+ends assistant turns with the EOS token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, BatchFeature
+
+from speechlm.speech_io.audio import MAX_SECONDS, AudioError, load_audio
+from speechlm.speech_io.constants import audio_placeholder_count, mel_frames
+from speechlm.speech_io.features import log_mel_features
+from speechlm.speech_io.units import (
+    AUDIO_TOKEN,
+    SPEECH_END_TOKEN,
+    SPEECH_START_TOKEN,
+    check_tokenizer_layout,
+    token_ids_to_units,
+    units_to_text,
+)
+
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+SPEECH_INPUT_MODES = ("continuous", "discrete")
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SpeechLMResponse:
+    """Generated tokens split into what they say: text, and speech units (to decode with the codec)."""
+
+    text: str
+    units: list[int]
+
+
+class SpeechLMProcessor:
+    """Tokenizer + Whisper features + codec settings, saved beside the model (``processor_config.json``)."""
+
+    def __init__(self, tokenizer, *, n_mels: int = 80, stack_factor: int = 5, num_speech_units: int = 1024,
+                 max_audio_seconds: float = MAX_SECONDS, speech_input: str = "continuous",
+                 codec_name_or_path: str | None = None, codec=None):
+        if speech_input not in SPEECH_INPUT_MODES:
+            raise ValueError(f"speech_input={speech_input!r}: choose one of {list(SPEECH_INPUT_MODES)}")
+        vocab = tokenizer.get_vocab()
+        if AUDIO_TOKEN not in vocab:
+            raise ValueError(f"the tokenizer has no {AUDIO_TOKEN} token: expand it with "
+                             f"speechlm.speech_io.units.expand_tokenizer (speechlm init does)")
+        self.text_vocab_size = vocab[AUDIO_TOKEN]
+        check_tokenizer_layout(tokenizer, self.text_vocab_size, num_speech_units, source="tokenizer")
+        self.tokenizer = tokenizer
+        self.n_mels = n_mels
+        self.stack_factor = stack_factor
+        self.num_speech_units = num_speech_units
+        self.max_audio_seconds = max_audio_seconds
+        self.speech_input = speech_input
+        self.codec_name_or_path = codec_name_or_path
+        self._codec = codec
+        self.audio_token_id = self.text_vocab_size
+        self.speech_start_token_id = self.text_vocab_size + 1
+        self.speech_end_token_id = self.text_vocab_size + 2
+        self.speech_unit_start_id = self.text_vocab_size + 3
+
+    # -- settings ------------------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str:
+        return self.tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
+
+    @property
+    def codec(self):
+        """The SpeechTokenizer codec, loaded on first use from ``codec_name_or_path``."""
+        if self._codec is None:
+            if self.codec_name_or_path is None:
+                raise ValueError("discrete speech needs a codec: pass codec= or codec_name_or_path= to the "
+                                 "processor (a SpeechTokenizer directory with config.json and a .pt)")
+            from speechlm.speech_io.codec import SpeechTokenizerCodec
+
+            self._codec = SpeechTokenizerCodec.from_pretrained(self.codec_name_or_path)
+        return self._codec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"processor_class": type(self).__name__, "n_mels": self.n_mels, "stack_factor": self.stack_factor,
+                "num_speech_units": self.num_speech_units, "max_audio_seconds": self.max_audio_seconds,
+                "speech_input": self.speech_input, "codec_name_or_path": self.codec_name_or_path}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files = list(self.tokenizer.save_pretrained(directory))
+        config_file = directory / PROCESSOR_CONFIG_NAME
+        config_file.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return [*files, str(config_file)]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SpeechLMProcessor:
+        from transformers.utils import cached_file
+
+        hub_kwargs = {key: kwargs.pop(key) for key in ("revision", "token", "cache_dir") if key in kwargs}
+        kwargs.pop("trust_remote_code", None)
+        config_file = cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME,
+                                  _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if config_file is None:
+            raise FileNotFoundError(f"{pretrained_model_name_or_path}: no {PROCESSOR_CONFIG_NAME} (save the "
+                                    f"processor with save_pretrained, as speechlm init does)")
+        settings = json.loads(Path(config_file).read_text())
+        settings.pop("processor_class", None)
+        settings.update(kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        return cls(tokenizer, **settings)
+
+    # -- inputs --------------------------------------------------------------------------------------
+    def __call__(self, conversations=None, *, text: str | None = None, audio=None, sampling_rate: int | None = None,
+                 add_generation_prompt: bool | None = None, return_labels: bool = False,
+                 padding_side: str | None = None, speech_input: str | None = None) -> BatchFeature:
+        """Model inputs for one conversation or a list of them (or a single ``text`` and/or ``audio``).
+
+        Generation (default): a generation prompt is appended and rows are left-padded.
+        Training (``return_labels=True``): rows are right-padded and ``labels`` hold the assistant turns'
+        tokens (-100 elsewhere). Returns ``input_ids``, ``attention_mask``, and when there is continuous
+        audio ``input_features`` / ``input_features_mask`` (clips in order of appearance).
+        """
+        batch = self._as_batch(conversations, text, audio, sampling_rate)
+        speech_input = speech_input or self.speech_input
+        if speech_input not in SPEECH_INPUT_MODES:
+            raise ValueError(f"speech_input={speech_input!r}: choose one of {list(SPEECH_INPUT_MODES)}")
+        if add_generation_prompt is None:
+            add_generation_prompt = not return_labels
+        padding_side = padding_side or ("right" if return_labels else "left")
+
+        clips: list[np.ndarray] = []
+        rows, label_rows = [], []
+        for index, conversation in enumerate(batch):
+            messages = [self._render_message(message, speech_input, clips, f"conversation {index}")
+                        for message in self._check_conversation(conversation, index)]
+            ids, labels = self._tokenize(messages, add_generation_prompt)
+            rows.append(ids)
+            label_rows.append(labels)
+
+        width = max(map(len, rows))
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        data: dict[str, Any] = {
+            "input_ids": torch.tensor([_pad(row, width, pad_id, padding_side) for row in rows]),
+            "attention_mask": torch.tensor([_pad([1] * len(row), width, 0, padding_side) for row in rows]),
+        }
+        if return_labels:
+            data["labels"] = torch.tensor([_pad(row, width, IGNORE_INDEX, padding_side) for row in label_rows])
+        if clips:
+            features = log_mel_features(clips, n_mels=self.n_mels)
+            data["input_features"] = features.input_features
+            data["input_features_mask"] = features.input_features_mask
+        return BatchFeature(data)
+
+    def num_audio_placeholders(self, num_samples: int) -> int:
+        """``<|audio|>`` positions for a 16 kHz clip of ``num_samples`` (what encoder + projector emit)."""
+        return int(audio_placeholder_count(mel_frames(num_samples), self.stack_factor))
+
+    def _as_batch(self, conversations, text, audio, sampling_rate) -> list[list[Mapping]]:
+        if conversations is None:
+            if text is None and audio is None:
+                raise ValueError("give conversations, or text and/or audio")
+            content: list[dict] = []
+            if audio is not None:
+                content.append({"type": "audio", "audio": audio, "sampling_rate": sampling_rate})
+            if text is not None:
+                content.append({"type": "text", "text": text})
+            return [[{"role": "user", "content": content}]]
+        if isinstance(conversations, Mapping):
+            raise ValueError("conversations: expected a list of messages (or a list of such lists), got a dict")
+        if isinstance(conversations, Sequence) and conversations and isinstance(conversations[0], Mapping):
+            return [conversations]
+        return list(conversations)
+
+    @staticmethod
+    def _check_conversation(conversation, index: int) -> list[Mapping]:
+        if not isinstance(conversation, Sequence) or isinstance(conversation, str) or not conversation:
+            raise ValueError(f"conversation {index}: expected a non-empty list of {{'role', 'content'}} messages")
+        for turn, message in enumerate(conversation):
+            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+                raise ValueError(f"conversation {index}, message {turn}: expected a dict with 'role' and "
+                                 f"'content', got {message!r:.80}")
+        return list(conversation)
+
+    def _render_message(self, message: Mapping, speech_input: str, clips: list[np.ndarray], where: str) -> dict:
+        content = message["content"]
+        if isinstance(content, str):
+            return {**message, "content": content}
+        pieces = []
+        for number, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            label = f"{where}, {message['role']} part {number}"
+            if kind == "text":
+                pieces.append(part["text"])
+            elif kind == "audio":
+                try:
+                    waveform = load_audio(part.get("audio"), sampling_rate=part.get("sampling_rate"),
+                                          max_seconds=self.max_audio_seconds)
+                except AudioError as error:  # say where in the batch, too
+                    raise AudioError(f"{label}: {error}") from error
+                if speech_input == "continuous":
+                    clips.append(waveform)
+                    pieces.append(AUDIO_TOKEN * self.num_audio_placeholders(waveform.shape[0]))
+                else:
+                    pieces.append(units_to_text(self.codec.encode([waveform], n_q=1)[0][0]))
+            elif kind == "units":
+                units = np.asarray(part["units"])
+                if units.ndim != 1 or not np.issubdtype(units.dtype, np.integer):
+                    raise ValueError(f"{label}: units must be a 1-D list of integers, got shape {units.shape}")
+                if units.size and (units.min() < 0 or units.max() >= self.num_speech_units):
+                    raise ValueError(f"{label}: units must lie in [0, {self.num_speech_units}), got "
+                                     f"{int(units.min())}..{int(units.max())}")
+                pieces.append(units_to_text(units.tolist()))
+            else:
+                raise ValueError(f"{label}: unknown part {part!r:.80}; expected type 'text', 'audio' or 'units'")
+        return {**message, "content": "".join(pieces)}
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _tokenize(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+        """Token ids and labels: each assistant turn is the difference between the conversation rendered
+        up to it (with a generation prompt) and rendered through it, so any chat template works."""
+        segments: list[tuple[str, bool]] = []
+        done = ""
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self._render(messages[:turn], add_generation_prompt=True)
+            full = self._render(messages[: turn + 1], add_generation_prompt=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise ValueError("the chat template does not render conversations prefix by prefix, so assistant "
+                                 "turns cannot be located for labels; use a template that does")
+            segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+        segments.append((self._render(messages, add_generation_prompt)[len(done):], False))
+
+        ids, labels = [], []
+        for text, trained in segments:
+            piece = self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+            ids += piece
+            labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        return ids, labels
+
+    # -- outputs -------------------------------------------------------------------------------------
+    def parse_response(self, token_ids: Sequence[int] | torch.Tensor) -> SpeechLMResponse:
+        """Split generated ids into text (speech and special tokens dropped) and speech units."""
+        ids = [int(t) for t in (token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids)]
+        units = token_ids_to_units(ids, self.speech_unit_start_id, self.num_speech_units)
+        text_ids = [t for t in ids if t < self.text_vocab_size]
+        return SpeechLMResponse(self.tokenizer.decode(text_ids, skip_special_tokens=True), units)
+
+    def decode(self, token_ids, **kwargs) -> str:
+        return self.tokenizer.decode(token_ids, **kwargs)
+
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, **kwargs)
+
+
+def _pad(row: list[int], width: int, value: int, side: str) -> list[int]:
+    padding = [value] * (width - len(row))
+    return padding + row if side == "left" else row + padding
+
+
+__all__ = ["PLAIN_CHAT_TEMPLATE", "SPEECH_END_TOKEN", "SPEECH_START_TOKEN", "SpeechLMProcessor",
+           "SpeechLMResponse"]
