@@ -25,6 +25,7 @@ from speechlm.adapters.configuration import (
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
 from speechlm.adapters.tiny import BYTE_VOCAB_SIZE, build_byte_tokenizer
+from speechlm.speech_io.processor import SpeechLMProcessor
 from speechlm.speech_io.units import check_tokenizer_layout, expand_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -161,6 +162,13 @@ def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:
     model.speech_vocab.initialize_from(model.get_input_embeddings().weight, model.get_output_embeddings().weight,
                                        generator=generator)
     return model, tokenizer
+
+
+def build_processor(tokenizer, config: SpeechLMConfig, **settings) -> SpeechLMProcessor:
+    """The processor that matches a model: mel bins and stacking read from its config."""
+    return SpeechLMProcessor(tokenizer, n_mels=config.audio_config.n_mels,
+                             stack_factor=config.projector_config.stack_factor,
+                             num_speech_units=config.num_speech_units, **settings)
 
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike, **hub_kwargs) -> Path:

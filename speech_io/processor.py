@@ -44,7 +44,8 @@ SPEECH_INPUT_MODES = ("continuous", "discrete")
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ message['role'] | capitalize }}: {{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    # HF renders templates with trim_blocks, which eats a newline written after a block tag
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant: {% endif %}"
 )
@@ -121,7 +122,8 @@ class SpeechLMProcessor:
         from transformers.utils import cached_file
 
         hub_kwargs = {key: kwargs.pop(key) for key in ("revision", "token", "cache_dir") if key in kwargs}
-        kwargs.pop("trust_remote_code", None)
+        # AutoProcessor passes its bookkeeping along (trust_remote_code, _from_auto, ...)
+        kwargs = {key: value for key, value in kwargs.items() if key != "trust_remote_code" and not key.startswith("_")}
         config_file = cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME,
                                   _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if config_file is None:

@@ -3,11 +3,12 @@
 Importing it registers ``model_type="speechlm"`` with transformers' Auto classes.
 """
 
-from speechlm.adapters.building import ModelSpec, build_speechlm
+from speechlm.adapters.building import ModelSpec, build_processor, build_speechlm
 from speechlm.adapters.configuration import SpeechLMAudioConfig, SpeechLMConfig, SpeechLMProjectorConfig
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode, merge_lora
 from speechlm.registration import register
+from speechlm.speech_io.processor import SpeechLMProcessor
 
 register()
 
@@ -17,8 +18,10 @@ __all__ = [
     "SpeechLMAudioConfig",
     "SpeechLMConfig",
     "SpeechLMForCausalLM",
+    "SpeechLMProcessor",
     "SpeechLMProjectorConfig",
     "apply_training_mode",
+    "build_processor",
     "build_speechlm",
     "merge_lora",
 ]

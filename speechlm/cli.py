@@ -14,15 +14,15 @@ USER_ERRORS = (ValueError, OSError, KeyError)
 
 
 def init(config: str, out: str, overrides: list[str]) -> Path:
-    """Build a SpeechLM from a model YAML and save it with its tokenizer."""
-    from speechlm.adapters.building import ModelSpec, build_speechlm
+    """Build a SpeechLM from a model YAML and save it with its processor (tokenizer + audio settings)."""
+    from speechlm.adapters.building import ModelSpec, build_processor, build_speechlm
     from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
 
     spec = build_dataclass(ModelSpec, apply_overrides(read_yaml(config), overrides), where="")
     model, tokenizer = build_speechlm(spec)
     out_dir = Path(out)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    build_processor(tokenizer, model.config).save_pretrained(out_dir)
     print(f"{model.parameter_counts()}\nsaved to {out_dir}")
     return out_dir
 

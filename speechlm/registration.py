@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 from speechlm.adapters.configuration import SpeechLMConfig
 from speechlm.adapters.modeling import SpeechLMForCausalLM
+from speechlm.speech_io.processor import SpeechLMProcessor
 
 
 def register() -> None:
-    """Make ``AutoConfig`` and ``AutoModelForCausalLM`` resolve ``model_type="speechlm"``. Idempotent."""
+    """Make ``AutoConfig``, ``AutoModelForCausalLM`` and ``AutoProcessor`` resolve ``model_type="speechlm"``.
+    Idempotent."""
     AutoConfig.register(SpeechLMConfig.model_type, SpeechLMConfig, exist_ok=True)
     AutoModelForCausalLM.register(SpeechLMConfig, SpeechLMForCausalLM, exist_ok=True)
+    AutoProcessor.register(SpeechLMConfig, SpeechLMProcessor, exist_ok=True)

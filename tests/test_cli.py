@@ -36,3 +36,16 @@ def test_missing_config_file_is_one_line(tmp_path, capsys):
 def test_console_script_is_installed(tmp_path):
     result = subprocess.run([sys.executable, "-m", "speechlm.cli", "init", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "model YAML" in result.stdout
+
+
+def test_init_saves_a_processor_that_matches_the_model(tmp_path):
+    from transformers import AutoProcessor
+
+    from speechlm import SpeechLMProcessor
+
+    main(["init", str(TINY_YAML), "--out", str(tmp_path)])
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(processor, SpeechLMProcessor)
+    assert processor.stack_factor == model.config.projector_config.stack_factor
+    assert processor.audio_token_id == model.config.audio_token_id
