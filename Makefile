@@ -12,8 +12,10 @@ install:
 	$(PIP) install -q --no-deps speechtokenizer==1.0.1
 	$(PIP) install -q -e ".[dev,qlora]"
 
+# Until training lands: build the tiny default and answer a spoken prompt (random weights: noise out).
 demo: install
 	speechlm init configs/tiny/model.yaml --out out/tiny
+	speechlm generate --model out/tiny --audio configs/tiny/sample.flac --text "What did you hear?"
 
 test: install
 	$(PYTHON) -m pytest -q

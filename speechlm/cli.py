@@ -27,6 +27,25 @@ def init(config: str, out: str, overrides: list[str]) -> Path:
     return out_dir
 
 
+def generate(model: str, audio: str | None, text: str | None, output: str, max_new_tokens: int) -> str:
+    """One response to audio and/or text, streamed to the terminal as it is generated."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor, TextStreamer
+
+    import speechlm  # noqa: F401  (registers the Auto classes)
+
+    if audio is None and text is None:
+        raise ValueError("give --audio FILE and/or --text STR")
+    processor = AutoProcessor.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model)
+    inputs = processor(text=text, audio=audio)
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        generated = lm.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer)
+    print()
+    return processor.parse_response(generated[0, inputs["input_ids"].shape[1]:]).text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -36,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="model YAML (component paths, or tiny random dims)")
     p.add_argument("--out", required=True, help="directory to save the model and its tokenizer to")
     p.set_defaults(run=lambda a: init(a.config, a.out, a.overrides), takes_overrides=True)
+
+    p = commands.add_parser("generate", help="one response to audio and/or text")
+    p.add_argument("--model", required=True, help="a saved SpeechLM directory or Hub id")
+    p.add_argument("--audio", help="an audio file (wav, flac, ogg, opus, mp3)")
+    p.add_argument("--text", help="a text prompt (with --audio: the instruction about it)")
+    p.add_argument("--output", choices=["text"], default="text", help="what to respond with")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(run=lambda a: generate(a.model, a.audio, a.text, a.output, a.max_new_tokens))
     return parser
 
 
