@@ -78,7 +78,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     def text_model(self) -> PreTrainedModel:
         """The backbone ``*ForCausalLM`` itself (unwrapped from peft; LoRA layers stay injected)."""
         model = self.language_model
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+        # looked up on the class: an instance lookup falls through nn.Module.__getattr__ on every step
+        return model.get_base_model() if hasattr(type(model), "get_base_model") else model
 
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.get_input_embeddings()
@@ -90,12 +91,15 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         return self.text_model.get_decoder()
 
     def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        vocab_size = self.config.vocab_size
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
-            bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0].item()
-            raise ValueError(f"input_ids contain {bad}, outside this model's vocabulary [0, {vocab_size}); "
-                             f"was it tokenized with this model's tokenizer?")
-        return self.speech_vocab.embed(input_ids, self.get_input_embeddings())
+        try:
+            return self.speech_vocab.embed(input_ids, self.get_input_embeddings())
+        except IndexError as error:  # checked here, not up front: a range check costs every decoding step
+            vocab_size = self.config.vocab_size
+            bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+            if not bad.numel():
+                raise
+            raise ValueError(f"input_ids contain {bad[0].item()}, outside this model's vocabulary [0, "
+                             f"{vocab_size}); was it tokenized with this model's tokenizer?") from error
 
     # -- audio ---------------------------------------------------------------------------------------
     def audio_lengths(self, mel_lengths: torch.Tensor) -> torch.Tensor:

@@ -43,5 +43,10 @@ class SpeechVocabulary(nn.Module):
     def logits(self, hidden_states: torch.Tensor, text_head: nn.Module) -> torch.Tensor:
         """``B, L, D -> B, L, text_vocab_size + num_added``. Columns a padded backbone head has beyond the
         tokenizer's vocabulary are dropped, so that column index == token id."""
-        text_logits = text_head(hidden_states)[..., : self.text_vocab_size]
-        return torch.cat([text_logits, self.lm_head(hidden_states).to(text_logits.dtype)], dim=-1)
+        text_logits = text_head(hidden_states)
+        if text_logits.shape[-1] != self.text_vocab_size:
+            text_logits = text_logits[..., : self.text_vocab_size]
+        added_logits = self.lm_head(hidden_states)
+        if added_logits.dtype != text_logits.dtype:
+            added_logits = added_logits.to(text_logits.dtype)
+        return torch.cat([text_logits, added_logits], dim=-1)

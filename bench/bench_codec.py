@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+
 from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
 
 SAMPLE_RATE = 16000

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import soxr
+
 from speechlm.speech_io.constants import SAMPLE_RATE
 
 # Anything load_audio accepts. A Mapping is a datasets Audio dict: {"array", "sampling_rate"}

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from speechlm.speech_io.constants import MAX_MEL_FRAMES, mel_frames
 from whisper.audio import N_FFT, log_mel_spectrogram
+
+from speechlm.speech_io.constants import MAX_MEL_FRAMES, mel_frames
 
 SUPPORTED_N_MELS = (80, 128)  # 80 for Whisper up to large-v2, 128 for large-v3 and turbo
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
 
 NARROW_CODEC = dict(n_filters=8, dimension=32, semantic_dimension=32, strides=[8, 5, 4, 2],

@@ -6,6 +6,7 @@ import wave
 import numpy as np
 import pytest
 import soundfile as sf
+
 from speechlm.speech_io.audio import AudioError, load_audio, save_wav
 
 

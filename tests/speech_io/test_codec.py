@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
 
 from_config = SpeechTokenizerCodec.from_config

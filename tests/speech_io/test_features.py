@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import whisper
+
 from speechlm.speech_io.constants import mel_frames
 from speechlm.speech_io.features import log_mel_features
 

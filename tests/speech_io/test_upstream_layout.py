@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from speechlm.speech_io.codec import CodecConfig, import_speechtokenizer_model
 
 
