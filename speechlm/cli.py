@@ -46,6 +46,21 @@ def generate(model: str, audio: str | None, text: str | None, output: str, max_n
     return processor.parse_response(generated[0, inputs["input_ids"].shape[1]:]).text
 
 
+def evaluate(model: str, task: str, data: str, out: str | None, batch_size: int, max_new_tokens: int) -> dict:
+    """Metrics of a saved SpeechLM over a manifest: a table on the terminal and a JSON report."""
+    import json
+
+    from speechlm.finetune.evaluation import EvalSettings, format_table, run_evaluation
+
+    report = run_evaluation(model, task, data, EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens))
+    print(format_table(report))
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {out}")
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -63,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", choices=["text"], default="text", help="what to respond with")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(run=lambda a: generate(a.model, a.audio, a.text, a.output, a.max_new_tokens))
+
+    p = commands.add_parser("eval", help="evaluate a saved SpeechLM on a manifest")
+    p.add_argument("--model", required=True, help="a saved SpeechLM directory or Hub id")
+    p.add_argument("--task", required=True, choices=["asr", "qa", "slm"], help="what to measure")
+    p.add_argument("--data", required=True, help="a JSONL manifest (see speechlm.finetune.evaluation)")
+    p.add_argument("--out", help="where to write the JSON report")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, a.batch_size, a.max_new_tokens))
     return parser
 
 

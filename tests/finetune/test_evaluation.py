@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from speechlm.adapters.building import build_processor, build_speechlm
+from speechlm.cli import main
+from speechlm.finetune.evaluation import read_eval_manifest, run_evaluation, sequence_log_likelihoods
+from tests.conftest import tiny_spec
+
+EVAL_DATA = Path(__file__).parents[2] / "configs" / "eval"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("model")
+    model, tokenizer = build_speechlm(tiny_spec(num_speech_units=128))
+    model.save_pretrained(directory)
+    build_processor(tokenizer, model.config).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("task", ["asr", "qa", "slm"])
+def test_report_has_every_item_and_total(model_dir, tmp_path, task, capsys):
+    out = tmp_path / "report.json"
+    assert main(["eval", "--model", str(model_dir), "--task", task, "--data", str(EVAL_DATA / f"{task}.jsonl"),
+                 "--out", str(out), "--max-new-tokens", "4", "--batch-size", "2"]) == 0
+    report = json.loads(out.read_text())
+    lines = (EVAL_DATA / f"{task}.jsonl").read_text().splitlines()
+    assert [item["id"] for item in report["items"]] == [json.loads(line)["id"] for line in lines]
+    assert len(report["data_sha256"]) == 64 and report["settings"]["max_new_tokens"] == 4
+    expected = {"asr": {"wer", "cer", "substitutions", "deletions", "insertions"},
+                "qa": {"speech_normalized", "text_normalized", "speech_to_text_contains"},
+                "slm": {"accuracy_summed", "accuracy_length_normalized"}}[task]
+    assert expected <= report["totals"].keys()
+    assert "| metric | value |" in capsys.readouterr().out
+
+
+def test_asr_totals_recount_the_items(model_dir):
+    report = run_evaluation(str(model_dir), "asr", str(EVAL_DATA / "asr.jsonl"))
+    words = sum(item["word_errors"]["reference_length"] for item in report["items"])
+    errors = sum(item["word_errors"]["substitutions"] + item["word_errors"]["deletions"]
+                 + item["word_errors"]["insertions"] for item in report["items"])
+    assert report["totals"]["reference_words"] == words
+    assert report["totals"]["wer"] == pytest.approx(errors / words)
+
+
+def test_log_likelihood_is_the_sum_over_next_tokens(model_dir):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    ((summed, count),) = sequence_log_likelihoods(model, processor, [{"units": [3, 1, 4]}])
+    ids = processor.tokenizer("<|speech_start|><|s_3|><|s_1|><|s_4|><|speech_end|>", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+    assert count == 4
+    assert summed == pytest.approx(sum(log_probs[i, ids[i + 1]].item() for i in range(4)), abs=1e-4)
+
+
+def test_manifest_errors_name_file_line_and_field(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "audio": "a.wav", "text": "x"}\n')
+    with pytest.raises(FileNotFoundError, match="m.jsonl:1: audio file .*a.wav does not exist"):
+        read_eval_manifest(manifest, "asr")
+    manifest.write_text('{"id": "a", "text": "x"}\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:1: the asr task needs fields \['audio', 'text'\]; missing \['audio'\]"):
+        read_eval_manifest(manifest, "asr")
+    manifest.write_text('{"id": "a"\n')
+    with pytest.raises(ValueError, match="m.jsonl:1: not valid JSON"):
+        read_eval_manifest(manifest, "slm")
+    manifest.write_text('{"id": "a", "audio": "../m.jsonl", "question": "q", "answers": []}\n'.replace("../", ""))
+    with pytest.raises(ValueError, match="'answers' must be a non-empty list"):
+        read_eval_manifest(manifest, "qa")
+
+
+def test_cli_reports_a_missing_manifest_in_one_line(model_dir, tmp_path, capsys):
+    assert main(["eval", "--model", str(model_dir), "--task", "asr", "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert capsys.readouterr().err.strip().endswith("none.jsonl: no such manifest")
