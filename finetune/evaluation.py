@@ -210,7 +210,8 @@ def run_evaluation(model_dir: str, task: str, manifest: str, settings: EvalSetti
 
     settings = settings or EvalSettings()
     items = read_eval_manifest(manifest, task)
-    state = PartialState()
+    # cpu=True on a machine without CUDA: otherwise a CPU launch runs N unconnected copies (NOTES.md)
+    state = PartialState(cpu=not torch.cuda.is_available())
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(state.device).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     runner = TASK_RUNNERS[task]
@@ -222,9 +223,10 @@ def run_evaluation(model_dir: str, task: str, manifest: str, settings: EvalSetti
     results = gather_object(local) if state.num_processes > 1 else local
     order = {item.id: index for index, item in enumerate(items)}
     results = sorted(results, key=lambda r: order[r["id"]])
-    return {"task": task, "model": str(model_dir), "data": str(manifest), "data_sha256": file_sha256(manifest),
+    report = {"task": task, "model": str(model_dir), "data": str(manifest), "data_sha256": file_sha256(manifest),
             "settings": vars(settings), "processes": state.num_processes, "totals": summarize(task, results),
             "items": results}
+    return report
 
 
 def format_table(report: dict) -> str:

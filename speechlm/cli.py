@@ -50,9 +50,13 @@ def evaluate(model: str, task: str, data: str, out: str | None, batch_size: int,
     """Metrics of a saved SpeechLM over a manifest: a table on the terminal and a JSON report."""
     import json
 
+    from accelerate import PartialState
+
     from speechlm.finetune.evaluation import EvalSettings, format_table, run_evaluation
 
     report = run_evaluation(model, task, data, EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens))
+    if not PartialState().is_main_process:  # every rank holds the gathered report; one writes it
+        return report
     print(format_table(report))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).strip() or type(error).__name__
         print(f"speechlm {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Under a multi-process launcher, close the process group before exit: gloo jobs that leave it to
+    interpreter shutdown abort now and then after finishing their work (NOTES.md)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -80,3 +80,22 @@ def test_manifest_errors_name_file_line_and_field(tmp_path):
 def test_cli_reports_a_missing_manifest_in_one_line(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--task", "asr", "--data", str(tmp_path / "none.jsonl")]) == 2
     assert capsys.readouterr().err.strip().endswith("none.jsonl: no such manifest")
+
+
+def test_two_processes_split_the_items_and_one_writes_the_report(model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "report.json"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", "29731", "-m", "speechlm.cli", "eval", "--model", str(model_dir), "--task", "slm",
+         "--data", str(EVAL_DATA / "slm.jsonl"), "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2
+    assert [item["id"] for item in report["items"]] == ["word-order", "agreement", "units"]
+    assert result.stdout.count("report written to") == 1
