@@ -7,12 +7,22 @@ NF4 model with LoRA adapters (``qlora``), or trains whole (``full``).
 
 from __future__ import annotations
 
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from typing import TYPE_CHECKING
 
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+
+def is_peft_model(module) -> bool:
+    """Whether peft wraps this backbone (checked without importing peft, which imports bitsandbytes)."""
+    return type(module).__module__.startswith("peft.")
+
 
 def lora_config(model: SpeechLMForCausalLM) -> LoraConfig:
+    from peft import LoraConfig
+
     config = model.config
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
@@ -21,7 +31,9 @@ def lora_config(model: SpeechLMForCausalLM) -> LoraConfig:
 def apply_training_mode(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
     """Set ``requires_grad`` (and wrap the backbone with peft LoRA) as ``model.config.mode`` says."""
     config = model.config
-    if config.mode in ("lora", "qlora") and not isinstance(model.language_model, PeftModel):
+    if config.mode in ("lora", "qlora") and not is_peft_model(model.language_model):
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
         backbone = model.language_model
         if config.mode == "qlora":
             if not getattr(backbone, "is_loaded_in_4bit", False):
@@ -45,7 +57,7 @@ def apply_training_mode(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
 def merge_lora(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
     """Fold LoRA into the backbone's weights and make the model standalone (checkpoints include the
     backbone and need no base model). The result is in ``frozen`` mode."""
-    if isinstance(model.language_model, PeftModel):
+    if is_peft_model(model.language_model):
         if getattr(model.text_model, "is_loaded_in_4bit", False):
             raise ValueError("cannot merge LoRA into a 4-bit backbone exactly: load the checkpoint with "
                              "mode='lora' (full-precision backbone) and merge that")
