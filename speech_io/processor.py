@@ -82,6 +82,7 @@ class SpeechLMProcessor:
         self.speech_input = speech_input
         self.codec_name_or_path = codec_name_or_path
         self._codec = codec
+        self._loaded_from: tuple[str, dict] | None = None  # (directory or repo id, hub kwargs), by from_pretrained
         self.audio_token_id = self.text_vocab_size
         self.speech_start_token_id = self.text_vocab_size + 1
         self.speech_end_token_id = self.text_vocab_size + 2
@@ -93,16 +94,40 @@ class SpeechLMProcessor:
         return self.tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
 
     @property
+    def has_codec(self) -> bool:
+        return self._codec is not None or self.codec_name_or_path is not None
+
+    @property
     def codec(self):
-        """The SpeechTokenizer codec, loaded on first use from ``codec_name_or_path``."""
+        """The SpeechTokenizer codec, loaded on first use from ``codec_name_or_path``.
+
+        A relative ``codec_name_or_path`` (``speechlm init`` writes ``"codec"``) names a folder inside the
+        directory or Hub repo the processor was loaded from, so that a model directory can move or be pushed.
+        """
         if self._codec is None:
             if self.codec_name_or_path is None:
                 raise ValueError("discrete speech needs a codec: pass codec= or codec_name_or_path= to the "
                                  "processor (a SpeechTokenizer directory with config.json and a .pt)")
             from speechlm.speech_io.codec import SpeechTokenizerCodec
 
-            self._codec = SpeechTokenizerCodec.from_pretrained(self.codec_name_or_path)
+            self._codec = SpeechTokenizerCodec.from_pretrained(self._codec_location())
         return self._codec
+
+    def _codec_location(self) -> Path:
+        path = Path(self.codec_name_or_path)
+        if path.is_absolute() or self._loaded_from is None:
+            return path
+        root, hub_kwargs = self._loaded_from
+        if Path(root).is_dir():
+            return Path(root) / path
+        from transformers.utils import cached_file
+
+        from speechlm.speech_io.codec import CHECKPOINT_NAME, CONFIG_NAME
+
+        # A Hub repo: fetch the codec's two files; they land side by side in the snapshot.
+        for name in (CONFIG_NAME, CHECKPOINT_NAME):
+            local = cached_file(root, f"{path.as_posix()}/{name}", **hub_kwargs)
+        return Path(local).parent
 
     def to_dict(self) -> dict[str, Any]:
         return {"processor_class": type(self).__name__, "n_mels": self.n_mels, "stack_factor": self.stack_factor,
@@ -115,7 +140,17 @@ class SpeechLMProcessor:
         files = list(self.tokenizer.save_pretrained(directory))
         config_file = directory / PROCESSOR_CONFIG_NAME
         config_file.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return [*files, str(config_file)]
+        files.append(str(config_file))
+        if self.has_codec and not Path(self.codec_name_or_path or ".").is_absolute():
+            # A relative codec travels with the processor: the saved directory must be complete on its own.
+            target = directory / (self.codec_name_or_path or "codec")
+            if self.codec_name_or_path is None:
+                self.codec_name_or_path = target.name
+                config_file.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            if self._codec is not None or target.resolve() != self._codec_location().resolve():
+                self.codec.save_pretrained(target)
+                files.append(str(target))
+        return files
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SpeechLMProcessor:
@@ -133,7 +168,9 @@ class SpeechLMProcessor:
         settings.pop("processor_class", None)
         settings.update(kwargs)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        return cls(tokenizer, **settings)
+        processor = cls(tokenizer, **settings)
+        processor._loaded_from = (str(pretrained_model_name_or_path), hub_kwargs)
+        return processor
 
     # -- inputs --------------------------------------------------------------------------------------
     def __call__(self, conversations=None, *, text: str | None = None, audio=None, sampling_rate: int | None = None,

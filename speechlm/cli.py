@@ -11,18 +11,23 @@ import sys
 from pathlib import Path
 
 USER_ERRORS = (ValueError, OSError, KeyError)
+CODEC_FOLDER = "codec"
 
 
 def init(config: str, out: str, overrides: list[str]) -> Path:
     """Build a SpeechLM from a model YAML and save it with its processor (tokenizer + audio settings)."""
-    from speechlm.adapters.building import ModelSpec, build_processor, build_speechlm
+    from speechlm.adapters.building import ModelSpec, build_codec, build_processor, build_speechlm
     from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
 
     spec = build_dataclass(ModelSpec, apply_overrides(read_yaml(config), overrides), where="")
     model, tokenizer = build_speechlm(spec)
+    codec = build_codec(spec)
     out_dir = Path(out)
     model.save_pretrained(out_dir)
-    build_processor(tokenizer, model.config).save_pretrained(out_dir)
+    # The processor writes the codec into OUT/codec and names it relative to OUT, so OUT can move.
+    processor = build_processor(tokenizer, model.config, codec=codec,
+                                codec_name_or_path=CODEC_FOLDER if codec is not None else None)
+    processor.save_pretrained(out_dir)
     print(f"{model.parameter_counts()}\nsaved to {out_dir}")
     return out_dir
 
