@@ -16,6 +16,7 @@ ends assistant turns with the EOS token.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -50,6 +51,8 @@ PLAIN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant: {% endif %}"
 )
 IGNORE_INDEX = -100
+# What from_pretrained hands to the Hub download (the pipeline passes local_files_only, for one).
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
 
 
 @dataclass(frozen=True)
@@ -156,9 +159,11 @@ class SpeechLMProcessor:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SpeechLMProcessor:
         from transformers.utils import cached_file
 
-        hub_kwargs = {key: kwargs.pop(key) for key in ("revision", "token", "cache_dir") if key in kwargs}
-        # AutoProcessor passes its bookkeeping along (trust_remote_code, _from_auto, ...)
-        kwargs = {key: value for key, value in kwargs.items() if key != "trust_remote_code" and not key.startswith("_")}
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+        # AutoProcessor and pipeline() pass their bookkeeping along (trust_remote_code, _from_auto,
+        # code_revision, ...): keep only our own settings.
+        settings_names = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
+        kwargs = {key: value for key, value in kwargs.items() if key in settings_names}
         config_file = cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME,
                                   _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if config_file is None:
