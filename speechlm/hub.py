@@ -164,12 +164,15 @@ def push(directory: str | os.PathLike, repo_id: str, *, private: bool = False, m
          api=None) -> str:
     """Create (or reuse) the model repo ``repo_id`` and upload the staged checkpoint in one commit.
     Returns the commit URL."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = api or HfApi()
     with tempfile.TemporaryDirectory(prefix="speechlm-push-") as staging:
         stage_upload(directory, repo_id, staging, merged=merged)
+        # One explicit commit of exactly the staged files (upload_folder may split or skip files).
+        operations = [CommitOperationAdd(path_in_repo=path.relative_to(staging).as_posix(), path_or_fileobj=str(path))
+                      for path in sorted(Path(staging).rglob("*")) if path.is_file()]
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model",
+        info = api.create_commit(repo_id, operations=operations, repo_type="model",
                                  commit_message=f"Upload SpeechLM ({'merged' if merged else 'as saved'}) with speechlm")
     return str(getattr(info, "commit_url", info))

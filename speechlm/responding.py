@@ -236,7 +236,10 @@ def _events(processor, tokens: _TokenQueue, chunk_frames: int) -> Iterator[Respo
             text_ids.append(token)
             decoded = processor.tokenizer.decode(text_ids, skip_special_tokens=True)
             # A byte-level tokenizer may stop mid-character; wait for the rest before showing it.
-            if not decoded.endswith("\ufffd") and decoded != shown:
-                if decoded.startswith(shown):
-                    yield TextDelta(decoded[len(shown):])
+            if not decoded.endswith("\ufffd") and decoded.startswith(shown) and decoded != shown:
+                yield TextDelta(decoded[len(shown):])
                 shown = decoded
+    # What was held back (bytes of a character that never completed) is shown as the whole decode shows it.
+    decoded = processor.tokenizer.decode(text_ids, skip_special_tokens=True)
+    if decoded != shown and decoded.startswith(shown):
+        yield TextDelta(decoded[len(shown):])
