@@ -75,7 +75,8 @@ def _restrict(scores: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -
 
 
 class SpeechSpanLogitsProcessor(LogitsProcessor):
-    """Well-formed speech: inside a span only unit tokens and ``<|speech_end|>``; outside, no unit tokens,
+    """Well-formed speech: inside a span only unit tokens and ``<|speech_end|>`` (not before the first
+    unit); outside, no unit tokens,
     no stray ``<|speech_end|>``, and never the input placeholder ``<|audio|>``. A span that reaches
     ``max_speech_units`` units is closed."""
 
@@ -91,7 +92,8 @@ class SpeechSpanLogitsProcessor(LogitsProcessor):
         units = (vocab >= ids.unit_start) & (vocab < ids.unit_start + ids.num_units)
         outside = ~state.in_span
         scores[outside[:, None] & (units | (vocab == ids.speech_end) | (vocab == ids.audio))] = -torch.inf
-        _restrict(scores, state.in_span, units | (vocab == ids.speech_end))
+        _restrict(scores, state.in_span & (state.span_units > 0), units | (vocab == ids.speech_end))
+        _restrict(scores, state.in_span & (state.span_units == 0), units)  # a span says something
         _force(scores, state.in_span & (state.span_units >= self.max_speech_units), ids.speech_end)
         return scores
 

@@ -26,8 +26,8 @@ def call(processor, *generated: list[int]) -> torch.Tensor:
 
 def test_inside_a_span_only_units_and_its_end():
     span = SpeechSpanLogitsProcessor(IDS, len(PROMPT), max_speech_units=10)
-    inside, outside = finite(call(span, [11, 13, 14], [5, 11, 12]))
-    assert inside == [12, *UNITS]
+    inside, opened, outside = finite(call(span, [11, 13, 14], [5, 5, 11], [5, 11, 12]))
+    assert inside == [12, *UNITS] and opened == UNITS  # no empty span
     assert not set(outside) & {*UNITS, 12, 10}  # no units, no stray end, never <|audio|>
     assert 11 in outside and EOS in outside
 
@@ -51,7 +51,7 @@ def test_allowed_tokens_survive_a_warper_that_dropped_them():
     span = SpeechSpanLogitsProcessor(IDS, len(PROMPT), max_speech_units=10)
     scores = torch.full((1, VOCAB), -torch.inf)
     scores[0, 3] = 1.0
-    out = span(torch.tensor([PROMPT + [11]]), scores)
+    out = span(torch.tensor([PROMPT + [11, 13]]), scores)
     assert finite(out) == [[12, *UNITS]]
 
 
