@@ -15,7 +15,8 @@ install:
 # Until training lands: build the tiny default and answer a spoken prompt (random weights: noise out).
 demo: install
 	speechlm init configs/tiny/model.yaml --out out/tiny
-	speechlm generate --model out/tiny --audio configs/tiny/sample.flac --text "What did you hear?"
+	speechlm generate --model out/tiny --audio configs/tiny/sample.flac --text "What did you hear?" \
+		--output text+speech --out-audio out/tiny-answer.wav
 
 test: install
 	$(PYTHON) -m pytest -q

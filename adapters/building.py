@@ -25,6 +25,7 @@ from speechlm.adapters.configuration import (
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
 from speechlm.adapters.tiny import BYTE_VOCAB_SIZE, build_byte_tokenizer
+from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
 from speechlm.speech_io.processor import SpeechLMProcessor
 from speechlm.speech_io.units import check_tokenizer_layout, expand_tokenizer
 
@@ -46,6 +47,10 @@ class ModelSpec:
     projector: dict | None = field(default_factory=dict, metadata={
         "help": "projector_type (mlp|swiglu), stack_factor, hidden_size"})
     num_speech_units: int = field(default=1024, metadata={"help": "codec codebook size (SpeechTokenizer: 1024)"})
+    codec: str | dict | None = field(default=None, metadata={
+        "help": "the speech-output codec: a SpeechTokenizer directory (config.json + .pt), or SpeechTokenizer "
+                "dims of a random codec ({} = the published ones; codebook_size is num_speech_units; codebooks "
+                "filled from `seed`); null: no codec (the model answers in text only)"})
     mode: str = field(default="frozen", metadata={"help": f"backbone training mode: {'|'.join(TRAINING_MODES)}"})
     lora: dict | None = field(default_factory=dict, metadata={"help": "r, alpha, dropout, target_modules"})
     train_audio_encoder: bool = field(default=False, metadata={"help": "also train the Whisper encoder"})
@@ -71,6 +76,15 @@ class ModelSpec:
             problems.append("give audio_encoder (a checkpoint) or audio (random dims), not both")
         if self.text_model is not None and self.text:
             problems.append("give text_model (a checkpoint) or text (random dims), not both")
+        if isinstance(self.codec, dict):
+            size = self.codec.get("codebook_size", self.num_speech_units)
+            if size != self.num_speech_units:
+                problems.append(f"codec.codebook_size={size} differs from num_speech_units={self.num_speech_units}; "
+                                f"leave it out (it is read from num_speech_units)")
+            try:
+                CodecConfig(**{**self.codec, "codebook_size": self.num_speech_units})
+            except (TypeError, ValueError) as error:
+                problems.append(f"codec: {error}")
         for cls, kwargs in ((SpeechLMAudioConfig, self.audio), (SpeechLMProjectorConfig, self.projector)):
             try:
                 cls(**kwargs)
@@ -162,6 +176,23 @@ def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:
     model.speech_vocab.initialize_from(model.get_input_embeddings().weight, model.get_output_embeddings().weight,
                                        generator=generator)
     return model, tokenizer
+
+
+def build_codec(spec: ModelSpec) -> SpeechTokenizerCodec | None:
+    """The codec a speaking model decodes its units with: loaded from ``spec.codec`` (a directory), or
+    random at the given dims with seeded codebooks (so that a fresh model's speech is reproducible)."""
+    if spec.codec is None:
+        return None
+    if isinstance(spec.codec, str):
+        codec = SpeechTokenizerCodec.from_pretrained(spec.codec)
+        if codec.codebook_size != spec.num_speech_units:
+            raise ValueError(f"codec {spec.codec!r} has {codec.codebook_size} codes per layer but "
+                             f"num_speech_units={spec.num_speech_units}; set num_speech_units to match the codec")
+        return codec
+    codec = SpeechTokenizerCodec.from_config(CodecConfig(**{**spec.codec, "codebook_size": spec.num_speech_units}),
+                                             seed=spec.seed)
+    codec.fill_codebooks(None, seed=spec.seed)
+    return codec
 
 
 def build_processor(tokenizer, config: SpeechLMConfig, **settings) -> SpeechLMProcessor:

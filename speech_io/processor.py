@@ -16,6 +16,7 @@ ends assistant turns with the EOS token.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -50,6 +51,8 @@ PLAIN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant: {% endif %}"
 )
 IGNORE_INDEX = -100
+# What from_pretrained hands to the Hub download (the pipeline passes local_files_only, for one).
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class SpeechLMProcessor:
         self.speech_input = speech_input
         self.codec_name_or_path = codec_name_or_path
         self._codec = codec
+        self._loaded_from: tuple[str, dict] | None = None  # (directory or repo id, hub kwargs), by from_pretrained
         self.audio_token_id = self.text_vocab_size
         self.speech_start_token_id = self.text_vocab_size + 1
         self.speech_end_token_id = self.text_vocab_size + 2
@@ -93,16 +97,40 @@ class SpeechLMProcessor:
         return self.tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
 
     @property
+    def has_codec(self) -> bool:
+        return self._codec is not None or self.codec_name_or_path is not None
+
+    @property
     def codec(self):
-        """The SpeechTokenizer codec, loaded on first use from ``codec_name_or_path``."""
+        """The SpeechTokenizer codec, loaded on first use from ``codec_name_or_path``.
+
+        A relative ``codec_name_or_path`` (``speechlm init`` writes ``"codec"``) names a folder inside the
+        directory or Hub repo the processor was loaded from, so that a model directory can move or be pushed.
+        """
         if self._codec is None:
             if self.codec_name_or_path is None:
                 raise ValueError("discrete speech needs a codec: pass codec= or codec_name_or_path= to the "
                                  "processor (a SpeechTokenizer directory with config.json and a .pt)")
             from speechlm.speech_io.codec import SpeechTokenizerCodec
 
-            self._codec = SpeechTokenizerCodec.from_pretrained(self.codec_name_or_path)
+            self._codec = SpeechTokenizerCodec.from_pretrained(self._codec_location())
         return self._codec
+
+    def _codec_location(self) -> Path:
+        path = Path(self.codec_name_or_path)
+        if path.is_absolute() or self._loaded_from is None:
+            return path
+        root, hub_kwargs = self._loaded_from
+        if Path(root).is_dir():
+            return Path(root) / path
+        from transformers.utils import cached_file
+
+        from speechlm.speech_io.codec import CHECKPOINT_NAME, CONFIG_NAME
+
+        # A Hub repo: fetch the codec's two files; they land side by side in the snapshot.
+        for name in (CONFIG_NAME, CHECKPOINT_NAME):
+            local = cached_file(root, f"{path.as_posix()}/{name}", **hub_kwargs)
+        return Path(local).parent
 
     def to_dict(self) -> dict[str, Any]:
         return {"processor_class": type(self).__name__, "n_mels": self.n_mels, "stack_factor": self.stack_factor,
@@ -115,15 +143,27 @@ class SpeechLMProcessor:
         files = list(self.tokenizer.save_pretrained(directory))
         config_file = directory / PROCESSOR_CONFIG_NAME
         config_file.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return [*files, str(config_file)]
+        files.append(str(config_file))
+        if self.has_codec and not Path(self.codec_name_or_path or ".").is_absolute():
+            # A relative codec travels with the processor: the saved directory must be complete on its own.
+            target = directory / (self.codec_name_or_path or "codec")
+            if self.codec_name_or_path is None:
+                self.codec_name_or_path = target.name
+                config_file.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            if self._codec is not None or target.resolve() != self._codec_location().resolve():
+                self.codec.save_pretrained(target)
+                files.append(str(target))
+        return files
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SpeechLMProcessor:
         from transformers.utils import cached_file
 
-        hub_kwargs = {key: kwargs.pop(key) for key in ("revision", "token", "cache_dir") if key in kwargs}
-        # AutoProcessor passes its bookkeeping along (trust_remote_code, _from_auto, ...)
-        kwargs = {key: value for key, value in kwargs.items() if key != "trust_remote_code" and not key.startswith("_")}
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+        # AutoProcessor and pipeline() pass their bookkeeping along (trust_remote_code, _from_auto,
+        # code_revision, ...): keep only our own settings.
+        settings_names = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
+        kwargs = {key: value for key, value in kwargs.items() if key in settings_names}
         config_file = cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME,
                                   _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if config_file is None:
@@ -133,7 +173,9 @@ class SpeechLMProcessor:
         settings.pop("processor_class", None)
         settings.update(kwargs)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        return cls(tokenizer, **settings)
+        processor = cls(tokenizer, **settings)
+        processor._loaded_from = (str(pretrained_model_name_or_path), hub_kwargs)
+        return processor
 
     # -- inputs --------------------------------------------------------------------------------------
     def __call__(self, conversations=None, *, text: str | None = None, audio=None, sampling_rate: int | None = None,

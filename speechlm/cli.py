@@ -11,39 +11,91 @@ import sys
 from pathlib import Path
 
 USER_ERRORS = (ValueError, OSError, KeyError)
+CODEC_FOLDER = "codec"
 
 
 def init(config: str, out: str, overrides: list[str]) -> Path:
     """Build a SpeechLM from a model YAML and save it with its processor (tokenizer + audio settings)."""
-    from speechlm.adapters.building import ModelSpec, build_processor, build_speechlm
+    from speechlm.adapters.building import ModelSpec, build_codec, build_processor, build_speechlm
     from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
 
     spec = build_dataclass(ModelSpec, apply_overrides(read_yaml(config), overrides), where="")
     model, tokenizer = build_speechlm(spec)
+    codec = build_codec(spec)
     out_dir = Path(out)
     model.save_pretrained(out_dir)
-    build_processor(tokenizer, model.config).save_pretrained(out_dir)
+    # The processor writes the codec into OUT/codec and names it relative to OUT, so OUT can move.
+    processor = build_processor(tokenizer, model.config, codec=codec,
+                                codec_name_or_path=CODEC_FOLDER if codec is not None else None)
+    processor.save_pretrained(out_dir)
     print(f"{model.parameter_counts()}\nsaved to {out_dir}")
     return out_dir
 
 
-def generate(model: str, audio: str | None, text: str | None, output: str, max_new_tokens: int) -> str:
-    """One response to audio and/or text, streamed to the terminal as it is generated."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoProcessor, TextStreamer
+def generate(model: str, audio: str | None, text: str | None, output: str, out_audio: str | None,
+             max_new_tokens: int, max_speech_units: int, generate_kwargs: dict) -> str:
+    """One response to audio and/or text: its text streamed to the terminal as it is generated, its speech
+    (``--output speech`` / ``text+speech``) written to ``out_audio`` as a 16 kHz wav."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoProcessor
 
     import speechlm  # noqa: F401  (registers the Auto classes)
+    from speechlm.responding import AudioChunk, TextDelta, stream_response
+    from speechlm.speech_io.audio import save_wav
 
     if audio is None and text is None:
         raise ValueError("give --audio FILE and/or --text STR")
+    if output != "text" and out_audio is None:
+        raise ValueError(f"--output {output} speaks: give --out-audio FILE.wav to write the speech to")
+    if output == "text" and out_audio is not None:
+        raise ValueError("--out-audio needs --output speech or text+speech")
     processor = AutoProcessor.from_pretrained(model)
     lm = AutoModelForCausalLM.from_pretrained(model)
-    inputs = processor(text=text, audio=audio)
-    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.no_grad():
-        generated = lm.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer)
+    pieces, chunks = [], []
+    for event in stream_response(lm, processor, audio=audio, text=text, output=output, max_new_tokens=max_new_tokens,
+                                 max_speech_units=max_speech_units, **generate_kwargs):
+        if isinstance(event, TextDelta):
+            pieces.append(event.text)
+            print(event.text, end="", flush=True)
+        elif isinstance(event, AudioChunk):
+            chunks.append(event.array)
     print()
-    return processor.parse_response(generated[0, inputs["input_ids"].shape[1]:]).text
+    if out_audio is not None:
+        speech = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        if speech.size == 0:
+            raise ValueError(f"the model produced no speech, so {out_audio} was not written")
+        save_wav(out_audio, speech)
+        print(f"wrote {speech.size / 16000:.2f} s of speech to {out_audio}", file=sys.stderr)
+    return "".join(pieces)
+
+
+def merge(checkpoint: str, out: str) -> Path:
+    """A standalone copy of a checkpoint: LoRA merged into the backbone, base weights included."""
+    import speechlm  # noqa: F401
+    from speechlm.hub import merge_checkpoint
+
+    if not (Path(checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a saved SpeechLM directory (no config.json)")
+    out_dir = merge_checkpoint(checkpoint, out)
+    print(f"merged {checkpoint} into {out_dir}")
+    return out_dir
+
+
+def push(checkpoint: str, repo_id: str, private: bool, merged: bool) -> str:
+    """Upload a saved SpeechLM to the Hub with a generated model card; the token comes from HF_TOKEN or
+    ``hf auth login``, as huggingface_hub finds it."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    import speechlm  # noqa: F401
+    from speechlm.hub import push as push_to_hub
+
+    try:
+        url = push_to_hub(checkpoint, repo_id, private=private, merged=merged)
+    except (HfHubHTTPError, OfflineModeIsEnabled) as error:
+        # The message of a Hub error names the repo and the HTTP status, never the token.
+        raise OSError(f"{repo_id}: upload failed ({str(error).splitlines()[0]})") from error
+    print(f"pushed {checkpoint} to {repo_id}: {url}")
+    return url
 
 
 def evaluate(model: str, task: str, data: str, out: str | None, batch_size: int, max_new_tokens: int) -> dict:
@@ -79,9 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a saved SpeechLM directory or Hub id")
     p.add_argument("--audio", help="an audio file (wav, flac, ogg, opus, mp3)")
     p.add_argument("--text", help="a text prompt (with --audio: the instruction about it)")
-    p.add_argument("--output", choices=["text"], default="text", help="what to respond with")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.set_defaults(run=lambda a: generate(a.model, a.audio, a.text, a.output, a.max_new_tokens))
+    p.add_argument("--output", choices=["text", "speech", "text+speech"], default="text",
+                   help="respond with text, speech, or text then its speech")
+    p.add_argument("--out-audio", help="wav file for the spoken response (speech outputs)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="bound on the text of the response")
+    p.add_argument("--max-speech-units", type=int, default=750, help="bound on the speech (50 units a second)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.set_defaults(run=lambda a: generate(
+        a.model, a.audio, a.text, a.output, a.out_audio, a.max_new_tokens, a.max_speech_units,
+        {key: value for key, value in (("do_sample", a.do_sample or None), ("temperature", a.temperature),
+                                       ("top_p", a.top_p), ("top_k", a.top_k)) if value is not None}))
+
+    p = commands.add_parser("merge", help="a standalone checkpoint: LoRA merged, base weights included")
+    p.add_argument("checkpoint", help="a saved SpeechLM directory")
+    p.add_argument("--out", required=True, help="directory for the merged checkpoint")
+    p.set_defaults(run=lambda a: merge(a.checkpoint, a.out))
+
+    p = commands.add_parser("push", help="upload a saved SpeechLM to the Hub with a model card")
+    p.add_argument("checkpoint", help="a saved SpeechLM directory")
+    p.add_argument("repo_id", help="the Hub repo, e.g. your-name/speechlm-smollm2")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--merged", action="store_true", help="upload a merged standalone checkpoint instead")
+    p.set_defaults(run=lambda a: push(a.checkpoint, a.repo_id, a.private, a.merged))
 
     p = commands.add_parser("eval", help="evaluate a saved SpeechLM on a manifest")
     p.add_argument("--model", required=True, help="a saved SpeechLM directory or Hub id")

@@ -1,0 +1,140 @@
+"""What a SpeechLM may generate next, as transformers ``LogitsProcessor``s.
+
+A response is text, a speech span ``<|speech_start|> <|s_k|>... <|speech_end|>``, or text then a span
+(chain-of-modality). `SpeechSpanLogitsProcessor` keeps every response well formed; `OutputModeLogitsProcessor`
+steers it into the mode the caller asked for. Both read the state of each row from the tokens generated
+so far (after ``prompt_length``), so they need no per-row bookkeeping and work for batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor
+
+OUTPUT_MODES = ("text", "speech", "text+speech")
+
+
+@dataclass(frozen=True)
+class SpeechTokenIds:
+    """The added-token ids a response grammar needs (from a `SpeechLMConfig` or `SpeechLMProcessor`)."""
+
+    audio: int
+    speech_start: int
+    speech_end: int
+    unit_start: int
+    num_units: int
+
+    @classmethod
+    def of(cls, owner) -> SpeechTokenIds:
+        return cls(owner.audio_token_id, owner.speech_start_token_id, owner.speech_end_token_id,
+                   owner.speech_unit_start_id, owner.num_speech_units)
+
+
+@dataclass(frozen=True)
+class _RowState:
+    in_span: torch.Tensor  # B: inside an open speech span
+    span_units: torch.Tensor  # B: units generated in the open span
+    span_closed: torch.Tensor  # B: a span has ended
+    span_opened: torch.Tensor  # B: a span has started
+    text_tokens: torch.Tensor  # B: generated tokens that are not speech tokens
+
+
+def _row_state(input_ids: torch.Tensor, prompt_length: int, ids: SpeechTokenIds) -> _RowState:
+    generated = input_ids[:, prompt_length:]  # B, G
+    positions = torch.arange(generated.shape[1], device=generated.device)
+    is_start, is_end = generated == ids.speech_start, generated == ids.speech_end
+    is_unit = (generated >= ids.unit_start) & (generated < ids.unit_start + ids.num_units)
+    none = torch.full((generated.shape[0], 1), -1, device=generated.device)
+    last_start = torch.cat([none, torch.where(is_start, positions, -1)], dim=1).amax(1)
+    last_end = torch.cat([none, torch.where(is_end, positions, -1)], dim=1).amax(1)
+    in_span = last_start > last_end
+    span_units = (is_unit & (positions > last_start[:, None])).sum(1) * in_span
+    return _RowState(in_span, span_units, is_end.any(1), is_start.any(1),
+                     (~(is_unit | is_start | is_end)).sum(1))
+
+
+def _force(scores: torch.Tensor, rows: torch.Tensor, token: int) -> None:
+    """Make ``token`` the only choice in ``rows`` (its score finite even if a warper had dropped it)."""
+    if rows.any():
+        scores[rows] = -torch.inf
+        scores[rows, token] = 0.0
+
+
+def _restrict(scores: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> None:
+    """Keep only ``allowed`` tokens in ``rows``. Custom processors run after generate's own warpers, so a
+    top-k/top-p may already have dropped every allowed token; those rows choose uniformly among them."""
+    if not rows.any():
+        return
+    kept = scores[rows].masked_fill(~allowed, -torch.inf)
+    dead = torch.isinf(kept).all(1)
+    kept[dead] = torch.where(allowed, 0.0, -torch.inf)
+    scores[rows] = kept
+
+
+class SpeechSpanLogitsProcessor(LogitsProcessor):
+    """Well-formed speech: inside a span only unit tokens and ``<|speech_end|>`` (not before the first
+    unit); outside, no unit tokens,
+    no stray ``<|speech_end|>``, and never the input placeholder ``<|audio|>``. A span that reaches
+    ``max_speech_units`` units is closed."""
+
+    def __init__(self, ids: SpeechTokenIds, prompt_length: int, max_speech_units: int):
+        if max_speech_units < 1:
+            raise ValueError(f"max_speech_units={max_speech_units}: must be >= 1")
+        self.ids, self.prompt_length, self.max_speech_units = ids, prompt_length, max_speech_units
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        ids, state = self.ids, _row_state(input_ids, self.prompt_length, self.ids)
+        scores = scores.clone()
+        vocab = torch.arange(scores.shape[1], device=scores.device)
+        units = (vocab >= ids.unit_start) & (vocab < ids.unit_start + ids.num_units)
+        outside = ~state.in_span
+        scores[outside[:, None] & (units | (vocab == ids.speech_end) | (vocab == ids.audio))] = -torch.inf
+        _restrict(scores, state.in_span & (state.span_units > 0), units | (vocab == ids.speech_end))
+        _restrict(scores, state.in_span & (state.span_units == 0), units)  # a span says something
+        _force(scores, state.in_span & (state.span_units >= self.max_speech_units), ids.speech_end)
+        return scores
+
+
+class OutputModeLogitsProcessor(LogitsProcessor):
+    """Steer a response into ``text``, ``speech`` or ``text+speech`` (text, then its speech).
+
+    - ``text``: no speech span may start.
+    - ``speech``: the response opens with ``<|speech_start|>`` and ends after its span.
+    - ``text+speech``: where the model would end its text (EOS), it starts the span instead (the EOS
+      probability moves to ``<|speech_start|>``); after ``max_text_tokens`` text tokens the span is
+      forced. The response ends after its span.
+    """
+
+    def __init__(self, ids: SpeechTokenIds, prompt_length: int, output: str, eos_token_ids: Sequence[int],
+                 max_text_tokens: int | None = None):
+        if output not in OUTPUT_MODES:
+            raise ValueError(f"output={output!r}: choose one of {list(OUTPUT_MODES)}")
+        if not eos_token_ids:
+            raise ValueError("the model has no eos_token_id; a response cannot end after its speech")
+        self.ids, self.prompt_length, self.output = ids, prompt_length, output
+        self.eos_token_ids = list(eos_token_ids)
+        self.max_text_tokens = max_text_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        ids, state = self.ids, _row_state(input_ids, self.prompt_length, self.ids)
+        scores = scores.clone()
+        if self.output == "text":
+            scores[:, ids.speech_start] = -torch.inf
+            return scores
+        eos = self.eos_token_ids
+        before_span = ~state.span_opened
+        if self.output == "speech":
+            _force(scores, before_span, ids.speech_start)
+        else:
+            rows = before_span.nonzero().squeeze(1)
+            if rows.numel():
+                merged = torch.logsumexp(scores[rows][:, [ids.speech_start, *eos]], dim=1)
+                scores[rows, ids.speech_start] = merged
+                scores[rows[:, None], torch.tensor(eos, device=scores.device)] = -torch.inf
+            if self.max_text_tokens is not None:
+                _force(scores, before_span & (state.text_tokens >= self.max_text_tokens), ids.speech_start)
+        _force(scores, state.span_closed & ~state.in_span, eos[0])
+        return scores

@@ -1,0 +1,245 @@
+"""One response from a SpeechLM, in the output mode asked for: whole (`respond`) or as a stream of events
+(`stream_response`). The pipeline and ``speechlm generate`` are thin layers over these two calls.
+
+A response is text (``text``), speech (``speech``: units decoded to a 16 kHz waveform by the codec), or
+text then its speech (``text+speech``, chain-of-modality). The grammar lives in `speechlm.constraints`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from speechlm.constraints import (
+    OUTPUT_MODES,
+    OutputModeLogitsProcessor,
+    SpeechSpanLogitsProcessor,
+    SpeechTokenIds,
+)
+from speechlm.speech_io.constants import SAMPLE_RATE
+
+DEFAULT_MAX_NEW_TOKENS = 64  # text tokens
+DEFAULT_MAX_SPEECH_UNITS = 750  # 15 s at 50 Hz
+STREAM_CHUNK_FRAMES = 10  # 0.2 s of audio per streamed chunk
+
+
+@dataclass(frozen=True)
+class SpeechLMReply:
+    """A whole response: its text, its speech units, and their waveform (float32, 16 kHz) when it spoke."""
+
+    text: str
+    units: list[int]
+    audio: np.ndarray | None
+    sampling_rate: int = SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Newly generated text, to print as it comes."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """The next piece of the spoken response, float32 at 16 kHz, to play as it comes."""
+
+    array: np.ndarray
+    sampling_rate: int = SAMPLE_RATE
+
+
+ResponseEvent = TextDelta | AudioChunk
+
+
+def as_conversations(conversations=None, *, audio=None, text: str | None = None,
+                     sampling_rate: int | None = None) -> tuple[list[list[Mapping]], bool]:
+    """``(conversations, batched)``: one conversation, a list of them, or a single turn of audio and/or text."""
+    if conversations is None:
+        if audio is None and text is None:
+            raise ValueError("give a conversation, or audio and/or text")
+        content: list[dict] = []
+        if audio is not None:
+            content.append({"type": "audio", "audio": audio, "sampling_rate": sampling_rate})
+        if text is not None:
+            content.append({"type": "text", "text": text})
+        return [[{"role": "user", "content": content}]], False
+    if audio is not None or text is not None:
+        raise ValueError("give a conversation or audio/text, not both")
+    if isinstance(conversations, Sequence) and conversations and isinstance(conversations[0], Mapping):
+        return [list(conversations)], False
+    return [list(c) for c in conversations], True
+
+
+def generation_settings(model, processor, prompt_length: int, *, output: str = "text",
+                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                        max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS, **generate_kwargs) -> dict[str, Any]:
+    """``generate`` keyword arguments for a response in ``output`` mode to prompts of ``prompt_length``.
+
+    ``max_new_tokens`` bounds the text, ``max_speech_units`` the speech span; sampling settings
+    (``do_sample``, ``temperature``, ``top_p``, ...) pass through.
+    """
+    if output not in OUTPUT_MODES:
+        raise ValueError(f"output={output!r}: choose one of {list(OUTPUT_MODES)}")
+    if output != "text" and not processor.has_codec:
+        raise ValueError(f"output={output!r} needs a codec to turn units into sound, and this model has none; "
+                         f"build it with a codec (model YAML `codec:`) or ask for output='text'")
+    ids = SpeechTokenIds.of(model.config)
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [processor.tokenizer.eos_token_id])
+    processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+    processors.append(OutputModeLogitsProcessor(ids, prompt_length, output, eos,
+                                                max_text_tokens=max_new_tokens if output == "text+speech" else None))
+    processors.append(SpeechSpanLogitsProcessor(ids, prompt_length, max_speech_units))
+    # Room for the text, the span and its two markers, and the closing EOS.
+    budget = {"text": max_new_tokens, "speech": max_speech_units + 3,
+              "text+speech": max_new_tokens + max_speech_units + 3}[output]
+    return {"max_new_tokens": budget, "logits_processor": processors, **generate_kwargs}
+
+
+def respond(model, processor, conversations=None, *, audio=None, text: str | None = None,
+            sampling_rate: int | None = None, output: str = "text", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+            max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS, **generate_kwargs) -> SpeechLMReply | list[SpeechLMReply]:
+    """The model's response to a conversation (a list of them: one batched ``generate``, a list back), or to
+    a single turn of ``audio`` and/or ``text``. ``generate_kwargs`` pass through (sampling settings)."""
+    batch, batched = as_conversations(conversations, audio=audio, text=text, sampling_rate=sampling_rate)
+    inputs = processor(batch)
+    new_tokens = generate_response_tokens(model, processor, inputs, output=output, max_new_tokens=max_new_tokens,
+                                          max_speech_units=max_speech_units, **generate_kwargs)
+    replies = replies_from_tokens(processor, new_tokens)
+    return replies if batched else replies[0]
+
+
+def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor], **settings) -> torch.Tensor:
+    """``B, G`` new token ids for a batch of processor inputs (left-padded, as the processor makes them)."""
+    prompt_length = inputs["input_ids"].shape[1]
+    kwargs = generation_settings(model, processor, prompt_length, **settings)
+    with torch.inference_mode():
+        generated = model.generate(**inputs, **kwargs)
+    return generated[:, prompt_length:]
+
+
+def replies_from_tokens(processor, new_tokens: torch.Tensor) -> list[SpeechLMReply]:
+    """Text and units of each row; units of all rows decoded in one exact codec batch."""
+    parsed = [processor.parse_response(row) for row in new_tokens]
+    speaking = [i for i, response in enumerate(parsed) if response.units]
+    waves = processor.codec.decode_batch([parsed[i].units for i in speaking]) if speaking else []
+    audio: dict[int, np.ndarray] = dict(zip(speaking, waves, strict=True))
+    return [SpeechLMReply(response.text, response.units, audio.get(i)) for i, response in enumerate(parsed)]
+
+
+def stream_response(model, processor, conversation=None, *, audio=None, text: str | None = None,
+                    sampling_rate: int | None = None, output: str = "text",
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS,
+                    chunk_frames: int = STREAM_CHUNK_FRAMES, **generate_kwargs) -> Iterator[ResponseEvent]:
+    """`TextDelta` and `AudioChunk` events of one response while the model is still generating it.
+
+    ``generate`` runs in a worker thread and hands each token over a queue; units are fed to the codec's
+    streamed decoder, which yields ``chunk_frames`` frames of audio as soon as they are final. An error in
+    the worker is raised here; closing the iterator early stops generation, and the worker is always joined.
+    """
+    batch, batched = as_conversations(conversation, audio=audio, text=text, sampling_rate=sampling_rate)
+    if batched:
+        raise ValueError("stream_response streams one conversation; use respond for a batch")
+    inputs = processor(batch)
+    prompt_length = inputs["input_ids"].shape[1]
+    settings = generation_settings(model, processor, prompt_length, output=output, max_new_tokens=max_new_tokens,
+                                   max_speech_units=max_speech_units, **generate_kwargs)
+    tokens = _TokenQueue()
+    stop = threading.Event()
+    stopping = StoppingCriteriaList(settings.pop("stopping_criteria", None) or [])
+    stopping.append(_StopWhenSet(stop))
+
+    def work() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**inputs, **settings, streamer=tokens, stopping_criteria=stopping)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            tokens.fail(error)
+        finally:
+            tokens.end()
+
+    worker = threading.Thread(target=work, name="speechlm-generate", daemon=True)
+    worker.start()
+    try:
+        yield from _events(processor, tokens, chunk_frames)
+    finally:
+        stop.set()
+        worker.join()
+
+
+class _TokenQueue(BaseStreamer):
+    """The streamer ``generate`` feeds: new token ids in, consumed by `_events` in another thread."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.skipped_prompt = False
+        self.error: BaseException | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.skipped_prompt:  # generate pushes the prompt first
+            self.skipped_prompt = True
+            return
+        if value.dim() > 1 and value.shape[0] > 1:
+            raise ValueError("streaming supports one conversation at a time")
+        for token in value.reshape(-1).tolist():
+            self.queue.put(int(token))
+
+    def end(self) -> None:
+        self.queue.put(self._END)
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+
+    def __iter__(self) -> Iterator[int]:
+        while (item := self.queue.get()) is not self._END:
+            yield item
+        if self.error is not None:
+            raise self.error
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _events(processor, tokens: _TokenQueue, chunk_frames: int) -> Iterator[ResponseEvent]:
+    """Text deltas outside speech spans; inside one, audio chunks from the codec's streamed decode."""
+    stream = iter(tokens)
+    text_ids: list[int] = []
+    shown = ""
+    first_unit, num_units = processor.speech_unit_start_id, processor.num_speech_units
+    for token in stream:
+        if token == processor.speech_start_token_id:
+            def span_units() -> Iterator[int]:
+                # The constraints allow only units and <|speech_end|> here; anything else also ends the span.
+                for unit_token in stream:
+                    if not first_unit <= unit_token < first_unit + num_units:
+                        return
+                    yield unit_token - first_unit
+
+            for chunk in processor.codec.decode_stream(span_units(), chunk=chunk_frames):
+                yield AudioChunk(chunk)
+        elif token < processor.text_vocab_size:
+            text_ids.append(token)
+            decoded = processor.tokenizer.decode(text_ids, skip_special_tokens=True)
+            # A byte-level tokenizer may stop mid-character; wait for the rest before showing it.
+            if not decoded.endswith("\ufffd") and decoded.startswith(shown) and decoded != shown:
+                yield TextDelta(decoded[len(shown):])
+                shown = decoded
+    # What was held back (bytes of a character that never completed) is shown as the whole decode shows it.
+    decoded = processor.tokenizer.decode(text_ids, skip_special_tokens=True)
+    if decoded != shown and decoded.startswith(shown):
+        yield TextDelta(decoded[len(shown):])

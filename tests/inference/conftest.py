@@ -1,0 +1,55 @@
+"""Saved tiny SpeechLMs that speak (a narrow codec beside them), as `speechlm init` writes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+import speechlm  # noqa: F401  (registers the Auto classes and the pipeline)
+from speechlm.adapters.building import build_codec, build_processor, build_speechlm
+from tests.conftest import tiny_spec
+
+# A narrow SpeechTokenizer (codebook = tiny_spec's 16 units): speaks in milliseconds.
+NARROW_CODEC = dict(n_filters=8, dimension=32, semantic_dimension=32, lstm_layers=1, n_q=1)
+SAMPLE = Path(__file__).parents[2] / "configs" / "tiny" / "sample.flac"
+
+
+def save_speaking_model(directory: Path, **spec_changes) -> Path:
+    spec = tiny_spec(codec=dict(NARROW_CODEC), **spec_changes)
+    model, tokenizer = build_speechlm(spec)
+    model.save_pretrained(directory)
+    build_processor(tokenizer, model.config, codec=build_codec(spec), codec_name_or_path="codec").save_pretrained(
+        directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def speaking_dir(tmp_path_factory) -> Path:
+    """A standalone tiny model (random backbone saved whole) with its codec in ``codec/``."""
+    return save_speaking_model(tmp_path_factory.mktemp("speaking"))
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory, llama_dir) -> Path:
+    """An adapter-only LoRA checkpoint over a tiny Llama directory (its LoRA B made non-zero)."""
+    import torch
+
+    directory = tmp_path_factory.mktemp("lora")
+    spec = tiny_spec(text_model=llama_dir, text=None, mode="lora", codec=dict(NARROW_CODEC))
+    model, tokenizer = build_speechlm(spec)
+    with torch.no_grad():
+        for name, param in model.language_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(directory)
+    build_processor(tokenizer, model.config, codec=build_codec(spec), codec_name_or_path="codec").save_pretrained(
+        directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def speaking(speaking_dir):
+    """The model and processor of `speaking_dir`, loaded through the Auto classes."""
+    return AutoModelForCausalLM.from_pretrained(speaking_dir), AutoProcessor.from_pretrained(speaking_dir)

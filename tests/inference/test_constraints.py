@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechlm.constraints import OutputModeLogitsProcessor, SpeechSpanLogitsProcessor, SpeechTokenIds
+
+# A 20-token vocabulary: text 0..9, <|audio|> 10, <|speech_start|> 11, <|speech_end|> 12, units 13..16, more text.
+IDS = SpeechTokenIds(audio=10, speech_start=11, speech_end=12, unit_start=13, num_units=4)
+UNITS = list(range(13, 17))
+EOS = 9
+PROMPT = [1, 2, 3]
+VOCAB = 20
+
+
+def finite(scores: torch.Tensor) -> list[list[int]]:
+    return [torch.isfinite(row).nonzero().flatten().tolist() for row in scores]
+
+
+def call(processor, *generated: list[int]) -> torch.Tensor:
+    width = max(map(len, generated))
+    assert all(len(g) == width for g in generated)
+    input_ids = torch.tensor([PROMPT + g for g in generated])
+    return processor(input_ids, torch.zeros(len(generated), VOCAB))
+
+
+def test_inside_a_span_only_units_and_its_end():
+    span = SpeechSpanLogitsProcessor(IDS, len(PROMPT), max_speech_units=10)
+    inside, opened, outside = finite(call(span, [11, 13, 14], [5, 5, 11], [5, 11, 12]))
+    assert inside == [12, *UNITS] and opened == UNITS  # no empty span
+    assert not set(outside) & {*UNITS, 12, 10}  # no units, no stray end, never <|audio|>
+    assert 11 in outside and EOS in outside
+
+
+def test_a_span_is_closed_at_max_speech_units():
+    span = SpeechSpanLogitsProcessor(IDS, len(PROMPT), max_speech_units=2)
+    scores = call(span, [11, 13, 14], [11, 13, 5])
+    assert finite(scores)[0] == [12] and scores[0, 12] == 0
+    assert finite(scores)[1] == [12, *UNITS]
+
+
+def test_the_prompt_does_not_count():
+    # A closed span in the prompt (discrete speech input) leaves generation outside any span.
+    span = SpeechSpanLogitsProcessor(IDS, 5, max_speech_units=3)
+    scores = span(torch.tensor([[11, 13, 14, 12, 4]]), torch.zeros(1, VOCAB))
+    assert not set(finite(scores)[0]) & set(UNITS)
+
+
+def test_allowed_tokens_survive_a_warper_that_dropped_them():
+    # generate runs top-k before custom processors: if it kept only text, the span still continues.
+    span = SpeechSpanLogitsProcessor(IDS, len(PROMPT), max_speech_units=10)
+    scores = torch.full((1, VOCAB), -torch.inf)
+    scores[0, 3] = 1.0
+    out = span(torch.tensor([PROMPT + [11, 13]]), scores)
+    assert finite(out) == [[12, *UNITS]]
+
+
+def test_text_mode_never_starts_speech():
+    mode = OutputModeLogitsProcessor(IDS, len(PROMPT), "text", [EOS])
+    assert 11 not in finite(call(mode, [4]))[0]
+
+
+def test_speech_mode_opens_with_a_span_and_ends_after_it():
+    mode = OutputModeLogitsProcessor(IDS, len(PROMPT), "speech", [EOS])
+    assert finite(mode(torch.tensor([PROMPT]), torch.zeros(1, VOCAB))) == [[11]]
+    assert finite(call(mode, [11, 13, 12])) == [[EOS]]
+    assert len(finite(call(mode, [11, 13]))[0]) == VOCAB  # inside: the span processor's business
+
+
+def test_text_then_speech_moves_the_end_of_text_to_the_span():
+    mode = OutputModeLogitsProcessor(IDS, len(PROMPT), "text+speech", [EOS], max_text_tokens=3)
+    scores = torch.zeros(1, VOCAB)
+    scores[0, EOS], scores[0, 11] = 2.0, 1.0
+    out = mode(torch.tensor([PROMPT + [4]]), scores)
+    assert out[0, EOS] == -torch.inf
+    assert out[0, 11] == pytest.approx(torch.logaddexp(torch.tensor(2.0), torch.tensor(1.0)).item())
+    assert finite(call(mode, [4, 5, 6])) == [[11]]  # the text budget is spent: speak now
+    assert finite(call(mode, [4, 11, 13, 12])) == [[EOS]]
+
+
+def test_unknown_mode_and_bad_bounds_are_named():
+    with pytest.raises(ValueError, match="output='audio'"):
+        OutputModeLogitsProcessor(IDS, 0, "audio", [EOS])
+    with pytest.raises(ValueError, match="max_speech_units=0"):
+        SpeechSpanLogitsProcessor(IDS, 0, 0)
