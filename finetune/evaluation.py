@@ -5,9 +5,14 @@ Manifests are JSONL, one item per line, audio paths relative to the manifest:
 - ``asr``: ``{"id", "audio", "text"}`` -> WER and CER (Whisper's English normalizer), with S/D/I counts.
 - ``qa``: ``{"id", "audio", "question", "answers": [...]}`` -> spoken-question accuracy beside the same
   model's accuracy on the question as text; their ratio is the modality gap.
+- ``tts``: ``{"id", "text", "units": [...]}`` (or ``"audio"`` to encode with the model's codec) -> the
+  unit error rate of the spoken response against the reference units and, given an openai-whisper
+  checkpoint as judge, the WER of the judge's transcript of the generated audio.
 - ``slm``: ``{"id", "real": X, "fake": X}`` with X one of ``{"audio": path}``, ``{"units": [...]}``,
   ``{"text": str}`` -> the share of pairs where the real member is more likely (sWUGGY / sBLIMP /
   sStoryCloze style), by summed and by length-normalized log-likelihood.
+- ``latency``: ``{"id", "audio" and/or "text"}`` -> time to the first text token and to the first audio
+  chunk of a streamed response, the whole response time and its real-time factor.
 
 Under ``accelerate launch`` the items are split across processes and the results gathered.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +31,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from speechlm.finetune.metrics import character_errors, match_answer, pair_accuracy, word_errors
+from speechlm.finetune.metrics import character_errors, match_answer, pair_accuracy, unit_errors, word_errors
+from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.units import units_to_text
 
-EVAL_TASKS = ("asr", "qa", "slm")
-REQUIRED_FIELDS = {"asr": ("audio", "text"), "qa": ("audio", "question", "answers"), "slm": ("real", "fake")}
+EVAL_TASKS = ("asr", "qa", "tts", "slm", "latency")
+REQUIRED_FIELDS = {"asr": ("audio", "text"), "qa": ("audio", "question", "answers"), "tts": ("text",),
+                   "slm": ("real", "fake"), "latency": ()}
 
 
 @dataclass
@@ -37,6 +45,10 @@ class EvalSettings:
     batch_size: int = field(default=8, metadata={"help": "items per generate / scoring call"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest text response"})
     asr_prompt: str = field(default="Transcribe the audio.", metadata={"help": "instruction beside the clip"})
+    tts_prompt: str = field(default="Say this out loud: {text}", metadata={"help": "the tts request; {text}"})
+    max_speech_units: int = field(default=750, metadata={"help": "longest spoken response (50 units a second)"})
+    judge: str | None = field(default=None, metadata={"help": "openai-whisper .pt that transcribes tts audio"})
+    output: str = field(default="text+speech", metadata={"help": "latency: the response mode to time"})
 
 
 @dataclass
@@ -69,6 +81,10 @@ def read_eval_manifest(path: str | Path, task: str) -> list[EvalItem]:
         row = _resolve_audio(row, path.parent, where)
         if task == "qa" and (not isinstance(row["answers"], list) or not row["answers"]):
             raise ValueError(f"{where}: 'answers' must be a non-empty list of strings")
+        if task == "tts" and "units" not in row and "audio" not in row:
+            raise ValueError(f"{where}: the tts task needs reference 'units' (or 'audio' to encode)")
+        if task == "latency" and "audio" not in row and "text" not in row:
+            raise ValueError(f"{where}: the latency task needs 'audio' and/or 'text'")
         items.append(EvalItem(str(row.get("id", number)), row))
     if not items:
         raise ValueError(f"{path}: no items")
@@ -99,13 +115,13 @@ def file_sha256(path: str | Path) -> str:
 # -- model calls --------------------------------------------------------------------------------------
 def generate_text(model, processor, conversations: Sequence[list[dict]], settings: EvalSettings) -> list[str]:
     """Greedy text answers, ``settings.batch_size`` conversations per ``generate`` call."""
+    from speechlm.responding import respond
+
     answers = []
     for start in range(0, len(conversations), settings.batch_size):
-        inputs = processor(list(conversations[start: start + settings.batch_size]))
-        with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=False)
-        prompt_length = inputs["input_ids"].shape[1]
-        answers += [processor.parse_response(row[prompt_length:]).text.strip() for row in output]
+        replies = respond(model, processor, list(conversations[start: start + settings.batch_size]),
+                          output="text", max_new_tokens=settings.max_new_tokens, do_sample=False)
+        answers += [reply.text.strip() for reply in replies]
     return answers
 
 
@@ -174,7 +190,72 @@ def evaluate_slm(model, processor, items: list[EvalItem], settings: EvalSettings
              "fake_tokens": f[1]} for item, r, f in zip(items, real, fake, strict=True)]
 
 
-TASK_RUNNERS: dict[str, Callable] = {"asr": evaluate_asr, "qa": evaluate_qa, "slm": evaluate_slm}
+def evaluate_tts(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
+    from speechlm.responding import respond
+
+    requests = [[{"role": "user", "content": settings.tts_prompt.format(text=item.fields["text"])}] for item in items]
+    replies = respond(model, processor, requests, output="speech", max_speech_units=settings.max_speech_units,
+                      do_sample=False)
+    judge = _load_judge(settings.judge) if settings.judge else None
+    results = []
+    for item, reply in zip(items, replies, strict=True):
+        reference = item.fields.get("units")
+        if reference is None:
+            reference = _encode_units(processor, item.fields["audio"])
+        result = {"id": item.id, "text": item.fields["text"], "reference_units": list(reference),
+                  "units": reply.units, "unit_errors": unit_errors([reference], [reply.units]).to_dict()}
+        if judge is not None:
+            result["judge_transcript"] = transcribe(judge, reply.audio) if reply.audio is not None else ""
+        results.append(result)
+    return results
+
+
+def _load_judge(path: str):
+    import whisper
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"judge {path}: no such openai-whisper checkpoint")
+    return whisper.load_model(path, device="cpu")
+
+
+def transcribe(judge, waveform) -> str:
+    """The judge's greedy English transcript; audio is padded to 30 s, as Whisper's decoder repeats
+    itself on short un-padded input (NOTES.md)."""
+    import whisper
+
+    audio = whisper.pad_or_trim(torch.as_tensor(waveform, dtype=torch.float32))
+    mel = whisper.log_mel_spectrogram(audio, n_mels=judge.dims.n_mels)
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, temperature=0.0)
+    return whisper.decode(judge, mel, options).text.strip()
+
+
+def evaluate_latency(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
+    """One streamed response per item, timed from the call: first text, first audio, whole response."""
+    from speechlm.responding import AudioChunk, TextDelta, stream_response
+
+    results = []
+    for item in items:
+        start = time.perf_counter()
+        first_text = first_audio = None
+        audio_samples = 0
+        for event in stream_response(model, processor, audio=item.fields.get("audio"), text=item.fields.get("text"),
+                                     output=settings.output, max_new_tokens=settings.max_new_tokens,
+                                     max_speech_units=settings.max_speech_units, do_sample=False):
+            now = time.perf_counter() - start
+            if isinstance(event, TextDelta) and event.text and first_text is None:
+                first_text = now
+            elif isinstance(event, AudioChunk):
+                first_audio = now if first_audio is None else first_audio
+                audio_samples += event.array.shape[0]
+        total = time.perf_counter() - start
+        audio_seconds = audio_samples / SAMPLE_RATE
+        results.append({"id": item.id, "first_text_s": first_text, "first_audio_s": first_audio, "total_s": total,
+                        "audio_s": audio_seconds, "real_time_factor": total / audio_seconds if audio_seconds else None})
+    return results
+
+
+TASK_RUNNERS: dict[str, Callable] = {"asr": evaluate_asr, "qa": evaluate_qa, "tts": evaluate_tts,
+                                     "slm": evaluate_slm, "latency": evaluate_latency}
 
 
 def summarize(task: str, results: list[dict]) -> dict[str, float]:
@@ -193,6 +274,19 @@ def summarize(task: str, results: list[dict]) -> dict[str, float]:
             text = sum(r["text"][level] for r in results) / len(results)
             totals[f"speech_{level}"], totals[f"text_{level}"] = speech, text
             totals[f"speech_to_text_{level}"] = speech / text if text else math.nan
+        return totals
+    if task == "tts":
+        units = unit_errors([r["reference_units"] for r in results], [r["units"] for r in results])
+        totals = {"unit_error_rate": units.rate, "reference_units": units.reference_length, "items": len(results)}
+        if results and "judge_transcript" in results[0]:
+            totals["judge_wer"] = word_errors([r["text"] for r in results],
+                                              [r["judge_transcript"] for r in results]).rate
+        return totals
+    if task == "latency":
+        totals = {"items": len(results)}
+        for key in ("first_text_s", "first_audio_s", "total_s", "real_time_factor"):
+            values = [r[key] for r in results if r[key] is not None]
+            totals[f"mean_{key}"] = sum(values) / len(values) if values else math.nan
         return totals
     summed = pair_accuracy([r["real_log_likelihood"] for r in results], [r["fake_log_likelihood"] for r in results])
     normalized = pair_accuracy([r["real_log_likelihood"] / r["real_tokens"] for r in results],

@@ -63,6 +63,28 @@ class SpeechLMResponse:
     units: list[int]
 
 
+def as_conversations(conversations=None, *, audio=None, text: str | None = None,
+                     sampling_rate: int | None = None) -> tuple[list[list[Mapping]], bool]:
+    """``(conversations, batched)`` from one conversation, a list of them, or a single user turn of
+    ``audio`` and/or ``text``; ``batched`` says whether a list of conversations came in."""
+    if conversations is None:
+        if audio is None and text is None:
+            raise ValueError("give a conversation, or audio and/or text")
+        content: list[dict] = []
+        if audio is not None:
+            content.append({"type": "audio", "audio": audio, "sampling_rate": sampling_rate})
+        if text is not None:
+            content.append({"type": "text", "text": text})
+        return [[{"role": "user", "content": content}]], False
+    if audio is not None or text is not None:
+        raise ValueError("give a conversation or audio/text, not both")
+    if isinstance(conversations, Mapping):
+        raise ValueError("conversations: expected a list of messages (or a list of such lists), got a dict")
+    if isinstance(conversations, Sequence) and conversations and isinstance(conversations[0], Mapping):
+        return [list(conversations)], False
+    return [list(c) for c in conversations], True
+
+
 class SpeechLMProcessor:
     """Tokenizer + Whisper features + codec settings, saved beside the model (``processor_config.json``)."""
 
@@ -188,7 +210,7 @@ class SpeechLMProcessor:
         tokens (-100 elsewhere). Returns ``input_ids``, ``attention_mask``, and when there is continuous
         audio ``input_features`` / ``input_features_mask`` (clips in order of appearance).
         """
-        batch = self._as_batch(conversations, text, audio, sampling_rate)
+        batch, _ = as_conversations(conversations, audio=audio, text=text, sampling_rate=sampling_rate)
         speech_input = speech_input or self.speech_input
         if speech_input not in SPEECH_INPUT_MODES:
             raise ValueError(f"speech_input={speech_input!r}: choose one of {list(SPEECH_INPUT_MODES)}")
@@ -222,22 +244,6 @@ class SpeechLMProcessor:
     def num_audio_placeholders(self, num_samples: int) -> int:
         """``<|audio|>`` positions for a 16 kHz clip of ``num_samples`` (what encoder + projector emit)."""
         return int(audio_placeholder_count(mel_frames(num_samples), self.stack_factor))
-
-    def _as_batch(self, conversations, text, audio, sampling_rate) -> list[list[Mapping]]:
-        if conversations is None:
-            if text is None and audio is None:
-                raise ValueError("give conversations, or text and/or audio")
-            content: list[dict] = []
-            if audio is not None:
-                content.append({"type": "audio", "audio": audio, "sampling_rate": sampling_rate})
-            if text is not None:
-                content.append({"type": "text", "text": text})
-            return [[{"role": "user", "content": content}]]
-        if isinstance(conversations, Mapping):
-            raise ValueError("conversations: expected a list of messages (or a list of such lists), got a dict")
-        if isinstance(conversations, Sequence) and conversations and isinstance(conversations[0], Mapping):
-            return [conversations]
-        return list(conversations)
 
     @staticmethod
     def _check_conversation(conversation, index: int) -> list[Mapping]:

@@ -98,7 +98,7 @@ def push(checkpoint: str, repo_id: str, private: bool, merged: bool) -> str:
     return url
 
 
-def evaluate(model: str, task: str, data: str, out: str | None, batch_size: int, max_new_tokens: int) -> dict:
+def evaluate(model: str, task: str, data: str, out: str | None, settings: dict) -> dict:
     """Metrics of a saved SpeechLM over a manifest: a table on the terminal and a JSON report."""
     import json
 
@@ -106,7 +106,7 @@ def evaluate(model: str, task: str, data: str, out: str | None, batch_size: int,
 
     from speechlm.finetune.evaluation import EvalSettings, format_table, run_evaluation
 
-    report = run_evaluation(model, task, data, EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens))
+    report = run_evaluation(model, task, data, EvalSettings(**settings))
     if not PartialState().is_main_process:  # every rank holds the gathered report; one writes it
         return report
     print(format_table(report))
@@ -159,12 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="evaluate a saved SpeechLM on a manifest")
     p.add_argument("--model", required=True, help="a saved SpeechLM directory or Hub id")
-    p.add_argument("--task", required=True, choices=["asr", "qa", "slm"], help="what to measure")
+    p.add_argument("--task", required=True, choices=["asr", "qa", "tts", "slm", "latency"], help="what to measure")
     p.add_argument("--data", required=True, help="a JSONL manifest (see speechlm.finetune.evaluation)")
     p.add_argument("--out", help="where to write the JSON report")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, a.batch_size, a.max_new_tokens))
+    p.add_argument("--max-speech-units", type=int, default=750)
+    p.add_argument("--judge", help="tts: an openai-whisper .pt that transcribes the generated speech")
+    p.add_argument("--output", default="text+speech", choices=["text", "speech", "text+speech"],
+                   help="latency: the response mode to time")
+    p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, dict(
+        batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, max_speech_units=a.max_speech_units,
+        judge=a.judge, output=a.output)))
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from speechlm.constraints import (
     SpeechTokenIds,
 )
 from speechlm.speech_io.constants import SAMPLE_RATE
+from speechlm.speech_io.processor import as_conversations
 
 DEFAULT_MAX_NEW_TOKENS = 64  # text tokens
 DEFAULT_MAX_SPEECH_UNITS = 750  # 15 s at 50 Hz
@@ -57,25 +58,6 @@ class AudioChunk:
 
 
 ResponseEvent = TextDelta | AudioChunk
-
-
-def as_conversations(conversations=None, *, audio=None, text: str | None = None,
-                     sampling_rate: int | None = None) -> tuple[list[list[Mapping]], bool]:
-    """``(conversations, batched)``: one conversation, a list of them, or a single turn of audio and/or text."""
-    if conversations is None:
-        if audio is None and text is None:
-            raise ValueError("give a conversation, or audio and/or text")
-        content: list[dict] = []
-        if audio is not None:
-            content.append({"type": "audio", "audio": audio, "sampling_rate": sampling_rate})
-        if text is not None:
-            content.append({"type": "text", "text": text})
-        return [[{"role": "user", "content": content}]], False
-    if audio is not None or text is not None:
-        raise ValueError("give a conversation or audio/text, not both")
-    if isinstance(conversations, Sequence) and conversations and isinstance(conversations[0], Mapping):
-        return [list(conversations)], False
-    return [list(c) for c in conversations], True
 
 
 def generation_settings(model, processor, prompt_length: int, *, output: str = "text",

@@ -40,10 +40,12 @@ def save_tiny_backbone(directory, config_class=LlamaConfig, *, seed: int = 0, **
     return str(directory)
 
 
-def save_tiny_whisper(path, *, seed: int = 0, **dims) -> str:
-    """A real openai-whisper checkpoint: ``{"dims", "model_state_dict"}`` of a tiny Whisper."""
+def save_tiny_whisper(path, *, seed: int = 0, n_vocab: int = 64, n_text_ctx: int = 16, **dims) -> str:
+    """A real openai-whisper checkpoint: ``{"dims", "model_state_dict"}`` of a tiny Whisper. To decode
+    with it (as a judge), give it the English vocabulary: ``n_vocab=51864, n_text_ctx=448``."""
     audio = {**TINY_AUDIO, **dims}
-    model_dims = whisper.model.ModelDimensions(**audio, n_vocab=64, n_text_ctx=16, n_text_state=audio["n_audio_state"],
+    model_dims = whisper.model.ModelDimensions(**audio, n_vocab=n_vocab, n_text_ctx=n_text_ctx,
+                                               n_text_state=audio["n_audio_state"],
                                                n_text_head=audio["n_audio_head"], n_text_layer=1)
     torch.manual_seed(seed)
     model = whisper.model.Whisper(model_dims)

@@ -6,35 +6,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from speechlm.adapters.building import build_processor, build_speechlm
 from speechlm.cli import main
 from speechlm.finetune.evaluation import read_eval_manifest, run_evaluation, sequence_log_likelihoods
-from tests.conftest import tiny_spec
+from tests.inference.conftest import save_speaking_model
 
 EVAL_DATA = Path(__file__).parents[2] / "configs" / "eval"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("model")
-    model, tokenizer = build_speechlm(tiny_spec(num_speech_units=128))
-    model.save_pretrained(directory)
-    build_processor(tokenizer, model.config).save_pretrained(directory)
-    return directory
+    """A tiny speaking model with 128 units, so that the shipped manifests' units fit its codebook."""
+    return save_speaking_model(tmp_path_factory.mktemp("model"), num_speech_units=128)
 
 
-@pytest.mark.parametrize("task", ["asr", "qa", "slm"])
+@pytest.mark.parametrize("task", ["asr", "qa", "tts", "slm", "latency"])
 def test_report_has_every_item_and_total(model_dir, tmp_path, task, capsys):
     out = tmp_path / "report.json"
     assert main(["eval", "--model", str(model_dir), "--task", task, "--data", str(EVAL_DATA / f"{task}.jsonl"),
-                 "--out", str(out), "--max-new-tokens", "4", "--batch-size", "2"]) == 0
+                 "--out", str(out), "--max-new-tokens", "4", "--max-speech-units", "20", "--batch-size", "2"]) == 0
     report = json.loads(out.read_text())
     lines = (EVAL_DATA / f"{task}.jsonl").read_text().splitlines()
     assert [item["id"] for item in report["items"]] == [json.loads(line)["id"] for line in lines]
     assert len(report["data_sha256"]) == 64 and report["settings"]["max_new_tokens"] == 4
     expected = {"asr": {"wer", "cer", "substitutions", "deletions", "insertions"},
                 "qa": {"speech_normalized", "text_normalized", "speech_to_text_contains"},
-                "slm": {"accuracy_summed", "accuracy_length_normalized"}}[task]
+                "tts": {"unit_error_rate", "reference_units"},
+                "slm": {"accuracy_summed", "accuracy_length_normalized"},
+                "latency": {"mean_first_text_s", "mean_first_audio_s", "mean_total_s", "mean_real_time_factor"}}[task]
     assert expected <= report["totals"].keys()
     assert "| metric | value |" in capsys.readouterr().out
 
@@ -99,3 +97,15 @@ def test_two_processes_split_the_items_and_one_writes_the_report(model_dir, tmp_
     assert report["processes"] == 2
     assert [item["id"] for item in report["items"]] == ["word-order", "agreement", "units"]
     assert result.stdout.count("report written to") == 1
+
+
+def test_tts_judge_transcribes_the_generated_speech(model_dir, tmp_path):
+    from speechlm.finetune.evaluation import EvalSettings
+    from tests.conftest import save_tiny_whisper
+
+    judge = save_tiny_whisper(tmp_path / "judge.pt", n_vocab=51864, n_text_ctx=64)  # decodes <= 32 tokens
+    settings = EvalSettings(judge=judge, max_speech_units=20, max_new_tokens=8)
+    report = run_evaluation(str(model_dir), "tts", str(EVAL_DATA / "tts.jsonl"), settings)
+    assert all("judge_transcript" in item for item in report["items"])
+    assert "judge_wer" in report["totals"]
+    assert all(len(item["units"]) <= 20 for item in report["items"])
