@@ -7,6 +7,7 @@ User errors (a bad file, field or value) exit with status 2 and one line naming 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,45 @@ def generate(model: str, audio: str | None, text: str | None, output: str, max_n
     return processor.parse_response(generated[0, inputs["input_ids"].shape[1]:]).text
 
 
+def prepare(manifest: str, codec: str, out: str, layers: str, batch_size: int, chunk_size: int,
+            max_bad_fraction: float) -> object:
+    """Check every audio file of a manifest (or dataset) and extract its codec units into ``out``."""
+    from speechlm.finetune.prepare import prepare as run_prepare
+
+    report = run_prepare(manifest, codec, out, layers=layers, batch_size=batch_size, chunk_size=chunk_size,
+                         max_bad_fraction=max_bad_fraction)
+    if report.bad:
+        print(f"{len(report.bad)} bad examples skipped, listed with reasons in {Path(out) / 'report.json'}")
+    print(f"{report.prepared} of {report.total} examples prepared in {out}")
+    return report
+
+
+def train(config: str, overrides: list[str]) -> Path:
+    """Run a training recipe (YAML + ``key.sub=value`` overrides); plain, or under accelerate/torchrun/deepspeed."""
+    from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
+    from speechlm.finetune.config import TrainConfig
+    from speechlm.finetune.recipe import run
+
+    settings = build_dataclass(TrainConfig, apply_overrides(read_yaml(config), overrides), where="")
+    out_dir = run(settings)
+    print(f"saved to {out_dir}")
+    _leave_process_group()
+    return out_dir
+
+
+def _leave_process_group() -> None:
+    """End a multi-process worker cleanly: 2-process gloo jobs otherwise abort at interpreter exit now
+    and then ("terminate called without an active exception") after finishing their work."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -63,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", choices=["text"], default="text", help="what to respond with")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(run=lambda a: generate(a.model, a.audio, a.text, a.output, a.max_new_tokens))
+
+    p = commands.add_parser("prepare", help="check audio and extract codec units for training")
+    p.add_argument("manifest", help="JSONL manifest, saved dataset directory, or audiofolder directory")
+    p.add_argument("--codec", required=True, help="SpeechTokenizer directory (config.json + .pt)")
+    p.add_argument("--out", required=True, help="output directory; a re-run resumes there")
+    p.add_argument("--layers", choices=["1", "all"], default="1", help="RVQ layers to keep (1: semantic)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips encoded together")
+    p.add_argument("--chunk-size", type=int, default=256, help="examples per shard (the unit of resumption)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05, help="fail if more examples than this are bad")
+    p.set_defaults(run=lambda a: prepare(a.manifest, a.codec, a.out, a.layers, a.batch_size, a.chunk_size,
+                                         a.max_bad_fraction))
+
+    p = commands.add_parser("train", help="run a training recipe (YAML + key.sub=value overrides)")
+    p.add_argument("config", help="training recipe YAML, e.g. configs/tiny/train.yaml")
+    p.set_defaults(run=lambda a: train(a.config, a.overrides), takes_overrides=True)
     return parser
 
 
