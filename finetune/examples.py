@@ -103,7 +103,7 @@ def parse_row(row: Mapping[str, Any], *, base_dir: Path | None, where: str,
     values["messages"] = messages
     for name in TIMING_FIELDS:
         values[name] = _spans(row.get(name), lambda message, n=name: bad(n, message))
-    if values["audio"] is None and values["text"] is None and messages is None:
+    if all(row.get(name) is None for name in ("audio", "text", "messages")):
         problems.append(f"{where}: has none of 'audio', 'text', 'messages'; an example needs at least one")
     if any(values[name] for name in TIMING_FIELDS) and values["audio"] is None:
         problems.append(f"{where}: has word/sentence timings but no 'audio' they refer to")
@@ -148,7 +148,7 @@ def read_manifest(path: str | Path) -> list[Example]:
 def raise_problems(problems: list[str], source: Path | str, *, shown: int = 20) -> None:
     if problems:
         more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
-        raise ManifestError(f"{source}: {len(problems)} bad rows:\n  - " + "\n  - ".join(problems[:shown]) + more)
+        raise ManifestError(f"{source}: {len(problems)} problems:\n  - " + "\n  - ".join(problems[:shown]) + more)
 
 
 def _audio_field(value: Any, base_dir: Path | None, bad) -> Any:

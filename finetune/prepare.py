@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from speechlm.finetune.examples import Example, ManifestError, Span
 from speechlm.finetune.sources import PREPARE_RECORD, load_examples
@@ -93,7 +94,10 @@ def prepare(source: Any, codec: Any, out: str | os.PathLike, *, layers: str = "1
     settings = {"format": FORMAT_VERSION, "source": str(source), "source_hash": examples_hash(examples),
                 "codec_hash": codec_hash(codec), "layers": layers, "chunk_size": chunk_size,
                 "num_examples": len(examples), "unit_rate": codec.frame_rate}
-    state = PartialState()
+    # Without cpu=True, PartialState on a GPU-less machine under `accelerate launch --multi_gpu` reports
+    # a single process on every rank: each would then prepare everything.
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=use_cpu or not torch.cuda.is_available())
     _check_settings(out_dir, settings)  # every rank, so that all of them fail alike
     if state.is_main_process:
         _write_atomic(out_dir / PREPARE_RECORD, json.dumps(settings, indent=2) + "\n", exists_ok=True)

@@ -66,7 +66,8 @@ def examples_from_rows(rows: Iterable[Mapping[str, Any]], *, where: str, base_di
     examples, seen = [], set()
     for index, row in enumerate(rows):
         row = dict(row)
-        row.setdefault("id", str(index))
+        if row.get("id") is None:  # datasets fill absent columns with None
+            row["id"] = str(index)
         example = parse_row(row, base_dir=base_dir, where=f"{where} row {index}", problems=problems)
         if example is None:
             continue
