@@ -117,3 +117,14 @@ def test_prepare_under_accelerate_launch_shards_by_rank(demo_corpus, prepared, t
     # The union is complete, in order, without duplicates. (Units themselves may differ in a few frames:
     # launchers run ranks with one thread each, and another summation order can flip a nearest code.)
     assert [(i, len(u), n) for i, u, n in rows(tmp_path / "out")] == [(i, len(u), n) for i, u, n in rows(prepared)]
+
+
+def test_cli_prepare(prepared, demo_corpus, tmp_path, capsys):
+    from speechlm.cli import main
+
+    codec = str(demo_corpus.parent / "codec")
+    assert main(["prepare", str(demo_corpus), "--codec", codec, "--out", str(prepared), "--chunk-size", "5"]) == 0
+    assert "12 of 12 examples prepared" in capsys.readouterr().out
+    assert main(["prepare", str(tmp_path / "none.jsonl"), "--codec", codec, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"speechlm prepare: error: {tmp_path / 'none.jsonl'}: no such manifest "
+                                               f"file or dataset directory")

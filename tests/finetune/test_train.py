@@ -142,3 +142,16 @@ def test_missing_data_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"speechlm train: error: {tmp_path / 'nowhere.jsonl'}: no such manifest file or " \
                                 "dataset directory"
+
+
+def test_shipped_recipes_parse(tmp_path):
+    from pathlib import Path
+
+    configs = Path(__file__).parents[2] / "configs"
+    for recipe, extra in (("llama3.2-1b/stage1_align.yaml", ["model.audio_encoder=/ckpt/whisper.pt"]),
+                          ("llama3.2-1b/stage2_instruct.yaml", [])):
+        text = (configs / recipe).read_text()
+        assert text.startswith("# ") and "speechlm.cli train" in text  # opens with the command that runs it
+        settings = build_dataclass(TrainConfig, apply_overrides(read_yaml(configs / recipe),
+                                                                [f"data.train=[{tmp_path}]", *extra]))
+        assert settings.training.activation_checkpointing and settings.data.tasks
