@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps speechtokenizer==1.0.1
-	$(PIP) install -q -e ".[dev,qlora]"
+	$(PIP) install -q -e ".[dev,qlora,deepspeed]"
 
 # Until training lands: build the tiny default and answer a spoken prompt (random weights: noise out).
 demo: install

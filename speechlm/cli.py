@@ -7,6 +7,7 @@ User errors (a bad file, field or value) exit with status 2 and one line naming 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -117,6 +118,31 @@ def evaluate(model: str, task: str, data: str, out: str | None, settings: dict) 
     return report
 
 
+def prepare(manifest: str, codec: str, out: str, layers: str, batch_size: int, chunk_size: int,
+            max_bad_fraction: float) -> object:
+    """Check every audio file of a manifest (or dataset) and extract its codec units into ``out``."""
+    from speechlm.finetune.prepare import prepare as run_prepare
+
+    report = run_prepare(manifest, codec, out, layers=layers, batch_size=batch_size, chunk_size=chunk_size,
+                         max_bad_fraction=max_bad_fraction)
+    if report.bad:
+        print(f"{len(report.bad)} bad examples skipped, listed with reasons in {Path(out) / 'report.json'}")
+    print(f"{report.prepared} of {report.total} examples prepared in {out}")
+    return report
+
+
+def train(config: str, overrides: list[str]) -> Path:
+    """Run a training recipe (YAML + ``key.sub=value`` overrides); plain, or under accelerate/torchrun/deepspeed."""
+    from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
+    from speechlm.finetune.config import TrainConfig
+    from speechlm.finetune.recipe import run
+
+    settings = build_dataclass(TrainConfig, apply_overrides(read_yaml(config), overrides), where="")
+    out_dir = run(settings)
+    print(f"saved to {out_dir}")
+    return out_dir
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -171,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, dict(
         batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, max_speech_units=a.max_speech_units,
         judge=a.judge, output=a.output)))
+
+    p = commands.add_parser("prepare", help="check audio and extract codec units for training")
+    p.add_argument("manifest", help="JSONL manifest, saved dataset directory, or audiofolder directory")
+    p.add_argument("--codec", required=True, help="SpeechTokenizer directory (config.json + .pt)")
+    p.add_argument("--out", required=True, help="output directory; a re-run resumes there")
+    p.add_argument("--layers", choices=["1", "all"], default="1", help="RVQ layers to keep (1: semantic)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips encoded together")
+    p.add_argument("--chunk-size", type=int, default=256, help="examples per shard (the unit of resumption)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05, help="fail if more examples than this are bad")
+    p.set_defaults(run=lambda a: prepare(a.manifest, a.codec, a.out, a.layers, a.batch_size, a.chunk_size,
+                                         a.max_bad_fraction))
+
+    p = commands.add_parser("train", help="run a training recipe (YAML + key.sub=value overrides)")
+    p.add_argument("config", help="training recipe YAML, e.g. configs/tiny/train.yaml")
+    p.set_defaults(run=lambda a: train(a.config, a.overrides), takes_overrides=True)
     return parser
 
 
@@ -182,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [item for item in leftover if item not in args.overrides]
     if unknown or (args.overrides and not getattr(args, "takes_overrides", False)):
         parser.error(f"unrecognized arguments: {' '.join(unknown or args.overrides)}")
+    code = 0
     try:
         args.run(args)
     except USER_ERRORS as error:
@@ -189,20 +231,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = str(error).strip() or type(error).__name__
         print(f"speechlm {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    finally:
-        leave_process_group()
-    return 0
+        code = 2
+    leave_process_group(code)
+    return code
 
 
-def leave_process_group() -> None:
-    """Under a multi-process launcher, close the process group before exit: gloo jobs that leave it to
-    interpreter shutdown abort now and then after finishing their work (NOTES.md)."""
+def leave_process_group(code: int) -> None:
+    """End a worker of a multi-process launch cleanly: 2-process gloo jobs that leave the process group to
+    interpreter shutdown abort now and then ("terminate called without an active exception") after
+    finishing their work (NOTES.md), so close it and exit at once."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if code == 0:
+        dist.barrier()  # on an error the other ranks may never arrive
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

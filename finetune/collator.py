@@ -1,0 +1,63 @@
+"""Batches of `TaskMixtureDataset` items, padded as the processor pads for training.
+
+Rows are right-padded (pad token, attention 0, labels -100); clips are concatenated in row order (the
+order in which the model fills ``<|audio|>`` spans) and their mel frames zero-padded with mask 0.
+The collator counts real and padded tokens so that the trainer can log the padding fraction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from speechlm.speech_io.processor import IGNORE_INDEX
+
+
+@dataclass
+class SpeechLMCollator:
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    real_tokens: int = field(default=0, init=False)
+    padded_tokens: int = field(default=0, init=False)
+
+    @classmethod
+    def from_processor(cls, processor, **kwargs) -> SpeechLMCollator:
+        tokenizer = processor.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(pad_token_id=pad, **kwargs)
+
+    def __call__(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = max(len(item["input_ids"]) for item in items)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": _stack([item["input_ids"] for item in items], width, self.pad_token_id),
+            "attention_mask": _stack([item["attention_mask"] for item in items], width, 0),
+            "labels": _stack([item["labels"] for item in items], width, IGNORE_INDEX),
+        }
+        clips = [item for item in items if "input_features" in item]
+        if clips:
+            frames = max(item["input_features"].shape[-1] for item in clips)
+            batch["input_features"] = torch.cat(
+                [torch.nn.functional.pad(item["input_features"], (0, frames - item["input_features"].shape[-1]))
+                 for item in clips])  # N clips, n_mels, T_max
+            batch["input_features_mask"] = torch.cat(
+                [torch.nn.functional.pad(item["input_features_mask"], (0, frames - item["input_features_mask"].shape[-1]))
+                 for item in clips])  # N clips, T_max
+        real = int(batch["attention_mask"].sum())
+        self.real_tokens += real
+        self.padded_tokens += batch["attention_mask"].numel() - real
+        return batch
+
+    def take_padding_fraction(self) -> float | None:
+        """Padding share of the tokens collated since the last call (None if none were)."""
+        total = self.real_tokens + self.padded_tokens
+        fraction = self.padded_tokens / total if total else None
+        self.real_tokens = self.padded_tokens = 0
+        return fraction
+
+
+def _stack(rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
+    return torch.stack([torch.nn.functional.pad(row, (0, width - len(row)), value=value) for row in rows])  # B, L

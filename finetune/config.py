@@ -1,0 +1,140 @@
+"""The training recipe's settings: ``model`` (a `ModelSpec`), ``data`` and ``training`` sections.
+
+Read with ``speechlm.configfile``: unknown keys and bad values are reported together, each naming the
+key and what would be valid. ``training`` holds the HF ``TrainingArguments`` fields users know, under
+their transformers 5 names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from speechlm.adapters.building import ModelSpec
+from speechlm.finetune.examples import TASK_NAMES
+from speechlm.finetune.tasks import INTERLEAVE_LEVELS
+from speechlm.speech_io.processor import SPEECH_INPUT_MODES
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_bnb_8bit", "paged_adamw_8bit")
+REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml")
+
+
+class Problems(list):
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.append(message)
+
+    def raise_if_any(self, owner: str) -> None:
+        if self:
+            error = ValueError(f"invalid {owner}: " + "; ".join(self))
+            error.problems = list(self)  # speechlm.configfile lists each one
+            raise error
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list, metadata={
+        "help": "training data: `speechlm prepare` output dirs, JSONL manifests, or saved datasets"})
+    tasks: dict[str, float] = field(default_factory=lambda: {"asr": 1.0}, metadata={
+        "help": f"task -> sampling weight; tasks: {', '.join(TASK_NAMES)}"})
+    speech_input: str = field(default="continuous", metadata={
+        "help": "how speech enters: continuous (Whisper features) or discrete (codec units)"})
+    num_samples: int | None = field(default=None, metadata={
+        "help": "samples per epoch drawn from the mixture; null: as many as usable examples"})
+    max_length: int = field(default=2048, metadata={"help": "samples longer than this many tokens are dropped"})
+    max_audio_seconds: float = field(default=30.0, metadata={"help": "longer clips are refused (Whisper: 30 s)"})
+    interleave: str = field(default="word", metadata={"help": "interleaved spans switch at word or sentence ends"})
+    length_grouping: bool = field(default=True, metadata={
+        "help": "batch samples of similar length (mega-batch sorting) to cut padding"})
+    codec: str | None = field(default=None, metadata={
+        "help": "SpeechTokenizer dir, for discrete input from audio that `prepare` did not encode"})
+    seed: int = field(default=0, metadata={"help": "seed of the task mixture and the prompt choices"})
+
+    def __post_init__(self):
+        problems = Problems()
+        problems.check(isinstance(self.train, list) and all(isinstance(p, str) for p in self.train),
+                       f"train={self.train!r}: expected a list of paths")
+        problems.check(bool(self.train), "train: list at least one dataset (prepare output, manifest, dataset)")
+        for name, weight in self.tasks.items():
+            problems.check(name in TASK_NAMES, f"tasks.{name}: unknown task; choose from {list(TASK_NAMES)}")
+            problems.check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+                           f"tasks.{name}={weight!r}: a weight must be a number >= 0")
+        problems.check(any(isinstance(w, (int, float)) and w > 0 for w in self.tasks.values()),
+                       f"tasks={self.tasks!r}: give at least one task a weight > 0")
+        problems.check(self.speech_input in SPEECH_INPUT_MODES,
+                       f"speech_input={self.speech_input!r}: choose one of {list(SPEECH_INPUT_MODES)}")
+        problems.check(self.interleave in INTERLEAVE_LEVELS,
+                       f"interleave={self.interleave!r}: choose one of {list(INTERLEAVE_LEVELS)}")
+        problems.check(self.max_length >= 8, f"max_length={self.max_length}: must be >= 8")
+        problems.check(self.num_samples is None or self.num_samples >= 1,
+                       f"num_samples={self.num_samples}: must be >= 1 or null")
+        problems.check(self.max_audio_seconds > 0, f"max_audio_seconds={self.max_audio_seconds}: must be > 0")
+        problems.raise_if_any("data")
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = field(default="out/train", metadata={"help": "checkpoints and the final model go here"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: num_train_epochs decides"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "passes over the mixture (if max_steps=-1)"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "samples per device per micro-step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: float = field(default=0, metadata={
+        "help": "warm-up steps; a float < 1 is a fraction of the run (transformers 5 dropped warmup_ratio)"})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": f"one of {', '.join(LR_SCHEDULERS)}"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    optim: str = field(default="adamw_torch", metadata={"help": f"optimizer: {', '.join(OPTIMIZERS)}"})
+    logging_steps: int = field(default=10, metadata={"help": "log loss (and padding fraction) every N steps"})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int | None = field(default=None, metadata={"help": "keep at most N checkpoints"})
+    seed: int = field(default=42, metadata={"help": "seed of weights-side randomness (dropout, data order)"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision"})
+    fp16: bool = field(default=False, metadata={"help": "float16 mixed precision (GPU)"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward (was gradient_checkpointing)"})
+    deepspeed: str | None = field(default=None, metadata={
+        "help": "DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json"})
+    use_cpu: bool = field(default=False, metadata={"help": "train on the CPU (also makes torchrun use gloo)"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "processes that load audio for batches"})
+    report_to: str | list[str] = field(default="none", metadata={"help": f"loggers: {', '.join(REPORT_TO)}"})
+    run_name: str | None = field(default=None, metadata={"help": "run name shown by the loggers"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the newest complete checkpoint in output_dir (fresh start if none)"})
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the final model to hub_model_id"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id, e.g. user/speechlm-tiny"})
+    hub_private_repo: bool = field(default=True, metadata={"help": "create the Hub repo as private"})
+
+    def __post_init__(self):
+        problems = Problems()
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+            problems.check(getattr(self, name) >= 1, f"{name}={getattr(self, name)}: must be >= 1")
+        problems.check(self.max_steps == -1 or self.max_steps >= 1, f"max_steps={self.max_steps}: -1 or >= 1")
+        problems.check(self.max_steps >= 1 or self.num_train_epochs > 0,
+                       f"num_train_epochs={self.num_train_epochs}: must be > 0 when max_steps=-1")
+        problems.check(self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be > 0")
+        problems.check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0")
+        problems.check(self.lr_scheduler_type in LR_SCHEDULERS,
+                       f"lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {list(LR_SCHEDULERS)}")
+        problems.check(self.optim in OPTIMIZERS, f"optim={self.optim!r}: choose one of {list(OPTIMIZERS)}")
+        problems.check(self.save_total_limit is None or self.save_total_limit >= 1,
+                       f"save_total_limit={self.save_total_limit}: must be >= 1 or null")
+        problems.check(not (self.bf16 and self.fp16), "bf16 and fp16: choose one")
+        reports = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        for report in reports:
+            problems.check(report in REPORT_TO, f"report_to={report!r}: choose from {list(REPORT_TO)}")
+        problems.check(not self.push_to_hub or bool(self.hub_model_id),
+                       "push_to_hub=true needs hub_model_id (e.g. user/speechlm-tiny)")
+        problems.raise_if_any("training")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec, metadata={
+        "help": "the SpeechLM to build (as `speechlm init`), or its mode and LoRA settings with init_from"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "a saved SpeechLM to start from (e.g. stage 1's output); model.mode/lora then apply to it"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data, task mixture, lengths"})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "HF Trainer settings"})

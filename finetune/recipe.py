@@ -1,0 +1,136 @@
+"""The training recipe, top to bottom: build the model, the processor, the datasets and the trainer;
+train; save (and push). ``speechlm train CONFIG.yaml [key.sub=value ...]`` runs `run`; so do
+``accelerate launch``, ``torchrun`` and ``deepspeed`` around that command.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
+
+from speechlm.adapters.building import build_processor as processor_for
+from speechlm.adapters.building import build_speechlm, load_speechlm
+from speechlm.adapters.modeling import SpeechLMForCausalLM
+from speechlm.adapters.modes import apply_training_mode
+from speechlm.finetune.collator import SpeechLMCollator
+from speechlm.finetune.config import TrainConfig
+from speechlm.finetune.hub import push_folder
+from speechlm.finetune.mixture import TaskMixtureDataset
+from speechlm.finetune.sources import load_examples
+from speechlm.finetune.tasks import RenderSettings
+from speechlm.finetune.trainer import MarkCompleteCheckpoints, SpeechLMTrainer, newest_complete_checkpoint
+from speechlm.speech_io.processor import SpeechLMProcessor
+
+logger = logging.getLogger(__name__)
+
+# Tasks whose samples always carry the spoken input (audio or its units) in the user turn.
+AUDIO_TASKS = {"asr", "s2t_instruct", "s2s_chain"}
+# Mode changes a saved model can take on load; others need `speechlm merge` or a fresh build.
+MODE_CHANGES = {("frozen", "lora"), ("frozen", "full")}
+
+
+def build_model(config: TrainConfig) -> tuple[SpeechLMForCausalLM, object]:
+    """A new SpeechLM from ``config.model``, or the saved one at ``config.init_from`` in ``model.mode``.
+
+    Runs before TrainingArguments exist, on purpose: under ZeRO-3 those make transformers build models
+    already partitioned, and new vocabulary rows are initialised from the (then empty) text rows.
+    """
+    if config.init_from is None:
+        model, tokenizer = build_speechlm(config.model)
+    else:
+        model = load_speechlm(config.init_from)
+        tokenizer = AutoTokenizer.from_pretrained(config.init_from)
+        change_mode(model, config.model.mode, config.model.lora, config.model.train_audio_encoder)
+    logger.info("%s", model.parameter_counts())
+    return model.train(), tokenizer
+
+
+def change_mode(model: SpeechLMForCausalLM, mode: str, lora: dict, train_audio_encoder: bool) -> None:
+    """Stage 2 starts from stage 1: e.g. a frozen-backbone checkpoint that now gets LoRA adapters."""
+    config = model.config
+    if mode != config.mode and (config.mode, mode) not in MODE_CHANGES:
+        raise ValueError(f"init_from: the saved model is in mode {config.mode!r} and cannot switch to {mode!r}; "
+                         f"possible: {sorted(f'{a}->{b}' for a, b in MODE_CHANGES)} (merge LoRA with speechlm merge)")
+    for key, value in lora.items():
+        setattr(config, "lora_target_modules" if key == "target_modules" else f"lora_{key}", value)
+    config.mode = mode
+    config.train_audio_encoder = train_audio_encoder
+    apply_training_mode(model)
+
+
+def build_processor(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer) -> SpeechLMProcessor:
+    data = config.data
+    return processor_for(tokenizer, model.config, speech_input=data.speech_input, codec_name_or_path=data.codec,
+                         max_audio_seconds=data.max_audio_seconds)
+
+
+def build_datasets(config: TrainConfig, processor: SpeechLMProcessor) -> TaskMixtureDataset:
+    data = config.data
+    examples = [example for source in data.train for example in load_examples(source)]
+    settings = RenderSettings(speech_input=data.speech_input, interleave=data.interleave)
+    dataset = TaskMixtureDataset(examples, processor, data.tasks, settings=settings, num_samples=data.num_samples,
+                                 max_length=data.max_length, seed=data.seed)
+    logger.info("%d samples from %d examples: %s", len(dataset), len(examples), dict(dataset.task_counts()))
+    return dataset
+
+
+def build_trainer(config: TrainConfig, model: SpeechLMForCausalLM, processor: SpeechLMProcessor,
+                  dataset: TaskMixtureDataset, callbacks: Sequence[TrainerCallback] = ()) -> SpeechLMTrainer:
+    training = config.training
+    if training.deepspeed and len({name in AUDIO_TASKS for name in dataset.task_counts()}) > 1:
+        # ZeRO fills its gradient buckets in the order gradients arrive; ranks whose batches differ in
+        # structure (audio or not) then run mismatched collectives. DDP has no such problem.
+        logger.warning("DeepSpeed with a mixture of audio and audio-less tasks (%s): ranks may deadlock or abort "
+                       "with a collective mismatch; train such mixtures with DDP (accelerate/torchrun without "
+                       "training.deepspeed)", sorted(dataset.task_counts()))
+    passed = {name: getattr(training, name) for name in (
+        "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+        "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler_type", "max_grad_norm", "optim",
+        "logging_steps", "save_steps", "save_total_limit", "seed", "bf16", "fp16", "activation_checkpointing",
+        "deepspeed", "use_cpu", "dataloader_num_workers", "report_to", "run_name")}
+    args = TrainingArguments(
+        **passed,
+        # Our items are already model inputs; nothing for the Trainer to drop.
+        remove_unused_columns=False,
+        # A frozen or LoRA backbone under activation checkpointing: the reentrant variant would need
+        # inputs that require grad; the non-reentrant one needs nothing, and inputs get grads anyway.
+        activation_checkpointing_kwargs={"use_reentrant": False} if training.activation_checkpointing else None,
+        # DDP: the audio tower and projector sit idle on text-only batches.
+        ddp_find_unused_parameters=True,
+        save_strategy="steps",
+    )
+    return SpeechLMTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                           data_collator=SpeechLMCollator.from_processor(processor),
+                           length_grouping=config.data.length_grouping,
+                           callbacks=[MarkCompleteCheckpoints(), *callbacks])
+
+
+def train(config: TrainConfig, trainer: SpeechLMTrainer):
+    checkpoint = newest_complete_checkpoint(config.training.output_dir) if config.training.resume else None
+    if config.training.resume:
+        logger.warning("resuming from %s", checkpoint or "nothing (no complete checkpoint): starting fresh")
+    return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+
+def save(config: TrainConfig, trainer: SpeechLMTrainer) -> Path:
+    """The model in its own format (adapter-only for a frozen/LoRA backbone) and the processor, into
+    ``output_dir``; then the Hub upload if asked. Every rank calls this (ZeRO-3 gathers weights)."""
+    output_dir = Path(config.training.output_dir)
+    trainer.save_model(str(output_dir))
+    training = config.training
+    if training.push_to_hub and trainer.is_world_process_zero():
+        url = push_folder(output_dir, training.hub_model_id, private=training.hub_private_repo)
+        logger.warning("pushed %s to %s", output_dir, url)
+    return output_dir
+
+
+def run(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    model, tokenizer = build_model(config)
+    processor = build_processor(config, model, tokenizer)
+    dataset = build_datasets(config, processor)
+    trainer = build_trainer(config, model, processor, dataset, callbacks)
+    train(config, trainer)
+    return save(config, trainer)

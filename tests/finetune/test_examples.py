@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechlm.finetune.examples import ManifestError, read_manifest
+from speechlm.finetune.sources import load_examples
+
+
+def write_manifest(path, rows) -> str:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return str(path)
+
+
+def test_manifest_rows_resolve_paths_relative_to_the_manifest(tmp_path):
+    (tmp_path / "sub").mkdir()
+    manifest = write_manifest(tmp_path / "sub" / "m.jsonl", [
+        {"id": "a", "audio": "wavs/a.wav", "text": "hi there", "words": [{"text": "hi", "start": 0, "end": 0.2},
+                                                                         {"word": "there", "start": 0.3, "end": 0.6}]},
+        {"id": 7, "text": "text only", "extra_field": "ignored"},
+        {"id": "c", "messages": [{"role": "user", "content": [{"type": "audio", "audio": "q.wav"}]},
+                                 {"role": "assistant", "content": "yes"}]},
+    ])
+    a, b, c = read_manifest(manifest)
+    assert a.audio == str(tmp_path / "sub" / "wavs" / "a.wav")
+    assert [w.text for w in a.words] == ["hi", "there"] and a.words[1].end == 0.6
+    assert b.id == "7" and b.audio is None
+    assert c.messages[0]["content"][0]["audio"] == str(tmp_path / "sub" / "q.wav")
+
+
+def test_bad_rows_are_reported_together_with_file_line_and_field(tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", [
+        {"id": "ok", "audio": "a.wav", "text": "fine"},
+        "{not json",
+        {"id": "", "text": "no id"},
+        {"id": "t", "text": 5, "task": "dance"},
+        {"id": "w", "audio": "a.wav", "words": [{"text": "x", "start": 0.5, "end": 0.1}]},
+        {"id": "ok", "text": "again"},
+        {"id": "m", "messages": [{"role": "user", "content": "hi"}]},
+    ])
+    with pytest.raises(ManifestError) as info:
+        read_manifest(manifest)
+    message = str(info.value)
+    assert f"{manifest}: 7 problems" in message
+    assert f"{manifest} line 2: not valid JSON" in message
+    assert f"{manifest} line 3, field 'id': expected a non-empty string" in message
+    assert f"{manifest} line 4, field 'text': expected a string, got int" in message
+    assert f"{manifest} line 4, field 'task': 'dance' is not a task; choose one of ['asr'" in message
+    assert f"{manifest} line 5, field 'words': item 0: start=0.5 end=0.1" in message
+    assert f"{manifest} line 6, field 'id': 'ok' repeats line 1" in message
+    assert f"{manifest} line 7, field 'messages': has no assistant message" in message
+
+
+def test_missing_and_empty_manifests(tmp_path):
+    with pytest.raises(ManifestError, match="no such manifest file"):
+        read_manifest(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ManifestError, match="holds no examples"):
+        read_manifest(tmp_path / "empty.jsonl")
+
+
+def wav_bytes(seconds=0.5) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(int(16000 * seconds), np.float32), 16000, format="WAV")
+    return buffer.getvalue()
+
+
+def test_saved_dataset_with_an_audio_column(tmp_path):
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({"id": ["a", "b"], "text": ["one", "two"],
+                                          "audio": [{"bytes": wav_bytes(), "path": "a.wav"},
+                                                    {"bytes": wav_bytes(0.3), "path": "b.wav"}]})
+    dataset.cast_column("audio", datasets.Audio()).save_to_disk(str(tmp_path / "saved"))
+    examples = load_examples(tmp_path / "saved")
+    assert [e.id for e in examples] == ["a", "b"] and examples[1].audio["bytes"] == wav_bytes(0.3)
+    from speechlm.speech_io.audio import load_audio
+
+    assert load_audio(examples[1].audio).shape == (4800,)
+
+
+def test_json_dataset_object(tmp_path):
+    import datasets
+
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"id": "a", "text": "hello world"}, {"text": "no id"}])
+    examples = load_examples(datasets.load_dataset("json", data_files=manifest, split="train"))
+    assert [e.id for e in examples] == ["a", "1"]

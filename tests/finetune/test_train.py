@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoProcessor, TrainerCallback
+
+import speechlm  # noqa: F401  (Auto classes)
+from speechlm.cli import main
+from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
+from speechlm.finetune.config import TrainConfig
+from speechlm.finetune.recipe import run
+from speechlm.finetune.trainer import COMPLETE_MARKER, newest_complete_checkpoint
+from tests.finetune.conftest import TINY_TRAIN_YAML
+
+# The smoke run's first losses (tiny default, seeds 0, CPU float32); log(64 units + 259 text + 3) ~ 5.8.
+PINNED_LOSSES = [5.8026, 5.7477]
+
+
+def overrides(prepared, out, *extra) -> list[str]:
+    return [f"data.train=[{prepared}]", f"training.output_dir={out}", "data.num_samples=16",
+            "training.per_device_train_batch_size=2", "training.logging_steps=1", "training.warmup_steps=0", *extra]
+
+
+def config(prepared, out, *extra) -> TrainConfig:
+    return build_dataclass(TrainConfig, apply_overrides(read_yaml(TINY_TRAIN_YAML), overrides(prepared, out, *extra)))
+
+
+def losses(checkpoint) -> list[float]:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return [round(entry["loss"], 4) for entry in state["log_history"] if "loss" in entry]
+
+
+def test_smoke_run_from_the_cli_learns_and_saves_a_loadable_model(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", str(TINY_TRAIN_YAML), *overrides(prepared, out, "training.max_steps=2", "training.save_steps=2")])
+    assert code == 0, capsys.readouterr().err
+    logged = losses(out / "checkpoint-2")
+    assert logged == pytest.approx(PINNED_LOSSES, abs=2e-3) and logged[1] < logged[0]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert all(0 <= entry["padding_fraction"] < 1 for entry in state["log_history"] if "loss" in entry)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(model).__name__ == "SpeechLMForCausalLM" and processor.num_speech_units == 64
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(prepared, tmp_path):
+    steps = ["training.max_steps=4", "training.save_steps=2"]
+    whole = run(config(prepared, tmp_path / "whole", *steps))
+    stopped = tmp_path / "stopped"
+    run(config(prepared, stopped, *steps), callbacks=[StopAt(2)])
+    assert newest_complete_checkpoint(stopped) == stopped / "checkpoint-2"
+    # A kill while saving step 3 would leave a folder without trainer state or marker: never taken.
+    shutil.copytree(stopped / "checkpoint-2", stopped / "checkpoint-3")
+    (stopped / "checkpoint-3" / COMPLETE_MARKER).unlink()
+    (stopped / "checkpoint-3" / "trainer_state.json").unlink()
+    assert newest_complete_checkpoint(stopped) == stopped / "checkpoint-2"
+    resumed = run(config(prepared, stopped, *steps, "training.resume=true"))
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert losses(stopped / "checkpoint-4") == losses(whole / "checkpoint-4")
+
+
+def test_frozen_backbone_with_activation_checkpointing_saves_adapters_and_pushes(prepared, llama_dir, tmp_path,
+                                                                               monkeypatch):
+    from huggingface_hub import HfApi
+
+    sent = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: sent.update(repo=repo_id, **kw) or
+                        f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: sent.update(kw))
+    frozen = tmp_path / "frozen"
+    settings = config(prepared, frozen, f"model.text_model={llama_dir}", "model.text=null", "model.mode=frozen",
+                      "training.max_steps=2", "training.activation_checkpointing=true",
+                      "training.push_to_hub=true", "training.hub_model_id=me/tiny-speechlm")
+    run(settings)
+    saved = load_file(frozen / "model.safetensors")
+    assert saved and not any(key.startswith("language_model.") for key in saved)  # adapter-only
+    model = AutoModelForCausalLM.from_pretrained(frozen)
+    base = AutoModelForCausalLM.from_pretrained(llama_dir)
+    assert torch.equal(model.language_model.lm_head.weight, base.lm_head.weight)  # the backbone stayed frozen
+    fresh, _ = speechlm.build_speechlm(settings.model)
+    assert not torch.equal(fresh.multi_modal_projector.state_dict()["linear_1.weight"],
+                           model.multi_modal_projector.state_dict()["linear_1.weight"])  # gradients reached it
+    assert sent["repo"] == "me/tiny-speechlm" and sent["private"] is True
+    assert sent["folder_path"] == str(frozen) and "checkpoint-*" in sent["ignore_patterns"]
+
+    # Stage 2 starts from stage 1 and adds LoRA; the result is adapter-only too and loads.
+    lora = tmp_path / "lora"
+    run(config(prepared, lora, f"init_from={frozen}", "model.mode=lora", "model.lora.r=4",
+               "training.max_steps=2", "training.activation_checkpointing=true"))
+    saved = load_file(lora / "model.safetensors")
+    assert any("lora_" in key for key in saved) and not any(
+        key.startswith("language_model.") and "lora_" not in key for key in saved)
+    reloaded = AutoModelForCausalLM.from_pretrained(lora)
+    assert reloaded.config.mode == "lora" and reloaded.config.lora_r == 4
+
+
+def test_reentrant_checkpointing_reaches_lora_through_our_embeddings(llama_dir):
+    """The reentrant variant drops gradients unless the inputs require grad: the Trainer's
+    enable_input_require_grads must find the backbone's embedding inside our composite."""
+    from tests.conftest import tiny_spec
+
+    model, tokenizer = speechlm.build_speechlm(tiny_spec(text_model=llama_dir, text=None, mode="lora"))
+    model.train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    ids = torch.tensor([tokenizer("hello there").input_ids])
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora and all(p.grad is not None for p in lora)
+
+
+def test_config_errors_are_listed_together_and_exit_2(prepared, tmp_path, capsys):
+    code = main(["train", str(TINY_TRAIN_YAML), f"data.train=[{prepared}]", "data.tasks.dance=1",
+                 "data.speech_input=analog", "training.lr=3", "training.lr_scheduler_type=zigzag",
+                 "model.mode=half", "training.push_to_hub=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    for expected in ("data.tasks.dance: unknown task", "data.speech_input='analog': choose one of ['continuous'",
+                     "training.lr: unknown key", "training.lr_scheduler_type='zigzag': choose one of ['linear'",
+                     "model.mode='half'", "push_to_hub=true needs hub_model_id"):
+        assert expected in err, err
+
+
+def test_missing_data_is_one_line(tmp_path, capsys):
+    code = main(["train", str(TINY_TRAIN_YAML), f"data.train=[{tmp_path / 'nowhere.jsonl'}]",
+                 f"training.output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"speechlm train: error: {tmp_path / 'nowhere.jsonl'}: no such manifest file or " \
+                                "dataset directory"
+
+
+def test_shipped_recipes_parse(tmp_path):
+    from pathlib import Path
+
+    configs = Path(__file__).parents[2] / "configs"
+    for recipe, extra in (("llama3.2-1b/stage1_align.yaml", ["model.audio_encoder=/ckpt/whisper.pt"]),
+                          ("llama3.2-1b/stage2_instruct.yaml", [])):
+        text = (configs / recipe).read_text()
+        assert text.startswith("# ") and "speechlm.cli train" in text  # opens with the command that runs it
+        settings = build_dataclass(TrainConfig, apply_overrides(read_yaml(configs / recipe),
+                                                                [f"data.train=[{tmp_path}]", *extra]))
+        assert settings.training.activation_checkpointing and settings.data.tasks
