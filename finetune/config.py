@@ -106,6 +106,8 @@ class TrainingConfig:
     push_to_hub: bool = field(default=False, metadata={"help": "upload the final model to hub_model_id"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id, e.g. user/speechlm-tiny"})
     hub_private_repo: bool = field(default=True, metadata={"help": "create the Hub repo as private"})
+    hub_merged: bool = field(default=False, metadata={
+        "help": "upload a merged standalone checkpoint (needed when the backbone is a local path)"})
 
     def __post_init__(self):
         problems = Problems()

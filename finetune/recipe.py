@@ -17,11 +17,11 @@ from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
 from speechlm.finetune.collator import SpeechLMCollator
 from speechlm.finetune.config import TrainConfig
-from speechlm.finetune.hub import push_folder
 from speechlm.finetune.mixture import TaskMixtureDataset
 from speechlm.finetune.sources import load_examples
 from speechlm.finetune.tasks import RenderSettings
 from speechlm.finetune.trainer import MarkCompleteCheckpoints, SpeechLMTrainer, newest_complete_checkpoint
+from speechlm.hub import push
 from speechlm.speech_io.processor import SpeechLMProcessor
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def save(config: TrainConfig, trainer: SpeechLMTrainer) -> Path:
     trainer.save_model(str(output_dir))
     training = config.training
     if training.push_to_hub and trainer.is_world_process_zero():
-        url = push_folder(output_dir, training.hub_model_id, private=training.hub_private_repo)
+        url = push(output_dir, training.hub_model_id, private=training.hub_private_repo, merged=training.hub_merged)
         logger.warning("pushed %s to %s", output_dir, url)
     return output_dir
 

@@ -82,11 +82,13 @@ def test_frozen_backbone_with_activation_checkpointing_saves_adapters_and_pushes
     sent = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: sent.update(repo=repo_id, **kw) or
                         f"https://huggingface.co/{repo_id}")
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: sent.update(kw))
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kw: sent.update(
+        files=sorted(op.path_in_repo for op in operations)) or "https://huggingface.co/commit")
     frozen = tmp_path / "frozen"
     settings = config(prepared, frozen, f"model.text_model={llama_dir}", "model.text=null", "model.mode=frozen",
                       "training.max_steps=2", "training.activation_checkpointing=true",
-                      "training.push_to_hub=true", "training.hub_model_id=me/tiny-speechlm")
+                      "training.push_to_hub=true", "training.hub_model_id=me/tiny-speechlm",
+                      "training.hub_merged=true")  # the base is a local path: upload it merged
     run(settings)
     saved = load_file(frozen / "model.safetensors")
     assert saved and not any(key.startswith("language_model.") for key in saved)  # adapter-only
@@ -97,7 +99,8 @@ def test_frozen_backbone_with_activation_checkpointing_saves_adapters_and_pushes
     assert not torch.equal(fresh.multi_modal_projector.state_dict()["linear_1.weight"],
                            model.multi_modal_projector.state_dict()["linear_1.weight"])  # gradients reached it
     assert sent["repo"] == "me/tiny-speechlm" and sent["private"] is True
-    assert sent["folder_path"] == str(frozen) and "checkpoint-*" in sent["ignore_patterns"]
+    assert "model.safetensors" in sent["files"] and "README.md" in sent["files"]
+    assert not any(name.startswith("checkpoint-") for name in sent["files"])
 
     # Stage 2 starts from stage 1 and adds LoRA; the result is adapter-only too and loads.
     lora = tmp_path / "lora"
