@@ -20,7 +20,6 @@ Under ``accelerate launch`` the items are split across processes and the results
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from speechlm.finetune.examples import ManifestError, jsonl_rows, raise_problems
 from speechlm.finetune.metrics import character_errors, match_answer, pair_accuracy, unit_errors, word_errors
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.units import units_to_text
@@ -58,53 +58,50 @@ class EvalItem:
 
 
 def read_eval_manifest(path: str | Path, task: str) -> list[EvalItem]:
-    """Items of a JSONL manifest, audio paths made absolute; errors name the file, line and field."""
+    """Items of a JSONL manifest, audio paths made absolute; one error lists every bad line (file, line,
+    field)."""
     if task not in EVAL_TASKS:
         raise ValueError(f"task {task!r}: choose one of {list(EVAL_TASKS)}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such manifest")
+    problems: list[str] = []
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
+    for number, where, row in jsonl_rows(path, problems):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object per line")
+            problems.append(f"{where}: expected a JSON object per line")
+            continue
         missing = [name for name in REQUIRED_FIELDS[task] if name not in row]
         if missing:
-            raise ValueError(f"{where}: the {task} task needs fields {list(REQUIRED_FIELDS[task])}; missing {missing}")
-        row = _resolve_audio(row, path.parent, where)
+            problems.append(f"{where}: the {task} task needs fields {list(REQUIRED_FIELDS[task])}; missing {missing}")
+            continue
         if task == "qa" and (not isinstance(row["answers"], list) or not row["answers"]):
-            raise ValueError(f"{where}: 'answers' must be a non-empty list of strings")
+            problems.append(f"{where}: 'answers' must be a non-empty list of strings")
         if task == "tts" and "units" not in row and "audio" not in row:
-            raise ValueError(f"{where}: the tts task needs reference 'units' (or 'audio' to encode)")
+            problems.append(f"{where}: the tts task needs reference 'units' (or 'audio' to encode)")
         if task == "latency" and "audio" not in row and "text" not in row:
-            raise ValueError(f"{where}: the latency task needs 'audio' and/or 'text'")
-        items.append(EvalItem(str(row.get("id", number)), row))
+            problems.append(f"{where}: the latency task needs 'audio' and/or 'text'")
+        items.append(EvalItem(str(row.get("id", number)), _resolve_audio(row, path.parent, where, problems)))
+    raise_problems(problems, path)
     if not items:
-        raise ValueError(f"{path}: no items")
+        raise ManifestError(f"{path}: no items")
     return items
 
 
-def _resolve_audio(row: dict, root: Path, where: str) -> dict:
+def _resolve_audio(row: dict, root: Path, where: str, problems: list[str]) -> dict:
     row = dict(row)
     for key in ("audio", "real", "fake"):
         value = row.get(key)
         if key == "audio" and isinstance(value, str):
-            row[key] = _existing(root / value, where, key)
+            row[key] = _existing(root / value, where, key, problems)
         elif isinstance(value, dict) and isinstance(value.get("audio"), str):
-            row[key] = {**value, "audio": _existing(root / value["audio"], where, f"{key}.audio")}
+            row[key] = {**value, "audio": _existing(root / value["audio"], where, f"{key}.audio", problems)}
     return row
 
 
-def _existing(path: Path, where: str, name: str) -> str:
+def _existing(path: Path, where: str, name: str, problems: list[str]) -> str:
     if not path.is_file():
-        raise FileNotFoundError(f"{where}: {name} file {path} does not exist")
+        problems.append(f"{where}: {name} file {path} does not exist")
     return str(path)
 
 

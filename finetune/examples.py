@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,29 +120,34 @@ def read_manifest(path: str | Path) -> list[Example]:
     problems: list[str] = []
     examples: list[Example] = []
     seen: dict[str, int] = {}
+    for number, where, row in jsonl_rows(path, problems):
+        example = parse_row(row, base_dir=path.parent, where=where, problems=problems)
+        if example is None:
+            continue
+        if example.id in seen:
+            problems.append(f"{where}, field 'id': {example.id!r} repeats line {seen[example.id]}; ids must be "
+                            f"unique")
+            continue
+        seen[example.id] = number
+        examples.append(example)
+    raise_problems(problems, path)
+    if not examples:
+        raise ManifestError(f"{path}: holds no examples (expected one JSON object per line)")
+    return examples
+
+
+def jsonl_rows(path: Path, problems: list[str]) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "FILE line N", parsed row)`` of each non-blank line; lines that are not JSON are
+    added to ``problems`` instead, so that a reader can report every bad line at once."""
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             where = f"{path} line {number}"
             try:
-                row = json.loads(line)
+                yield number, where, json.loads(line)
             except json.JSONDecodeError as error:
                 problems.append(f"{where}: not valid JSON ({error.msg} at column {error.colno})")
-                continue
-            example = parse_row(row, base_dir=path.parent, where=where, problems=problems)
-            if example is None:
-                continue
-            if example.id in seen:
-                problems.append(f"{where}, field 'id': {example.id!r} repeats line {seen[example.id]}; ids must be "
-                                f"unique")
-                continue
-            seen[example.id] = number
-            examples.append(example)
-    raise_problems(problems, path)
-    if not examples:
-        raise ManifestError(f"{path}: holds no examples (expected one JSON object per line)")
-    return examples
 
 
 def raise_problems(problems: list[str], source: Path | str, *, shown: int = 20) -> None:
