@@ -92,7 +92,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
 
     def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
         try:
-            return self.speech_vocab.embed(input_ids, self.get_input_embeddings())
+            return self.speech_vocab.embed(input_ids, self.get_input_embeddings(),
+                                           always=self._every_part_needs_a_gradient())
         except IndexError as error:  # checked here, not up front: a range check costs every decoding step
             vocab_size = self.config.vocab_size
             bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
@@ -135,6 +136,24 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         mask = placeholders.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.dtype))
 
+    def _every_part_needs_a_gradient(self) -> bool:
+        """In distributed training every rank must produce a gradient for every trainable parameter in
+        every step: ZeRO fills its reduction buckets in arrival order, so a rank whose batch has no audio
+        (or no speech tokens) would otherwise run mismatched collectives."""
+        return self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def _unused_audio_parts(self) -> torch.Tensor:
+        """A zero that depends on every trainable audio parameter (a tiny silent clip through them)."""
+        stack = self.config.projector_config.stack_factor
+        if self.config.train_audio_encoder:
+            silence = torch.zeros(1, self.config.audio_config.n_mels, 2 * stack, device=self.device,
+                                  dtype=self.audio_tower.conv1.weight.dtype)
+            frames = self.audio_tower(silence)
+        else:
+            frames = torch.zeros(1, stack, self.config.audio_config.n_audio_state, device=self.device,
+                                 dtype=self.multi_modal_projector.linear_1.weight.dtype)
+        return self.multi_modal_projector(frames).sum() * 0.0
+
     # -- forward ---------------------------------------------------------------------------------------
     def forward(
         self,
@@ -167,6 +186,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             inputs_embeds = self.merge_audio_embeddings(input_ids, inputs_embeds, audio_embeds)
         elif input_ids is not None and bool((input_ids == self.config.audio_token_id).any()):
             raise ValueError("the input has <|audio|> placeholder tokens but no input_features were given")
+        elif self._every_part_needs_a_gradient():
+            inputs_embeds = inputs_embeds + self._unused_audio_parts()
 
         outputs = self.get_decoder()(
             inputs_embeds=inputs_embeds,

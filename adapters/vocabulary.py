@@ -31,11 +31,12 @@ class SpeechVocabulary(nn.Module):
             noise = torch.randn(new.shape, generator=generator) * old.std(dim=0, keepdim=True) * 0.1
             new.copy_((old.mean(dim=0, keepdim=True) + noise).to(new.dtype))
 
-    def embed(self, input_ids: torch.Tensor, text_embedding: nn.Module) -> torch.Tensor:
-        """``B, L`` ids -> ``B, L, D``: text ids through the backbone's embedding, added ids through ours."""
+    def embed(self, input_ids: torch.Tensor, text_embedding: nn.Module, *, always: bool = False) -> torch.Tensor:
+        """``B, L`` ids -> ``B, L, D``: text ids through the backbone's embedding, added ids through ours.
+        ``always`` runs our rows even when no added id is present, so that they always get a gradient."""
         is_added = input_ids >= self.text_vocab_size
         embeds = text_embedding(input_ids.masked_fill(is_added, 0))
-        if bool(is_added.any()):
+        if always or bool(is_added.any()):
             added = self.embed_tokens((input_ids - self.text_vocab_size).clamp(min=0))
             embeds = torch.where(is_added.unsqueeze(-1), added.to(embeds.dtype), embeds)
         return embeds

@@ -27,7 +27,6 @@ from speechlm.speech_io.processor import SpeechLMProcessor
 logger = logging.getLogger(__name__)
 
 # Tasks whose samples always carry the spoken input (audio or its units) in the user turn.
-AUDIO_TASKS = {"asr", "s2t_instruct", "s2s_chain"}
 # Mode changes a saved model can take on load; others need `speechlm merge` or a fresh build.
 MODE_CHANGES = {("frozen", "lora"), ("frozen", "full")}
 
@@ -80,12 +79,6 @@ def build_datasets(config: TrainConfig, processor: SpeechLMProcessor) -> TaskMix
 def build_trainer(config: TrainConfig, model: SpeechLMForCausalLM, processor: SpeechLMProcessor,
                   dataset: TaskMixtureDataset, callbacks: Sequence[TrainerCallback] = ()) -> SpeechLMTrainer:
     training = config.training
-    if training.deepspeed and len({name in AUDIO_TASKS for name in dataset.task_counts()}) > 1:
-        # ZeRO fills its gradient buckets in the order gradients arrive; ranks whose batches differ in
-        # structure (audio or not) then run mismatched collectives. DDP has no such problem.
-        logger.warning("DeepSpeed with a mixture of audio and audio-less tasks (%s): ranks may deadlock or abort "
-                       "with a collective mismatch; train such mixtures with DDP (accelerate/torchrun without "
-                       "training.deepspeed)", sorted(dataset.task_counts()))
     passed = {name: getattr(training, name) for name in (
         "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
         "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler_type", "max_grad_norm", "optim",

@@ -131,3 +131,24 @@ def test_speech_unit_tokens_are_single_ids(tiny):
     ids = tokenizer("<|speech_start|><|s_0|><|s_15|><|speech_end|>", add_special_tokens=False).input_ids
     assert ids == [config.speech_start_token_id, config.speech_unit_start_id, config.speech_unit_start_id + 15,
                    config.speech_end_token_id]
+
+
+def test_distributed_training_gives_every_trainable_part_a_gradient(tiny, tmp_path):
+    """ZeRO needs the same gradients from every rank in every step, audio in the batch or not."""
+    import torch.distributed as dist
+
+    model, tokenizer = tiny
+    model.train()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ids = torch.tensor([tokenizer("text only").input_ids])
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    finally:
+        dist.destroy_process_group()
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for _, p in trainable)
+    assert all(p.grad.abs().sum() == 0 for name, p in trainable if name.startswith("multi_modal_projector"))
+    with torch.no_grad():  # and the zero added changed nothing
+        model.eval()
+        assert torch.equal(model(input_ids=ids).logits, out.logits.detach())

@@ -59,9 +59,10 @@ def test_torchrun_with_lora(prepared, llama_dir, tmp_path):
 def test_deepspeed(prepared, llama_dir, tmp_path, zero):
     pytest.importorskip("deepspeed", reason="pip install speechlm[deepspeed]")
     # ZeRO-3 gathers the full state dict on every rank; our save keeps the adapters only. ZeRO reduces
-    # gradients in arrival order, so every rank's batch must have the same structure: ASR only here.
+    # gradients in arrival order, so ranks whose batches differ (audio or not) must still give every
+    # trainable part a gradient: a mixture with text-only replay checks the model does.
     launch(["torch.distributed.run", "--nproc_per_node", "2"], prepared, tmp_path, f"model.text_model={llama_dir}",
-           "model.text=null", "model.mode=frozen", "data.tasks={asr: 1}",
+           "model.text=null", "model.mode=frozen", "data.tasks={asr: 1, tts: 1, text: 1}",
            f"training.deepspeed={DEEPSPEED / (zero + '.json')}")
     check_ranks(tmp_path, deepspeed=True)
     saved = load_file(tmp_path / "model.safetensors")
