@@ -46,6 +46,15 @@ def generate(model: str, audio: str | None, text: str | None, output: str, max_n
     return processor.parse_response(generated[0, inputs["input_ids"].shape[1]:]).text
 
 
+def convert_whisper_ct2(src: list[str], out: str, dtype: str) -> Path:
+    """Convert a CTranslate2 (faster-whisper) Whisper model to openai-whisper's ``.pt``."""
+    from speechlm.adapters.whisper_ct2 import convert_whisper_ct2 as convert
+
+    path = convert(src[0] if len(src) == 1 else src, out, dtype=dtype)
+    print(f"saved openai-whisper checkpoint to {path}")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -63,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", choices=["text"], default="text", help="what to respond with")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(run=lambda a: generate(a.model, a.audio, a.text, a.output, a.max_new_tokens))
+
+    p = commands.add_parser("convert", help="convert a checkpoint of another format")
+    formats = p.add_subparsers(dest="format", required=True)
+    f = formats.add_parser("whisper-ct2", help="CTranslate2 (faster-whisper) Whisper -> openai-whisper .pt")
+    f.add_argument("src", nargs="+", help="a CTranslate2 model directory, its model.bin, or the parts of a split "
+                                          "model.bin in order")
+    f.add_argument("out", help="the openai-whisper checkpoint to write (.pt)")
+    f.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="weights dtype")
+    f.set_defaults(run=lambda a: convert_whisper_ct2(a.src, a.out, a.dtype))
     return parser
 
 
