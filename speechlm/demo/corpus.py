@@ -36,6 +36,7 @@ SPLITS = ("train", "heldout", "ood")
 SENTENCE_GAP_SECONDS = 0.25  # Piper returns one chunk per sentence; join them with a short pause
 ANSWER_MAX_NEW_TOKENS = 64
 SENTENCE_SAMPLES_PER_CALL = 8
+TOPICS_PER_CALL = 10
 CORPUS_VERSION = 1  # bump when rows or audio would change for the same settings
 
 
@@ -111,8 +112,10 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
     synthesizer = PiperSynthesizer(voice)
     made = 0
     for index, row in enumerate(rows):
-        row["audio"] = f"audio/{row['id']}.flac"
         row["synthesis"] = synthesis_settings(row["id"], seed)
+        # the name carries what was spoken and how, so a cached clip is never reused for another text
+        spoken = zlib.crc32(json.dumps([row["text"], row["synthesis"], seed]).encode())
+        row["audio"] = f"audio/{row['id']}-{spoken:08x}.flac"
         path = out / row["audio"]
         if not path.is_file():
             audio = synthesizer(row["text"], **row["synthesis"], seed=seed)
@@ -211,7 +214,7 @@ class BackboneWriter:
     computation and each answer is what the model says to that prompt alone.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, cache_file: Path, *, batch_size: int = 16) -> None:
+    def __init__(self, model_dir: str | os.PathLike, cache_file: Path, *, batch_size: int = 32) -> None:
         self.model_dir, self.cache_file, self.batch_size = Path(model_dir), cache_file, batch_size
         self.cache: dict[str, object] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
         self._model = self._tokenizer = None
@@ -261,33 +264,41 @@ class BackboneWriter:
         return [tuple(self.cache[f"answer|{p}"]) for p in prompts]
 
     def sentences(self, count: int, seed: int) -> list[str]:
-        """``count`` distinct sentences the backbone writes about `texts.TOPICS` (sampled, seeded per call)."""
+        """``count`` distinct sentences the backbone writes about `texts.TOPICS`.
+
+        Sampled in calls of `TOPICS_PER_CALL` topics x `SENTENCE_SAMPLES_PER_CALL` samples, each call
+        seeded by (seed, round, chunk): the same calls in the same order, whatever ``count`` is.
+        """
         found: list[str] = []
         seen: set[str] = set()
+        chunks = [texts.TOPICS[i:i + TOPICS_PER_CALL] for i in range(0, len(texts.TOPICS), TOPICS_PER_CALL)]
         for round_index in range(64):
-            for topic in texts.TOPICS:
+            for chunk_index, topics in enumerate(chunks):
                 if len(found) >= count:
                     return found[:count]
-                for sentence in self._samples(topic, seed, round_index):
+                for sentence in self._samples(topics, f"sentences|{seed}|{round_index}|{chunk_index}"):
                     if sentence not in seen:
                         seen.add(sentence)
                         found.append(sentence)
         raise ValueError(f"the backbone wrote only {len(found)} distinct usable sentences; asked for {count}")
 
-    def _samples(self, topic: str, seed: int, round_index: int) -> list[str]:
-        key = f"sentences|{seed}|{round_index}|{topic}"
+    def _samples(self, topics: Sequence[str], key: str) -> list[str]:
         if key not in self.cache:
             import torch
 
             model, tokenizer = self._load()
-            input_ids = torch.tensor([self._prompt_ids(texts.SENTENCE_PROMPT.format(topic=topic))])
-            # one seeded call per (topic, round): the samples do not depend on what else is generated
+            prompts = [self._prompt_ids(texts.SENTENCE_PROMPT.format(topic=topic)) for topic in topics]
+            width = max(map(len, prompts))
+            pad = tokenizer.pad_token_id
+            # left padding, so every row's sampled continuation starts right after its prompt
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts])
+            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
             torch.manual_seed(zlib.crc32(key.encode()))
             with torch.no_grad():
-                generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                           do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=40,
+                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                                           temperature=0.8, top_p=0.95, max_new_tokens=40,
                                            num_return_sequences=SENTENCE_SAMPLES_PER_CALL)
-            raw = tokenizer.batch_decode(generated[:, input_ids.shape[1]:], skip_special_tokens=True)
+            raw = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
             self.cache[key] = [s for s in (_clean_sentence(text) for text in raw) if s]
             self._save()
         return list(self.cache[key])

@@ -46,14 +46,14 @@ TEMPLATES = (
     "Please remind me to {chore} at {time} on {day}.",
     "The {animal} near the {place} looked {adjective} this morning.",
     "Can you tell {name} that the meeting moved to {time}?",
-    "I bought {number} {food} at the market yesterday.",
+    "I bought {number} {food} for {name} at the market on {day}.",
     "The weather in {city} will be {weather} on {day}.",
-    "Turn off the {device} in the {place} before you leave.",
+    "Turn off the {device} in the {place} before {name} comes home.",
     "{name} and {name2} are planning a trip to {city} in {month}.",
     "Our train to {city} leaves at {time} from platform {number}.",
     "Have you seen my {color} {object}? I think it is in the {place}.",
     "{name} walked the {animal} to the {place} every {day}.",
-    "We need {number} more {food} for the soup tonight.",
+    "We need {number} more {food} for the soup that {name} makes on {day}.",
     "The {object} in the {place} is older than the house.",
     "{name} painted the {place} door {color} last {month}.",
     "If it is {weather} in {city} tomorrow, we will stay inside.",
@@ -65,7 +65,7 @@ SLOTS = dict(name=NAMES, name2=NAMES, object=OBJECTS, place=PLACES, color=COLORS
 
 
 def template_sentences(count: int, seed: int) -> list[str]:
-    """``count`` distinct sentences from `TEMPLATES`, cycling through the templates for variety."""
+    """``count`` distinct sentences from `TEMPLATES` (a random template each, so none runs dry)."""
     rng = random.Random(seed)
     sentences: list[str] = []
     seen: set[str] = set()
@@ -74,7 +74,7 @@ def template_sentences(count: int, seed: int) -> list[str]:
         attempts += 1
         if attempts > 100 * count + 1000:
             raise ValueError(f"the templates cannot make {count} distinct sentences; ask for fewer")
-        template = TEMPLATES[len(sentences) % len(TEMPLATES)]
+        template = rng.choice(TEMPLATES)
         values = {slot: rng.choice(words) for slot, words in SLOTS.items()}
         while values["name2"] == values["name"]:
             values["name2"] = rng.choice(NAMES)
