@@ -143,6 +143,15 @@ def train(config: str, overrides: list[str]) -> Path:
     return out_dir
 
 
+def convert_whisper_ct2(src: list[str], out: str, dtype: str) -> Path:
+    """Convert a CTranslate2 (faster-whisper) Whisper model to openai-whisper's ``.pt``."""
+    from speechlm.adapters.whisper_ct2 import convert_whisper_ct2 as convert
+
+    path = convert(src[0] if len(src) == 1 else src, out, dtype=dtype)
+    print(f"saved openai-whisper checkpoint to {path}")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -212,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="run a training recipe (YAML + key.sub=value overrides)")
     p.add_argument("config", help="training recipe YAML, e.g. configs/tiny/train.yaml")
     p.set_defaults(run=lambda a: train(a.config, a.overrides), takes_overrides=True)
+
+    p = commands.add_parser("convert", help="convert a checkpoint of another format")
+    formats = p.add_subparsers(dest="format", required=True)
+    f = formats.add_parser("whisper-ct2", help="CTranslate2 (faster-whisper) Whisper -> openai-whisper .pt")
+    f.add_argument("src", nargs="+", help="a CTranslate2 model directory, its model.bin, or the parts of a split "
+                                          "model.bin in order")
+    f.add_argument("out", help="the openai-whisper checkpoint to write (.pt)")
+    f.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="weights dtype")
+    f.set_defaults(run=lambda a: convert_whisper_ct2(a.src, a.out, a.dtype))
     return parser
 
 

@@ -1,0 +1,74 @@
+"""Build every asset of the quick start into the cache: backbone, Whisper, corpus, codec.
+
+    python -m speechlm.demo assets --size ci     # a few dozen clips (CI)
+    python -m speechlm.demo assets --size full   # ~2,300 clips (the quick start)
+
+Re-runs reuse what is built. ``assets.json`` in the cache lists the paths for the training recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from speechlm.demo.assets import build_backbone, build_codec, build_whisper, cache_dir, verified
+from speechlm.demo.corpus import CorpusPaths, CorpusSize, Voice, build_corpus, corpus_size
+
+
+@dataclass
+class DemoAssets:
+    """Paths of the built assets (strings, so that this serializes as the recipe's input)."""
+
+    cache: str
+    text_model: str
+    audio_encoder: str
+    codec: str
+    corpus: str
+    train: str
+    heldout: str
+    ood: str
+    card: str
+    seconds: dict
+
+
+def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | None = None, *, seed: int = 0,
+                      progress=print) -> DemoAssets:
+    root = cache_dir(cache)
+    seconds: dict[str, float] = {}
+
+    def step(name: str, build):
+        start = time.perf_counter()
+        progress(f"[demo] {name} ...")
+        result = build()
+        seconds[name] = round(time.perf_counter() - start, 1)
+        progress(f"[demo] {name}: {result.directory if isinstance(result, CorpusPaths) else result} "
+                 f"({seconds[name]} s)")
+        return result
+
+    backbone = step("backbone", lambda: build_backbone(root))
+    whisper = step("whisper", lambda: build_whisper(root))
+    voice = Voice(verified("piper_voice"), verified("piper_voice_config"))
+    name = size if isinstance(size, str) else "custom"
+    corpus = step("corpus", lambda: build_corpus(root / f"corpus-{name}", backbone, voice, size=corpus_size(size),
+                                                 seed=seed, text_cache=root / "backbone-texts.json",
+                                                 progress=progress))
+    codec = step("codec", lambda: build_codec(corpus.manifests["train"], root, seed=seed))
+    assets = DemoAssets(cache=str(root), text_model=str(backbone), audio_encoder=str(whisper), codec=str(codec),
+                        corpus=str(corpus.directory), train=str(corpus.manifests["train"]),
+                        heldout=str(corpus.manifests["heldout"]), ood=str(corpus.manifests["ood"]),
+                        card=str(corpus.card), seconds=seconds)
+    (root / f"assets-{name}.json").write_text(json.dumps(asdict(assets), indent=2) + "\n")
+    return assets
+
+
+def load_demo_assets(size: str = "ci", cache: str | os.PathLike | None = None) -> DemoAssets:
+    """The assets of an earlier `build_demo_assets` run (``assets-<size>.json`` in the cache)."""
+    path = cache_dir(cache) / f"assets-{size}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no demo assets built yet; run: python -m speechlm.demo assets --size {size}")
+    return DemoAssets(**json.loads(path.read_text()))
+
+
+__all__ = ["DemoAssets", "build_demo_assets", "load_demo_assets"]

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from speechlm.demo import texts
+from speechlm.demo.corpus import _clean_answer, _clean_sentence, synthesis_settings
+
+
+def test_templates_are_distinct_and_seeded():
+    first = texts.template_sentences(200, seed=3)
+    assert len(set(first)) == 200 and first == texts.template_sentences(200, seed=3)
+    assert first != texts.template_sentences(200, seed=4)
+    assert all(sentence[0].isupper() and sentence[-1] in ".?" for sentence in first)
+
+
+def test_doc_sentences_keep_plain_prose_only():
+    readme = """# Title
+
+Install it with pip. This library resamples audio quickly and keeps the quality high.
+
+```python
+import soxr  # A code line that looks like prose but sits in a fence.
+```
+
+    An indented code block with enough words in it to pass the length test.
+
+| a table | with cells that should never become a sentence at all |
+
+See [the guide](https://example.com) for more details about all the options here.
+Call soxr.resample(x, 44100, 16000) to convert one array from one rate to another.
+Our CamelCase NamesLike ThisOne are hard for a voice to read aloud.
+"""
+    sentences = texts._sentences(texts._plain_text(readme))
+    assert sentences == ["This library resamples audio quickly and keeps the quality high.",
+                         "See the guide for more details about all the options here."]
+
+
+def test_doc_sentences_come_from_installed_package_metadata():
+    sentences, versions = texts.doc_sentences(("numpy", "speechlm-no-such-package"))
+    assert list(versions) == ["numpy"] and sentences
+
+
+def test_questions_cover_many_kinds_and_hold_some_out():
+    questions = texts.all_questions()
+    kinds = {question.kind for question in questions}
+    assert len(kinds) >= 12 and set(texts.OOD_QUESTION_KINDS) < kinds
+    assert len({question.text for question in questions}) == len(questions)
+    capital = next(q for q in questions if q.text == "What is the capital of Japan?")
+    assert capital.expected == ("Tokyo",)
+
+
+def test_generated_text_is_cleaned_to_one_speakable_sentence():
+    assert _clean_sentence('"The river runs fast in spring. It floods."\nMore') == "The river runs fast in spring."
+    assert _clean_sentence("Too short.") is None
+    assert _clean_sentence("Use `numpy.array` to build ten arrays today.") is None
+    assert _clean_answer("Paris is the capital. It is also a big cit", complete=False) == "Paris is the capital."
+    assert _clean_answer("Paris.", complete=True) == "Paris."
+
+
+def test_synthesis_settings_are_stable_per_clip_and_varied():
+    settings = [synthesis_settings(f"templates-{i:05d}", 0) for i in range(50)]
+    assert settings[7] == synthesis_settings("templates-00007", 0)
+    assert len({s["length_scale"] for s in settings}) > 40
+    assert all(0.8 <= s["length_scale"] <= 1.25 for s in settings)
+    assert 10 < sum(s["snr_db"] is None for s in settings) < 40
+
+
+def test_answers_are_checked_by_whole_words():
+    from speechlm.demo.corpus import answer_is_correct
+
+    assert answer_is_correct("The capital of France is Paris.", ["Paris"])
+    assert answer_is_correct("A day has twenty-four hours.", ["24", "twenty-four"])
+    assert not answer_is_correct("A Parisian cafe.", ["Paris"])
+    assert not answer_is_correct("I know.", ["no"])
