@@ -154,3 +154,34 @@ def test_a_codec_must_fit_the_speech_units(tmp_path, capsys):
     tiny_yaml = Path(__file__).parents[2] / "configs" / "tiny" / "model.yaml"
     assert main(["init", str(tiny_yaml), "--out", str(tmp_path), "codec.codebook_size=512"]) == 2
     assert "codec.codebook_size=512 differs from num_speech_units=1024" in capsys.readouterr().err
+
+
+def test_merge_of_a_qlora_checkpoint_folds_lora_into_full_precision_weights(llama_dir, tmp_path):
+    """4-bit weights cannot take a merge exactly: the backbone is reloaded in full precision first."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from speechlm.adapters.building import build_processor, build_speechlm
+    from tests.conftest import tiny_spec
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_dir, base)
+    model, tokenizer = build_speechlm(tiny_spec(text_model=str(base), text=None, mode="qlora"))
+    with torch.no_grad():
+        for name, param in model.language_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    qlora = tmp_path / "qlora"
+    model.save_pretrained(qlora)
+    build_processor(tokenizer, model.config).save_pretrained(qlora)
+    assert main(["merge", str(qlora), "--out", str(tmp_path / "merged")]) == 0
+
+    ids = torch.tensor([tokenizer("merge me").input_ids])
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(qlora, mode="lora")(input_ids=ids).logits
+    shutil.rmtree(base)  # the merged checkpoint needs no base
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.mode == "frozen" and not getattr(merged.text_model, "is_loaded_in_4bit", False)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
