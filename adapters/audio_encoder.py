@@ -92,11 +92,15 @@ def load_whisper_encoder(path: str | os.PathLike, config: SpeechLMAudioConfig | 
     dims, state = read_whisper_checkpoint(path)
     if config is None:
         config = SpeechLMAudioConfig(**dims)
-    mismatched = {name: (dims[name], getattr(config, name)) for name in WHISPER_DIM_FIELDS
-                  if dims[name] != getattr(config, name)}
-    if mismatched:
-        detail = ", ".join(f"{name}: checkpoint {a} vs config {b}" for name, (a, b) in mismatched.items())
-        raise ValueError(f"{os.fspath(path)}: Whisper dims differ from audio_config ({detail})")
+    check_whisper_dims(config, dims, path)
     encoder = WhisperAudioEncoder(config)
     encoder.load_state_dict(state, strict=True)
     return encoder
+
+
+def check_whisper_dims(config: SpeechLMAudioConfig, dims: dict[str, int], source: str | os.PathLike) -> None:
+    """Raise if a checkpoint's Whisper dims differ from ``config``, naming each field and both values."""
+    mismatched = [f"{name}: checkpoint {dims[name]} vs config {getattr(config, name)}" for name in WHISPER_DIM_FIELDS
+                  if dims[name] != getattr(config, name)]
+    if mismatched:
+        raise ValueError(f"{os.fspath(source)}: Whisper dims differ from audio_config ({', '.join(mismatched)})")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from speechlm.adapters.audio_encoder import read_whisper_checkpoint
+from speechlm.adapters.audio_encoder import check_whisper_dims, read_whisper_checkpoint
 from speechlm.adapters.configuration import (
     TRAINING_MODES,
     ConfigError,
@@ -117,7 +117,7 @@ def assemble_model(config: SpeechLMConfig, *, dtype: torch.dtype = torch.float32
     model = SpeechLMForCausalLM(config, language_model=language_model)
     if audio_state is None and config.audio_model_name_or_path is not None:
         dims, audio_state = read_whisper_checkpoint(config.audio_model_name_or_path)
-        check_audio_dims(config.audio_config, dims, config.audio_model_name_or_path)
+        check_whisper_dims(config.audio_config, dims, config.audio_model_name_or_path)
     if audio_state is not None:
         model.audio_tower.load_state_dict(audio_state)
     if dtype != torch.float32:
@@ -127,13 +127,6 @@ def assemble_model(config: SpeechLMConfig, *, dtype: torch.dtype = torch.float32
         if not getattr(model.text_model, "is_quantized", False):
             model.language_model.to(dtype)
     return apply_training_mode(model)
-
-
-def check_audio_dims(audio_config: SpeechLMAudioConfig, dims: dict[str, int], source: str) -> None:
-    mismatched = [f"{name}: checkpoint {value} vs config {getattr(audio_config, name)}"
-                  for name, value in dims.items() if getattr(audio_config, name) != value]
-    if mismatched:
-        raise ValueError(f"{source}: Whisper dims differ from the saved audio_config ({', '.join(mismatched)})")
 
 
 def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:

@@ -10,7 +10,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from speechlm.speech_io.units import SPECIAL_SPEECH_TOKENS
+from speechlm.speech_io.units import SPECIAL_SPEECH_TOKENS, speech_token_ids
 
 TRAINING_MODES = ("frozen", "lora", "qlora", "full")
 
@@ -162,13 +162,7 @@ class SpeechLMConfig(PreTrainedConfig):
 
     def expected_token_ids(self) -> dict[str, int]:
         """The added-token ids implied by ``text_vocab_size`` (layout in ``speech_io.units``)."""
-        start = self.text_vocab_size
-        return {
-            "audio_token_id": start,
-            "speech_start_token_id": start + 1,
-            "speech_end_token_id": start + 2,
-            "speech_unit_start_id": start + len(SPECIAL_SPEECH_TOKENS),
-        }
+        return speech_token_ids(self.text_vocab_size)
 
     @property
     def num_added_tokens(self) -> int:

@@ -36,6 +36,7 @@ from speechlm.speech_io.units import (
     SPEECH_END_TOKEN,
     SPEECH_START_TOKEN,
     check_tokenizer_layout,
+    speech_token_ids,
     token_ids_to_units,
     units_to_text,
 )
@@ -108,10 +109,11 @@ class SpeechLMProcessor:
         self.codec_name_or_path = codec_name_or_path
         self._codec = codec
         self._loaded_from: tuple[str, dict] | None = None  # (directory or repo id, hub kwargs), by from_pretrained
-        self.audio_token_id = self.text_vocab_size
-        self.speech_start_token_id = self.text_vocab_size + 1
-        self.speech_end_token_id = self.text_vocab_size + 2
-        self.speech_unit_start_id = self.text_vocab_size + 3
+        ids = speech_token_ids(self.text_vocab_size)
+        self.audio_token_id = ids["audio_token_id"]
+        self.speech_start_token_id = ids["speech_start_token_id"]
+        self.speech_end_token_id = ids["speech_end_token_id"]
+        self.speech_unit_start_id = ids["speech_unit_start_id"]
 
     # -- settings ------------------------------------------------------------------------------------
     @property

@@ -21,6 +21,17 @@ SPECIAL_SPEECH_TOKENS = (AUDIO_TOKEN, SPEECH_START_TOKEN, SPEECH_END_TOKEN)
 _UNIT_TOKEN = re.compile(r"<\|s_(\d+)\|>")
 
 
+def speech_token_ids(text_vocab_size: int) -> dict[str, int]:
+    """The ids of ``<|audio|>``, ``<|speech_start|>``, ``<|speech_end|>`` and ``<|s_0|>`` when the added
+    vocabulary starts at ``text_vocab_size`` (names as the model config records them)."""
+    return {
+        "audio_token_id": text_vocab_size,
+        "speech_start_token_id": text_vocab_size + 1,
+        "speech_end_token_id": text_vocab_size + 2,
+        "speech_unit_start_id": text_vocab_size + len(SPECIAL_SPEECH_TOKENS),
+    }
+
+
 def speech_unit_token(unit: int) -> str:
     """The token string of one speech unit: ``7 -> "<|s_7|>"``."""
     return f"<|s_{int(unit)}|>"
