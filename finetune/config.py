@@ -49,6 +49,9 @@ class DataConfig:
         "help": "batch samples of similar length (mega-batch sorting) to cut padding"})
     codec: str | None = field(default=None, metadata={
         "help": "SpeechTokenizer dir, for discrete input from audio that `prepare` did not encode"})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "system turn for conversations without one, saved with the processor so that inference "
+                "uses it too; null: the chat template's default (\"\" for an empty one: shorter samples)"})
     seed: int = field(default=0, metadata={"help": "seed of the task mixture and the prompt choices"})
 
     def __post_init__(self):

@@ -188,21 +188,26 @@ def evaluate_slm(model, processor, items: list[EvalItem], settings: EvalSettings
 
 
 def evaluate_tts(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
-    from speechlm.responding import respond
+    from speechlm.responding import generate_response_tokens
 
     requests = [[{"role": "user", "content": settings.tts_prompt.format(text=item.fields["text"])}] for item in items]
-    replies = respond(model, processor, requests, output="speech", max_speech_units=settings.max_speech_units,
-                      do_sample=False)
+    new_tokens = generate_response_tokens(model, processor, processor(requests), output="speech",
+                                          max_speech_units=settings.max_speech_units, do_sample=False)
+    responses = [processor.parse_response(row) for row in new_tokens]
     judge = _load_judge(settings.judge) if settings.judge else None
+    # The codec's decoder runs only for the judge: unit error rates need the units alone.
+    spoken = [i for i, response in enumerate(responses) if response.units]
+    waves = dict(zip(spoken, processor.codec.decode_batch([responses[i].units for i in spoken]), strict=True)
+                 ) if judge is not None and spoken else {}
     results = []
-    for item, reply in zip(items, replies, strict=True):
+    for index, (item, response) in enumerate(zip(items, responses, strict=True)):
         reference = item.fields.get("units")
         if reference is None:
             reference = _encode_units(processor, item.fields["audio"])
         result = {"id": item.id, "text": item.fields["text"], "reference_units": list(reference),
-                  "units": reply.units, "unit_errors": unit_errors([reference], [reply.units]).to_dict()}
+                  "units": response.units, "unit_errors": unit_errors([reference], [response.units]).to_dict()}
         if judge is not None:
-            result["judge_transcript"] = transcribe(judge, reply.audio) if reply.audio is not None else ""
+            result["judge_transcript"] = transcribe(judge, waves[index]) if index in waves else ""
         results.append(result)
     return results
 
@@ -291,6 +296,22 @@ def summarize(task: str, results: list[dict]) -> dict[str, float]:
     return {"accuracy_summed": summed, "accuracy_length_normalized": normalized, "pairs": len(results)}
 
 
+def evaluate(model, processor, task: str, items: Sequence[EvalItem], settings: EvalSettings | None = None, *,
+             progress: bool = True) -> tuple[dict[str, float], list[dict]]:
+    """``(totals, per-item results)`` of one task for a model in memory (e.g. during training)."""
+    settings = settings or EvalSettings()
+    runner = TASK_RUNNERS[task]
+    results: list[dict] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(items), settings.batch_size), desc=f"eval {task}", disable=not progress):
+            results += runner(model, processor, list(items[start: start + settings.batch_size]), settings)
+    finally:
+        model.train(was_training)
+    return (summarize(task, results) if results else {}), results
+
+
 def run_evaluation(model_dir: str, task: str, manifest: str, settings: EvalSettings | None = None) -> dict:
     """Load the model, evaluate every item (sharded across processes under accelerate), return the report."""
     from accelerate import PartialState
@@ -305,18 +326,14 @@ def run_evaluation(model_dir: str, task: str, manifest: str, settings: EvalSetti
     state = PartialState(cpu=not torch.cuda.is_available())
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(state.device).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    runner = TASK_RUNNERS[task]
     with state.split_between_processes(items) as shard:
-        local = []
-        for start in tqdm(range(0, len(shard), settings.batch_size), desc=f"eval {task}",
-                          disable=not state.is_local_main_process):
-            local += runner(model, processor, shard[start: start + settings.batch_size], settings)
+        _, local = evaluate(model, processor, task, shard, settings, progress=state.is_local_main_process)
     results = gather_object(local) if state.num_processes > 1 else local
     order = {item.id: index for index, item in enumerate(items)}
     results = sorted(results, key=lambda r: order[r["id"]])
     report = {"task": task, "model": str(model_dir), "data": str(manifest), "data_sha256": file_sha256(manifest),
-            "settings": vars(settings), "processes": state.num_processes, "totals": summarize(task, results),
-            "items": results}
+              "settings": vars(settings), "processes": state.num_processes, "totals": summarize(task, results),
+              "items": results}
     return report
 
 

@@ -69,7 +69,7 @@ def build_processor(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer) 
     codec = build_codec(spec)
     return processor_for(tokenizer, model.config, speech_input=data.speech_input, codec=codec,
                          codec_name_or_path="codec" if codec is not None else None,
-                         max_audio_seconds=data.max_audio_seconds)
+                         max_audio_seconds=data.max_audio_seconds, system_prompt=data.system_prompt)
 
 
 def build_datasets(config: TrainConfig, processor: SpeechLMProcessor) -> TaskMixtureDataset:

@@ -91,7 +91,7 @@ class SpeechLMProcessor:
 
     def __init__(self, tokenizer, *, n_mels: int = 80, stack_factor: int = 5, num_speech_units: int = 1024,
                  max_audio_seconds: float = MAX_SECONDS, speech_input: str = "continuous",
-                 codec_name_or_path: str | None = None, codec=None):
+                 codec_name_or_path: str | None = None, codec=None, system_prompt: str | None = None):
         if speech_input not in SPEECH_INPUT_MODES:
             raise ValueError(f"speech_input={speech_input!r}: choose one of {list(SPEECH_INPUT_MODES)}")
         vocab = tokenizer.get_vocab()
@@ -107,6 +107,9 @@ class SpeechLMProcessor:
         self.max_audio_seconds = max_audio_seconds
         self.speech_input = speech_input
         self.codec_name_or_path = codec_name_or_path
+        # Put first in conversations that have no system turn; None leaves that to the chat template
+        # (SmolLM2's adds its own ~20-token default, a quarter of a short ASR sample).
+        self.system_prompt = system_prompt
         self._codec = codec
         self._loaded_from: tuple[str, dict] | None = None  # (directory or repo id, hub kwargs), by from_pretrained
         ids = speech_token_ids(self.text_vocab_size)
@@ -159,7 +162,8 @@ class SpeechLMProcessor:
     def to_dict(self) -> dict[str, Any]:
         return {"processor_class": type(self).__name__, "n_mels": self.n_mels, "stack_factor": self.stack_factor,
                 "num_speech_units": self.num_speech_units, "max_audio_seconds": self.max_audio_seconds,
-                "speech_input": self.speech_input, "codec_name_or_path": self.codec_name_or_path}
+                "speech_input": self.speech_input, "codec_name_or_path": self.codec_name_or_path,
+                "system_prompt": self.system_prompt}
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
         directory = Path(save_directory)
@@ -224,7 +228,7 @@ class SpeechLMProcessor:
         rows, label_rows = [], []
         for index, conversation in enumerate(batch):
             messages = [self._render_message(message, speech_input, clips, f"conversation {index}")
-                        for message in self._check_conversation(conversation, index)]
+                        for message in self._with_system_prompt(self._check_conversation(conversation, index))]
             ids, labels = self._tokenize(messages, add_generation_prompt)
             rows.append(ids)
             label_rows.append(labels)
@@ -256,6 +260,11 @@ class SpeechLMProcessor:
                 raise ValueError(f"conversation {index}, message {turn}: expected a dict with 'role' and "
                                  f"'content', got {message!r:.80}")
         return list(conversation)
+
+    def _with_system_prompt(self, conversation: list[Mapping]) -> list[Mapping]:
+        if self.system_prompt is None or conversation[0]["role"] == "system":
+            return conversation
+        return [{"role": "system", "content": self.system_prompt}, *conversation]
 
     def _render_message(self, message: Mapping, speech_input: str, clips: list[np.ndarray], where: str) -> dict:
         content = message["content"]

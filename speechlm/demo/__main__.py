@@ -1,4 +1,8 @@
-"""``python -m speechlm.demo assets --size ci|full [--cache DIR]``: build the quick start's assets."""
+"""The quick start from the command line.
+
+    python -m speechlm.demo assets --size ci|full [--cache DIR]     build the assets only
+    python -m speechlm.demo run --size full --out out/demo          the main job (assets, training, report)
+"""
 
 from __future__ import annotations
 
@@ -13,28 +17,51 @@ from speechlm.demo.corpus import CORPUS_SIZES
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m speechlm.demo", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("assets", help="build backbone, Whisper, corpus and codec into the cache")
-    p.add_argument("--size", choices=list(CORPUS_SIZES), default="ci", help="corpus size (ci: a few dozen clips)")
-    p.add_argument("--cache", help="cache folder (default: $SPEECHLM_CACHE or ~/.cache/speechlm/demo)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch threads (1 is much faster on a CPU shared with other jobs)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    assets = commands.add_parser("assets", help="build backbone, Whisper, corpus and codec into the cache")
+    run = commands.add_parser("run", help="the main job: assets, stage-1 training, evaluation before and after, "
+                                          "report")
+    for p in (assets, run):
+        p.add_argument("--size", choices=list(CORPUS_SIZES), default="ci" if p is assets else "full",
+                       help="corpus size (ci: a few dozen clips)")
+        p.add_argument("--cache", help="cache folder (default: $SPEECHLM_CACHE or ~/.cache/speechlm/demo)")
+        p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+        p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    assets.add_argument("--seed", type=int, default=0)
+    run.add_argument("--recipe", default="configs/smollm2-135m/stage1_align.yaml", help="training recipe YAML")
+    run.add_argument("--out", default="out/demo", help="report, plot, wav and the trained model go here")
+    run.add_argument("--max-minutes", type=float, default=15.0, help="stop training after this many minutes")
+    run.add_argument("--curve-every", type=float, default=2.5, help="minutes of training between curve points")
+    run.add_argument("--curve-items", type=int, default=64, help="held-out clips per learning-curve point")
+    run.add_argument("--tts-items", type=int, default=64, help="held-out sentences the tts evaluation speaks")
+    run.add_argument("--tts-train-clips", type=int, default=400, help="training clips whose units are extracted "
+                                                                      "for the tts task")
+    run.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value (e.g. training.max_steps=50)")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    from speechlm.configfile import ConfigFileError
     from speechlm.demo.assets import DemoAssetError
-    from speechlm.demo.build import build_demo_assets
+    from speechlm.finetune.prepare import PrepareError
 
     try:
-        assets = build_demo_assets(args.size, args.cache, seed=args.seed)
-    except (DemoAssetError, ValueError, OSError) as error:
+        if args.command == "assets":
+            from speechlm.demo.build import build_demo_assets
+
+            print(json.dumps(asdict(build_demo_assets(args.size, args.cache, seed=args.seed)), indent=2))
+        else:
+            from speechlm.demo.job import JobSettings, run_job
+
+            run_job(JobSettings(recipe=args.recipe, out=args.out, size=args.size, cache=args.cache,
+                                overrides=args.overrides, max_minutes=args.max_minutes,
+                                curve_every_minutes=args.curve_every, curve_items=args.curve_items,
+                                tts_items=args.tts_items, tts_train_clips=args.tts_train_clips))
+    except (DemoAssetError, ConfigFileError, PrepareError, ValueError, OSError) as error:
         if args.debug:
             raise
         print(f"speechlm.demo: error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(asdict(assets), indent=2))
     return 0
 
 

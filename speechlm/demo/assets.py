@@ -83,7 +83,7 @@ PINNED_FILES: dict[str, PinnedFile] = {
 WHISPER_FILES = {"base": (("whisper_base_part1", "whisper_base_part2"), "whisper_base_vocabulary"),
                  "tiny.en": (("whisper_tiny_en",), "whisper_tiny_en_vocabulary")}
 # Runtime libraries of the demo (imported, not hash-checked): transformers' GGUF reader and Piper.
-RUNTIME_PACKAGES = {"gguf": "0.19.0", "piper-tts": "1.8.0"}
+RUNTIME_PACKAGES = {"gguf": "==0.19.0", "piper-tts": "==1.8.0", "matplotlib": ">=3.8"}
 
 
 class DemoAssetError(ValueError):
@@ -145,11 +145,11 @@ def sha256_of(path: Path) -> str:
 def check_runtime_packages() -> None:
     """The runtime libraries the demo imports are installed (any version; the pins are in pyproject)."""
     missing = []
-    for package, version in RUNTIME_PACKAGES.items():
+    for package, requirement in RUNTIME_PACKAGES.items():
         try:
             importlib.metadata.distribution(package)
         except importlib.metadata.PackageNotFoundError:
-            missing.append(f"{package}=={version}")
+            missing.append(f"{package}{requirement}")
     if missing:
         raise DemoAssetError(f"the demo needs {', '.join(missing)}; install the demo extra: {EXTRA_HINT}")
 

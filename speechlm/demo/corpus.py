@@ -35,9 +35,12 @@ from speechlm.speech_io.constants import SAMPLE_RATE
 SPLITS = ("train", "heldout", "ood")
 SENTENCE_GAP_SECONDS = 0.25  # Piper returns one chunk per sentence; join them with a short pause
 ANSWER_MAX_NEW_TOKENS = 64
+# The system turn of the self-distilled answers: the training recipe must use the same one (the job sets
+# data.system_prompt to it), so that the adapter learns the answers the backbone gives in that setting.
+ANSWER_SYSTEM_PROMPT = ""
 SENTENCE_SAMPLES_PER_CALL = 8
 TOPICS_PER_CALL = 10
-CORPUS_VERSION = 1  # bump when rows or audio would change for the same settings
+CORPUS_VERSION = 2  # bump when rows or audio would change for the same settings
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class CorpusSize:
     questions: int | None
     docs: int | None
     heldout_fraction: float = 0.1
+    question_heldout_fraction: float = 0.2  # more, so that spoken QA has enough known-answer questions
 
 
 CORPUS_SIZES = {
@@ -181,7 +185,8 @@ def _text_rows(settings: CorpusSize, seed: int, writer: BackboneWriter, docs: li
             rows.append(row)
 
     def random_split(count: int, salt: str) -> Callable[[int], str]:
-        held = set(random.Random(f"{seed}-{salt}").sample(range(count), _heldout_count(count, settings)))
+        held = set(random.Random(f"{seed}-{salt}").sample(range(count), _heldout_count(count,
+                                                                                     settings.heldout_fraction)))
         return lambda index: "heldout" if index in held else "train"
 
     sentences = texts.template_sentences(settings.templates, seed)
@@ -193,7 +198,8 @@ def _text_rows(settings: CorpusSize, seed: int, writer: BackboneWriter, docs: li
 
     questions = _pick_questions(settings.questions, rng)
     in_domain = [i for i, q in enumerate(questions) if q.kind not in texts.OOD_QUESTION_KINDS]
-    held = set(random.Random(f"{seed}-questions").sample(in_domain, _heldout_count(len(in_domain), settings)))
+    held = set(random.Random(f"{seed}-questions").sample(
+        in_domain, _heldout_count(len(in_domain), settings.question_heldout_fraction)))
     add("questions", [q.text for q in questions],
         lambda i: "ood" if questions[i].kind in texts.OOD_QUESTION_KINDS else ("heldout" if i in held else "train"),
         kind=[q.kind for q in questions], expected=[list(q.expected) or None for q in questions])
@@ -204,8 +210,8 @@ def _text_rows(settings: CorpusSize, seed: int, writer: BackboneWriter, docs: li
     return rows
 
 
-def _heldout_count(count: int, settings: CorpusSize) -> int:
-    return min(count - 1, max(1, round(count * settings.heldout_fraction))) if count >= 2 else 0
+def _heldout_count(count: int, fraction: float) -> int:
+    return min(count - 1, max(1, round(count * fraction))) if count >= 2 else 0
 
 
 def _pick_questions(count: int | None, rng: random.Random) -> list[texts.Question]:
@@ -252,21 +258,25 @@ class BackboneWriter:
         staging.write_text(json.dumps(self.cache, indent=1, ensure_ascii=False) + "\n")
         os.replace(staging, self.cache_file)
 
-    def _prompt_ids(self, text: str) -> list[int]:
+    def _prompt_ids(self, text: str, system: str | None = None) -> list[int]:
         _, tokenizer = self._load()
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True)["input_ids"]
+        messages = [{"role": "user", "content": text}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
 
     def answers(self, prompts: Sequence[str]) -> list[tuple[str, bool]]:
         """(answer, whether it ended by itself) per prompt: greedy, at most `ANSWER_MAX_NEW_TOKENS`."""
-        missing = sorted({p for p in prompts if f"answer|{p}" not in self.cache})
+        key = f"answer|system={ANSWER_SYSTEM_PROMPT!r}|{{}}".format
+        missing = sorted({p for p in prompts if key(p) not in self.cache})
         if missing:
             import torch
 
             model, tokenizer = self._load()
             by_length: dict[int, list[tuple[str, list[int]]]] = {}
             for prompt in missing:
-                ids = self._prompt_ids(prompt)
+                ids = self._prompt_ids(prompt, ANSWER_SYSTEM_PROMPT)
                 by_length.setdefault(len(ids), []).append((prompt, ids))
             for group in by_length.values():
                 for start in range(0, len(group), self.batch_size):
@@ -277,10 +287,10 @@ class BackboneWriter:
                                                    max_new_tokens=ANSWER_MAX_NEW_TOKENS, do_sample=False)
                     for (prompt, _), row in zip(batch, generated[:, input_ids.shape[1]:], strict=True):
                         complete = bool((row == tokenizer.eos_token_id).any())
-                        self.cache[f"answer|{prompt}"] = [_clean_answer(tokenizer.decode(
+                        self.cache[key(prompt)] = [_clean_answer(tokenizer.decode(
                             row, skip_special_tokens=True), complete), complete]
                     self._save()
-        return [tuple(self.cache[f"answer|{p}"]) for p in prompts]
+        return [tuple(self.cache[key(p)]) for p in prompts]
 
     def sentences(self, count: int, seed: int) -> list[str]:
         """``count`` distinct sentences the backbone writes about `texts.TOPICS`.
@@ -420,7 +430,7 @@ Every text was generated by our code or written by us; none comes from a speech 
   {len(texts.TOPICS)} topics listed by us (sampled at temperature 0.8 with fixed seeds, cached).
 - **questions**: spoken questions and instructions of {len({q.kind for q in texts.all_questions()})} kinds,
   written by us. `answer` is the backbone's own greedy answer to the same text with its chat template
-  (self-distillation: the adapter learns to make speech mean what the text means); `expected` lists
+  and system turn {ANSWER_SYSTEM_PROMPT!r} (self-distillation: the adapter learns to make speech mean what the text means); `expected` lists
   the known short answers where there are some (for accuracy). Kinds {list(texts.OOD_QUESTION_KINDS)} are
   asked only in the `ood` split.
 - **docs**: sentences cut from the package descriptions (README text in the installed metadata) of
@@ -431,8 +441,8 @@ The backbone's own text answers contain an expected answer for {accuracy} questi
 answer (train, heldout, ood): the ceiling that spoken questions are measured against.
 
 ## Splits
-`heldout` is a seeded random {build['size']['heldout_fraction']:.0%} of each training source (same
-distribution as `train`); `ood` is out of domain: a text source and question kinds never trained on.
+`heldout` is a seeded random {build['size']['heldout_fraction']:.0%} of each training source
+({build['size']['question_heldout_fraction']:.0%} of the in-domain questions; same distribution as `train`); `ood` is out of domain: a text source and question kinds never trained on.
 
 ## Voice settings
 Each clip draws its own speaking rate (Piper `length_scale` 0.8-1.25), `noise_scale` (0.33-0.9) and

@@ -111,13 +111,21 @@ class Question:
 
 CAPITALS = {"France": "Paris", "Italy": "Rome", "Japan": "Tokyo", "Germany": "Berlin", "Spain": "Madrid",
             "England": "London", "Russia": "Moscow", "Egypt": "Cairo", "Canada": "Ottawa", "Greece": "Athens",
-            "Portugal": "Lisbon", "Ireland": "Dublin", "Norway": "Oslo", "China": "Beijing", "Austria": "Vienna"}
+            "Portugal": "Lisbon", "Ireland": "Dublin", "Norway": "Oslo", "China": "Beijing", "Austria": "Vienna",
+            "Poland": "Warsaw", "Sweden": "Stockholm", "Denmark": "Copenhagen", "Finland": "Helsinki",
+            "Belgium": "Brussels", "Hungary": "Budapest", "Thailand": "Bangkok", "Kenya": "Nairobi",
+            "Peru": "Lima", "Cuba": "Havana", "South Korea": "Seoul", "Australia": "Canberra",
+            "the United States": "Washington", "Scotland": "Edinburgh", "Iceland": "Reykjavik"}
 COLOR_OF = {"a banana": "yellow", "grass": "green", "the sky on a clear day": "blue", "snow": "white",
             "coal": "black", "a ripe tomato": "red", "a carrot": "orange", "milk": "white",
-            "a lemon": "yellow", "a lime": "green", "chocolate": "brown", "a strawberry": "red"}
+            "a lemon": "yellow", "a lime": "green", "chocolate": "brown", "a strawberry": "red",
+            "a fire truck": "red", "a crow": "black", "a polar bear": "white", "a pumpkin": "orange",
+            "a frog": "green", "blood": "red"}
 OPPOSITES = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "happy": "sad", "open": "closed",
              "light": "dark", "early": "late", "wet": "dry", "full": "empty", "old": "young", "loud": "quiet",
-             "hard": "soft", "day": "night", "left": "right", "win": "lose"}
+             "hard": "soft", "day": "night", "left": "right", "win": "lose", "north": "south", "good": "bad",
+             "tall": "short", "rich": "poor", "clean": "dirty", "strong": "weak", "thick": "thin",
+             "inside": "outside", "push": "pull", "before": "after", "first": "last", "love": "hate"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
                 "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen")
 FACTS = (("How many days are in a week?", ("seven", "7")), ("How many legs does a dog have?", ("four", "4")),
@@ -125,7 +133,23 @@ FACTS = (("How many days are in a week?", ("seven", "7")), ("How many legs does 
          ("What is frozen water called?", ("ice",)), ("Which planet do we live on?", ("earth",)),
          ("What animal says moo?", ("cow",)), ("How many hours are in a day?", ("24", "twenty-four")),
          ("What is the largest ocean on Earth?", ("pacific",)), ("What gas do plants take in?", ("carbon",)),
-         ("What do you call a baby cat?", ("kitten",)), ("How many sides does a triangle have?", ("three", "3")))
+         ("What do you call a baby cat?", ("kitten",)), ("How many sides does a triangle have?", ("three", "3")),
+         ("What animal says woof?", ("dog",)), ("What animal says meow?", ("cat",)),
+         ("How many wheels does a bicycle have?", ("two", "2")), ("How many legs does a spider have?", ("eight", "8")),
+         ("What is the largest planet in our solar system?", ("jupiter",)),
+         ("Who wrote Romeo and Juliet?", ("shakespeare",)), ("How many minutes are in an hour?", ("sixty", "60")),
+         ("What is the closest star to Earth?", ("sun",)), ("What do caterpillars turn into?", ("butterfly",
+                                                                                                 "butterflies")),
+         ("What do you call a baby dog?", ("puppy",)), ("Which animal is called the king of the jungle?", ("lion",)),
+         ("What is the largest animal on Earth?", ("whale",)), ("What season comes after winter?", ("spring",)),
+         ("What day comes after Monday?", ("tuesday",)), ("What month comes after January?", ("february",)),
+         ("Which planet is known as the red planet?", ("mars",)), ("What language do people speak in Brazil?",
+                                                                   ("portuguese",)),
+         ("Which instrument has black and white keys?", ("piano",)), ("Where do bees live?", ("hive", "hives")),
+         ("What fruit are raisins made from?", ("grape", "grapes")), ("What do plants need from the sun?",
+                                                                      ("light", "sunlight")),
+         ("What is the opposite of the word yes?", ("no",)), ("How many letters are in the English alphabet?",
+                                                              ("26", "twenty-six")))
 CATEGORIES = ("fruits", "vegetables", "farm animals", "colors", "musical instruments", "countries in Europe",
               "kitchen tools", "sports", "things you wear in winter", "pets")
 REQUESTS = ("Give me a synonym for {word}.", "Use the word {word} in a sentence.",
@@ -152,9 +176,10 @@ def all_questions() -> list[Question]:
     questions += [Question("color", f"What color is {thing}?", (color,)) for thing, color in COLOR_OF.items()]
     questions += [Question("opposite", f"What is the opposite of {word}?", (other,))
                   for word, other in OPPOSITES.items()]
+    # Few sums: SmolLM2-135M gets most of them wrong as text, so they say little about speech vs text.
     questions += [Question("arithmetic", f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?",
                            (str(a + b), NUMBER_WORDS[a + b]))
-                  for a in range(1, 10) for b in range(1, 10) if a + b < len(NUMBER_WORDS)]
+                  for a in range(1, 6) for b in range(1, 5)]
     questions += [Question("fact", text, expected) for text, expected in FACTS]
     questions += [Question("list", f"List three {category}.") for category in CATEGORIES]
     questions += [Question("word", request.format(word=word)) for request in REQUESTS for word in REQUEST_WORDS]

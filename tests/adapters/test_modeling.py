@@ -15,7 +15,7 @@ def test_forward_backward_reaches_the_projector_and_new_rows(tiny):
     inputs = audio_inputs(model, tokenizer, [40, 23])
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     out = model(**inputs, labels=labels)
-    assert out.logits.shape == (*inputs["input_ids"].shape, model.config.vocab_size)
+    assert out.logits is None  # training computes the head at labelled positions only
     out.loss.backward()
     assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
     assert model.speech_vocab.embed_tokens.weight.grad is not None
@@ -27,10 +27,29 @@ def test_loss_counts_only_labelled_positions(tiny):
     inputs = audio_inputs(model, tokenizer, [30])
     labels = torch.full_like(inputs["input_ids"], -100)
     labels[0, -3:] = inputs["input_ids"][0, -3:]
-    out = model(**inputs, labels=labels)
+    out = model.eval()(**inputs, labels=labels)
     logits = out.logits[0, -4:-1]  # positions predicting the last three tokens
     expected = torch.nn.functional.cross_entropy(logits, labels[0, -3:])
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_training_loss_at_labelled_positions_equals_the_full_logits_loss(tiny):
+    model, tokenizer = tiny
+    inputs = audio_inputs(model, tokenizer, [40, 23])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[:, :5] = -100
+    full = model.eval()(**inputs, labels=labels)
+    full.loss.backward()
+    full_grad = model.multi_modal_projector.linear_1.weight.grad.clone()
+    model.zero_grad()
+    labelled = model.train()(**inputs, labels=labels)
+    labelled.loss.backward()
+    torch.testing.assert_close(labelled.loss, full.loss)
+    torch.testing.assert_close(model.multi_modal_projector.linear_1.weight.grad, full_grad)
+    # and with the Trainer's token count for gradient accumulation (a sum over labelled tokens, divided)
+    count = torch.tensor(int((labels[:, 1:] != -100).sum()) * 2)
+    torch.testing.assert_close(model(**inputs, labels=labels, num_items_in_batch=count).loss,
+                               model.eval()(**inputs, labels=labels, num_items_in_batch=count).loss)
 
 
 def test_placeholder_count_mismatch_names_both_counts(tiny):
@@ -144,6 +163,7 @@ def test_distributed_training_gives_every_trainable_part_a_gradient(tiny, tmp_pa
         ids = torch.tensor([tokenizer("text only").input_ids])
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
+        loss = out.loss.detach()
     finally:
         dist.destroy_process_group()
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -151,4 +171,4 @@ def test_distributed_training_gives_every_trainable_part_a_gradient(tiny, tmp_pa
     assert all(p.grad.abs().sum() == 0 for name, p in trainable if name.startswith("multi_modal_projector"))
     with torch.no_grad():  # and the zero added changed nothing
         model.eval()
-        assert torch.equal(model(input_ids=ids).logits, out.logits.detach())
+        assert torch.equal(model(input_ids=ids, labels=ids).loss, loss)

@@ -136,6 +136,16 @@ def test_save_and_reload(processor, tmp_path):
     assert torch.equal(loaded(conversation)["input_ids"], processor(conversation)["input_ids"])
 
 
+def test_system_prompt_goes_first_where_a_conversation_has_none(processor, tmp_path):
+    processor.system_prompt = "Be brief."
+    asked = [{"role": "user", "content": "Hi"}]
+    own = [{"role": "system", "content": "Mine."}, *asked]
+    assert processor.decode(processor(asked)["input_ids"][0]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert processor.decode(processor(own)["input_ids"][0]).startswith("<|im_start|>system\nMine.<|im_end|>")
+    processor.save_pretrained(tmp_path)
+    assert SpeechLMProcessor.from_pretrained(tmp_path).system_prompt == "Be brief."
+
+
 def test_discrete_without_a_codec_says_how_to_get_one(processor):
     with pytest.raises(ValueError, match="discrete speech needs a codec"):
         processor(user_audio(speechlike(0.4), sampling_rate=16000), speech_input="discrete")

@@ -1,0 +1,347 @@
+"""The quick start's main job: real weights, a synthesized corpus, stage-1 training, evaluation before and
+after, and a report.
+
+    python -m speechlm.demo run --recipe configs/smollm2-135m/stage1_align.yaml --out out/demo
+
+Steps, each reusing what an earlier run left in the cache: build the assets (SmolLM2-135M-Instruct,
+Whisper base, the Piper corpus, the codec); extract the speech units of the training and held-out clips
+(`speechlm prepare`); build the SpeechLM from the recipe; evaluate it untrained; train, measuring held-out
+WER every few minutes of training (the learning curve); save; evaluate again; write ``report.json``,
+``report.md``, ``curves.png`` and ``answer.wav`` (the trained model answering a held-out spoken question).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from speechlm.demo.assets import check_runtime_packages
+from speechlm.demo.build import DemoAssets, build_demo_assets
+from speechlm.demo.corpus import ANSWER_SYSTEM_PROMPT
+from speechlm.finetune.evaluation import EvalItem, EvalSettings, evaluate, read_eval_manifest
+
+# Metrics in the report: (eval set, task, total) and whether lower is better.
+HEADLINE = (("asr/heldout", "wer", True), ("asr/ood", "wer", True), ("qa/heldout", "speech_contains", False),
+            ("qa/heldout", "text_contains", False), ("qa/heldout", "speech_to_text_contains", False),
+            ("qa/ood", "speech_contains", False), ("qa/ood", "text_contains", False),
+            ("qa/ood", "speech_to_text_contains", False), ("tts/heldout", "unit_error_rate", True))
+
+
+@dataclass
+class JobSettings:
+    recipe: str = "configs/smollm2-135m/stage1_align.yaml"
+    out: str = "out/demo"
+    size: str = "full"
+    cache: str | None = None
+    overrides: list[str] = field(default_factory=list)  # recipe overrides, key.sub=value
+    max_minutes: float | None = 15.0  # training stops here even if max_steps is not reached
+    curve_every_minutes: float = 2.5  # a learning-curve point every this many minutes of training
+    curve_items: int = 64  # held-out clips (spread over the split) per learning-curve point; the final
+                          # figures use every clip
+    tts_items: int = 64  # held-out clips the tts task speaks (each is a ~150-unit generation)
+    # Training clips whose speech units are extracted for the tts task: the published-size codec encodes
+    # ~2 clips a second on 2 cores, so all ~2,000 would take a quarter of an hour.
+    tts_train_clips: int = 400
+    eval: EvalSettings = field(default_factory=lambda: EvalSettings(batch_size=16, max_new_tokens=64,
+                                                                      max_speech_units=400))
+
+
+# -- evaluation sets ------------------------------------------------------------------------------------
+
+def split_for_units(assets: DemoAssets, out: Path, train_units: int, heldout_units: int) -> dict[str, Path]:
+    """Manifests (absolute audio paths) of the clips whose units are extracted, spread over the sources:
+    ``train-units`` (tts training) and ``heldout-units`` (tts references); ``train-text``: the rest of the
+    training split, for the tasks that need no units. Deterministic, so that `prepare` reuses its output."""
+    out.mkdir(parents=True, exist_ok=True)
+    train, heldout = _rows(Path(assets.train)), _rows(Path(assets.heldout))
+    with_units = spread(train, train_units)
+    chosen = {row["id"] for row in with_units}
+    rest = [row for row in train if row["id"] not in chosen]
+    manifests = {"train-units": _write_jsonl(out / "train-units.jsonl", with_units),
+                 "heldout-units": _write_jsonl(out / "heldout-units.jsonl", spread(heldout, heldout_units))}
+    if rest:
+        manifests["train-text"] = _write_jsonl(out / "train-text.jsonl", rest)
+    return manifests
+
+
+def _rows(manifest: Path) -> list[dict]:
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    for row in rows:
+        row["audio"] = str((manifest.parent / row["audio"]).resolve())
+    return rows
+
+
+def write_eval_sets(assets: DemoAssets, heldout_units: dict[str, list[int]], out: Path) -> dict[str, tuple[str, Path]]:
+    """``name -> (task, manifest)``: ASR on both held-out splits, spoken QA on their questions with known
+    answers, TTS on held-out sentences (reference units from `speechlm prepare`). Audio paths are made
+    absolute, so that ``speechlm eval`` runs on these manifests from anywhere."""
+    out.mkdir(parents=True, exist_ok=True)
+    sets: dict[str, tuple[str, Path]] = {}
+    for split, manifest in (("heldout", Path(assets.heldout)), ("ood", Path(assets.ood))):
+        rows = _rows(manifest)
+        asr = [{"id": r["id"], "audio": r["audio"], "text": r["text"]} for r in rows]
+        qa = [{"id": r["id"], "audio": r["audio"], "question": r["text"], "answers": r["expected"]}
+              for r in rows if r.get("expected")]
+        sets[f"asr/{split}"] = ("asr", _write_jsonl(out / f"asr-{split}.jsonl", asr))
+        sets[f"qa/{split}"] = ("qa", _write_jsonl(out / f"qa-{split}.jsonl", qa))
+        if split == "heldout":
+            tts = [{"id": r["id"], "text": r["text"], "units": heldout_units[r["id"]]}
+                   for r in rows if r["id"] in heldout_units]
+            sets["tts/heldout"] = ("tts", _write_jsonl(out / "tts-heldout.jsonl", tts))
+    return {name: value for name, value in sets.items() if value[1].stat().st_size}
+
+
+def spread(items: list, count: int) -> list:
+    """``count`` items evenly spaced through ``items`` (a manifest lists its sources one after another)."""
+    if count >= len(items):
+        return list(items)
+    return [items[index * len(items) // count] for index in range(count)]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def evaluate_all(model, processor, eval_sets: dict[str, tuple[str, Path]], settings: EvalSettings,
+                 progress=print) -> dict[str, dict]:
+    """``name -> {"totals", "items", "seconds"}`` for every eval set."""
+    reports = {}
+    for name, (task, manifest) in eval_sets.items():
+        start = time.perf_counter()
+        totals, items = evaluate(model, processor, task, read_eval_manifest(manifest, task), settings)
+        reports[name] = {"totals": totals, "items": items, "seconds": round(time.perf_counter() - start, 1)}
+        shown = {key: round(value, 4) if isinstance(value, float) else value for key, value in totals.items()}
+        progress(f"[demo] {name}: {shown}")
+    return reports
+
+
+# -- the learning curve ---------------------------------------------------------------------------------
+
+class LearningCurve(TrainerCallback):
+    """Held-out WER every ``every_minutes`` of training, and a stop after ``max_minutes``.
+
+    Minutes are training time: the clock pauses while the curve's own evaluation runs.
+    """
+
+    def __init__(self, model, processor, items: list[EvalItem], settings: EvalSettings, *, every_minutes: float,
+                 max_minutes: float | None = None, progress=print):
+        self.model, self.processor, self.items, self.settings = model, processor, items, settings
+        self.every_minutes, self.max_minutes, self.progress = every_minutes, max_minutes, progress
+        self.points: list[dict] = []  # minutes, step, wer
+        self.losses: list[dict] = []  # minutes, step, loss
+        self.seconds = 0.0
+        self._last = 0.0
+
+    @property
+    def minutes(self) -> float:
+        return self.seconds / 60
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._measure(state.global_step)
+        self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.seconds += now - self._last
+        self._last = now
+        out_of_time = self.max_minutes is not None and self.minutes >= self.max_minutes
+        if out_of_time:
+            self.progress(f"[demo] {self.minutes:.1f} min of training: stopping at step {state.global_step}")
+            control.should_training_stop = True
+        elif self.minutes >= (len(self.points)) * self.every_minutes:
+            self._measure(state.global_step)
+            self._last = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append({"minutes": round(self.minutes, 3), "step": state.global_step, "loss": logs["loss"]})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not self.points or self.points[-1]["step"] != state.global_step:
+            self._measure(state.global_step)
+
+    def _measure(self, step: int) -> None:
+        totals, _ = evaluate(self.model, self.processor, "asr", self.items, self.settings, progress=False)
+        self.points.append({"minutes": round(self.minutes, 3), "step": step, "wer": totals["wer"]})
+        self.progress(f"[demo] curve: {self.minutes:.1f} min, step {step}: held-out WER {totals['wer']:.4f} "
+                      f"({len(self.items)} clips)")
+
+
+# -- the job ------------------------------------------------------------------------------------------------
+
+def run_job(settings: JobSettings, progress=print) -> dict:
+    from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
+    from speechlm.finetune import recipe
+    from speechlm.finetune.config import TrainConfig
+    from speechlm.finetune.prepare import load_prepared, prepare
+
+    check_runtime_packages()  # before hours of work, not at the plot
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 1)
+        clock = now
+
+    assets = build_demo_assets(settings.size, settings.cache, progress=progress)
+    lap("assets")
+    manifests = split_for_units(assets, Path(assets.cache) / f"demo-data-{settings.size}",
+                                settings.tts_train_clips, settings.tts_items)
+    prepared = {}
+    for name in ("train-units", "heldout-units"):
+        prepared[name] = manifests[name].with_suffix("")  # the prepare output beside its manifest
+        progress(f"[demo] speech units of {manifests[name]} -> {prepared[name]}")
+        prepare(manifests[name], assets.codec, prepared[name])
+    heldout_units = {example.id: list(example.units) for example in load_prepared(prepared["heldout-units"])}
+    lap("prepare")
+
+    overrides = [f"model.text_model={assets.text_model}", f"model.audio_encoder={assets.audio_encoder}",
+                 f"data.train=[{','.join(str(p) for p in (prepared['train-units'], manifests.get('train-text')) if p)}]",
+                 f"data.codec={assets.codec}",
+                 f"data.system_prompt={json.dumps(ANSWER_SYSTEM_PROMPT)}",  # what the answers were distilled with
+                 f"training.output_dir={out / 'model'}",
+                 # transformers refuses bf16 on a machine without a GPU unless told to use the CPU
+                 *([] if torch.cuda.is_available() else ["training.use_cpu=true"]), *settings.overrides]
+    config = build_dataclass(TrainConfig, apply_overrides(read_yaml(settings.recipe), overrides))
+    model, tokenizer = recipe.build_model(config)
+    processor = recipe.build_processor(config, model, tokenizer)
+    eval_sets = write_eval_sets(assets, heldout_units, out / "eval-data")
+    progress(f"[demo] {model.parameter_counts()}")
+    progress("[demo] evaluating the untrained model")
+    before = evaluate_all(model, processor, eval_sets, settings.eval, progress)
+    lap("eval_before")
+
+    dataset = recipe.build_datasets(config, processor)
+    curve_items = spread(read_eval_manifest(eval_sets["asr/heldout"][1], "asr"), settings.curve_items)
+    curve = LearningCurve(model, processor, curve_items, settings.eval, every_minutes=settings.curve_every_minutes,
+                          max_minutes=settings.max_minutes, progress=progress)
+    trainer = recipe.build_trainer(config, model, processor, dataset, callbacks=[curve])
+    result = recipe.train(config, trainer)
+    model_dir = recipe.save(config, trainer)
+    lap("train")
+
+    # Evaluate the saved model as a user loads it (the Trainer's model still runs under its bf16 autocast).
+    model, processor = load_trained(model_dir)
+    progress("[demo] evaluating the trained model")
+    after = evaluate_all(model, processor, eval_sets, settings.eval, progress)
+    lap("eval_after")
+    answer = spoken_answer(model, processor, eval_sets, out / "answer.wav")
+    report = {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "assets": asdict(assets), "recipe": settings.recipe, "overrides": overrides, "model": str(model_dir),
+        "eval_sets": {name: str(path) for name, (_, path) in eval_sets.items()},
+        "training": {"steps": result.global_step, "minutes": round(curve.minutes, 2),
+                     "first_loss": curve.losses[0]["loss"] if curve.losses else None,
+                     "last_loss": curve.losses[-1]["loss"] if curve.losses else None,
+                     "curve_items": len(curve_items), "curve": curve.points, "losses": curve.losses},
+        "before": {name: r["totals"] for name, r in before.items()},
+        "after": {name: r["totals"] for name, r in after.items()},
+        "text_answers_unchanged": text_answers_unchanged(before, after),
+        "answer": answer,
+        "seconds": seconds,
+    }
+    report["seconds"]["total"] = round(sum(seconds.values()), 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "eval-items.json").write_text(json.dumps({"before": {n: r["items"] for n, r in before.items()},
+                                                     "after": {n: r["items"] for n, r in after.items()}}, indent=1))
+    (out / "report.md").write_text(format_report(report))
+    plot_curves(report, out / "curves.png")
+    for name in ("report.md", "report.json", "curves.png", "answer.wav", "eval-items.json"):
+        progress(f"[demo] wrote {out / name}")
+    progress(f"[demo] trained model: {model_dir}")
+    return report
+
+
+def load_trained(model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    import speechlm  # noqa: F401  (registers the Auto classes)
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoProcessor.from_pretrained(model_dir)
+
+
+def text_answers_unchanged(before: dict, after: dict) -> bool | None:
+    """Whether every QA text answer is what the untrained model said (frozen backbone: it must be)."""
+    pairs = [(b["text_answer"], a["text_answer"]) for name in before if name.startswith("qa/")
+             for b, a in zip(before[name]["items"], after[name]["items"], strict=True)]
+    return all(b == a for b, a in pairs) if pairs else None
+
+
+def spoken_answer(model, processor, eval_sets: dict, wav: Path) -> dict:
+    """The trained model's text-and-speech answer to the first held-out spoken question, saved as a wav."""
+    from speechlm.responding import respond
+    from speechlm.speech_io.audio import save_wav
+
+    name = "qa/heldout" if "qa/heldout" in eval_sets else "asr/heldout"
+    row = json.loads(eval_sets[name][1].read_text().splitlines()[0])
+    model.eval()
+    reply = respond(model, processor, audio=row["audio"], output="text+speech", max_new_tokens=64, do_sample=False)
+    if reply.audio is not None:
+        save_wav(wav, reply.audio)
+    return {"question_audio": row["audio"], "question": row.get("question", row.get("text")), "text": reply.text,
+            "units": len(reply.units), "wav": str(wav) if reply.audio is not None else None}
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+def format_report(report: dict) -> str:
+    lines = ["# speechlm quick start: report", "",
+             f"Machine: {report['machine']['cpus']} CPUs ({report['machine']['processor']}), torch "
+             f"{report['machine']['torch']}, CUDA {report['machine']['cuda']}.",
+             f"Training: {report['training']['steps']} steps in {report['training']['minutes']} min, loss "
+             f"{report['training']['first_loss']} -> {report['training']['last_loss']}.", "",
+             "| eval set | metric | before | after |", "| --- | --- | --- | --- |"]
+    for name, metric, _ in HEADLINE:
+        if name in report["after"]:
+            before = report["before"][name].get(metric)
+            after = report["after"][name].get(metric)
+            lines.append(f"| {name} ({report['after'][name].get('items')} items) | {metric} | {_fmt(before)} | "
+                         f"{_fmt(after)} |")
+    lines += ["", f"Backbone's text answers unchanged by training: {report['text_answers_unchanged']}.", "",
+              f"Learning curve (held-out WER on {report['training']['curve_items']} clips spread over the held-out "
+              "split, by minutes of training; the table above uses every clip):", "",
+              "| minutes | step | WER |", "| --- | --- | --- |"]
+    lines += [f"| {p['minutes']:.1f} | {p['step']} | {p['wer']:.4f} |" for p in report["training"]["curve"]]
+    answer = report["answer"]
+    lines += ["", f"Spoken question: {answer['question']!r}; answer: {answer['text']!r} ({answer['units']} speech "
+              f"units, {answer['wav']}). The codec has random weights: its audio is not speech.", "",
+              "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def plot_curves(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axes, wer_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    losses = report["training"]["losses"]
+    loss_axes.plot([p["minutes"] for p in losses], [p["loss"] for p in losses], marker=".")
+    loss_axes.set(xlabel="minutes of training", ylabel="training loss", title="loss")
+    curve = report["training"]["curve"]
+    wer_axes.plot([p["minutes"] for p in curve], [p["wer"] for p in curve], marker="o")
+    wer_axes.set(xlabel="minutes of training", ylabel="WER", title="held-out ASR WER", yscale="log")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+__all__ = ["JobSettings", "LearningCurve", "run_job", "write_eval_sets"]

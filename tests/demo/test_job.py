@@ -1,0 +1,45 @@
+"""The quick start's main job at CI size: the same steps as `make demo` on a few dozen clips."""
+
+from __future__ import annotations
+
+import json
+
+from tests.demo.conftest import needs_demo_packages
+
+
+def test_spread_picks_evenly_through_the_sources():
+    from speechlm.demo.job import spread
+
+    rows = [f"templates-{i}" for i in range(6)] + [f"questions-{i}" for i in range(3)]
+    assert spread(rows, 3) == ["templates-0", "templates-3", "questions-0"]
+    assert spread(rows, 20) == rows
+
+
+@needs_demo_packages
+def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
+    from speechlm.demo.job import HEADLINE, JobSettings, run_job
+    from speechlm.finetune.evaluation import EvalSettings
+    from speechlm.speech_io.audio import load_audio
+
+    settings = JobSettings(out=str(tmp_path / "out"), size="ci", cache=str(demo_cache), max_minutes=None,
+                           curve_every_minutes=0.1, curve_items=4, tts_items=4, tts_train_clips=16,
+                           overrides=["training.max_steps=24", "training.per_device_train_batch_size=4",
+                                      "training.logging_steps=1", "training.learning_rate=0.003"],
+                           eval=EvalSettings(batch_size=8, max_new_tokens=24, max_speech_units=100))
+    report = run_job(settings, progress=lambda _: None)
+
+    losses = [point["loss"] for point in report["training"]["losses"]]
+    assert report["training"]["steps"] == 24 and len(losses) == 24
+    assert sum(losses[-6:]) < sum(losses[:6])  # the loss falls
+    for name, metric, _ in HEADLINE:
+        assert metric in report["before"][name] and metric in report["after"][name], (name, metric)
+    assert report["text_answers_unchanged"] is True  # frozen backbone: its text answers stay what they were
+    curve = report["training"]["curve"]
+    assert curve[0]["step"] == 0 and curve[-1]["step"] == 24 and len(curve) >= 2
+    out = tmp_path / "out"
+    assert json.loads((out / "report.json").read_text())["after"] == report["after"]
+    markdown = (out / "report.md").read_text()
+    assert "asr/ood" in markdown and "unit_error_rate" in markdown
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert load_audio(out / "answer.wav").shape[0] > 0
+    assert (out / "model" / "processor_config.json").is_file()
