@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-minutes", type=float, default=15.0, help="stop training after this many minutes")
     run.add_argument("--curve-every", type=float, default=2.5, help="minutes of training between curve points")
     run.add_argument("--curve-items", type=int, default=64, help="held-out clips per learning-curve point")
-    run.add_argument("--tts-items", type=int, default=64, help="held-out sentences the tts evaluation speaks")
+    run.add_argument("--tts-items", type=int, default=40, help="clips of each held-out split the tts evaluation speaks")
     run.add_argument("--tts-train-clips", type=int, default=400, help="training clips whose units are extracted "
                                                                       "for the tts task")
     run.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value (e.g. training.max_steps=50)")

@@ -13,6 +13,7 @@ WER every few minutes of training (the learning curve); save; evaluate again; wr
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -31,7 +32,8 @@ from speechlm.finetune.evaluation import EvalItem, EvalSettings, evaluate, read_
 HEADLINE = (("asr/heldout", "wer", True), ("asr/ood", "wer", True), ("qa/heldout", "speech_contains", False),
             ("qa/heldout", "text_contains", False), ("qa/heldout", "speech_to_text_contains", False),
             ("qa/ood", "speech_contains", False), ("qa/ood", "text_contains", False),
-            ("qa/ood", "speech_to_text_contains", False), ("tts/heldout", "unit_error_rate", True))
+            ("qa/ood", "speech_to_text_contains", False), ("tts/heldout", "unit_error_rate", True),
+            ("tts/ood", "unit_error_rate", True))
 
 
 @dataclass
@@ -45,7 +47,7 @@ class JobSettings:
     curve_every_minutes: float = 2.5  # a learning-curve point every this many minutes of training
     curve_items: int = 64  # held-out clips (spread over the split) per learning-curve point; the final
                           # figures use every clip
-    tts_items: int = 64  # held-out clips the tts task speaks (each is a ~150-unit generation)
+    tts_items: int = 40  # clips of each held-out split the tts task speaks (each a ~150-unit generation)
     # Training clips whose speech units are extracted for the tts task: the published-size codec encodes
     # ~2 clips a second on 2 cores, so all ~2,000 would take a quarter of an hour.
     tts_train_clips: int = 400
@@ -57,15 +59,17 @@ class JobSettings:
 
 def split_for_units(assets: DemoAssets, out: Path, train_units: int, heldout_units: int) -> dict[str, Path]:
     """Manifests (absolute audio paths) of the clips whose units are extracted, spread over the sources:
-    ``train-units`` (tts training) and ``heldout-units`` (tts references); ``train-text``: the rest of the
-    training split, for the tasks that need no units. Deterministic, so that `prepare` reuses its output."""
+    ``train-units`` (tts training), ``heldout-units`` and ``ood-units`` (tts references); ``train-text``:
+    the rest of the training split, for the tasks that need no units. Deterministic, so that `prepare`
+    reuses its output."""
     out.mkdir(parents=True, exist_ok=True)
-    train, heldout = _rows(Path(assets.train)), _rows(Path(assets.heldout))
+    train, heldout, ood = _rows(Path(assets.train)), _rows(Path(assets.heldout)), _rows(Path(assets.ood))
     with_units = spread(train, train_units)
     chosen = {row["id"] for row in with_units}
     rest = [row for row in train if row["id"] not in chosen]
     manifests = {"train-units": _write_jsonl(out / "train-units.jsonl", with_units),
-                 "heldout-units": _write_jsonl(out / "heldout-units.jsonl", spread(heldout, heldout_units))}
+                 "heldout-units": _write_jsonl(out / "heldout-units.jsonl", spread(heldout, heldout_units)),
+                 "ood-units": _write_jsonl(out / "ood-units.jsonl", spread(ood, heldout_units))}
     if rest:
         manifests["train-text"] = _write_jsonl(out / "train-text.jsonl", rest)
     return manifests
@@ -78,9 +82,9 @@ def _rows(manifest: Path) -> list[dict]:
     return rows
 
 
-def write_eval_sets(assets: DemoAssets, heldout_units: dict[str, list[int]], out: Path) -> dict[str, tuple[str, Path]]:
+def write_eval_sets(assets: DemoAssets, units: dict[str, list[int]], out: Path) -> dict[str, tuple[str, Path]]:
     """``name -> (task, manifest)``: ASR on both held-out splits, spoken QA on their questions with known
-    answers, TTS on held-out sentences (reference units from `speechlm prepare`). Audio paths are made
+    answers, TTS on the clips that have ``units`` (id -> reference units from `speechlm prepare`). Audio paths are made
     absolute, so that ``speechlm eval`` runs on these manifests from anywhere."""
     out.mkdir(parents=True, exist_ok=True)
     sets: dict[str, tuple[str, Path]] = {}
@@ -91,10 +95,8 @@ def write_eval_sets(assets: DemoAssets, heldout_units: dict[str, list[int]], out
               for r in rows if r.get("expected")]
         sets[f"asr/{split}"] = ("asr", _write_jsonl(out / f"asr-{split}.jsonl", asr))
         sets[f"qa/{split}"] = ("qa", _write_jsonl(out / f"qa-{split}.jsonl", qa))
-        if split == "heldout":
-            tts = [{"id": r["id"], "text": r["text"], "units": heldout_units[r["id"]]}
-                   for r in rows if r["id"] in heldout_units]
-            sets["tts/heldout"] = ("tts", _write_jsonl(out / "tts-heldout.jsonl", tts))
+        tts = [{"id": r["id"], "text": r["text"], "units": units[r["id"]]} for r in rows if r["id"] in units]
+        sets[f"tts/{split}"] = ("tts", _write_jsonl(out / f"tts-{split}.jsonl", tts))
     return {name: value for name, value in sets.items() if value[1].stat().st_size}
 
 
@@ -200,16 +202,17 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     manifests = split_for_units(assets, Path(assets.cache) / f"demo-data-{settings.size}",
                                 settings.tts_train_clips, settings.tts_items)
     prepared = {}
-    for name in ("train-units", "heldout-units"):
+    for name in ("train-units", "heldout-units", "ood-units"):
         prepared[name] = manifests[name].with_suffix("")  # the prepare output beside its manifest
         progress(f"[demo] speech units of {manifests[name]} -> {prepared[name]}")
         prepare(manifests[name], assets.codec, prepared[name])
-    heldout_units = {example.id: list(example.units) for example in load_prepared(prepared["heldout-units"])}
+    reference_units = {example.id: list(example.units) for name in ("heldout-units", "ood-units")
+                       for example in load_prepared(prepared[name])}
+    train_sources = [prepared["train-units"], *([manifests["train-text"]] if "train-text" in manifests else [])]
     lap("prepare")
 
     overrides = [f"model.text_model={assets.text_model}", f"model.audio_encoder={assets.audio_encoder}",
-                 f"data.train=[{','.join(str(p) for p in (prepared['train-units'], manifests.get('train-text')) if p)}]",
-                 f"data.codec={assets.codec}",
+                 f"data.train=[{','.join(map(str, train_sources))}]", f"data.codec={assets.codec}",
                  f"data.system_prompt={json.dumps(ANSWER_SYSTEM_PROMPT)}",  # what the answers were distilled with
                  f"training.output_dir={out / 'model'}",
                  # transformers refuses bf16 on a machine without a GPU unless told to use the CPU
@@ -217,7 +220,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     config = build_dataclass(TrainConfig, apply_overrides(read_yaml(settings.recipe), overrides))
     model, tokenizer = recipe.build_model(config)
     processor = recipe.build_processor(config, model, tokenizer)
-    eval_sets = write_eval_sets(assets, heldout_units, out / "eval-data")
+    eval_sets = write_eval_sets(assets, reference_units, out / "eval-data")
     progress(f"[demo] {model.parameter_counts()}")
     progress("[demo] evaluating the untrained model")
     before = evaluate_all(model, processor, eval_sets, settings.eval, progress)
@@ -237,7 +240,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     progress("[demo] evaluating the trained model")
     after = evaluate_all(model, processor, eval_sets, settings.eval, progress)
     lap("eval_after")
-    answer = spoken_answer(model, processor, eval_sets, out / "answer.wav")
+    answer = spoken_answer(model, processor, eval_sets, out / "answer.wav", settings.eval)
     report = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
                     "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
@@ -247,8 +250,8 @@ def run_job(settings: JobSettings, progress=print) -> dict:
                      "first_loss": curve.losses[0]["loss"] if curve.losses else None,
                      "last_loss": curve.losses[-1]["loss"] if curve.losses else None,
                      "curve_items": len(curve_items), "curve": curve.points, "losses": curve.losses},
-        "before": {name: r["totals"] for name, r in before.items()},
-        "after": {name: r["totals"] for name, r in after.items()},
+        "before": {name: _without_nan(r["totals"]) for name, r in before.items()},
+        "after": {name: _without_nan(r["totals"]) for name, r in after.items()},
         "text_answers_unchanged": text_answers_unchanged(before, after),
         "answer": answer,
         "seconds": seconds,
@@ -263,6 +266,11 @@ def run_job(settings: JobSettings, progress=print) -> dict:
         progress(f"[demo] wrote {out / name}")
     progress(f"[demo] trained model: {model_dir}")
     return report
+
+
+def _without_nan(totals: dict) -> dict:
+    """NaN (a ratio over a zero accuracy) as null: JSON has no NaN."""
+    return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in totals.items()}
 
 
 def load_trained(model_dir: Path):
@@ -280,7 +288,7 @@ def text_answers_unchanged(before: dict, after: dict) -> bool | None:
     return all(b == a for b, a in pairs) if pairs else None
 
 
-def spoken_answer(model, processor, eval_sets: dict, wav: Path) -> dict:
+def spoken_answer(model, processor, eval_sets: dict, wav: Path, settings: EvalSettings) -> dict:
     """The trained model's text-and-speech answer to the first held-out spoken question, saved as a wav."""
     from speechlm.responding import respond
     from speechlm.speech_io.audio import save_wav
@@ -288,7 +296,8 @@ def spoken_answer(model, processor, eval_sets: dict, wav: Path) -> dict:
     name = "qa/heldout" if "qa/heldout" in eval_sets else "asr/heldout"
     row = json.loads(eval_sets[name][1].read_text().splitlines()[0])
     model.eval()
-    reply = respond(model, processor, audio=row["audio"], output="text+speech", max_new_tokens=64, do_sample=False)
+    reply = respond(model, processor, audio=row["audio"], output="text+speech", max_new_tokens=settings.max_new_tokens,
+                    max_speech_units=settings.max_speech_units, do_sample=False)
     if reply.audio is not None:
         save_wav(wav, reply.audio)
     return {"question_audio": row["audio"], "question": row.get("question", row.get("text")), "text": reply.text,
@@ -323,7 +332,7 @@ def format_report(report: dict) -> str:
 
 
 def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else str(value)
 
 
 def plot_curves(report: dict, path: Path) -> None:
