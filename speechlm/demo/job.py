@@ -12,6 +12,7 @@ WER every few minutes of training (the learning curve); save; evaluate again; wr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -203,7 +204,9 @@ def run_job(settings: JobSettings, progress=print) -> dict:
                                 settings.tts_train_clips, settings.tts_items)
     prepared = {}
     for name in ("train-units", "heldout-units", "ood-units"):
-        prepared[name] = manifests[name].with_suffix("")  # the prepare output beside its manifest
+        # beside its manifest, named by its content: another selection (or corpus) gets its own folder
+        digest = hashlib.sha256(manifests[name].read_bytes()).hexdigest()[:12]
+        prepared[name] = manifests[name].with_name(f"{name}-{digest}")
         progress(f"[demo] speech units of {manifests[name]} -> {prepared[name]}")
         prepare(manifests[name], assets.codec, prepared[name])
     reference_units = {example.id: list(example.units) for name in ("heldout-units", "ood-units")
