@@ -136,10 +136,40 @@ class TrainingConfig:
 
 
 @dataclass
+class AlignmentConfig:
+    """CTC pre-alignment of the projector before the Trainer (`speechlm.finetune.alignment`)."""
+
+    max_steps: int = field(default=0, metadata={
+        "help": "CTC steps of the projector before the Trainer; 0: no pre-alignment"})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "stop earlier after this many minutes (encoding the clips included); null: max_steps decides"})
+    batch_size: int = field(default=32, metadata={"help": "clips per CTC step"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the projector"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
+    max_clips: int | None = field(default=None, metadata={
+        "help": "clips (with audio and text) encoded for the stage; their encoder outputs stay in memory "
+                "(~50 kB per second of audio for Whisper base); null: every one"})
+    seed: int = field(default=0, metadata={"help": "seed of the clip choice and order"})
+
+    def __post_init__(self):
+        problems = Problems()
+        problems.check(self.max_steps >= 0, f"max_steps={self.max_steps}: must be >= 0 (0: no pre-alignment)")
+        problems.check(self.max_minutes is None or self.max_minutes > 0,
+                       f"max_minutes={self.max_minutes}: must be > 0 or null")
+        problems.check(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
+        problems.check(self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be > 0")
+        problems.check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0")
+        problems.check(self.max_clips is None or self.max_clips >= 1, f"max_clips={self.max_clips}: must be >= 1")
+        problems.raise_if_any("alignment")
+
+
+@dataclass
 class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec, metadata={
         "help": "the SpeechLM to build (as `speechlm init`), or its mode and LoRA settings with init_from"})
     init_from: str | None = field(default=None, metadata={
         "help": "a saved SpeechLM to start from (e.g. stage 1's output); model.mode/lora then apply to it"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data, task mixture, lengths"})
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig, metadata={
+        "help": "CTC pre-alignment of the projector before the Trainer (off unless max_steps > 0)"})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "HF Trainer settings"})

@@ -1,5 +1,5 @@
-"""The training recipe, top to bottom: build the model, the processor, the datasets and the trainer;
-train; save (and push). ``speechlm train CONFIG.yaml [key.sub=value ...]`` runs `run`; so do
+"""The training recipe, top to bottom: build the model and the processor; load the examples; pre-align the
+projector (CTC, if asked); build the datasets and the trainer; train; save (and push). ``speechlm train CONFIG.yaml [key.sub=value ...]`` runs `run`; so do
 ``accelerate launch``, ``torchrun`` and ``deepspeed`` around that command.
 """
 
@@ -10,14 +10,17 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 from speechlm.adapters.building import build_codec, build_speechlm, load_speechlm
 from speechlm.adapters.building import build_processor as processor_for
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
+from speechlm.finetune.alignment import AlignmentResult, align_projector
 from speechlm.finetune.collator import SpeechLMCollator
 from speechlm.finetune.config import TrainConfig
+from speechlm.finetune.examples import Example
 from speechlm.finetune.mixture import TaskMixtureDataset
 from speechlm.finetune.sources import load_examples
 from speechlm.finetune.tasks import RenderSettings
@@ -72,9 +75,29 @@ def build_processor(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer) 
                          max_audio_seconds=data.max_audio_seconds, system_prompt=data.system_prompt)
 
 
-def build_datasets(config: TrainConfig, processor: SpeechLMProcessor) -> TaskMixtureDataset:
+def load_training_examples(config: TrainConfig) -> list[Example]:
+    return [example for source in config.data.train for example in load_examples(source)]
+
+
+def align(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer, examples: Sequence[Example],
+          progress: bool = True) -> AlignmentResult | None:
+    """CTC pre-alignment of the projector (``config.alignment``), before the Trainer; None when off.
+
+    Every process of a distributed run does the same steps from the same seed (DDP starts from rank 0's
+    weights in any case)."""
+    if config.alignment.max_steps == 0:
+        return None
+    training = config.training
+    device = "cuda" if torch.cuda.is_available() and not training.use_cpu else "cpu"
+    return align_projector(model, tokenizer, examples, config.alignment, n_mels=model.config.audio_config.n_mels,
+                           max_audio_seconds=config.data.max_audio_seconds, device=device, bf16=training.bf16,
+                           progress=progress)
+
+
+def build_datasets(config: TrainConfig, processor: SpeechLMProcessor,
+                   examples: Sequence[Example] | None = None) -> TaskMixtureDataset:
     data = config.data
-    examples = [example for source in data.train for example in load_examples(source)]
+    examples = load_training_examples(config) if examples is None else list(examples)
     settings = RenderSettings(speech_input=data.speech_input, interleave=data.interleave)
     dataset = TaskMixtureDataset(examples, processor, data.tasks, settings=settings, num_samples=data.num_samples,
                                  max_length=data.max_length, seed=data.seed)
@@ -129,7 +152,9 @@ def save(config: TrainConfig, trainer: SpeechLMTrainer) -> Path:
 def run(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     model, tokenizer = build_model(config)
     processor = build_processor(config, model, tokenizer)
-    dataset = build_datasets(config, processor)
+    examples = load_training_examples(config)
+    align(config, model, tokenizer, examples)
+    dataset = build_datasets(config, processor, examples)
     trainer = build_trainer(config, model, processor, dataset, callbacks)
     train(config, trainer)
     return save(config, trainer)

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from speechlm.demo.assets import check_runtime_packages
 from speechlm.demo.build import DemoAssets, build_demo_assets
 from speechlm.demo.corpus import ANSWER_SYSTEM_PROMPT
-from speechlm.finetune.evaluation import EvalItem, EvalSettings, evaluate, read_eval_manifest
+from speechlm.finetune.evaluation import EvalItem, EvalSettings, evaluate, read_eval_manifest, summarize
 
 # Metrics in the report: (eval set, task, total) and whether lower is better.
 HEADLINE = (("asr/heldout", "wer", True), ("asr/ood", "wer", True), ("qa/heldout", "speech_contains", False),
@@ -147,8 +147,16 @@ class LearningCurve(TrainerCallback):
     def minutes(self) -> float:
         return self.seconds / 60
 
+    def start_from(self, untrained: list[dict], seconds: float) -> None:
+        """Training began ``seconds`` ago (CTC pre-alignment): the curve's first point is the untrained
+        model's WER on its clips, taken from ``untrained`` (per-clip results of the full evaluation)."""
+        chosen = {item.id for item in self.items}
+        results = [result for result in untrained if result["id"] in chosen]
+        self.points.append({"minutes": 0.0, "step": 0, "wer": summarize("asr", results)["wer"]})
+        self.seconds = seconds
+
     def on_train_begin(self, args, state, control, **kwargs):
-        self._measure(state.global_step)
+        self._measure(state.global_step)  # untrained, or after CTC pre-alignment (its minutes already counted)
         self._last = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -159,7 +167,7 @@ class LearningCurve(TrainerCallback):
         if out_of_time:
             self.progress(f"[demo] {self.minutes:.1f} min of training: stopping at step {state.global_step}")
             control.should_training_stop = True
-        elif self.minutes >= (len(self.points)) * self.every_minutes:
+        elif self.minutes >= self.points[-1]["minutes"] + self.every_minutes:
             self._measure(state.global_step)
             self._last = time.perf_counter()
 
@@ -229,10 +237,16 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     before = evaluate_all(model, processor, eval_sets, settings.eval, progress)
     lap("eval_before")
 
-    dataset = recipe.build_datasets(config, processor)
     curve_items = spread(read_eval_manifest(eval_sets["asr/heldout"][1], "asr"), settings.curve_items)
     curve = LearningCurve(model, processor, curve_items, settings.eval, every_minutes=settings.curve_every_minutes,
                           max_minutes=settings.max_minutes, progress=progress)
+    examples = recipe.load_training_examples(config)
+    alignment = recipe.align(config, model, tokenizer, examples)
+    if alignment is not None:  # its minutes are training minutes: the curve's clock and the stop count them
+        curve.start_from(before["asr/heldout"]["items"], alignment.seconds)
+        progress(f"[demo] CTC pre-alignment: {alignment.steps} steps on {alignment.clips} clips in "
+                 f"{alignment.seconds:.0f} s, loss {alignment.losses[0]:.3f} -> {alignment.losses[-1]:.3f}")
+    dataset = recipe.build_datasets(config, processor, examples)
     trainer = recipe.build_trainer(config, model, processor, dataset, callbacks=[curve])
     result = recipe.train(config, trainer)
     model_dir = recipe.save(config, trainer)
@@ -249,6 +263,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
                     "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
         "assets": asdict(assets), "recipe": settings.recipe, "overrides": overrides, "model": str(model_dir),
         "eval_sets": {name: str(path) for name, (_, path) in eval_sets.items()},
+        "alignment": None if alignment is None else asdict(alignment),
         "training": {"steps": result.global_step, "minutes": round(curve.minutes, 2),
                      "first_loss": curve.losses[0]["loss"] if curve.losses else None,
                      "last_loss": curve.losses[-1]["loss"] if curve.losses else None,
@@ -313,6 +328,7 @@ def format_report(report: dict) -> str:
     lines = ["# speechlm quick start: report", "",
              f"Machine: {report['machine']['cpus']} CPUs ({report['machine']['processor']}), torch "
              f"{report['machine']['torch']}, CUDA {report['machine']['cuda']}.",
+             *_alignment_line(report["alignment"]),
              f"Training: {report['training']['steps']} steps in {report['training']['minutes']} min, loss "
              f"{report['training']['first_loss']} -> {report['training']['last_loss']}.", "",
              "| eval set | metric | before | after |", "| --- | --- | --- | --- |"]
@@ -332,6 +348,14 @@ def format_report(report: dict) -> str:
               f"units, {answer['wav']}). The codec has random weights: its audio is not speech.", "",
               "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)
+
+
+def _alignment_line(alignment: dict | None) -> list[str]:
+    if alignment is None:
+        return []
+    return [f"CTC pre-alignment of the projector (counted in the training minutes): {alignment['steps']} steps on "
+            f"{alignment['clips']} clips in {alignment['seconds'] / 60:.1f} min, CTC loss {alignment['losses'][0]:.3f} "
+            f"-> {alignment['losses'][-1]:.3f}."]
 
 
 def _fmt(value) -> str:

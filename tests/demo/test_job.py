@@ -23,7 +23,7 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
 
     settings = JobSettings(out=str(tmp_path / "out"), size="ci", cache=str(demo_cache), max_minutes=None,
                            curve_every_minutes=0.1, curve_items=4, tts_items=4, tts_train_clips=16,
-                           overrides=["training.max_steps=24", "training.per_device_train_batch_size=4",
+                           overrides=["alignment.max_steps=20", "alignment.batch_size=8", "training.max_steps=24", "training.per_device_train_batch_size=4",
                                       "training.logging_steps=1", "training.learning_rate=0.003"],
                            eval=EvalSettings(batch_size=8, max_new_tokens=24, max_speech_units=100))
     report = run_job(settings, progress=lambda _: None)
@@ -34,8 +34,11 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
     for name, metric, _ in HEADLINE:
         assert metric in report["before"][name] and metric in report["after"][name], (name, metric)
     assert report["text_answers_unchanged"] is True  # frozen backbone: its text answers stay what they were
-    curve = report["training"]["curve"]
-    assert curve[0]["step"] == 0 and curve[-1]["step"] == 24 and len(curve) >= 2
+    alignment = report["alignment"]
+    assert alignment["steps"] == 20 and alignment["losses"][-1] < alignment["losses"][0]
+    curve = report["training"]["curve"]  # untrained, after the CTC pre-alignment, ..., after training
+    assert [point["step"] for point in curve[:2]] == [0, 0] and curve[-1]["step"] == 24
+    assert curve[0]["minutes"] == 0 and curve[1]["minutes"] == round(alignment["seconds"] / 60, 3)
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text())["after"] == report["after"]
     markdown = (out / "report.md").read_text()
