@@ -8,6 +8,8 @@ from speechlm.finetune import recipe
 from speechlm.finetune.alignment import align_projector
 from speechlm.finetune.config import AlignmentConfig, TrainConfig
 from speechlm.finetune.examples import Example
+from speechlm.speech_io.audio import load_audio
+from speechlm.speech_io.features import log_mel_features
 from tests.finetune.conftest import TINY_TRAIN_YAML
 
 # The tiny default's byte tokenizer spells a transcript a token per character: stacking 1 keeps 50 frames
@@ -33,6 +35,12 @@ def test_ctc_alignment_trains_only_the_projector_and_its_loss_falls(prepared):
     assert result.losses[-1] < 0.7 * result.losses[0]
     changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
     assert changed and all(name.startswith("multi_modal_projector.") for name in changed)
+    # the projected frames come out at the scale of the LM's embeddings
+    features = log_mel_features([load_audio(examples[0].audio)])
+    with torch.no_grad():
+        frames = model.get_audio_features(features.input_features, features.input_features_mask)
+    embedding_norm = model.get_input_embeddings().weight.norm(dim=1).mean()
+    assert frames.norm(dim=-1).mean() == pytest.approx(embedding_norm.item(), rel=0.3)
 
 
 def test_alignment_off_by_default_and_the_recipe_runs_it_before_the_trainer(prepared, tmp_path):
