@@ -6,6 +6,7 @@ does, then cut to the clip) and fed through a stand-in tower, so only the projec
 
     python bench/bench_alignment.py --projector swiglu --lr 3e-3
     python bench/bench_alignment.py --projector mlp --lr 1e-3 --padded
+    python bench/bench_alignment.py --projector swiglu --lr 1e-3 --ctc-steps 400   # CTC pre-alignment first
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from speechlm.speech_io.features import log_mel_features
 
 
 def rows_of(manifest: str, count: int) -> list[dict]:
+    """``count`` rows spread evenly through the manifest (it lists its sources one after another)."""
     path = Path(manifest)
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:count]]
+    lines = path.read_text().splitlines()
+    rows = [json.loads(lines[index * len(lines) // count]) for index in range(min(count, len(lines)))]
     for row in rows:
         row["array"] = load_audio(path.parent / row["audio"])
     return rows
@@ -62,9 +65,12 @@ def main() -> None:
     parser.add_argument("--projector", choices=["mlp", "swiglu"], default="swiglu")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--every", type=int, default=25, help="held-out loss every this many steps")
     parser.add_argument("--train-clips", type=int, default=400)
     parser.add_argument("--heldout-clips", type=int, default=40)
     parser.add_argument("--padded", action="store_true", help="encoder on 30 s padded input, cut to the clip")
+    parser.add_argument("--ctc-steps", type=int, default=0,
+                        help="CTC pre-alignment steps (finetune/alignment.py) on every training clip first")
     parser.add_argument("--cache", help="the demo assets' cache folder")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -75,6 +81,15 @@ def main() -> None:
                          data=DataConfig(train=[assets.train], system_prompt=""))
     model, tokenizer = build_model(config)
     processor = build_processor(config, model, tokenizer)
+    if args.ctc_steps:
+        from speechlm.finetune.alignment import align_projector
+        from speechlm.finetune.config import AlignmentConfig
+        from speechlm.finetune.examples import read_manifest
+
+        result = align_projector(model, tokenizer, read_manifest(assets.train), AlignmentConfig(max_steps=args.ctc_steps),
+                                 bf16=True)
+        print(f"CTC pre-alignment: {result.steps} steps on {result.clips} clips in {result.seconds:.0f} s "
+              f"(encoding included), loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
     train, heldout = rows_of(assets.train, args.train_clips), rows_of(assets.heldout, args.heldout_clips)
     start = time.perf_counter()
     cached = encoder_outputs(model, train + heldout, args.padded, assets.audio_encoder)
@@ -102,6 +117,7 @@ def main() -> None:
         model.train()
         return float(np.mean(losses))
 
+    print(f"step 0: held-out loss {heldout_loss():.3f}", flush=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20))
@@ -117,7 +133,7 @@ def main() -> None:
         warmup.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-        if step % 25 == 0:
+        if step % args.every == 0:
             print(f"step {step}: train loss {np.mean(losses):.3f}, held-out loss {heldout_loss():.3f}, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
             losses = []

@@ -63,6 +63,11 @@ class ProjectorAligner:
         self.device, self.bf16, self.progress = torch.device(device), bf16, progress
         self.stack_factor = model.config.projector_config.stack_factor
         self.skipped: dict[str, int] = {}
+        # after `train`: the transcript tokens the softmax ran over, and the learned blank (read by
+        # bench/bench_ctc_reading.py, which feeds the LM the frames CTC does not call blank)
+        self.vocabulary: torch.Tensor | None = None
+        self.blank: torch.Tensor | None = None
+        self.scale = 1.0  # what `_match_embedding_scale` multiplied the frames by: CTC logits are (frames @ E.T) / scale
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -127,6 +132,7 @@ class ProjectorAligner:
         if window:
             losses.append(sum(window) / len(window))
         self._match_embedding_scale(clips, projector, embeddings)
+        self.vocabulary, self.blank = vocabulary, blank.detach()
         return step, losses, len(vocabulary)
 
     @torch.no_grad()
@@ -147,6 +153,7 @@ class ProjectorAligner:
         last.weight.mul_(factor.to(last.weight.dtype))
         if last.bias is not None:
             last.bias.mul_(factor.to(last.bias.dtype))
+        self.scale = float(factor)
 
     def _padded_frames(self, batch: list[_Clip], projector) -> torch.Tensor:
         width = max(clip.frames.shape[0] for clip in batch)

@@ -150,6 +150,14 @@ def jsonl_rows(path: Path, problems: list[str]) -> Iterator[tuple[int, str, Any]
                 problems.append(f"{where}: not valid JSON ({error.msg} at column {error.colno})")
 
 
+def read_jsonl(path: str | Path) -> list[Any]:
+    """Every row of a JSONL file; a `ManifestError` naming each line that is not JSON."""
+    problems: list[str] = []
+    rows = [row for _, _, row in jsonl_rows(Path(path), problems)]
+    raise_problems(problems, path)
+    return rows
+
+
 def raise_problems(problems: list[str], source: Path | str, *, shown: int = 20) -> None:
     if problems:
         more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""

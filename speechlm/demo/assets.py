@@ -246,11 +246,12 @@ def build_codec(corpus_manifest: str | os.PathLike, cache: str | os.PathLike | N
                 max_clips: int = 64, seed: int = 0) -> Path:
     """SpeechTokenizer at the published architecture, random weights, codebooks k-means-filled from up to
     ``max_clips`` clips of ``corpus_manifest``. Its decoded audio is NOT speech (random decoder)."""
+    from speechlm.finetune.examples import read_jsonl
     from speechlm.speech_io.audio import load_audio
     from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
 
     manifest = Path(corpus_manifest)
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(manifest)
     clips = [row["audio"] for row in rows if row.get("audio")][:max_clips]
     if not clips:
         raise DemoAssetError(f"{manifest}: no rows with 'audio' to fill the codec's codebooks from")

@@ -28,6 +28,7 @@ from speechlm.demo.assets import check_runtime_packages
 from speechlm.demo.build import DemoAssets, build_demo_assets
 from speechlm.demo.corpus import ANSWER_SYSTEM_PROMPT
 from speechlm.finetune.evaluation import EvalItem, EvalSettings, evaluate, read_eval_manifest, summarize
+from speechlm.finetune.examples import read_jsonl
 
 # Metrics in the report: (eval set, task, total) and whether lower is better.
 HEADLINE = (("asr/heldout", "wer", True), ("asr/ood", "wer", True), ("qa/heldout", "speech_contains", False),
@@ -58,13 +59,18 @@ class JobSettings:
 
 # -- evaluation sets ------------------------------------------------------------------------------------
 
-def split_for_units(assets: DemoAssets, out: Path, train_units: int, heldout_units: int) -> dict[str, Path]:
-    """Manifests (absolute audio paths) of the clips whose units are extracted, spread over the sources:
-    ``train-units`` (tts training), ``heldout-units`` and ``ood-units`` (tts references); ``train-text``:
-    the rest of the training split, for the tasks that need no units. Deterministic, so that `prepare`
-    reuses its output."""
+def corpus_rows(assets: DemoAssets) -> dict[str, list[dict]]:
+    """``train``, ``heldout`` and ``ood`` manifest rows, audio paths made absolute (so that ``speechlm eval``
+    runs on the manifests written from them, from anywhere)."""
+    return {split: _rows(Path(getattr(assets, split))) for split in ("train", "heldout", "ood")}
+
+
+def split_for_units(rows: dict[str, list[dict]], out: Path, train_units: int, heldout_units: int) -> dict[str, Path]:
+    """Manifests of the clips whose units are extracted, spread over the sources: ``train-units`` (tts
+    training), ``heldout-units`` and ``ood-units`` (tts references); ``train-text``: the rest of the
+    training split, for the tasks that need no units. Deterministic, so that `prepare` reuses its output."""
     out.mkdir(parents=True, exist_ok=True)
-    train, heldout, ood = _rows(Path(assets.train)), _rows(Path(assets.heldout)), _rows(Path(assets.ood))
+    train, heldout, ood = rows["train"], rows["heldout"], rows["ood"]
     with_units = spread(train, train_units)
     chosen = {row["id"] for row in with_units}
     rest = [row for row in train if row["id"] not in chosen]
@@ -77,20 +83,19 @@ def split_for_units(assets: DemoAssets, out: Path, train_units: int, heldout_uni
 
 
 def _rows(manifest: Path) -> list[dict]:
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(manifest)
     for row in rows:
         row["audio"] = str((manifest.parent / row["audio"]).resolve())
     return rows
 
 
-def write_eval_sets(assets: DemoAssets, units: dict[str, list[int]], out: Path) -> dict[str, tuple[str, Path]]:
+def write_eval_sets(corpus: dict[str, list[dict]], units: dict[str, list[int]], out: Path) -> dict[str, tuple[str, Path]]:
     """``name -> (task, manifest)``: ASR on both held-out splits, spoken QA on their questions with known
-    answers, TTS on the clips that have ``units`` (id -> reference units from `speechlm prepare`). Audio paths are made
-    absolute, so that ``speechlm eval`` runs on these manifests from anywhere."""
+    answers, TTS on the clips that have ``units`` (id -> reference units from `speechlm prepare`)."""
     out.mkdir(parents=True, exist_ok=True)
     sets: dict[str, tuple[str, Path]] = {}
-    for split, manifest in (("heldout", Path(assets.heldout)), ("ood", Path(assets.ood))):
-        rows = _rows(manifest)
+    for split in ("heldout", "ood"):
+        rows = corpus[split]
         asr = [{"id": r["id"], "audio": r["audio"], "text": r["text"]} for r in rows]
         qa = [{"id": r["id"], "audio": r["audio"], "question": r["text"], "answers": r["expected"]}
               for r in rows if r.get("expected")]
@@ -208,7 +213,8 @@ def run_job(settings: JobSettings, progress=print) -> dict:
 
     assets = build_demo_assets(settings.size, settings.cache, progress=progress)
     lap("assets")
-    manifests = split_for_units(assets, Path(assets.cache) / f"demo-data-{settings.size}",
+    corpus = corpus_rows(assets)
+    manifests = split_for_units(corpus, Path(assets.cache) / f"demo-data-{settings.size}",
                                 settings.tts_train_clips, settings.tts_items)
     prepared = {}
     for name in ("train-units", "heldout-units", "ood-units"):
@@ -231,7 +237,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     config = build_dataclass(TrainConfig, apply_overrides(read_yaml(settings.recipe), overrides))
     model, tokenizer = recipe.build_model(config)
     processor = recipe.build_processor(config, model, tokenizer)
-    eval_sets = write_eval_sets(assets, reference_units, out / "eval-data")
+    eval_sets = write_eval_sets(corpus, reference_units, out / "eval-data")
     progress(f"[demo] {model.parameter_counts()}")
     progress("[demo] evaluating the untrained model")
     before = evaluate_all(model, processor, eval_sets, settings.eval, progress)
@@ -259,10 +265,8 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     lap("eval_after")
     answer = spoken_answer(model, processor, eval_sets, out / "answer.wav", settings.eval)
     report = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
-        "assets": asdict(assets), "recipe": settings.recipe, "overrides": overrides, "model": str(model_dir),
-        "eval_sets": {name: str(path) for name, (_, path) in eval_sets.items()},
+        "machine": machine(), "assets": asdict(assets), "recipe": settings.recipe, "overrides": overrides,
+        "model": str(model_dir), "eval_sets": {name: str(path) for name, (_, path) in eval_sets.items()},
         "alignment": None if alignment is None else asdict(alignment),
         "training": {"steps": result.global_step, "minutes": round(curve.minutes, 2),
                      "first_loss": curve.losses[0]["loss"] if curve.losses else None,
@@ -272,9 +276,20 @@ def run_job(settings: JobSettings, progress=print) -> dict:
         "after": {name: _without_nan(r["totals"]) for name, r in after.items()},
         "text_answers_unchanged": text_answers_unchanged(before, after),
         "answer": answer,
-        "seconds": seconds,
+        "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
     }
-    report["seconds"]["total"] = round(sum(seconds.values()), 1)
+    write_report(report, before, after, out, progress)
+    progress(f"[demo] trained model: {model_dir}")
+    return report
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "processor": platform.processor() or platform.machine(), "torch": torch.__version__}
+
+
+def write_report(report: dict, before: dict, after: dict, out: Path, progress=print) -> None:
+    """``report.json``, ``report.md``, ``curves.png`` and every item's result (``eval-items.json``)."""
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "eval-items.json").write_text(json.dumps({"before": {n: r["items"] for n, r in before.items()},
                                                      "after": {n: r["items"] for n, r in after.items()}}, indent=1))
@@ -282,8 +297,6 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     plot_curves(report, out / "curves.png")
     for name in ("report.md", "report.json", "curves.png", "answer.wav", "eval-items.json"):
         progress(f"[demo] wrote {out / name}")
-    progress(f"[demo] trained model: {model_dir}")
-    return report
 
 
 def _without_nan(totals: dict) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechlm.finetune.examples import ManifestError, read_manifest
+from speechlm.finetune.examples import ManifestError, read_jsonl, read_manifest
 from speechlm.finetune.sources import load_examples
 
 
@@ -89,3 +89,12 @@ def test_json_dataset_object(tmp_path):
     manifest = write_manifest(tmp_path / "m.jsonl", [{"id": "a", "text": "hello world"}, {"text": "no id"}])
     examples = load_examples(datasets.load_dataset("json", data_files=manifest, split="train"))
     assert [e.id for e in examples] == ["a", "1"]
+
+
+def test_read_jsonl_names_every_line_that_is_not_json(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"id": "a"}\n\n{"id": \nnot json\n')
+    with pytest.raises(ManifestError, match=r"(?s)2 problems.*rows.jsonl line 3: not valid JSON.*line 4"):
+        read_jsonl(path)
+    path.write_text('{"id": "a"}\n\n{"id": "b"}\n')
+    assert read_jsonl(path) == [{"id": "a"}, {"id": "b"}]
