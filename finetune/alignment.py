@@ -43,6 +43,12 @@ class AlignmentResult:
     vocabulary: int  # distinct transcript tokens the softmax ran over
     losses: list[float]  # mean CTC loss per logged window
 
+    def summary(self) -> str:
+        loss = f"CTC loss {self.losses[0]:.3f} -> {self.losses[-1]:.3f}" if self.losses else "no step (out of time)"
+        skipped = f"; left out: {self.skipped}" if self.skipped else ""
+        return (f"CTC pre-alignment: {self.steps} steps on {self.clips} clips ({self.vocabulary} transcript tokens) "
+                f"in {self.seconds / 60:.1f} min, {loss}{skipped}")
+
 
 @dataclass
 class _Clip:
@@ -202,7 +208,5 @@ def align_projector(model, tokenizer, examples: Sequence[Example], config: Align
             part.to(home)
     result = AlignmentResult(steps=steps, seconds=round(time.perf_counter() - start, 1), clips=len(clips),
                              skipped=aligner.skipped, vocabulary=vocabulary, losses=losses)
-    logger.info("CTC pre-alignment: %d steps on %d clips (%d transcript tokens) in %.0f s, loss %s -> %s%s",
-                steps, len(clips), vocabulary, result.seconds, f"{losses[0]:.3f}" if losses else "n/a",
-                f"{losses[-1]:.3f}" if losses else "n/a", f"; left out: {aligner.skipped}" if aligner.skipped else "")
+    logger.info("%s", result.summary())
     return result

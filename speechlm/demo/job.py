@@ -250,8 +250,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     alignment = recipe.align(config, model, tokenizer, examples)
     if alignment is not None:  # its minutes are training minutes: the curve's clock and the stop count them
         curve.start_from(before["asr/heldout"]["items"], alignment.seconds)
-        progress(f"[demo] CTC pre-alignment: {alignment.steps} steps on {alignment.clips} clips in "
-                 f"{alignment.seconds:.0f} s, loss {alignment.losses[0]:.3f} -> {alignment.losses[-1]:.3f}")
+        progress(f"[demo] {alignment.summary()}")
     dataset = recipe.build_datasets(config, processor, examples)
     trainer = recipe.build_trainer(config, model, processor, dataset, callbacks=[curve])
     result = recipe.train(config, trainer)
@@ -267,7 +266,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     report = {
         "machine": machine(), "assets": asdict(assets), "recipe": settings.recipe, "overrides": overrides,
         "model": str(model_dir), "eval_sets": {name: str(path) for name, (_, path) in eval_sets.items()},
-        "alignment": None if alignment is None else asdict(alignment),
+        "alignment": None if alignment is None else {**asdict(alignment), "summary": alignment.summary()},
         "training": {"steps": result.global_step, "minutes": round(curve.minutes, 2),
                      "first_loss": curve.losses[0]["loss"] if curve.losses else None,
                      "last_loss": curve.losses[-1]["loss"] if curve.losses else None,
@@ -364,11 +363,7 @@ def format_report(report: dict) -> str:
 
 
 def _alignment_line(alignment: dict | None) -> list[str]:
-    if alignment is None:
-        return []
-    return [f"CTC pre-alignment of the projector (counted in the training minutes): {alignment['steps']} steps on "
-            f"{alignment['clips']} clips in {alignment['seconds'] / 60:.1f} min, CTC loss {alignment['losses'][0]:.3f} "
-            f"-> {alignment['losses'][-1]:.3f}."]
+    return [] if alignment is None else [f"{alignment['summary']} (counted in the training minutes)."]
 
 
 def _fmt(value) -> str:

@@ -81,3 +81,13 @@ def test_no_usable_clip_is_a_clear_error(prepared):
 def test_bad_alignment_settings_name_the_field(key, value, message):
     with pytest.raises(ValueError, match=f"invalid alignment: {message}"):
         AlignmentConfig(**{key: value})
+
+
+def test_the_summary_says_when_no_step_ran():
+    from speechlm.finetune.alignment import AlignmentResult
+
+    ran = AlignmentResult(steps=40, seconds=90.0, clips=12, skipped={}, vocabulary=30, losses=[5.0, 1.0])
+    assert ran.summary() == "CTC pre-alignment: 40 steps on 12 clips (30 transcript tokens) in 1.5 min, CTC loss 5.000 -> 1.000"
+    none = AlignmentResult(steps=0, seconds=240.0, clips=3, skipped={"out of time before it was encoded": 9},
+                           vocabulary=7, losses=[])
+    assert "no step (out of time); left out: {'out of time before it was encoded': 9}" in none.summary()
