@@ -41,7 +41,7 @@ class AlignmentResult:
     clips: int  # clips trained on
     skipped: dict[str, int]  # reason -> clips left out
     vocabulary: int  # distinct transcript tokens the softmax ran over
-    losses: list[float]  # mean CTC loss per logged window
+    losses: list[float]  # mean CTC loss per window of min(25, max_steps // 10) steps
 
     def summary(self) -> str:
         loss = f"CTC loss {self.losses[0]:.3f} -> {self.losses[-1]:.3f}" if self.losses else "no step (out of time)"
@@ -119,6 +119,7 @@ class ProjectorAligner:
         rng = random.Random(config.seed)
         projector.train()
         losses, window, step = [], [], 0
+        every = max(1, min(25, config.max_steps // 10))  # a short run still logs a falling loss
         bar = tqdm(total=config.max_steps, desc="alignment: CTC steps", disable=not self.progress)
         while step < config.max_steps and (deadline is None or time.perf_counter() < deadline):
             batch = rng.sample(clips, min(config.batch_size, len(clips)))
@@ -131,7 +132,7 @@ class ProjectorAligner:
             step += 1
             window.append(loss.item())
             bar.update()
-            if len(window) == 25 or step == config.max_steps:
+            if len(window) == every or step == config.max_steps:
                 losses.append(sum(window) / len(window))
                 bar.set_postfix(ctc_loss=f"{losses[-1]:.3f}")
                 window = []

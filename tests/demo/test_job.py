@@ -23,7 +23,8 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
 
     settings = JobSettings(out=str(tmp_path / "out"), size="ci", cache=str(demo_cache), max_minutes=None,
                            curve_every_minutes=0.1, curve_items=4, tts_items=4, tts_train_clips=16,
-                           overrides=["alignment.max_steps=20", "alignment.batch_size=8", "training.max_steps=24", "training.per_device_train_batch_size=4",
+                           overrides=["alignment.max_steps=20", "alignment.batch_size=8", "alignment.warmup_steps=2",
+                                      "training.max_steps=24", "training.per_device_train_batch_size=4",
                                       "training.logging_steps=1", "training.learning_rate=0.003"],
                            eval=EvalSettings(batch_size=8, max_new_tokens=24, max_speech_units=100))
     report = run_job(settings, progress=lambda _: None)
