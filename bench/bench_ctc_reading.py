@@ -12,22 +12,19 @@ Uses the quick start's assets (``python -m speechlm.demo assets --size full``).
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import torch
 
 from speechlm.adapters.building import ModelSpec
 from speechlm.demo.build import load_demo_assets
+from speechlm.demo.job import spread
 from speechlm.finetune.alignment import ProjectorAligner
 from speechlm.finetune.config import AlignmentConfig, DataConfig, TrainConfig
-from speechlm.finetune.examples import read_manifest
+from speechlm.finetune.examples import read_jsonl, read_manifest
 from speechlm.finetune.metrics import match_answer, word_errors
 from speechlm.finetune.recipe import build_model, build_processor
-
-
-def spread(items: list, count: int) -> list:
-    return [items[index * len(items) // count] for index in range(min(count, len(items)))]
+from speechlm.speech_io.constants import stacked_frames
 
 
 def main() -> None:
@@ -55,7 +52,7 @@ def main() -> None:
 
     def compressed(frames: torch.Tensor) -> tuple[torch.Tensor, str]:
         with torch.no_grad():
-            projected = model.multi_modal_projector(frames.float()[None])[0, : math.ceil(frames.shape[0] / 5)]
+            projected = model.multi_modal_projector(frames.float()[None])[0, : stacked_frames(frames.shape[0], 5)]
             logits = torch.cat([projected @ aligner.blank[:, None], projected @ embeddings.T], -1) / aligner.scale
             best = logits.argmax(-1)
             keep = (best != 0) & torch.cat([torch.tensor([True]), best[1:] != best[:-1]])
@@ -102,8 +99,6 @@ def main() -> None:
 
 
 def _expected(manifest: str) -> dict[str, list[str]]:
-    from speechlm.finetune.examples import read_jsonl
-
     return {row["id"]: row["expected"] for row in read_jsonl(manifest) if row.get("expected")}
 
 

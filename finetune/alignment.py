@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from speechlm.finetune.config import AlignmentConfig
 from speechlm.finetune.examples import Example
 from speechlm.speech_io.audio import load_audio
+from speechlm.speech_io.constants import SAMPLE_RATE, audio_placeholder_count, stacked_frames
 from speechlm.speech_io.features import log_mel_features
 
 logger = logging.getLogger(__name__)
@@ -87,13 +88,13 @@ class ProjectorAligner:
                 self._skip("out of time before it was encoded")
                 continue
             audio = load_audio(example.audio)
-            if audio.shape[0] > self.max_audio_seconds * 16000:
+            if audio.shape[0] > self.max_audio_seconds * SAMPLE_RATE:
                 self._skip(f"longer than max_audio_seconds={self.max_audio_seconds}")
                 continue
             targets = self.tokenizer(example.text, add_special_tokens=False)["input_ids"]
             features = log_mel_features([audio], n_mels=self.n_mels)
             mel_frames = int(features.input_features_mask.sum())
-            if not targets or len(targets) > math.ceil(math.ceil(mel_frames / 2) / self.stack_factor):
+            if not targets or len(targets) > audio_placeholder_count(mel_frames, self.stack_factor):
                 self._skip("more transcript tokens than projected frames" if targets else "empty transcript")
                 continue
             with torch.no_grad(), self._autocast():
@@ -156,7 +157,7 @@ class ProjectorAligner:
             with self._autocast():
                 projected = projector(self._padded_frames(batch, projector)).float()
             for row, clip in zip(projected, batch, strict=True):
-                norms.append(row[: math.ceil(clip.frames.shape[0] / self.stack_factor)].norm(dim=-1))
+                norms.append(row[: stacked_frames(clip.frames.shape[0], self.stack_factor)].norm(dim=-1))
         factor = embeddings.norm(dim=1).mean() / torch.cat(norms).mean()
         last.weight.mul_(factor.to(last.weight.dtype))
         if last.bias is not None:
@@ -170,7 +171,7 @@ class ProjectorAligner:
 
     def _loss(self, batch: list[_Clip], projector, embeddings, blank, index) -> torch.Tensor:
         frames = self._padded_frames(batch, projector)
-        lengths = torch.tensor([math.ceil(clip.frames.shape[0] / self.stack_factor) for clip in batch])
+        lengths = torch.tensor([stacked_frames(clip.frames.shape[0], self.stack_factor) for clip in batch])
         with self._autocast():
             projected = projector(frames)
         projected = projected.float()

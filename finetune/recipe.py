@@ -1,6 +1,7 @@
 """The training recipe, top to bottom: build the model and the processor; load the examples; pre-align the
-projector (CTC, if asked); build the datasets and the trainer; train; save (and push). ``speechlm train CONFIG.yaml [key.sub=value ...]`` runs `run`; so do
-``accelerate launch``, ``torchrun`` and ``deepspeed`` around that command.
+projector (CTC, if asked); build the datasets and the trainer; train; save (and push).
+``speechlm train CONFIG.yaml [key.sub=value ...]`` runs `run`; so do ``accelerate launch``, ``torchrun``
+and ``deepspeed`` around that command.
 """
 
 from __future__ import annotations
