@@ -8,7 +8,8 @@ to the same text: the self-distillation target, as Ultravox) and, where we know 
 (acceptable short answers, for accuracy). Informational fields: ``source``, ``kind``, ``synthesis``.
 
 Splits: ``heldout`` is a seeded random share of each training source; ``ood`` holds the texts of a
-source never used in training (package documentation) and question kinds never asked in training.
+source never used in training (package READMEs; training hears other documentation, the standard
+library's docstrings) and question kinds never asked in training.
 Every clip and every backbone text is cached; a re-run with the same settings only re-reads them.
 """
 
@@ -33,6 +34,7 @@ from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.constants import SAMPLE_RATE
 
 SPLITS = ("train", "heldout", "ood")
+SOURCES = ("templates", "backbone", "stdlib", "questions", "docs")
 SENTENCE_GAP_SECONDS = 0.25  # Piper returns one chunk per sentence; join them with a short pause
 ANSWER_MAX_NEW_TOKENS = 64
 # The system turn of the self-distilled answers: the training recipe must use the same one (the job sets
@@ -40,7 +42,7 @@ ANSWER_MAX_NEW_TOKENS = 64
 ANSWER_SYSTEM_PROMPT = ""
 SENTENCE_SAMPLES_PER_CALL = 8
 TOPICS_PER_CALL = 10
-CORPUS_VERSION = 2  # bump when rows or audio would change for the same settings
+CORPUS_VERSION = 3  # bump when rows or audio would change for the same settings
 
 
 @dataclass(frozen=True)
@@ -51,15 +53,16 @@ class CorpusSize:
     backbone: int
     questions: int | None
     docs: int | None
+    stdlib: int
     heldout_fraction: float = 0.1
     question_heldout_fraction: float = 0.2  # more, so that spoken QA has enough known-answer questions
 
 
 CORPUS_SIZES = {
     # a few dozen clips: enough for every split, source and question kind to appear (CI, tests)
-    "ci": CorpusSize(templates=16, backbone=8, questions=16, docs=6),
-    # ~2,300 clips: the quick start's corpus
-    "full": CorpusSize(templates=1300, backbone=600, questions=None, docs=None),
+    "ci": CorpusSize(templates=16, backbone=8, questions=16, docs=6, stdlib=6),
+    # ~3,300 clips: the quick start's corpus
+    "full": CorpusSize(templates=1300, backbone=600, questions=None, docs=None, stdlib=1000),
 }
 
 
@@ -99,7 +102,8 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
 
     start = time.perf_counter()
     docs, doc_versions = texts.doc_sentences()
-    rows = _text_rows(settings, seed, writer, docs, progress)
+    stdlib, python_version = texts.stdlib_sentences()
+    rows = _text_rows(settings, seed, writer, docs, stdlib, progress)
     timings["texts_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -144,6 +148,7 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
     known = [row for row in rows if row.get("expected")]
     build = {"version": CORPUS_VERSION, "size": asdict(settings), "seed": seed, "clips": len(rows),
              "audio_hours": round(audio_seconds / 3600, 3), "doc_packages": doc_versions,
+             "stdlib_python": python_version, "vocabulary_heard": vocabulary_heard(rows),
              "backbone_text_accuracy": {split: _accuracy([r for r in known if r["split"] == split])
                                         for split in SPLITS},
              "counts": _counts(rows), "this_run": timings}
@@ -163,6 +168,27 @@ def answer_is_correct(answer: str, expected: Sequence[str]) -> bool:
                for option in expected for i in range(len(words)))
 
 
+def spoken_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+def vocabulary_heard(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per held-out split (and per source in it): the share of its running words that some training
+    clip speaks. No adapter can be expected to write a word it never heard."""
+    heard = {word for row in rows if row["split"] == "train" for word in spoken_words(row["text"])}
+    shares: dict[str, dict[str, float]] = {}
+    for split in SPLITS[1:]:
+        split_rows = [row for row in rows if row["split"] == split]
+        groups = {"all": split_rows, **{source: [row for row in split_rows if row["source"] == source]
+                                        for source in sorted({row["source"] for row in split_rows})}}
+        shares[split] = {}
+        for name, group in groups.items():
+            words = [word for row in group for word in spoken_words(row["text"])]
+            if words:
+                shares[split][name] = round(sum(word in heard for word in words) / len(words), 3)
+    return shares
+
+
 def _accuracy(rows: list[dict]) -> dict:
     correct = sum(answer_is_correct(row["answer"], row["expected"]) for row in rows)
     return {"correct": correct, "questions": len(rows)}
@@ -170,7 +196,7 @@ def _accuracy(rows: list[dict]) -> dict:
 
 # -- texts -----------------------------------------------------------------------------------------------
 
-def _text_rows(settings: CorpusSize, seed: int, writer: BackboneWriter, docs: list[str],
+def _text_rows(settings: CorpusSize, seed: int, writer: BackboneWriter, docs: list[str], stdlib: list[str],
                progress: Callable[[str], None]) -> list[dict]:
     """Every row's text, source and split, in a fixed order (ids are stable for a given size and seed)."""
     rng = random.Random(seed)
@@ -195,6 +221,9 @@ def _text_rows(settings: CorpusSize, seed: int, writer: BackboneWriter, docs: li
     progress(f"backbone sentences: {settings.backbone} (sampled once, cached)")
     written = writer.sentences(settings.backbone, seed)
     add("backbone", written, random_split(len(written), "backbone"))
+
+    picked = random.Random(f"{seed}-stdlib").sample(stdlib, min(settings.stdlib, len(stdlib)))
+    add("stdlib", picked, random_split(len(picked), "stdlib"))
 
     questions = _pick_questions(settings.questions, rng)
     in_domain = [i for i, q in enumerate(questions) if q.kind not in texts.OOD_QUESTION_KINDS]
@@ -405,12 +434,15 @@ def _counts(rows: list[dict]) -> dict:
 def corpus_card(build: dict, voice: Voice) -> str:
     counts = build["counts"]
     table = "\n".join(f"| {split} | " + " | ".join(str(counts[split].get(source, 0)) for source in
-                                                    ("templates", "backbone", "questions", "docs")) + " |"
+                                                    SOURCES) + " |"
                       for split in SPLITS)
     packages = ", ".join(f"{name} {version}" for name, version in build["doc_packages"].items())
     first = build["first_build"]
     per_clip = first.get("synthesis_seconds_per_clip")
     each = f", {per_clip:.2f} s each" if per_clip else ""
+    heard = "; ".join(f"{split} {shares['all']:.1%} (" + ", ".join(f"{source} {share:.1%}" for source, share
+                                                               in shares.items() if source != "all") + ")"
+                      for split, shares in build["vocabulary_heard"].items())
     accuracy = ", ".join(f"{v['correct']}/{v['questions']}" for v in build["backbone_text_accuracy"].values())
     return f"""# speechlm demo corpus
 
@@ -421,11 +453,13 @@ Built by `speechlm.demo` (corpus version {build['version']}, seed {build['seed']
 ## Where the texts come from
 Every text was generated by our code or written by us; none comes from a speech dataset.
 
-| split | templates | backbone | questions | docs |
-| --- | --- | --- | --- | --- |
+| split | {" | ".join(SOURCES)} |
+| --- |{" --- |" * len(SOURCES)}
 {table}
 
-- **templates**: sentences from templates and word lists written by us (`speechlm/demo/texts.py`).
+- **templates**: sentences from templates and word lists written by us (`speechlm/demo/texts.py`). Some
+  templates speak the questions' word lists (countries, things, words, topics) in other sentences, so
+  a held-out question's words are heard in training; its wording and its answer are not.
 - **backbone**: sentences SmolLM2-135M-Instruct wrote when asked for one short sentence about each of
   {len(texts.TOPICS)} topics listed by us (sampled at temperature 0.8 with fixed seeds, cached).
 - **questions**: spoken questions and instructions of {len({q.kind for q in texts.all_questions()})} kinds,
@@ -433,12 +467,18 @@ Every text was generated by our code or written by us; none comes from a speech 
   and system turn {ANSWER_SYSTEM_PROMPT!r} (self-distillation: the adapter learns to make speech mean what the text means); `expected` lists
   the known short answers where there are some (for accuracy). Kinds {list(texts.OOD_QUESTION_KINDS)} are
   asked only in the `ood` split.
+- **stdlib**: sentences cut from the docstrings of the Python {build['stdlib_python']} standard library's
+  source files (read as text, nothing imported), kept only when plain and speakable: the vocabulary of
+  software documentation, from a source other than the `ood` split's.
 - **docs**: sentences cut from the package descriptions (README text in the installed metadata) of
   {packages}, kept only when plain and speakable. Used only in the `ood` split: training never sees
   this source.
 
 The backbone's own text answers contain an expected answer for {accuracy} questions with a known
 answer (train, heldout, ood): the ceiling that spoken questions are measured against.
+
+## Words heard in training
+Share of each held-out split's running words that some training clip speaks: {heard}.
 
 ## Splits
 `heldout` is a seeded random {build['size']['heldout_fraction']:.0%} of each training source

@@ -1,8 +1,12 @@
-"""The texts of the demo corpus, from three sources, plus spoken questions and instructions.
+"""The texts of the demo corpus, from four sources, plus spoken questions and instructions.
 
-- ``templates``: sentences from templates and word lists written by us (this module).
+- ``templates``: sentences from templates and word lists written by us (this module). Some templates use
+  the questions' word lists (countries, things, animals, words), so the words of a held-out question
+  are heard in other sentences; the question itself is not.
 - ``backbone``: sentences the backbone (SmolLM2) writes about topics listed here, sampled once with a
   fixed seed (`speechlm.demo.corpus` caches them).
+- ``stdlib``: sentences cut from the docstrings of the Python standard library's source files: plain
+  technical prose, so that training hears the vocabulary of software documentation.
 - ``docs``: sentences cut from the package descriptions (README text) that ship in the metadata of
   installed packages, cleaned to plain, speakable prose. The out-of-domain split uses this source only.
 - ``questions``: spoken questions and instructions of many kinds, written by us; some have known short
@@ -13,10 +17,14 @@ Everything here is deterministic given a seed; nothing is downloaded.
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import random
 import re
+import sys
+import sysconfig
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # -- our templates ---------------------------------------------------------------------------------------
 NAMES = ("Anna", "Marcus", "Priya", "Tom", "Elena", "David", "Grace", "Omar", "Lucy", "Victor", "Hannah",
@@ -65,7 +73,9 @@ SLOTS = dict(name=NAMES, name2=NAMES, object=OBJECTS, place=PLACES, color=COLORS
 
 
 def template_sentences(count: int, seed: int) -> list[str]:
-    """``count`` distinct sentences from `TEMPLATES` (a random template each, so none runs dry)."""
+    """``count`` distinct sentences from `TEMPLATES` and `LEXICON_TEMPLATES` (a random template each, so
+    none runs dry)."""
+    templates, slots = TEMPLATES + LEXICON_TEMPLATES, {**SLOTS, **LEXICON_SLOTS}
     rng = random.Random(seed)
     sentences: list[str] = []
     seen: set[str] = set()
@@ -74,8 +84,8 @@ def template_sentences(count: int, seed: int) -> list[str]:
         attempts += 1
         if attempts > 100 * count + 1000:
             raise ValueError(f"the templates cannot make {count} distinct sentences; ask for fewer")
-        template = rng.choice(TEMPLATES)
-        values = {slot: rng.choice(words) for slot, words in SLOTS.items()}
+        template = rng.choice(templates)
+        values = {slot: rng.choice(words) for slot, words in slots.items()}
         while values["name2"] == values["name"]:
             values["name2"] = rng.choice(NAMES)
         sentence = template.format(**values)
@@ -191,6 +201,57 @@ def all_questions() -> list[Question]:
     questions += [Question("yes_no", text, (answer,)) for text, answer in YES_NO]
     questions += [Question("compare", text, (answer,)) for text, answer in COMPARE]
     return questions
+
+
+# -- templates over the questions' word lists ---------------------------------------------------------
+# The questions' countries, things, words and topics spoken in other sentences: a held-out question's
+# words are heard in training (as they would be in any real domain), its wording and answer are not.
+SOUNDS = ("moo", "woof", "meow", "quack", "oink")
+FACT_NOUNS = ("honey", "bees", "ice", "the planet Earth", "a cow", "the Pacific Ocean", "carbon dioxide",
+              "a kitten", "a puppy", "a triangle", "a spider", "Jupiter", "Mars", "Shakespeare", "the sun",
+              "butterflies", "a lion", "a whale", "the jungle", "spring", "Brazil", "a piano", "a hive",
+              "grapes", "raisins", "sunlight", "the alphabet", "caterpillars", "the solar system")
+LEXICON_TEMPLATES = (
+    "{name} spent two weeks in {country} last {month}.",
+    "Our teacher showed us a map of {country} on {day}.",
+    "{name} took a photo of {thing} for the art class.",
+    "The word {word} was on the spelling test on {day}.",
+    "{name} read a short book about {fact_noun} before bed.",
+    "{name} made a list of {category} for the quiz on {day}.",
+    "In the story, the {animal} says {sound} to {name}.",
+)
+LEXICON_SLOTS = dict(country=tuple(CAPITALS), thing=tuple(COLOR_OF), category=CATEGORIES, sound=SOUNDS,
+                     fact_noun=FACT_NOUNS,
+                     word=tuple(OPPOSITES) + tuple(OPPOSITES.values()) + REQUEST_WORDS + ("yes", "no"))
+
+
+# -- sentences from the Python standard library's docstrings ----------------------------------------------
+# Parts of the standard library that are tests, tools or GUI demos rather than documented modules.
+_STDLIB_SKIPPED = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages",
+                   "dist-packages", "pydoc_data", "this.py", "antigravity.py"}
+
+
+def stdlib_sentences() -> tuple[list[str], str]:
+    """Plain sentences from the docstrings (modules, classes, functions) of the standard library's source
+    files, read with `ast` (nothing is imported), and the Python version they came from. The same
+    filter as `doc_sentences` keeps only speakable prose."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for path in sorted(root.rglob("*.py")):
+        if set(path.relative_to(root).parts) & _STDLIB_SKIPPED:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError):
+            continue  # a few files are templates or test data, not Python
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for sentence in _sentences(_plain_text(ast.get_docstring(node) or "")):
+                    if sentence not in seen:
+                        seen.add(sentence)
+                        sentences.append(sentence)
+    return sentences, sys.version.split()[0]
 
 
 # -- sentences from package documentation ----------------------------------------------------------------

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import platform
+
 from speechlm.demo import texts
 from speechlm.demo.corpus import _clean_answer, _clean_sentence, synthesis_settings
 
@@ -36,6 +38,20 @@ Our CamelCase NamesLike ThisOne are hard for a voice to read aloud.
 def test_doc_sentences_come_from_installed_package_metadata():
     sentences, versions = texts.doc_sentences(("numpy", "speechlm-no-such-package"))
     assert list(versions) == ["numpy"] and sentences
+
+
+def test_stdlib_sentences_are_plain_docstring_prose_of_this_python():
+    sentences, version = texts.stdlib_sentences()
+    assert version == platform.python_version() and len(sentences) > 1000
+    assert len(set(sentences)) == len(sentences)
+    assert "Return the sample arithmetic mean of data." in sentences  # statistics.mean
+    assert all(sentence.endswith(".") and "(" not in sentence and "_" not in sentence for sentence in sentences)
+
+
+def test_templates_speak_the_questions_word_lists():
+    spoken = " ".join(texts.template_sentences(1300, seed=0))
+    countries = [country for country in texts.CAPITALS if f" {country} " in spoken]
+    assert len(countries) >= 0.9 * len(texts.CAPITALS)
 
 
 def test_questions_cover_many_kinds_and_hold_some_out():
