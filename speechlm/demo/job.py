@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from speechlm.demo.assets import check_runtime_packages
+from speechlm.demo.assets import check_runtime_packages, sha256_of
 from speechlm.demo.build import DemoAssets, build_demo_assets
 from speechlm.demo.corpus import ANSWER_SYSTEM_PROMPT
 from speechlm.finetune.evaluation import EvalItem, EvalSettings, evaluate, read_eval_manifest, summarize
@@ -80,6 +80,14 @@ def split_for_units(rows: dict[str, list[dict]], out: Path, train_units: int, he
     if rest:
         manifests["train-text"] = _write_jsonl(out / "train-text.jsonl", rest)
     return manifests
+
+
+def units_dir(manifest: Path, codec: Path) -> Path:
+    """Where `prepare` puts the units of ``manifest``: beside it, named by its content and the codec's
+    files, so that another selection, corpus or codec (a new corpus rebuilds the codec) gets its own."""
+    codec_files = "".join(f"{path.name}={sha256_of(path)}" for path in sorted(codec.iterdir()))
+    digest = hashlib.sha256(manifest.read_bytes() + codec_files.encode()).hexdigest()[:12]
+    return manifest.with_name(f"{manifest.stem}-{digest}")
 
 
 def _rows(manifest: Path) -> list[dict]:
@@ -218,9 +226,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
                                 settings.tts_train_clips, settings.tts_items)
     prepared = {}
     for name in ("train-units", "heldout-units", "ood-units"):
-        # beside its manifest, named by its content: another selection (or corpus) gets its own folder
-        digest = hashlib.sha256(manifests[name].read_bytes()).hexdigest()[:12]
-        prepared[name] = manifests[name].with_name(f"{name}-{digest}")
+        prepared[name] = units_dir(manifests[name], Path(assets.codec))
         progress(f"[demo] speech units of {manifests[name]} -> {prepared[name]}")
         prepare(manifests[name], assets.codec, prepared[name])
     reference_units = {example.id: list(example.units) for name in ("heldout-units", "ood-units")

@@ -15,6 +15,21 @@ def test_spread_picks_evenly_through_the_sources():
     assert spread(rows, 20) == rows
 
 
+def test_units_are_kept_per_manifest_and_codec(tmp_path):
+    from speechlm.demo.job import units_dir
+
+    manifest, codec = tmp_path / "train-units.jsonl", tmp_path / "codec"
+    codec.mkdir()
+    manifest.write_text('{"id": "a"}\n')
+    (codec / "SpeechTokenizer.pt").write_bytes(b"weights")
+    first = units_dir(manifest, codec)
+    assert first.parent == tmp_path and first.name.startswith("train-units-") and units_dir(manifest, codec) == first
+    (codec / "SpeechTokenizer.pt").write_bytes(b"weights of a codec rebuilt from another corpus")
+    second = units_dir(manifest, codec)
+    manifest.write_text('{"id": "b"}\n')
+    assert len({first, second, units_dir(manifest, codec)}) == 3
+
+
 @needs_demo_packages
 def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
     from speechlm.demo.job import HEADLINE, JobSettings, run_job
