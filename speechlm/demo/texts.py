@@ -1,12 +1,11 @@
 """The texts of the demo corpus, from four sources, plus spoken questions and instructions.
 
-- ``templates``: sentences from templates and word lists written by us (this module). Some templates use
-  the questions' word lists (countries, things, animals, words), so the words of a held-out question
-  are heard in other sentences; the question itself is not.
+- ``templates``: sentences from templates and word lists written by us (this module).
 - ``backbone``: sentences the backbone (SmolLM2) writes about topics listed here, sampled once with a
   fixed seed (`speechlm.demo.corpus` caches them).
 - ``stdlib``: sentences cut from the docstrings of the Python standard library's source files: plain
-  technical prose, so that training hears the vocabulary of software documentation.
+  technical prose, the vocabulary of software documentation from a source other than ``docs``. The
+  quick start's corpus leaves it out (at 15 minutes of training it costs more than it gives, BENCHMARKS.md).
 - ``docs``: sentences cut from the package descriptions (README text) that ship in the metadata of
   installed packages, cleaned to plain, speakable prose. The out-of-domain split uses this source only.
 - ``questions``: spoken questions and instructions of many kinds, written by us; some have known short
@@ -73,9 +72,7 @@ SLOTS = dict(name=NAMES, name2=NAMES, object=OBJECTS, place=PLACES, color=COLORS
 
 
 def template_sentences(count: int, seed: int) -> list[str]:
-    """``count`` distinct sentences from `TEMPLATES` and `LEXICON_TEMPLATES` (a random template each, so
-    none runs dry)."""
-    templates, slots = TEMPLATES + LEXICON_TEMPLATES, {**SLOTS, **LEXICON_SLOTS}
+    """``count`` distinct sentences from `TEMPLATES` (a random template each, so none runs dry)."""
     rng = random.Random(seed)
     sentences: list[str] = []
     seen: set[str] = set()
@@ -84,8 +81,8 @@ def template_sentences(count: int, seed: int) -> list[str]:
         attempts += 1
         if attempts > 100 * count + 1000:
             raise ValueError(f"the templates cannot make {count} distinct sentences; ask for fewer")
-        template = rng.choice(templates)
-        values = {slot: rng.choice(words) for slot, words in slots.items()}
+        template = rng.choice(TEMPLATES)
+        values = {slot: rng.choice(words) for slot, words in SLOTS.items()}
         while values["name2"] == values["name"]:
             values["name2"] = rng.choice(NAMES)
         sentence = template.format(**values)
@@ -201,28 +198,6 @@ def all_questions() -> list[Question]:
     questions += [Question("yes_no", text, (answer,)) for text, answer in YES_NO]
     questions += [Question("compare", text, (answer,)) for text, answer in COMPARE]
     return questions
-
-
-# -- templates over the questions' word lists ---------------------------------------------------------
-# The questions' countries, things, words and topics spoken in other sentences: a held-out question's
-# words are heard in training (as they would be in any real domain), its wording and answer are not.
-SOUNDS = ("moo", "woof", "meow", "quack", "oink")
-FACT_NOUNS = ("honey", "bees", "ice", "the planet Earth", "a cow", "the Pacific Ocean", "carbon dioxide",
-              "a kitten", "a puppy", "a triangle", "a spider", "Jupiter", "Mars", "Shakespeare", "the sun",
-              "butterflies", "a lion", "a whale", "the jungle", "spring", "Brazil", "a piano", "a hive",
-              "grapes", "raisins", "sunlight", "the alphabet", "caterpillars", "the solar system")
-LEXICON_TEMPLATES = (
-    "{name} spent two weeks in {country} last {month}.",
-    "Our teacher showed us a map of {country} on {day}.",
-    "{name} took a photo of {thing} for the art class.",
-    "The word {word} was on the spelling test on {day}.",
-    "{name} read a short book about {fact_noun} before bed.",
-    "{name} made a list of {category} for the quiz on {day}.",
-    "In the story, the {animal} says {sound} to {name}.",
-)
-LEXICON_SLOTS = dict(country=tuple(CAPITALS), thing=tuple(COLOR_OF), category=CATEGORIES, sound=SOUNDS,
-                     fact_noun=FACT_NOUNS,
-                     word=tuple(OPPOSITES) + tuple(OPPOSITES.values()) + REQUEST_WORDS + ("yes", "no"))
 
 
 # -- sentences from the Python standard library's docstrings ----------------------------------------------

@@ -48,12 +48,6 @@ def test_stdlib_sentences_are_plain_docstring_prose_of_this_python():
     assert all(sentence.endswith(".") and "(" not in sentence and "_" not in sentence for sentence in sentences)
 
 
-def test_templates_speak_the_questions_word_lists():
-    spoken = " ".join(texts.template_sentences(1300, seed=0))
-    countries = [country for country in texts.CAPITALS if f" {country} " in spoken]
-    assert len(countries) >= 0.9 * len(texts.CAPITALS)
-
-
 def test_questions_cover_many_kinds_and_hold_some_out():
     questions = texts.all_questions()
     kinds = {question.kind for question in questions}
