@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import platform
 import random
 import re
-import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,7 +226,7 @@ def stdlib_sentences() -> tuple[list[str], str]:
                     if sentence not in seen:
                         seen.add(sentence)
                         sentences.append(sentence)
-    return sentences, sys.version.split()[0]
+    return sentences, platform.python_version()
 
 
 # -- sentences from package documentation ----------------------------------------------------------------
