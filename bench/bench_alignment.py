@@ -12,7 +12,6 @@ does, then cut to the clip) and fed through a stand-in tower, so only the projec
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -22,7 +21,9 @@ import torch
 
 from speechlm.adapters.building import ModelSpec
 from speechlm.demo.build import load_demo_assets
+from speechlm.demo.job import spread
 from speechlm.finetune.config import DataConfig, TrainConfig
+from speechlm.finetune.examples import read_jsonl
 from speechlm.finetune.recipe import build_model, build_processor
 from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.features import log_mel_features
@@ -31,8 +32,7 @@ from speechlm.speech_io.features import log_mel_features
 def rows_of(manifest: str, count: int) -> list[dict]:
     """``count`` rows spread evenly through the manifest (it lists its sources one after another)."""
     path = Path(manifest)
-    lines = path.read_text().splitlines()
-    rows = [json.loads(lines[index * len(lines) // count]) for index in range(min(count, len(lines)))]
+    rows = spread(read_jsonl(path), count)
     for row in rows:
         row["array"] = load_audio(path.parent / row["audio"])
     return rows
@@ -88,8 +88,7 @@ def main() -> None:
 
         result = align_projector(model, tokenizer, read_manifest(assets.train), AlignmentConfig(max_steps=args.ctc_steps),
                                  bf16=True)
-        print(f"CTC pre-alignment: {result.steps} steps on {result.clips} clips in {result.seconds:.0f} s "
-              f"(encoding included), loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+        print(f"{result.summary()} (encoding included)")
     train, heldout = rows_of(assets.train, args.train_clips), rows_of(assets.heldout, args.heldout_clips)
     start = time.perf_counter()
     cached = encoder_outputs(model, train + heldout, args.padded, assets.audio_encoder)

@@ -24,7 +24,7 @@ from speechlm.finetune.config import AlignmentConfig, DataConfig, TrainConfig
 from speechlm.finetune.examples import read_jsonl, read_manifest
 from speechlm.finetune.metrics import match_answer, word_errors
 from speechlm.finetune.recipe import build_model, build_processor
-from speechlm.speech_io.constants import stacked_frames
+from speechlm.speech_io.constants import MEL_HOP_LENGTH, SAMPLE_RATE, stacked_frames
 
 
 def main() -> None:
@@ -47,12 +47,15 @@ def main() -> None:
     print(f"CTC: {steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, {vocabulary} transcript tokens")
     model.eval()
     embeddings = model.get_input_embeddings().weight.detach()[aligner.vocabulary]
+    stack = aligner.stack_factor
+    # 16 kHz samples per <|audio|> position: 10 ms mel hop, encoder stride 2, then `stack` frames stacked
+    samples_per_position = MEL_HOP_LENGTH * 2 * stack
     kept: list[torch.Tensor] = []
     model.get_audio_features = lambda *_, **__: torch.cat(kept)  # the compressed clip replaces the audio
 
     def compressed(frames: torch.Tensor) -> tuple[torch.Tensor, str]:
         with torch.no_grad():
-            projected = model.multi_modal_projector(frames.float()[None])[0, : stacked_frames(frames.shape[0], 5)]
+            projected = model.multi_modal_projector(frames.float()[None])[0, : stacked_frames(frames.shape[0], stack)]
             logits = torch.cat([projected @ aligner.blank[:, None], projected @ embeddings.T], -1) / aligner.scale
             best = logits.argmax(-1)
             keep = (best != 0) & torch.cat([torch.tensor([True]), best[1:] != best[:-1]])
@@ -65,8 +68,8 @@ def main() -> None:
             return text, ""
         kept[:] = [mixed]
         # a silent clip of the length that gets exactly len(mixed) placeholders
-        content = [{"type": "audio", "audio": {"array": np.zeros(len(mixed) * 1600, dtype=np.float32),
-                                               "sampling_rate": 16000}}]
+        content = [{"type": "audio", "audio": {"array": np.zeros(len(mixed) * samples_per_position, dtype=np.float32),
+                                               "sampling_rate": SAMPLE_RATE}}]
         content += [{"type": "text", "text": prompt}] if prompt else []
         inputs = processor([[{"role": "user", "content": content}]], add_generation_prompt=True)
         with torch.no_grad():
