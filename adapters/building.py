@@ -45,7 +45,7 @@ class ModelSpec:
         "help": "openai-whisper checkpoint (.pt with dims + model_state_dict); null: random from `audio`"})
     audio: dict | None = field(default_factory=dict, metadata={"help": "Whisper encoder dims of a random encoder"})
     projector: dict | None = field(default_factory=dict, metadata={
-        "help": "projector_type (mlp|swiglu), stack_factor, hidden_size"})
+        "help": "projector_type (mlp|swiglu), stack_factor, hidden_size, compression (none|ctc)"})
     num_speech_units: int = field(default=1024, metadata={"help": "codec codebook size (SpeechTokenizer: 1024)"})
     codec: str | dict | None = field(default=None, metadata={
         "help": "the speech-output codec: a SpeechTokenizer directory (config.json + .pt), or SpeechTokenizer "

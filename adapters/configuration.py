@@ -62,15 +62,21 @@ class SpeechLMAudioConfig(PreTrainedConfig):
         return self.n_audio_state
 
 
+# "none": every projected frame is an LM position; "ctc": one per spoken token (needs the CTC pre-alignment)
+COMPRESSIONS = ("none", "ctc")
+
+
 @strict
 class SpeechLMProjectorConfig(PreTrainedConfig):
-    """The adapter from Whisper frames (50 Hz) to LM embeddings; ``projector_type`` names a registered variant."""
+    """The adapter from Whisper frames (50 Hz) to LM embeddings; ``projector_type`` names a registered variant.
+    ``compression="ctc"`` keeps one projected frame per spoken token (`speechlm.adapters.compression`)."""
 
     model_type = "speechlm_projector"
 
     projector_type: str = "mlp"
     stack_factor: int = 5
     hidden_size: int = 2048
+    compression: str = "none"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -84,6 +90,8 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
             problems.append(f"projector_config.stack_factor={self.stack_factor}: must be >= 1")
         if self.hidden_size < 1:
             problems.append(f"projector_config.hidden_size={self.hidden_size}: must be >= 1")
+        if self.compression not in COMPRESSIONS:
+            problems.append(f"projector_config.compression={self.compression!r}: choose one of {list(COMPRESSIONS)}")
         ConfigError.collect("SpeechLMProjectorConfig", problems)
 
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from speechlm.adapters.audio_encoder import WhisperAudioEncoder
+from speechlm.adapters.compression import CTCCompressor
 from speechlm.adapters.configuration import SpeechLMConfig
 from speechlm.adapters.projectors import build_projector
 from speechlm.adapters.vocabulary import SpeechVocabulary
@@ -50,7 +51,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
 
     Parts, named as checkpoint keys: ``audio_tower`` (openai-whisper ``AudioEncoder``),
     ``multi_modal_projector``, ``language_model`` (any HF causal LM; a peft model in lora/qlora modes)
-    and ``speech_vocab`` (rows of the added tokens).
+    and ``speech_vocab`` (rows of the added tokens); with ``projector_config.compression="ctc"`` also
+    ``audio_compressor`` (the CTC pre-alignment's blank and vocabulary, buffers only).
     """
 
     def __init__(self, config: SpeechLMConfig, *, language_model: PreTrainedModel | None = None):
@@ -60,6 +62,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         self.multi_modal_projector = build_projector(
             projector.projector_type, config.audio_config.n_audio_state, config.text_config.hidden_size,
             stack_factor=projector.stack_factor, hidden_size=projector.hidden_size)
+        self.audio_compressor = (CTCCompressor(config.text_config.hidden_size, config.text_vocab_size)
+                                 if projector.compression == "ctc" else None)
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         elif language_model.config._attn_implementation is None:
@@ -110,7 +114,22 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     def get_audio_features(self, input_features: torch.Tensor,
                            input_features_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``N, n_mels, T`` log-mel of N clips -> ``sum_i L_i, D``: each clip's projected frames, in order,
-        padding dropped (``L_i = audio_lengths(mel frames of clip i)``)."""
+        padding dropped (``L_i = audio_lengths(mel frames of clip i)``); with CTC compression, the frames it
+        drops are zero."""
+        return self._audio_embeddings(input_features, input_features_mask)[0]
+
+    def _audio_embeddings(self, input_features: torch.Tensor,
+                          input_features_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`get_audio_features`, and which of those frames CTC compression keeps (None without it)."""
+        projected, valid = self._projected_frames(input_features, input_features_mask)
+        if self.audio_compressor is None:
+            return projected[valid], None
+        compressed, kept = self.audio_compressor(projected, valid, self.get_input_embeddings().weight)
+        return compressed[valid], kept[valid]
+
+    def _projected_frames(self, input_features: torch.Tensor,
+                          input_features_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``N, L, D`` projected frames and ``N, L`` which of them are real (the rest is batch padding)."""
         num_clips, _, num_frames = input_features.shape
         if input_features_mask is None:
             mel_lengths = torch.full((num_clips,), num_frames, device=input_features.device)
@@ -123,7 +142,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         frames = frames * valid_frames.unsqueeze(-1).to(frames.dtype)
         projected = self.multi_modal_projector(frames)  # N, T/2/S, D
         valid = torch.arange(projected.shape[1], device=projected.device) < self.audio_lengths(mel_lengths)[:, None]
-        return projected[valid]
+        return projected, valid
 
     def merge_audio_embeddings(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor,
                                audio_embeds: torch.Tensor) -> torch.Tensor:
@@ -135,6 +154,25 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                              f"expands each clip to the number its encoder + projector emit")
         mask = placeholders.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, audio_embeds.to(inputs_embeds.dtype))
+
+    def embed_inputs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                     input_features: torch.Tensor | None = None,
+                     input_features_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with each clip's frames at its ``<|audio|>`` placeholders -> (``inputs_embeds``,
+        ``attention_mask``). With CTC compression the placeholders of dropped frames leave the attention
+        mask (zeros amid the sequence: the sequence keeps its length)."""
+        inputs_embeds = self.embed_tokens(input_ids)
+        if input_features is None:
+            if bool((input_ids == self.config.audio_token_id).any()):
+                raise ValueError("the input has <|audio|> placeholder tokens but no input_features were given")
+            return inputs_embeds, attention_mask
+        audio_embeds, kept = self._audio_embeddings(input_features, input_features_mask)
+        inputs_embeds = self.merge_audio_embeddings(input_ids, inputs_embeds, audio_embeds)
+        if kept is not None:
+            attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
+            placeholders = input_ids == self.config.audio_token_id
+            attention_mask[placeholders] = attention_mask[placeholders] * kept.to(attention_mask.dtype)
+        return inputs_embeds, attention_mask
 
     def _every_part_needs_a_gradient(self) -> bool:
         """In distributed training every rank must produce a gradient for every trainable parameter in
@@ -152,7 +190,10 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         else:
             frames = torch.zeros(1, stack, self.config.audio_config.n_audio_state, device=self.device,
                                  dtype=self.multi_modal_projector.linear_1.weight.dtype)
-        return self.multi_modal_projector(frames).sum() * 0.0
+        zero = self.multi_modal_projector(frames).sum() * 0.0
+        if self.audio_compressor is not None:
+            zero = zero + sum(param.sum() for param in self.audio_compressor.parameters()) * 0.0
+        return zero
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(
@@ -177,16 +218,15 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_features is not None and input_ids is None:
+            raise ValueError("input_features need input_ids to locate the <|audio|> placeholders")
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if input_features is not None:
-            if input_ids is None:
-                raise ValueError("input_features need input_ids to locate the <|audio|> placeholders")
-            audio_embeds = self.get_audio_features(input_features, input_features_mask)
-            inputs_embeds = self.merge_audio_embeddings(input_ids, inputs_embeds, audio_embeds)
-        elif input_ids is not None and bool((input_ids == self.config.audio_token_id).any()):
-            raise ValueError("the input has <|audio|> placeholder tokens but no input_features were given")
-        elif self._every_part_needs_a_gradient():
+            inputs_embeds, attention_mask = self.embed_inputs(input_ids, attention_mask, input_features,
+                                                              input_features_mask)
+            if self.audio_compressor is not None and input_features is not None and position_ids is None:
+                # dropped frames take no position: the LM sees the kept ones as adjacent tokens
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if input_features is None and self._every_part_needs_a_gradient():
             inputs_embeds = inputs_embeds + self._unused_audio_parts()
 
         outputs = self.get_decoder()(
@@ -227,6 +267,27 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                                   vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, cache=outputs.cache, hidden_states=outputs.hidden_states,
                                       attentions=outputs.attentions)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                 input_features: torch.Tensor | None = None, input_features_mask: torch.Tensor | None = None,
+                 **kwargs):
+        """``GenerationMixin.generate``; with CTC compression the audio is embedded first, so that the
+        attention mask ``generate`` carries on (and the position ids it counts from it) skip the dropped
+        frames. The output is laid out as without compression: the prompt's ids, then the new tokens."""
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if input_features is None or self.audio_compressor is None:
+            if input_features is not None:
+                kwargs.update(input_features=input_features, input_features_mask=input_features_mask)
+            return super().generate(**kwargs)
+        if input_ids is None:
+            raise ValueError("input_features need input_ids to locate the <|audio|> placeholders")
+        kwargs["inputs_embeds"], kwargs["attention_mask"] = self.embed_inputs(input_ids, attention_mask,
+                                                                              input_features, input_features_mask)
+        return super().generate(**kwargs)
 
     # -- reporting -------------------------------------------------------------------------------------
     def parameter_counts(self) -> ParameterCounts:

@@ -1,7 +1,8 @@
 """Training modes: which parameters learn. LoRA is always peft's.
 
 In every mode the projector and the added vocabulary rows train; the Whisper encoder trains only with
-``train_audio_encoder``. The backbone is frozen (``frozen``), gets LoRA adapters (``lora``), is a 4-bit
+``train_audio_encoder``. With CTC compression the projector keeps its pre-aligned weights and the
+compressor's end marker trains instead (`speechlm.adapters.compression`). The backbone is frozen (``frozen``), gets LoRA adapters (``lora``), is a 4-bit
 NF4 model with LoRA adapters (``qlora``), or trains whole (``full``).
 """
 
@@ -42,7 +43,9 @@ def apply_training_mode(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
             backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
         model.language_model = get_peft_model(backbone, lora_config(model))
     model.requires_grad_(False)
-    model.multi_modal_projector.requires_grad_(True)
+    model.multi_modal_projector.requires_grad_(model.audio_compressor is None)
+    if model.audio_compressor is not None:
+        model.audio_compressor.requires_grad_(True)
     model.speech_vocab.requires_grad_(True)
     if config.train_audio_encoder:
         model.audio_tower.requires_grad_(True)

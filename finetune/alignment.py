@@ -10,7 +10,8 @@ against 1.77 without (BENCHMARKS.md, "Quick start").
 
 The softmax runs over the tokens that occur in the transcripts, not the whole vocabulary: rows that no
 transcript uses would get no signal but a push away, and the full softmax costs ~20x more here.
-The blank vector exists only here; the model keeps nothing from this stage but its projector weights.
+The model keeps the projector weights; with ``projector_config.compression="ctc"`` its compressor also
+keeps the blank vector, the transcript vocabulary and the logit scale (`speechlm.adapters.compression`).
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ class ProjectorAligner:
         embeddings = self.model.get_input_embeddings().weight.detach()[vocabulary].to(self.device, torch.float32)
         blank = torch.nn.Parameter(torch.randn(embeddings.shape[1], device=self.device)
                                    * embeddings.norm(dim=1).mean() / math.sqrt(embeddings.shape[1]))
-        parameters = [p for p in projector.parameters() if p.requires_grad] + [blank]
+        parameters = [*projector.parameters(), blank]  # trained here even where the LM stage freezes it
+        trainable = [p.requires_grad for p in projector.parameters()]
+        projector.requires_grad_(True)
         optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
         rng = random.Random(config.seed)
@@ -138,6 +141,8 @@ class ProjectorAligner:
                 bar.set_postfix(ctc_loss=f"{losses[-1]:.3f}")
                 window = []
         bar.close()
+        for param, flag in zip(projector.parameters(), trainable, strict=True):
+            param.requires_grad_(flag)
         if window:
             losses.append(sum(window) / len(window))
         self._match_embedding_scale(clips, projector, embeddings)
@@ -205,6 +210,8 @@ def align_projector(model, tokenizer, examples: Sequence[Example], config: Align
         if not clips:
             raise ValueError(f"alignment: none of the {len(chosen)} transcribed clips is usable: {aligner.skipped}")
         steps, losses, vocabulary = aligner.train(clips, deadline)
+        if model.audio_compressor is not None:
+            model.audio_compressor.set_alignment(aligner.blank, aligner.vocabulary, aligner.scale)
     finally:
         for part, home in zip(parts, homes, strict=True):
             part.to(home)

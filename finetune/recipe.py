@@ -87,6 +87,10 @@ def align(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer, examples: 
     Every process of a distributed run does the same steps from the same seed (DDP starts from rank 0's
     weights in any case)."""
     if config.alignment.max_steps == 0:
+        compressor = model.audio_compressor
+        if compressor is not None and not compressor.is_aligned:
+            raise ValueError("model.projector.compression='ctc' learns which frames to keep in the CTC "
+                             "pre-alignment: set alignment.max_steps > 0 (or start from an aligned model: init_from)")
         return None
     training = config.training
     device = "cuda" if torch.cuda.is_available() and not training.use_cpu else "cpu"

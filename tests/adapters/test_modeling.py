@@ -133,13 +133,7 @@ def test_audio_features_reach_only_the_first_generation_step(tiny):
     model, tokenizer = tiny
     inputs = audio_inputs(model, tokenizer, [40])
     seen = []
-    original = model.get_audio_features
-
-    def spy(*args, **kwargs):
-        seen.append(args[0].shape)
-        return original(*args, **kwargs)
-
-    model.get_audio_features = spy
+    model.audio_tower.register_forward_hook(lambda module, args, output: seen.append(args[0].shape))
     model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert len(seen) == 1
 

@@ -91,3 +91,18 @@ def test_the_summary_says_when_no_step_ran():
     none = AlignmentResult(steps=0, seconds=240.0, clips=3, skipped={"out of time before it was encoded": 9},
                            vocabulary=7, losses=[])
     assert "no step (out of time); left out: {'out of time before it was encoded': 9}" in none.summary()
+
+
+def test_ctc_compression_keeps_what_the_alignment_learned_and_needs_it(prepared):
+    config, model, tokenizer = tiny_model(prepared, "model.projector.compression=ctc")
+    examples = recipe.load_training_examples(config)
+    with pytest.raises(ValueError, match="compression='ctc' learns which frames to keep.*alignment.max_steps > 0"):
+        recipe.align(config, model, tokenizer, examples)
+    config, model, tokenizer = tiny_model(prepared, "model.projector.compression=ctc", "alignment.max_steps=5",
+                                          "alignment.batch_size=4")
+    assert not any(param.requires_grad for param in model.multi_modal_projector.parameters())
+    result = recipe.align(config, model, tokenizer, examples, progress=False)
+    assert int(model.audio_compressor.vocabulary_mask.sum()) == result.vocabulary
+    assert model.audio_compressor.blank.abs().sum() > 0
+    # the alignment trained the projector and left it frozen for the LM stage
+    assert not any(param.requires_grad for param in model.multi_modal_projector.parameters())
