@@ -122,8 +122,12 @@ def assemble_model(config: SpeechLMConfig, *, dtype: torch.dtype = torch.float32
         model.audio_tower.load_state_dict(audio_state)
     if dtype != torch.float32:
         # 4-bit weights keep their storage; everything else takes the requested dtype.
-        for part in (model.audio_tower, model.multi_modal_projector, model.speech_vocab):
-            part.to(dtype)
+        for part in (model.audio_tower, model.multi_modal_projector, model.speech_vocab, model.audio_compressor):
+            if part is not None:
+                part.to(dtype)  # floating-point tensors only: the compressor's vocabulary mask stays bool
+        for norm in model.audio_tower.modules():
+            if isinstance(norm, torch.nn.LayerNorm):
+                norm.float()  # openai-whisper's LayerNorm computes in fp32 (x.float()) and casts back
         if not getattr(model.text_model, "is_quantized", False):
             model.language_model.to(dtype)
     return apply_training_mode(model)

@@ -145,3 +145,12 @@ def test_the_end_marker_lands_on_each_clips_last_kept_frame():
     assert kept.tolist() == [[True, False, True, False], [False] * 4]
     assert mixed[0, 0].max() < 1 and mixed[0, 2].min() > 10  # only the last kept frame carries the marker
     assert not mixed[1].any()
+
+
+def test_a_bfloat16_model_compresses_in_bfloat16():
+    model, tokenizer = build_speechlm(tiny_spec(projector={**TINY_PROJECTOR, "compression": "ctc"}, dtype="bfloat16"))
+    model.audio_compressor.set_alignment(torch.zeros(model.config.text_config.hidden_size), VOCABULARY, 1.0)
+    assert model.audio_compressor.residual.weight.dtype == torch.bfloat16
+    assert model.audio_compressor.vocabulary_mask.dtype == torch.bool
+    with torch.no_grad():
+        assert model.eval()(**audio_inputs(model, tokenizer, [40, 23])).logits.dtype == torch.bfloat16

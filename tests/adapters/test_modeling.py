@@ -166,3 +166,12 @@ def test_distributed_training_gives_every_trainable_part_a_gradient(tiny, tmp_pa
     with torch.no_grad():  # and the zero added changed nothing
         model.eval()
         assert torch.equal(model(input_ids=ids, labels=ids).loss, loss)
+
+
+def test_a_bfloat16_model_hears():
+    # openai-whisper's LayerNorm computes in fp32 whatever the model's dtype; its weights stay fp32
+    model, tokenizer = build_speechlm(tiny_spec(dtype="bfloat16"))
+    with torch.no_grad():
+        logits = model.eval()(**audio_inputs(model, tokenizer, [40, 23])).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert model.multi_modal_projector.linear_1.weight.dtype == torch.bfloat16
