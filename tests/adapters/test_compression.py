@@ -124,6 +124,8 @@ def test_the_alignment_saves_and_reloads(compressed, tmp_path):
 
 def test_the_lm_stage_trains_the_compressor_and_leaves_the_aligned_projector(compressed):
     model, tokenizer = compressed
+    compressor = model.audio_compressor
+    assert not compressor.residual.weight.any() and not compressor.end_marker.any()  # a new model adds nothing
     inputs = audio_inputs(model, tokenizer, [40, 23])
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     model.train()(**inputs, labels=labels).loss.backward()
