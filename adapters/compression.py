@@ -34,7 +34,8 @@ class CTCCompressor(nn.Module):
         self.register_buffer("vocabulary_mask", torch.zeros(text_vocab_size, dtype=torch.bool))
         self.register_buffer("logit_scale", torch.ones(()))
         self.end_marker = nn.Parameter(torch.zeros(hidden_size))
-        self.residual = nn.Linear(hidden_size, hidden_size, bias=False)
+        # skip_init: no draw from the RNG, so the model's other random parts are as without compression
+        self.residual = nn.utils.skip_init(nn.Linear, hidden_size, hidden_size, bias=False)
         nn.init.zeros_(self.residual.weight)
 
     @property
