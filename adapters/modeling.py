@@ -52,7 +52,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     Parts, named as checkpoint keys: ``audio_tower`` (openai-whisper ``AudioEncoder``),
     ``multi_modal_projector``, ``language_model`` (any HF causal LM; a peft model in lora/qlora modes)
     and ``speech_vocab`` (rows of the added tokens); with ``projector_config.compression="ctc"`` also
-    ``audio_compressor`` (the CTC pre-alignment's blank and vocabulary, buffers only).
+    ``audio_compressor`` (the CTC pre-alignment's blank and vocabulary, and the two terms the LM stage
+    trains).
     """
 
     def __init__(self, config: SpeechLMConfig, *, language_model: PreTrainedModel | None = None):
