@@ -2,7 +2,8 @@
 
 In every mode the projector and the added vocabulary rows train; the Whisper encoder trains only with
 ``train_audio_encoder``. With CTC compression the projector keeps its pre-aligned weights and the
-compressor's end marker trains instead (`speechlm.adapters.compression`). The backbone is frozen (``frozen``), gets LoRA adapters (``lora``), is a 4-bit
+compressor's two terms (residual map, end marker) train instead (`speechlm.adapters.compression`).
+The backbone is frozen (``frozen``), gets LoRA adapters (``lora``), is a 4-bit
 NF4 model with LoRA adapters (``qlora``), or trains whole (``full``).
 """
 
