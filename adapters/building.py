@@ -52,7 +52,8 @@ class ModelSpec:
                 "dims of a random codec ({} = the published ones; codebook_size is num_speech_units; codebooks "
                 "filled from `seed`); null: no codec (the model answers in text only)"})
     mode: str = field(default="frozen", metadata={"help": f"backbone training mode: {'|'.join(TRAINING_MODES)}"})
-    lora: dict | None = field(default_factory=dict, metadata={"help": "r, alpha, dropout, target_modules"})
+    lora: dict | None = field(default_factory=dict, metadata={
+        "help": "r, alpha, dropout, target_modules, scope (all|audio: only rows that hear audio get LoRA)"})
     train_audio_encoder: bool = field(default=False, metadata={"help": "also train the Whisper encoder"})
     dtype: str = field(default="float32", metadata={"help": f"weights dtype: {'|'.join(DTYPES)}"})
     seed: int = field(default=0, metadata={"help": "seed of random components and new vocabulary rows"})
@@ -68,10 +69,10 @@ class ModelSpec:
             problems.append(f"dtype={self.dtype!r}: choose one of {list(DTYPES)}")
         if self.mode == "qlora" and self.text_model is None:
             problems.append("mode='qlora' needs text_model (a path or Hub id) to load in 4 bits")
-        unknown_lora = set(self.lora) - {"r", "alpha", "dropout", "target_modules"}
+        unknown_lora = set(self.lora) - {"r", "alpha", "dropout", "target_modules", "scope"}
         if unknown_lora:
             problems.append(f"lora has unknown keys {sorted(unknown_lora)}: use r, alpha, dropout, "
-                            f"target_modules")
+                            f"target_modules, scope")
         if self.audio_encoder is not None and self.audio:
             problems.append("give audio_encoder (a checkpoint) or audio (random dims), not both")
         if self.text_model is not None and self.text:

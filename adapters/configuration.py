@@ -13,6 +13,8 @@ from transformers.configuration_utils import SubConfigSpec
 from speechlm.speech_io.units import SPECIAL_SPEECH_TOKENS, speech_token_ids
 
 TRAINING_MODES = ("frozen", "lora", "qlora", "full")
+# "all": LoRA adapts every row; "audio": only rows that hear audio, text-only rows run the base weights
+LORA_SCOPES = ("all", "audio")
 
 
 class ConfigError(ValueError):
@@ -111,6 +113,8 @@ class SpeechLMConfig(PreTrainedConfig):
             ``text_vocab_size`` and recorded so that a reload can check the tokenizer against them.
         mode: how the backbone trains: ``frozen``, ``lora``, ``qlora`` (4-bit NF4 + LoRA) or ``full``.
         lora_r / lora_alpha / lora_dropout / lora_target_modules: peft LoRA settings (lora and qlora).
+        lora_scope: ``all`` rows of a batch get LoRA, or only rows with ``<|audio|>`` (``audio``): text-only
+            rows then run the base backbone exactly (`speechlm.adapters.lora_gate`).
         train_audio_encoder: also train the Whisper encoder (it is frozen by default).
         text_model_name_or_path / audio_model_name_or_path: where the base weights come from. When set
             and the backbone is not fully tuned, checkpoints hold only what was trained.
@@ -137,6 +141,7 @@ class SpeechLMConfig(PreTrainedConfig):
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | str = "all-linear"
+    lora_scope: str = "all"
     train_audio_encoder: bool = False
     text_model_name_or_path: str | None = None
     audio_model_name_or_path: str | None = None
@@ -159,6 +164,11 @@ class SpeechLMConfig(PreTrainedConfig):
             problems.append(f"lora_r={self.lora_r}: must be >= 1")
         if not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        if self.lora_scope not in LORA_SCOPES:
+            problems.append(f"lora_scope={self.lora_scope!r}: choose one of {list(LORA_SCOPES)}")
+        elif self.lora_scope == "audio" and self.mode not in ("lora", "qlora"):
+            problems.append(f"lora_scope='audio' gates LoRA, which mode={self.mode!r} has none of: use mode "
+                            f"lora or qlora")
         for name, value in expected.items():
             current = getattr(self, name)
             if current is None:

@@ -12,9 +12,25 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from speechlm.adapters.audio_encoder import WhisperAudioEncoder
 from speechlm.adapters.compression import CTCCompressor
 from speechlm.adapters.configuration import SpeechLMConfig
+from speechlm.adapters.lora_gate import AudioRowGate
 from speechlm.adapters.projectors import build_projector
 from speechlm.adapters.vocabulary import SpeechVocabulary
 from speechlm.speech_io.constants import audio_placeholder_count, encoder_frames
+
+
+def drop_masked_positions(attention_mask: torch.Tensor, labels: torch.Tensor,
+                          *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Each row's attended positions moved to its front, in order, and the batch cut to its longest row:
+    the new attention mask, ``labels`` (-100 on the new padding) and each ``B, L, ...`` tensor, gathered
+    alike. The causal-LM loss is unchanged where no masked position precedes a labelled one (the dropped
+    frames of audio inside a prompt, batch padding)."""
+    keep = attention_mask.bool()
+    lengths = keep.sum(-1)
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, : int(lengths.max())]
+    kept = torch.arange(order.shape[1], device=order.device) < lengths[:, None]
+    gathered = [tensor.gather(1, order.view(*order.shape, *[1] * (tensor.dim() - 2)).expand(
+        *order.shape, *tensor.shape[2:])) for tensor in tensors]
+    return kept.to(attention_mask.dtype), labels.gather(1, order).masked_fill(~kept, -100), gathered
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         self.language_model = language_model
         self.speech_vocab = SpeechVocabulary(config.text_vocab_size, config.num_added_tokens,
                                              config.text_config.hidden_size)
+        self.lora_gate: AudioRowGate | None = None  # lora_scope="audio": set by apply_training_mode
         for module in (*self.multi_modal_projector.modules(), *self.speech_vocab.modules()):
             module._speechlm_owned = True
         self.post_init()
@@ -227,8 +244,14 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             if self.audio_compressor is not None and input_features is not None and position_ids is None:
                 # dropped frames take no position: the LM sees the kept ones as adjacent tokens
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                if labels is not None and self.training and "shift_labels" not in kwargs:
+                    # Training returns only the loss: the LM need not run over the dropped frames at all.
+                    attention_mask, labels, (inputs_embeds, position_ids) = drop_masked_positions(
+                        attention_mask, labels, inputs_embeds, position_ids)
         if input_features is None and self._every_part_needs_a_gradient():
             inputs_embeds = inputs_embeds + self._unused_audio_parts()
+        if self.lora_gate is not None:
+            self.lora_gate.set_rows(input_ids)
 
         outputs = self.get_decoder()(
             inputs_embeds=inputs_embeds,
@@ -275,7 +298,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                  **kwargs):
         """``GenerationMixin.generate``; with CTC compression the audio is embedded first, so that the
         attention mask ``generate`` carries on (and the position ids it counts from it) skip the dropped
-        frames. The output is laid out as without compression: the prompt's ids, then the new tokens."""
+        frames. The output is laid out as without compression: the prompt's ids, then the new tokens.
+        With ``lora_scope="audio"`` the prompt's rows decide LoRA for every decoding step."""
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
         if attention_mask is not None:
@@ -283,12 +307,15 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         if input_features is None or self.audio_compressor is None:
             if input_features is not None:
                 kwargs.update(input_features=input_features, input_features_mask=input_features_mask)
-            return super().generate(**kwargs)
-        if input_ids is None:
+        elif input_ids is None:
             raise ValueError("input_features need input_ids to locate the <|audio|> placeholders")
-        kwargs["inputs_embeds"], kwargs["attention_mask"] = self.embed_inputs(input_ids, attention_mask,
-                                                                              input_features, input_features_mask)
-        return super().generate(**kwargs)
+        else:
+            kwargs["inputs_embeds"], kwargs["attention_mask"] = self.embed_inputs(
+                input_ids, attention_mask, input_features, input_features_mask)
+        if self.lora_gate is None:
+            return super().generate(**kwargs)
+        with self.lora_gate.hold(input_ids):
+            return super().generate(**kwargs)
 
     # -- reporting -------------------------------------------------------------------------------------
     def parameter_counts(self) -> ParameterCounts:

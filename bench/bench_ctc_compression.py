@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--ctc-steps", type=int, default=400)
     parser.add_argument("--clips", type=int, default=64, help="held-out clips spread over the split")
     parser.add_argument("--cache", help="the demo assets' cache folder")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further recipe override, e.g. model.mode=lora (repeatable)")
     args = parser.parse_args()
     torch.manual_seed(0)
     assets = build_demo_assets("full", args.cache, progress=print)
@@ -52,7 +54,7 @@ def main() -> None:
                  f"training.output_dir={out / 'model'}", "training.use_cpu=true", "data.tasks={asr: 1}",
                  f"model.projector.compression={args.compression}", f"alignment.max_steps={args.ctc_steps}",
                  "alignment.max_minutes=null", f"training.max_steps={args.lm_steps}", "training.warmup_steps=10",
-                 f"training.learning_rate={args.lr}", "training.logging_steps=10"]
+                 f"training.learning_rate={args.lr}", "training.logging_steps=10", *args.set]
     config = build_dataclass(TrainConfig, apply_overrides(read_yaml(RECIPE), overrides))
     model, tokenizer = recipe.build_model(config)
     processor = recipe.build_processor(config, model, tokenizer)

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from speechlm.adapters.building import build_speechlm
 from speechlm.adapters.compression import CTCCompressor
 from speechlm.adapters.configuration import ConfigError, SpeechLMProjectorConfig
+from speechlm.adapters.modeling import drop_masked_positions
 from tests.adapters.conftest import audio_inputs
 from tests.conftest import TINY_PROJECTOR, tiny_spec
 
@@ -132,6 +133,51 @@ def test_the_lm_stage_trains_the_compressor_and_leaves_the_aligned_projector(com
     assert model.audio_compressor.residual.weight.grad.abs().sum() > 0
     assert all(param.grad is None for param in model.multi_modal_projector.parameters())
     assert not any(buffer.requires_grad for buffer in model.audio_compressor.buffers())
+
+
+def test_the_training_loss_skips_the_dropped_frames_without_changing(compressed):
+    """Training cuts the dropped frames out of the batch (no LM compute on them): the same loss and
+    gradients as running the LM over the masked sequence."""
+    model, tokenizer = compressed
+    model.train()
+    inputs = audio_inputs(model, tokenizer, [40, 23], text="hello")
+    ids = inputs["input_ids"]
+    # the text after each clip is the answer, all but its first token (a prompt token follows the audio)
+    after_audio = (ids == model.config.audio_token_id).long().cumsum(-1).bool()
+    after_audio[:, 1:] &= ids[:, :-1] != model.config.audio_token_id
+    labels = ids.masked_fill(~after_audio | (ids == model.config.audio_token_id) | (inputs["attention_mask"] == 0),
+                             -100)
+    with torch.no_grad():
+        model.audio_compressor.end_marker.normal_()
+
+    def loss_and_grad(**kwargs):
+        model.zero_grad()
+        loss = model(**kwargs, labels=labels).loss
+        loss.backward()
+        return loss.detach(), model.audio_compressor.end_marker.grad.clone()
+
+    lengths = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    cut, cut_grad = loss_and_grad(**inputs)
+    hook.remove()
+    assert lengths[0] < ids.shape[1]  # the LM ran on a shorter batch
+    embeds, attention = model.embed_inputs(**inputs)
+    masked, masked_grad = loss_and_grad(inputs_embeds=embeds, attention_mask=attention,
+                                        position_ids=(attention.cumsum(-1) - 1).clamp(min=0))
+    torch.testing.assert_close(cut, masked)
+    torch.testing.assert_close(cut_grad, masked_grad)
+
+
+def test_drop_masked_positions_moves_attended_positions_to_the_front():
+    mask = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 0, 0, 0]])
+    labels = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])
+    values = torch.arange(10.0).view(2, 5, 1).expand(2, 5, 3)
+    new_mask, new_labels, (new_values,) = drop_masked_positions(mask, labels, values)
+    assert new_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert new_labels.tolist() == [[10, 12, 13], [21, -100, -100]]
+    assert new_values.shape == (2, 3, 3)
+    assert new_values[0, :, 0].tolist() == [0.0, 2.0, 3.0] and new_values[1, 0, 0] == 6.0
 
 
 def test_the_end_marker_lands_on_each_clips_last_kept_frame():
