@@ -125,24 +125,26 @@ class ProjectorAligner:
         losses, window, step = [], [], 0
         every = max(1, min(25, config.max_steps // 10))  # a short run still logs a falling loss
         bar = tqdm(total=config.max_steps, desc="alignment: CTC steps", disable=not self.progress)
-        while step < config.max_steps and (deadline is None or time.perf_counter() < deadline):
-            batch = rng.sample(clips, min(config.batch_size, len(clips)))
-            loss = self._loss(batch, projector, embeddings, blank, index)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window.append(loss.item())
-            bar.update()
-            if len(window) == every or step == config.max_steps:
-                losses.append(sum(window) / len(window))
-                bar.set_postfix(ctc_loss=f"{losses[-1]:.3f}")
-                window = []
-        bar.close()
-        for param, flag in zip(projector.parameters(), trainable, strict=True):
-            param.requires_grad_(flag)
+        try:
+            while step < config.max_steps and (deadline is None or time.perf_counter() < deadline):
+                batch = rng.sample(clips, min(config.batch_size, len(clips)))
+                loss = self._loss(batch, projector, embeddings, blank, index)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window.append(loss.item())
+                bar.update()
+                if len(window) == every or step == config.max_steps:
+                    losses.append(sum(window) / len(window))
+                    bar.set_postfix(ctc_loss=f"{losses[-1]:.3f}")
+                    window = []
+        finally:  # the LM stage's flags come back even if a step fails
+            bar.close()
+            for param, flag in zip(projector.parameters(), trainable, strict=True):
+                param.requires_grad_(flag)
         if window:
             losses.append(sum(window) / len(window))
         self._match_embedding_scale(clips, projector, embeddings)

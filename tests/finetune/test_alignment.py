@@ -106,3 +106,19 @@ def test_ctc_compression_keeps_what_the_alignment_learned_and_needs_it(prepared)
     assert model.audio_compressor.blank.abs().sum() > 0
     # the alignment trained the projector and left it frozen for the LM stage
     assert not any(param.requires_grad for param in model.multi_modal_projector.parameters())
+
+
+def test_a_failing_step_gives_the_projector_back_frozen(prepared, monkeypatch):
+    from speechlm.finetune.alignment import ProjectorAligner
+
+    config, model, tokenizer = tiny_model(prepared, "model.projector.compression=ctc", "alignment.max_steps=5",
+                                          "alignment.batch_size=4")
+    examples = recipe.load_training_examples(config)
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(ProjectorAligner, "_loss", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        recipe.align(config, model, tokenizer, examples, progress=False)
+    assert not any(param.requires_grad for param in model.multi_modal_projector.parameters())
