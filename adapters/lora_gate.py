@@ -1,11 +1,15 @@
-"""Audio-gated LoRA (``lora_scope="audio"``): the backbone's LoRA changes only the rows that hear audio.
+"""Speech-gated LoRA (``lora_scope="speech"``): the backbone's LoRA acts on speech and nowhere else.
 
-A row of a batch whose input has an ``<|audio|>`` placeholder runs the adapted layers; every other row
-(a text prompt, a text-to-speech request) runs the base weights exactly, so the backbone's text answers
-stay what they were while the layers learn to listen. peft's per-row ``adapter_names`` selects adapters
-at inference only (it refuses training mode); here a forward hook on every ``lora_B`` multiplies its
-output by the row's gate, 1 or 0. A gated-off row adds an exact zero, and every LoRA parameter stays in
-the graph of every batch (a zero gradient where no row hears audio), as ZeRO requires of each rank.
+LoRA changes every position of a row that hears audio (an ``<|audio|>`` placeholder in its input) and
+the speech tokens of any row (``<|speech_start|>``, units, ``<|speech_end|>``); every other position (a
+text prompt and its text answer) runs the base weights exactly, so the backbone's text answers stay what
+they were while the layers learn to listen and to speak. Whether a position is gated on depends only on
+its row's prompt and its own token, so training and decoding (one token a step, any beam order) agree.
+
+peft's per-row ``adapter_names`` selects adapters at inference only (it refuses training mode); here a
+forward hook on every ``lora_B`` multiplies its output by the gate, 1 or 0. A gated-off position adds an
+exact zero, and every LoRA parameter stays in the graph of every batch (a zero gradient where nothing is
+speech), as ZeRO requires of each rank.
 """
 
 from __future__ import annotations
@@ -16,18 +20,20 @@ import torch
 from torch import nn
 
 
-class AudioRowGate:
-    """Which rows of the batch in flight get LoRA; set by `SpeechLMForCausalLM` from its ``input_ids``.
+class SpeechGate:
+    """Where LoRA acts in the batch in flight; set by `SpeechLMForCausalLM` from its ``input_ids``.
 
-    ``rows`` stays set after a forward (gradient checkpointing recomputes the layers in the backward
-    pass, after the forward returned); ``generate`` holds the prompt's rows over all its decoding steps,
-    whose inputs are the new tokens alone. Before any forward (``rows is None``) LoRA applies to every row.
+    The gate stays set after a forward (gradient checkpointing recomputes the layers in the backward
+    pass, after the forward returned). ``generate`` holds the prompt's rows over all its decoding steps,
+    whose inputs are the new tokens alone (or, first, the prompt's embeddings). Before any forward
+    (``positions is None``) LoRA acts everywhere.
     """
 
     def __init__(self, audio_token_id: int):
-        self.audio_token_id = audio_token_id
-        self.rows: torch.Tensor | None = None
-        self._held = False
+        self.audio_token_id = audio_token_id  # the added speech tokens follow it
+        self.positions: torch.Tensor | None = None  # B, T
+        self._audio_rows: torch.Tensor | None = None  # B, held by generate
+        self._prompt: torch.Tensor | None = None  # B, T of the prompt, for generate's first forward
         self._hooks = []
 
     def attach(self, backbone: nn.Module) -> None:
@@ -42,45 +48,54 @@ class AudioRowGate:
             if not module.lora_B or module.lora_variant:
                 # Embedding LoRA keeps its factors as parameters, DoRA and other variants compute their own
                 # update: neither passes through a lora_B module that a hook could scale.
-                raise ValueError(f"lora_scope='audio' gates plain LoRA on linear layers; {name} "
+                raise ValueError(f"lora_scope='speech' gates plain LoRA on linear layers; {name} "
                                  f"({type(module).__name__}) is not one: leave it out of lora target_modules")
             self._hooks += [lora_b.register_forward_hook(self._scale) for lora_b in module.lora_B.values()]
         if not self._hooks:
-            raise ValueError("lora_scope='audio' found no LoRA layers in the backbone")
+            raise ValueError("lora_scope='speech' found no LoRA layers in the backbone")
 
-    def set_rows(self, input_ids: torch.Tensor | None) -> None:
-        """The gate of a forward pass: rows with ``<|audio|>`` in ``input_ids`` (unchanged while held)."""
-        if self._held:
+    def _gate(self, input_ids: torch.Tensor, audio_rows: torch.Tensor) -> torch.Tensor:
+        if audio_rows.shape[0] != input_ids.shape[0]:  # generate repeats each prompt for beams and samples
+            audio_rows = audio_rows.repeat_interleave(input_ids.shape[0] // audio_rows.shape[0])
+        return audio_rows[:, None] | (input_ids > self.audio_token_id)
+
+    def set_positions(self, input_ids: torch.Tensor | None) -> None:
+        """The gate of a forward pass over ``input_ids`` (inside ``generate``: a chunk of its sequence)."""
+        if self._prompt is not None:  # generate's first forward: the prompt, perhaps as embeddings
+            self.positions, self._prompt = self._prompt, None
             return
         if input_ids is None:
-            raise ValueError("with lora_scope='audio' pass input_ids (not inputs_embeds alone): LoRA applies "
-                             "to the rows whose input_ids hold <|audio|>")
-        self.rows = (input_ids == self.audio_token_id).any(-1)
+            raise ValueError("with lora_scope='speech' pass input_ids (not inputs_embeds alone): LoRA acts on "
+                             "the rows whose input_ids hold <|audio|> and on speech tokens")
+        audio_rows = (input_ids == self.audio_token_id).any(-1) if self._audio_rows is None else self._audio_rows
+        self.positions = self._gate(input_ids, audio_rows)
 
     @contextmanager
-    def hold(self, input_ids: torch.Tensor):
-        """Keep the rows of ``input_ids`` (a prompt) for every forward inside, then restore the gate."""
-        if self._held:  # generate within generate (e.g. assisted decoding): the outer prompt decides
+    def hold(self, input_ids: torch.Tensor | None):
+        """Gate every forward inside by the rows of the prompt ``input_ids``, then restore the gate."""
+        if self._audio_rows is not None:  # generate within generate (e.g. assisted decoding): the outer decides
             yield
             return
-        previous = self.rows
-        self.set_rows(input_ids)
-        self._held = True
+        if input_ids is None:
+            raise ValueError("with lora_scope='speech' generate needs input_ids, which say the rows that hear audio")
+        previous = self.positions
+        self._audio_rows = (input_ids == self.audio_token_id).any(-1)
+        self._prompt = self._gate(input_ids, self._audio_rows)
         try:
             yield
         finally:
-            self._held = False
-            self.rows = previous
+            self._audio_rows = self._prompt = None
+            self.positions = previous
 
     def _scale(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        rows = self.rows
-        if rows is None:
+        gate = self.positions
+        if gate is None:
             return output
-        batch = output.shape[0]
-        if rows.shape[0] != batch:
-            # generate repeats each prompt row for beams and num_return_sequences (repeat_interleave)
-            if batch % rows.shape[0]:
-                raise RuntimeError(f"LoRA gate holds {rows.shape[0]} rows but a layer saw a batch of {batch}; "
-                                   f"call the backbone through SpeechLMForCausalLM, which sets the gate")
-            rows = rows.repeat_interleave(batch // rows.shape[0])
-        return output * rows.to(device=output.device, dtype=output.dtype).view(-1, *[1] * (output.dim() - 1))
+        rows, length = output.shape[:2]
+        if gate.shape[0] != rows and gate.shape[1] == length and rows % gate.shape[0] == 0:
+            gate = gate.repeat_interleave(rows // gate.shape[0], dim=0)  # the prompt, expanded by generate
+        if gate.shape != output.shape[:2]:
+            raise RuntimeError(f"the LoRA gate covers {tuple(gate.shape)} positions but a layer saw "
+                               f"{tuple(output.shape[:2])}; call the backbone through SpeechLMForCausalLM, "
+                               f"which sets the gate")
+        return output * gate.unsqueeze(-1).to(device=output.device, dtype=output.dtype)

@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from speechlm.adapters.audio_encoder import WhisperAudioEncoder
 from speechlm.adapters.compression import CTCCompressor
 from speechlm.adapters.configuration import SpeechLMConfig
-from speechlm.adapters.lora_gate import AudioRowGate
+from speechlm.adapters.lora_gate import SpeechGate
 from speechlm.adapters.projectors import build_projector
 from speechlm.adapters.vocabulary import SpeechVocabulary
 from speechlm.speech_io.constants import audio_placeholder_count, encoder_frames
@@ -90,7 +90,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         self.language_model = language_model
         self.speech_vocab = SpeechVocabulary(config.text_vocab_size, config.num_added_tokens,
                                              config.text_config.hidden_size)
-        self.lora_gate: AudioRowGate | None = None  # lora_scope="audio": set by apply_training_mode
+        self.lora_gate: SpeechGate | None = None  # lora_scope="speech": set by apply_training_mode
         for module in (*self.multi_modal_projector.modules(), *self.speech_vocab.modules()):
             module._speechlm_owned = True
         self.post_init()
@@ -238,6 +238,9 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_features is not None and input_ids is None:
             raise ValueError("input_features need input_ids to locate the <|audio|> placeholders")
+        gate = self.lora_gate
+        if gate is not None:
+            gate.set_positions(input_ids)
         if inputs_embeds is None:
             inputs_embeds, attention_mask = self.embed_inputs(input_ids, attention_mask, input_features,
                                                               input_features_mask)
@@ -246,12 +249,13 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
                 if labels is not None and self.training and "shift_labels" not in kwargs:
                     # Training returns only the loss: the LM need not run over the dropped frames at all.
-                    attention_mask, labels, (inputs_embeds, position_ids) = drop_masked_positions(
-                        attention_mask, labels, inputs_embeds, position_ids)
+                    gated = [] if gate is None else [gate.positions]
+                    attention_mask, labels, (inputs_embeds, position_ids, *gated) = drop_masked_positions(
+                        attention_mask, labels, inputs_embeds, position_ids, *gated)
+                    if gate is not None:
+                        gate.positions = gated[0]
         if input_features is None and self._every_part_needs_a_gradient():
             inputs_embeds = inputs_embeds + self._unused_audio_parts()
-        if self.lora_gate is not None:
-            self.lora_gate.set_rows(input_ids)
 
         outputs = self.get_decoder()(
             inputs_embeds=inputs_embeds,
@@ -299,7 +303,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         """``GenerationMixin.generate``; with CTC compression the audio is embedded first, so that the
         attention mask ``generate`` carries on (and the position ids it counts from it) skip the dropped
         frames. The output is laid out as without compression: the prompt's ids, then the new tokens.
-        With ``lora_scope="audio"`` the prompt's rows decide LoRA for every decoding step."""
+        With ``lora_scope="speech"`` the prompt's rows decide where LoRA acts at every decoding step."""
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
         if attention_mask is not None:

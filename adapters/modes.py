@@ -4,15 +4,15 @@ In every mode the projector and the added vocabulary rows train; the Whisper enc
 ``train_audio_encoder``. With CTC compression the projector keeps its pre-aligned weights and the
 compressor's two terms (residual map, end marker) train instead (`speechlm.adapters.compression`).
 The backbone is frozen (``frozen``), gets LoRA adapters (``lora``), is a 4-bit
-NF4 model with LoRA adapters (``qlora``), or trains whole (``full``). With ``lora_scope="audio"`` the
-LoRA adapters act only on rows that hear audio (`speechlm.adapters.lora_gate`).
+NF4 model with LoRA adapters (``qlora``), or trains whole (``full``). With ``lora_scope="speech"`` the
+LoRA adapters act only on speech: rows that hear audio, and speech tokens (`speechlm.adapters.lora_gate`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from speechlm.adapters.lora_gate import AudioRowGate
+from speechlm.adapters.lora_gate import SpeechGate
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 
 if TYPE_CHECKING:
@@ -62,28 +62,28 @@ def apply_training_mode(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
 
 
 def gate_lora_rows(model: SpeechLMForCausalLM) -> None:
-    """Give a ``lora_scope="audio"`` model its row gate on the LoRA layers (once; see `AudioRowGate`)."""
+    """Give a ``lora_scope="speech"`` model its gate on the LoRA layers (once; see `SpeechGate`)."""
     config = model.config
-    if config.lora_scope != "audio":
+    if config.lora_scope != "speech":
         if model.lora_gate is not None:
             raise ValueError(f"lora_scope={config.lora_scope!r}, but this model's LoRA is already gated to audio "
                              f"rows; rebuild it to change the scope")
         return
     if config.mode not in ("lora", "qlora"):
-        raise ValueError(f"lora_scope='audio' gates LoRA, which mode={config.mode!r} has none of: use mode lora "
+        raise ValueError(f"lora_scope='speech' gates LoRA, which mode={config.mode!r} has none of: use mode lora "
                          f"or qlora")
     if model.lora_gate is None:
-        model.lora_gate = AudioRowGate(config.audio_token_id)
+        model.lora_gate = SpeechGate(config.audio_token_id)
     model.lora_gate.attach(model.language_model)
 
 
 def merge_lora(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
     """Fold LoRA into the backbone's weights and make the model standalone (checkpoints include the
-    backbone and need no base model). The result is in ``frozen`` mode. A LoRA gated to audio rows cannot
-    fold: merged, it would change the text-only rows too."""
+    backbone and need no base model). The result is in ``frozen`` mode. A LoRA gated to speech cannot
+    fold: merged, it would change text too."""
     if model.lora_gate is not None:
-        raise ValueError("this model's LoRA acts only on rows with audio (lora_scope='audio'); merged into the "
-                         "weights it would change every row: keep the adapter (save_pretrained keeps it small)")
+        raise ValueError("this model's LoRA acts only on speech (lora_scope='speech'); merged into the weights it "
+                         "would change text too: keep the adapter (save_pretrained keeps it small)")
     if is_peft_model(model.language_model):
         if getattr(model.text_model, "is_loaded_in_4bit", False):
             raise ValueError("cannot merge LoRA into a 4-bit backbone exactly: load the checkpoint with "

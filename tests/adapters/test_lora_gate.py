@@ -8,13 +8,13 @@ from speechlm.adapters.building import build_speechlm
 from speechlm.adapters.configuration import ConfigError
 from speechlm.adapters.modes import merge_lora
 from tests.adapters.conftest import audio_inputs
-from tests.conftest import tiny_spec
+from tests.conftest import TINY_PROJECTOR, tiny_spec
 
 
 def gated_model(**changes):
-    """A tiny LoRA model gated to audio rows, its LoRA factors random (a fresh lora_B is zero: no effect)."""
+    """A tiny LoRA model gated to speech, its LoRA factors random (a fresh lora_B is zero: no effect)."""
     model, tokenizer = build_speechlm(tiny_spec(mode="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0,
-                                                                   "scope": "audio"}, **changes))
+                                                                   "scope": "speech"}, **changes))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.language_model.named_parameters():
@@ -49,6 +49,16 @@ def test_text_rows_run_the_base_weights_and_audio_rows_the_adapted_ones(gated):
     assert not torch.allclose(logits[0], base[0], atol=1e-3)
 
 
+def greedy_by_hand(model, inputs: dict, steps: int) -> torch.Tensor:
+    """Greedy decoding of one row, each step a full forward without cache (the gate from the whole row)."""
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0]
+
+
 def test_generate_keeps_the_prompts_gate_over_every_decoding_step(gated):
     model, tokenizer = gated
     inputs = audio_and_text_rows(model, tokenizer)
@@ -56,19 +66,40 @@ def test_generate_keeps_the_prompts_gate_over_every_decoding_step(gated):
     with model.language_model.disable_adapter():
         base = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(output[1], base[1])
-    # Greedy decoding by hand, each step a full forward without cache: the audio row's tokens come from
-    # the adapted layers at every step, not only the first.
-    ids = inputs["input_ids"][:1]
-    single = {key: value[:1] for key, value in inputs.items()}
-    with torch.no_grad():
-        for _ in range(5):
-            logits = model(**{**single, "input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits
-            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(output[0], ids[0])
+    # the audio row's tokens come from the adapted layers at every step, not only the first
+    assert torch.equal(output[0], greedy_by_hand(model, {key: value[:1] for key, value in inputs.items()}, 5))
     assert not torch.equal(output[0], base[0])
 
 
-def test_lora_learns_only_from_rows_that_hear_audio(gated):
+def test_speech_tokens_of_a_text_row_run_the_adapted_layers(gated):
+    model, tokenizer = gated
+    config = model.config
+    text = tokenizer("say hi", return_tensors="pt").input_ids
+    speech = torch.tensor([[config.speech_start_token_id, config.speech_unit_start_id + 3,
+                            config.speech_unit_start_id + 7]])
+    ids = torch.cat([text, speech], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        with model.language_model.disable_adapter():
+            base = model(input_ids=ids).logits
+    prompt = text.shape[1]
+    assert torch.equal(logits[0, :prompt], base[0, :prompt])
+    assert not torch.allclose(logits[0, prompt:], base[0, prompt:], atol=1e-3)
+    # decoding a token at a time gates each new token as the whole row does
+    output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert torch.equal(output[0], greedy_by_hand(model, {"input_ids": ids}, 4))
+
+
+def test_beams_and_samples_expand_the_gate(gated):
+    model, tokenizer = gated
+    inputs = audio_and_text_rows(model, tokenizer)
+    output = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    with model.language_model.disable_adapter():
+        base = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    assert output.shape[0] == 4 and torch.equal(output[2:], base[2:])  # the text row's beams
+
+
+def test_lora_learns_only_from_speech(gated):
     model, tokenizer = gated
     model.train()
     inputs = audio_and_text_rows(model, tokenizer)
@@ -102,7 +133,7 @@ def test_the_gate_saves_and_reloads(llama_dir, tmp_path):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.config.lora_scope == "audio" and loaded.lora_gate is not None
+    assert loaded.config.lora_scope == "speech" and loaded.lora_gate is not None
     inputs = audio_and_text_rows(model, tokenizer)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
@@ -110,7 +141,7 @@ def test_the_gate_saves_and_reloads(llama_dir, tmp_path):
 
 def test_a_gated_lora_does_not_merge(gated):
     model, _ = gated
-    with pytest.raises(ValueError, match="only on rows with audio"):
+    with pytest.raises(ValueError, match="acts only on speech"):
         merge_lora(model)
 
 
@@ -122,9 +153,20 @@ def test_the_gate_needs_input_ids(gated):
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"mode": "frozen", "lora": {"scope": "audio"}}, "lora_scope='audio' gates LoRA"),
-    ({"mode": "lora", "lora": {"scope": "speech"}}, r"lora_scope='speech': choose one of \['all', 'audio'\]"),
+    ({"mode": "frozen", "lora": {"scope": "speech"}}, "lora_scope='speech' gates LoRA"),
+    ({"mode": "lora", "lora": {"scope": "audio"}}, r"lora_scope='audio': choose one of \['all', 'speech'\]"),
 ])
 def test_bad_scopes_are_named(changes, message):
     with pytest.raises(ConfigError, match=message):
         build_speechlm(tiny_spec(**changes))
+
+
+def test_the_gate_follows_the_training_batch_cut_by_ctc_compression():
+    model, tokenizer = gated_model(projector={**TINY_PROJECTOR, "compression": "ctc"})
+    model.audio_compressor.set_alignment(torch.zeros(model.config.text_config.hidden_size), torch.arange(3, 40), 1.0)
+    model.train()
+    inputs = audio_inputs(model, tokenizer, [80])
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.audio_token_id, -100)
+    model(**inputs, labels=labels).loss.backward()
+    assert model.lora_gate.positions.shape[1] < inputs["input_ids"].shape[1]  # frames cut, and the gate with them
+    assert any(p.grad.any() for n, p in model.language_model.named_parameters() if "lora_" in n)
