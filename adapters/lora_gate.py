@@ -61,8 +61,9 @@ class SpeechGate:
 
     def set_positions(self, input_ids: torch.Tensor | None) -> None:
         """The gate of a forward pass over ``input_ids`` (inside ``generate``: a chunk of its sequence)."""
-        if self._prompt is not None:  # generate's first forward: the prompt, perhaps as embeddings
-            self.positions, self._prompt = self._prompt, None
+        prompt, self._prompt = self._prompt, None
+        if input_ids is None and prompt is not None:  # generate's first forward, over the prompt's embeddings
+            self.positions = prompt
             return
         if input_ids is None:
             raise ValueError("with lora_scope='speech' pass input_ids (not inputs_embeds alone): LoRA acts on "

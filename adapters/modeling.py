@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     """A causal LM that hears (continuous Whisper features at ``<|audio|>``) and speaks (unit tokens).
 
     Parts, named as checkpoint keys: ``audio_tower`` (openai-whisper ``AudioEncoder``),
-    ``multi_modal_projector``, ``language_model`` (any HF causal LM; a peft model in lora/qlora modes)
+    ``multi_modal_projector``, ``language_model`` (any HF causal LM; a peft model in lora/qlora modes,
+    whose LoRA ``lora_gate`` confines to speech with ``lora_scope="speech"``)
     and ``speech_vocab`` (rows of the added tokens); with ``projector_config.compression="ctc"`` also
     ``audio_compressor`` (the CTC pre-alignment's blank and vocabulary, and the two terms the LM stage
     trains).
@@ -238,9 +240,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_features is not None and input_ids is None:
             raise ValueError("input_features need input_ids to locate the <|audio|> placeholders")
-        gate = self.lora_gate
-        if gate is not None:
-            gate.set_positions(input_ids)
+        if self.lora_gate is not None:
+            self.lora_gate.set_positions(input_ids)
         if inputs_embeds is None:
             inputs_embeds, attention_mask = self.embed_inputs(input_ids, attention_mask, input_features,
                                                               input_features_mask)
@@ -248,23 +249,20 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                 # dropped frames take no position: the LM sees the kept ones as adjacent tokens
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
                 if labels is not None and self.training and "shift_labels" not in kwargs:
-                    # Training returns only the loss: the LM need not run over the dropped frames at all.
-                    gated = [] if gate is None else [gate.positions]
-                    attention_mask, labels, (inputs_embeds, position_ids, *gated) = drop_masked_positions(
-                        attention_mask, labels, inputs_embeds, position_ids, *gated)
-                    if gate is not None:
-                        gate.positions = gated[0]
+                    attention_mask, labels, inputs_embeds, position_ids = self._cut_dropped_frames(
+                        attention_mask, labels, inputs_embeds, position_ids)
         if input_features is None and self._every_part_needs_a_gradient():
             inputs_embeds = inputs_embeds + self._unused_audio_parts()
 
-        outputs = self.get_decoder()(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        with self._lora_bypass():
+            outputs = self.get_decoder()(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
         hidden_states = outputs.last_hidden_state
         if labels is not None and self.training:
             return self._labelled_loss(hidden_states, labels, outputs, **kwargs)
@@ -279,6 +277,25 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def _cut_dropped_frames(self, attention_mask, labels, inputs_embeds, position_ids):
+        """Training returns only the loss: the LM need not run over the frames CTC compression dropped at
+        all (`drop_masked_positions`; the LoRA gate is cut alike)."""
+        gate = self.lora_gate
+        gated = [] if gate is None else [gate.positions]
+        attention_mask, labels, (inputs_embeds, position_ids, *gated) = drop_masked_positions(
+            attention_mask, labels, inputs_embeds, position_ids, *gated)
+        if gate is not None:
+            gate.positions = gated[0]
+        return attention_mask, labels, inputs_embeds, position_ids
+
+    def _lora_bypass(self):
+        """Nothing to adapt (a text request under a speech-gated LoRA): skip LoRA's compute as well.
+        Training keeps it, so that every LoRA parameter gets a (zero) gradient in every step."""
+        gate = self.lora_gate
+        if gate is None or self.training or bool(gate.positions.any()):
+            return nullcontext()
+        return self.language_model.disable_adapter()
 
     def _labelled_loss(self, hidden_states: torch.Tensor, labels: torch.LongTensor, outputs,
                        **kwargs) -> CausalLMOutputWithPast:

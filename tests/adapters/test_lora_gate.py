@@ -170,3 +170,18 @@ def test_the_gate_follows_the_training_batch_cut_by_ctc_compression():
     model(**inputs, labels=labels).loss.backward()
     assert model.lora_gate.positions.shape[1] < inputs["input_ids"].shape[1]  # frames cut, and the gate with them
     assert any(p.grad.any() for n, p in model.language_model.named_parameters() if "lora_" in n)
+
+
+def test_a_text_request_skips_lora_compute_at_inference(gated):
+    model, tokenizer = gated
+    lora_b = next(module for name, module in model.language_model.named_modules() if name.endswith("lora_B.default"))
+    calls = []
+    lora_b.register_forward_hook(lambda *args: calls.append(1))
+    inputs = audio_and_text_rows(model, tokenizer)
+    text_only = {"input_ids": inputs["input_ids"][1:], "attention_mask": inputs["attention_mask"][1:]}
+    with torch.no_grad():
+        with model.language_model.disable_adapter():
+            base = model(**text_only).logits
+        assert torch.equal(model(**text_only).logits, base) and not calls
+        model(**inputs)
+    assert calls
