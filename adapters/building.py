@@ -53,7 +53,8 @@ class ModelSpec:
                 "filled from `seed`); null: no codec (the model answers in text only)"})
     mode: str = field(default="frozen", metadata={"help": f"backbone training mode: {'|'.join(TRAINING_MODES)}"})
     lora: dict | None = field(default_factory=dict, metadata={
-        "help": "r, alpha, dropout, target_modules, scope (all|speech: LoRA acts on audio rows and speech tokens only)"})
+        "help": "r, alpha, dropout, target_modules, scope (all|audio: only rows that hear audio|speech: those and "
+                "speech tokens)"})
     train_audio_encoder: bool = field(default=False, metadata={"help": "also train the Whisper encoder"})
     dtype: str = field(default="float32", metadata={"help": f"weights dtype: {'|'.join(DTYPES)}"})
     seed: int = field(default=0, metadata={"help": "seed of random components and new vocabulary rows"})

@@ -13,8 +13,9 @@ from transformers.configuration_utils import SubConfigSpec
 from speechlm.speech_io.units import SPECIAL_SPEECH_TOKENS, speech_token_ids
 
 TRAINING_MODES = ("frozen", "lora", "qlora", "full")
-# "all": LoRA acts everywhere; "speech": on rows that hear audio and on speech tokens, text runs the base weights
-LORA_SCOPES = ("all", "speech")
+# "all": LoRA acts everywhere; "audio": on rows that hear audio; "speech": also on the speech tokens of any
+# row. Gated, text runs the base weights.
+LORA_SCOPES = ("all", "audio", "speech")
 
 
 class ConfigError(ValueError):
@@ -113,9 +114,9 @@ class SpeechLMConfig(PreTrainedConfig):
             ``text_vocab_size`` and recorded so that a reload can check the tokenizer against them.
         mode: how the backbone trains: ``frozen``, ``lora``, ``qlora`` (4-bit NF4 + LoRA) or ``full``.
         lora_r / lora_alpha / lora_dropout / lora_target_modules: peft LoRA settings (lora and qlora).
-        lora_scope: LoRA acts on ``all`` positions, or on ``speech`` only: every position of a row with
-            ``<|audio|>`` and the speech tokens of any row; text then runs the base backbone exactly
-            (`speechlm.adapters.lora_gate`).
+        lora_scope: LoRA acts on ``all`` positions, on every position of a row with ``<|audio|>``
+            (``audio``), or on those and the speech tokens of any row (``speech``); gated, text runs the
+            base backbone exactly (`speechlm.adapters.lora_gate`).
         train_audio_encoder: also train the Whisper encoder (it is frozen by default).
         text_model_name_or_path / audio_model_name_or_path: where the base weights come from. When set
             and the backbone is not fully tuned, checkpoints hold only what was trained.
@@ -167,8 +168,8 @@ class SpeechLMConfig(PreTrainedConfig):
             problems.append(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
         if self.lora_scope not in LORA_SCOPES:
             problems.append(f"lora_scope={self.lora_scope!r}: choose one of {list(LORA_SCOPES)}")
-        elif self.lora_scope == "speech" and self.mode not in ("lora", "qlora"):
-            problems.append(f"lora_scope='speech' gates LoRA, which mode={self.mode!r} has none of: use mode "
+        elif self.lora_scope != "all" and self.mode not in ("lora", "qlora"):
+            problems.append(f"lora_scope={self.lora_scope!r} gates LoRA, which mode={self.mode!r} has none of: use mode "
                             f"lora or qlora")
         for name, value in expected.items():
             current = getattr(self, name)

@@ -1,9 +1,9 @@
-"""Speech-gated LoRA (``lora_scope="speech"``): the backbone's LoRA acts on speech and nowhere else.
+"""Speech-gated LoRA (``lora_scope="audio"`` or ``"speech"``): the backbone's LoRA acts on speech only.
 
-LoRA changes every position of a row that hears audio (an ``<|audio|>`` placeholder in its input) and
-the speech tokens of any row (``<|speech_start|>``, units, ``<|speech_end|>``); every other position (a
-text prompt and its text answer) runs the base weights exactly, so the backbone's text answers stay what
-they were while the layers learn to listen and to speak. Whether a position is gated on depends only on
+LoRA changes every position of a row that hears audio (an ``<|audio|>`` placeholder in its input) and,
+with ``"speech"``, also the speech tokens of any row (``<|speech_start|>``, units, ``<|speech_end|>``);
+every other position (a text prompt and its text answer) runs the base weights exactly, so the
+backbone's text answers stay what they were while the layers learn to listen (and to speak). Whether a position is gated on depends only on
 its row's prompt and its own token, so training and decoding (one token a step, any beam order) agree.
 
 peft's per-row ``adapter_names`` selects adapters at inference only (it refuses training mode); here a
@@ -29,8 +29,9 @@ class SpeechGate:
     (``positions is None``) LoRA acts everywhere.
     """
 
-    def __init__(self, audio_token_id: int):
+    def __init__(self, audio_token_id: int, *, speech_tokens: bool):
         self.audio_token_id = audio_token_id  # the added speech tokens follow it
+        self.speech_tokens = speech_tokens  # also gate on the speech tokens of rows without audio
         self.positions: torch.Tensor | None = None  # B, T
         self._audio_rows: torch.Tensor | None = None  # B, held by generate
         self._prompt: torch.Tensor | None = None  # B, T of the prompt, for generate's first forward
@@ -48,15 +49,17 @@ class SpeechGate:
             if not module.lora_B or module.lora_variant:
                 # Embedding LoRA keeps its factors as parameters, DoRA and other variants compute their own
                 # update: neither passes through a lora_B module that a hook could scale.
-                raise ValueError(f"lora_scope='speech' gates plain LoRA on linear layers; {name} "
+                raise ValueError(f"lora_scope gates plain LoRA on linear layers; {name} "
                                  f"({type(module).__name__}) is not one: leave it out of lora target_modules")
             self._hooks += [lora_b.register_forward_hook(self._scale) for lora_b in module.lora_B.values()]
         if not self._hooks:
-            raise ValueError("lora_scope='speech' found no LoRA layers in the backbone")
+            raise ValueError("the lora_scope gate found no LoRA layers in the backbone")
 
     def _gate(self, input_ids: torch.Tensor, audio_rows: torch.Tensor) -> torch.Tensor:
         if audio_rows.shape[0] != input_ids.shape[0]:  # generate repeats each prompt for beams and samples
             audio_rows = audio_rows.repeat_interleave(input_ids.shape[0] // audio_rows.shape[0])
+        if not self.speech_tokens:
+            return audio_rows[:, None].expand(input_ids.shape)
         return audio_rows[:, None] | (input_ids > self.audio_token_id)
 
     def set_positions(self, input_ids: torch.Tensor | None) -> None:
@@ -66,8 +69,8 @@ class SpeechGate:
             self.positions = prompt
             return
         if input_ids is None:
-            raise ValueError("with lora_scope='speech' pass input_ids (not inputs_embeds alone): LoRA acts on "
-                             "the rows whose input_ids hold <|audio|> and on speech tokens")
+            raise ValueError("with a gated lora_scope pass input_ids (not inputs_embeds alone): they say where "
+                             "LoRA acts (rows that hold <|audio|>, speech tokens)")
         audio_rows = (input_ids == self.audio_token_id).any(-1) if self._audio_rows is None else self._audio_rows
         self.positions = self._gate(input_ids, audio_rows)
 
@@ -78,7 +81,7 @@ class SpeechGate:
             yield
             return
         if input_ids is None:
-            raise ValueError("with lora_scope='speech' generate needs input_ids, which say the rows that hear audio")
+            raise ValueError("with a gated lora_scope generate needs input_ids, which say the rows that hear audio")
         previous = self.positions
         self._audio_rows = (input_ids == self.audio_token_id).any(-1)
         self._prompt = self._gate(input_ids, self._audio_rows)

@@ -68,7 +68,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
 
     Parts, named as checkpoint keys: ``audio_tower`` (openai-whisper ``AudioEncoder``),
     ``multi_modal_projector``, ``language_model`` (any HF causal LM; a peft model in lora/qlora modes,
-    whose LoRA ``lora_gate`` confines to speech with ``lora_scope="speech"``)
+    whose LoRA ``lora_gate`` confines to speech with ``lora_scope`` "audio" or "speech")
     and ``speech_vocab`` (rows of the added tokens); with ``projector_config.compression="ctc"`` also
     ``audio_compressor`` (the CTC pre-alignment's blank and vocabulary, and the two terms the LM stage
     trains).
@@ -92,7 +92,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         self.language_model = language_model
         self.speech_vocab = SpeechVocabulary(config.text_vocab_size, config.num_added_tokens,
                                              config.text_config.hidden_size)
-        self.lora_gate: SpeechGate | None = None  # lora_scope="speech": set by apply_training_mode
+        self.lora_gate: SpeechGate | None = None  # lora_scope audio|speech: set by apply_training_mode
         for module in (*self.multi_modal_projector.modules(), *self.speech_vocab.modules()):
             module._speechlm_owned = True
         self.post_init()
@@ -320,7 +320,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         """``GenerationMixin.generate``; with CTC compression the audio is embedded first, so that the
         attention mask ``generate`` carries on (and the position ids it counts from it) skip the dropped
         frames. The output is laid out as without compression: the prompt's ids, then the new tokens.
-        With ``lora_scope="speech"`` the prompt's rows decide where LoRA acts at every decoding step."""
+        With a gated ``lora_scope`` the prompt's rows decide where LoRA acts at every decoding step."""
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
         if attention_mask is not None:

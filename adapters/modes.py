@@ -4,8 +4,9 @@ In every mode the projector and the added vocabulary rows train; the Whisper enc
 ``train_audio_encoder``. With CTC compression the projector keeps its pre-aligned weights and the
 compressor's two terms (residual map, end marker) train instead (`speechlm.adapters.compression`).
 The backbone is frozen (``frozen``), gets LoRA adapters (``lora``), is a 4-bit
-NF4 model with LoRA adapters (``qlora``), or trains whole (``full``). With ``lora_scope="speech"`` the
-LoRA adapters act only on speech: rows that hear audio, and speech tokens (`speechlm.adapters.lora_gate`).
+NF4 model with LoRA adapters (``qlora``), or trains whole (``full``). With ``lora_scope="audio"`` the
+LoRA adapters act only on rows that hear audio, with ``"speech"`` also on speech tokens
+(`speechlm.adapters.lora_gate`).
 """
 
 from __future__ import annotations
@@ -62,18 +63,19 @@ def apply_training_mode(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
 
 
 def gate_lora_rows(model: SpeechLMForCausalLM) -> None:
-    """Give a ``lora_scope="speech"`` model its gate on the LoRA layers (once; see `SpeechGate`)."""
+    """Give a model with a gated ``lora_scope`` its gate on the LoRA layers (once; see `SpeechGate`)."""
     config = model.config
-    if config.lora_scope != "speech":
-        if model.lora_gate is not None:
-            raise ValueError(f"lora_scope={config.lora_scope!r}, but this model's LoRA is already gated to audio "
-                             f"rows; rebuild it to change the scope")
+    gate = model.lora_gate
+    if gate is not None and config.lora_scope != ("speech" if gate.speech_tokens else "audio"):
+        raise ValueError(f"lora_scope={config.lora_scope!r}, but this model's LoRA is already gated otherwise; "
+                         f"rebuild it to change the scope")
+    if config.lora_scope == "all":
         return
     if config.mode not in ("lora", "qlora"):
-        raise ValueError(f"lora_scope='speech' gates LoRA, which mode={config.mode!r} has none of: use mode lora "
-                         f"or qlora")
-    if model.lora_gate is None:
-        model.lora_gate = SpeechGate(config.audio_token_id)
+        raise ValueError(f"lora_scope={config.lora_scope!r} gates LoRA, which mode={config.mode!r} has none of: "
+                         f"use mode lora or qlora")
+    if gate is None:
+        model.lora_gate = SpeechGate(config.audio_token_id, speech_tokens=config.lora_scope == "speech")
     model.lora_gate.attach(model.language_model)
 
 
@@ -82,8 +84,8 @@ def merge_lora(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
     backbone and need no base model). The result is in ``frozen`` mode. A LoRA gated to speech cannot
     fold: merged, it would change text too."""
     if model.lora_gate is not None:
-        raise ValueError("this model's LoRA acts only on speech (lora_scope='speech'); merged into the weights it "
-                         "would change text too: keep the adapter (save_pretrained keeps it small)")
+        raise ValueError(f"this model's LoRA acts only on speech (lora_scope={model.config.lora_scope!r}); merged "
+                         f"into the weights it would change text too: keep the adapter (save_pretrained keeps it small)")
     if is_peft_model(model.language_model):
         if getattr(model.text_model, "is_loaded_in_4bit", False):
             raise ValueError("cannot merge LoRA into a 4-bit backbone exactly: load the checkpoint with "

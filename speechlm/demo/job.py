@@ -318,7 +318,8 @@ def load_trained(model_dir: Path):
 
 
 def text_answers_unchanged(before: dict, after: dict) -> bool | None:
-    """Whether every QA text answer is what the untrained model said (frozen backbone: it must be)."""
+    """Whether every QA text answer is what the untrained model said (a frozen backbone, or LoRA gated
+    to audio rows: it must be)."""
     pairs = [(b["text_answer"], a["text_answer"]) for name in before if name.startswith("qa/")
              for b, a in zip(before[name]["items"], after[name]["items"], strict=True)]
     return all(b == a for b, a in pairs) if pairs else None

@@ -11,10 +11,10 @@ from tests.adapters.conftest import audio_inputs
 from tests.conftest import TINY_PROJECTOR, tiny_spec
 
 
-def gated_model(**changes):
+def gated_model(scope: str = "speech", **changes):
     """A tiny LoRA model gated to speech, its LoRA factors random (a fresh lora_B is zero: no effect)."""
     model, tokenizer = build_speechlm(tiny_spec(mode="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0,
-                                                                   "scope": "speech"}, **changes))
+                                                                   "scope": scope}, **changes))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.language_model.named_parameters():
@@ -71,8 +71,9 @@ def test_generate_keeps_the_prompts_gate_over_every_decoding_step(gated):
     assert not torch.equal(output[0], base[0])
 
 
-def test_speech_tokens_of_a_text_row_run_the_adapted_layers(gated):
-    model, tokenizer = gated
+@pytest.mark.parametrize("scope", ["speech", "audio"])
+def test_speech_tokens_of_a_text_row_run_the_adapted_layers_with_scope_speech(scope):
+    model, tokenizer = gated_model(scope)
     config = model.config
     text = tokenizer("say hi", return_tensors="pt").input_ids
     speech = torch.tensor([[config.speech_start_token_id, config.speech_unit_start_id + 3,
@@ -84,7 +85,10 @@ def test_speech_tokens_of_a_text_row_run_the_adapted_layers(gated):
             base = model(input_ids=ids).logits
     prompt = text.shape[1]
     assert torch.equal(logits[0, :prompt], base[0, :prompt])
-    assert not torch.allclose(logits[0, prompt:], base[0, prompt:], atol=1e-3)
+    if scope == "audio":  # the row hears no audio: all of it runs the base weights
+        assert torch.equal(logits, base)
+    else:
+        assert not torch.allclose(logits[0, prompt:], base[0, prompt:], atol=1e-3)
     # decoding a token at a time gates each new token as the whole row does
     output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     assert torch.equal(output[0], greedy_by_hand(model, {"input_ids": ids}, 4))
@@ -154,7 +158,8 @@ def test_the_gate_needs_input_ids(gated):
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"mode": "frozen", "lora": {"scope": "speech"}}, "lora_scope='speech' gates LoRA"),
-    ({"mode": "lora", "lora": {"scope": "audio"}}, r"lora_scope='audio': choose one of \['all', 'speech'\]"),
+    ({"mode": "full", "lora": {"scope": "audio"}}, "lora_scope='audio' gates LoRA"),
+    ({"mode": "lora", "lora": {"scope": "speech!"}}, r"lora_scope='speech!': choose one of \['all', 'audio', 'speech'\]"),
 ])
 def test_bad_scopes_are_named(changes, message):
     with pytest.raises(ConfigError, match=message):
