@@ -3,8 +3,9 @@
 LoRA changes every position of a row that hears audio (an ``<|audio|>`` placeholder in its input) and,
 with ``"speech"``, also the speech tokens of any row (``<|speech_start|>``, units, ``<|speech_end|>``);
 every other position (a text prompt and its text answer) runs the base weights exactly, so the
-backbone's text answers stay what they were while the layers learn to listen (and to speak). Whether a position is gated on depends only on
-its row's prompt and its own token, so training and decoding (one token a step, any beam order) agree.
+backbone's text answers stay what they were while the layers learn to listen (and to speak). Whether a
+position is gated on depends only on its row's prompt and its own token, so training and decoding (one
+token a step, any beam order) agree.
 
 peft's per-row ``adapter_names`` selects adapters at inference only (it refuses training mode); here a
 forward hook on every ``lora_B`` multiplies its output by the gate, 1 or 0. A gated-off position adds an
