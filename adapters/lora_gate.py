@@ -34,6 +34,7 @@ class SpeechGate:
         self.audio_token_id = audio_token_id  # the added speech tokens follow it
         self.speech_tokens = speech_tokens  # also gate on the speech tokens of rows without audio
         self.positions: torch.Tensor | None = None  # B, T
+        self._scales: tuple[torch.Tensor | None, dict] = (None, {})  # positions as layer outputs multiply them
         self._audio_rows: torch.Tensor | None = None  # B, held by generate
         self._prompt: torch.Tensor | None = None  # B, T of the prompt, for generate's first forward
         self._hooks = []
@@ -63,11 +64,13 @@ class SpeechGate:
             return audio_rows[:, None].expand(input_ids.shape)
         return audio_rows[:, None] | (input_ids > self.audio_token_id)
 
-    def set_positions(self, input_ids: torch.Tensor | None) -> None:
-        """The gate of a forward pass over ``input_ids`` (inside ``generate``: a chunk of its sequence)."""
+    def set_positions(self, input_ids: torch.Tensor | None, batch_size: int) -> None:
+        """The gate of a forward pass over ``input_ids`` (inside ``generate``: a chunk of its sequence) or,
+        without them, over ``batch_size`` rows of the held prompt's embeddings."""
         prompt, self._prompt = self._prompt, None
         if input_ids is None and prompt is not None:  # generate's first forward, over the prompt's embeddings
-            self.positions = prompt
+            # generate repeats each prompt for beams and samples
+            self.positions = prompt.repeat_interleave(batch_size // prompt.shape[0], dim=0)
             return
         if input_ids is None:
             raise ValueError("with a gated lora_scope pass input_ids (not inputs_embeds alone): they say where "
@@ -96,11 +99,14 @@ class SpeechGate:
         gate = self.positions
         if gate is None:
             return output
-        rows, length = output.shape[:2]
-        if gate.shape[0] != rows and gate.shape[1] == length and rows % gate.shape[0] == 0:
-            gate = gate.repeat_interleave(rows // gate.shape[0], dim=0)  # the prompt, expanded by generate
         if gate.shape != output.shape[:2]:
             raise RuntimeError(f"the LoRA gate covers {tuple(gate.shape)} positions but a layer saw "
                                f"{tuple(output.shape[:2])}; call the backbone through SpeechLMForCausalLM, "
                                f"which sets the gate")
-        return output * gate.unsqueeze(-1).to(device=output.device, dtype=output.dtype)
+        if self._scales[0] is not gate:  # made once per forward pass, not in each of its LoRA layers
+            self._scales = (gate, {})
+        key = (output.device, output.dtype)
+        scales = self._scales[1]
+        if key not in scales:
+            scales[key] = gate.unsqueeze(-1).to(device=output.device, dtype=output.dtype)
+        return output * scales[key]

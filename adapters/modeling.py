@@ -241,7 +241,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         if input_features is not None and input_ids is None:
             raise ValueError("input_features need input_ids to locate the <|audio|> placeholders")
         if self.lora_gate is not None:
-            self.lora_gate.set_positions(input_ids)
+            self.lora_gate.set_positions(input_ids, (input_ids if inputs_embeds is None else inputs_embeds).shape[0])
         if inputs_embeds is None:
             inputs_embeds, attention_mask = self.embed_inputs(input_ids, attention_mask, input_features,
                                                               input_features_mask)

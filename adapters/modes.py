@@ -46,7 +46,7 @@ def apply_training_mode(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
                                  "(a path or Hub id) so that it loads with bitsandbytes NF4")
             backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
         model.language_model = get_peft_model(backbone, lora_config(model))
-    gate_lora_rows(model)
+    attach_lora_gate(model)
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(model.audio_compressor is None)
     if model.audio_compressor is not None:
@@ -62,7 +62,7 @@ def apply_training_mode(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
     return model
 
 
-def gate_lora_rows(model: SpeechLMForCausalLM) -> None:
+def attach_lora_gate(model: SpeechLMForCausalLM) -> None:
     """Give a model with a gated ``lora_scope`` its gate on the LoRA layers (once; see `SpeechGate`)."""
     config = model.config
     gate = model.lora_gate

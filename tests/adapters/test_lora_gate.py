@@ -94,8 +94,12 @@ def test_speech_tokens_of_a_text_row_run_the_adapted_layers_with_scope_speech(sc
     assert torch.equal(output[0], greedy_by_hand(model, {"input_ids": ids}, 4))
 
 
-def test_beams_and_samples_expand_the_gate(gated):
-    model, tokenizer = gated
+@pytest.mark.parametrize("compression", ["none", "ctc"])  # ctc: generate's first forward gets embeddings
+def test_beams_and_samples_expand_the_gate(compression):
+    model, tokenizer = gated_model(projector={**TINY_PROJECTOR, "compression": compression})
+    if compression == "ctc":
+        model.audio_compressor.set_alignment(torch.zeros(model.config.text_config.hidden_size), torch.arange(3, 40),
+                                             1.0)
     inputs = audio_and_text_rows(model, tokenizer)
     output = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
     with model.language_model.disable_adapter():
