@@ -38,6 +38,7 @@ class SpeechGate:
         self._audio_rows: torch.Tensor | None = None  # B, held by generate
         self._prompt: torch.Tensor | None = None  # B, T of the prompt, for generate's first forward
         self._hooks = []
+        self._layers = []  # the peft LoRA layers hooked
 
     def attach(self, backbone: nn.Module) -> None:
         """Hook the ``lora_B`` projections of every peft LoRA layer in ``backbone`` (once)."""
@@ -54,6 +55,7 @@ class SpeechGate:
                 raise ValueError(f"lora_scope gates plain LoRA on linear layers; {name} "
                                  f"({type(module).__name__}) is not one: leave it out of lora target_modules")
             self._hooks += [lora_b.register_forward_hook(self._scale) for lora_b in module.lora_B.values()]
+            self._layers.append(module)
         if not self._hooks:
             raise ValueError("the lora_scope gate found no LoRA layers in the backbone")
 
@@ -94,6 +96,24 @@ class SpeechGate:
         finally:
             self._audio_rows = self._prompt = None
             self.positions = previous
+
+    @contextmanager
+    def skipped_if_closed(self):
+        """Inside, a forward whose gate is closed everywhere (a text request at inference) skips LoRA's
+        compute, whose gated output would be zero. Flips each layer's own off switch, which its forward
+        reads (peft's ``disable_adapter()`` walks the whole model twice per call: a quarter of a decoding
+        step of SmolLM2-135M); layers that were already off stay off."""
+        if self.positions is None or bool(self.positions.any()):
+            yield
+            return
+        layers = [layer for layer in self._layers if not layer.disable_adapters]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._disable_adapters = False
 
     def _scale(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         gate = self.positions

@@ -292,10 +292,9 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     def _lora_bypass(self):
         """Nothing to adapt (a text request under a speech-gated LoRA): skip LoRA's compute as well.
         Training keeps it, so that every LoRA parameter gets a (zero) gradient in every step."""
-        gate = self.lora_gate
-        if gate is None or self.training or bool(gate.positions.any()):
+        if self.lora_gate is None or self.training:
             return nullcontext()
-        return self.language_model.disable_adapter()
+        return self.lora_gate.skipped_if_closed()
 
     def _labelled_loss(self, hidden_states: torch.Tensor, labels: torch.LongTensor, outputs,
                        **kwargs) -> CausalLMOutputWithPast:

@@ -193,4 +193,17 @@ def test_a_text_request_skips_lora_compute_at_inference(gated):
             base = model(**text_only).logits
         assert torch.equal(model(**text_only).logits, base) and not calls
         model(**inputs)
-    assert calls
+    assert calls  # switched back on for a row that hears audio
+
+
+def test_skipping_lora_leaves_a_layer_switched_off_by_the_user_off(gated):
+    from peft.tuners.lora import LoraLayer
+
+    model, tokenizer = gated
+    layers = [module for module in model.language_model.modules() if isinstance(module, LoraLayer)]
+    layers[0].enable_adapters(False)
+    text_only = {key: value[1:] for key, value in audio_and_text_rows(model, tokenizer).items()
+                 if key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        model(**text_only)
+    assert layers[0].disable_adapters and not any(layer.disable_adapters for layer in layers[1:])
