@@ -3,7 +3,8 @@
 openai-whisper's ``AudioEncoder`` asserts 3000 mel frames (30 s). Here a clip of T frames adds the first
 T/2 positional embeddings instead (same weights, ~10x less work for a 3 s clip), and padded frames of
 shorter clips in a batch are masked out of attention, so a clip encodes the same alone or in a batch.
-On an unpadded 30 s input the result equals the stock encoder's.
+On an unpadded 30 s input the result equals the stock encoder's. Its layer norms compute in fp32 whatever
+the weights' dtype (as openai-whisper's do on a GPU), so a model loaded in bfloat16 also hears on a CPU.
 """
 
 from __future__ import annotations
@@ -12,11 +13,22 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from whisper.model import AudioEncoder
 
 from speechlm.adapters.configuration import SpeechLMAudioConfig
 
 WHISPER_DIM_FIELDS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
+
+
+class FloatLayerNorm(nn.LayerNorm):
+    """openai-whisper's LayerNorm computes in fp32 but leaves its weights in the model's dtype; a CPU refuses
+    fp32 input with bf16/fp16 weights ("mixed dtype"). This one casts the weights as well."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
 
 
 class WhisperAudioEncoder(AudioEncoder):
@@ -26,6 +38,10 @@ class WhisperAudioEncoder(AudioEncoder):
         super().__init__(config.n_mels, config.n_audio_ctx, config.n_audio_state, config.n_audio_head,
                          config.n_audio_layer)
         self.n_head = config.n_audio_head
+        for parent in (self, *self.blocks):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.LayerNorm):
+                    setattr(parent, name, FloatLayerNorm(child.normalized_shape, eps=child.eps))
 
     def forward(self, input_features: torch.Tensor, mel_lengths: torch.Tensor | None = None) -> torch.Tensor:
         max_frames = 2 * self.positional_embedding.shape[0]

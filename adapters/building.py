@@ -129,7 +129,7 @@ def assemble_model(config: SpeechLMConfig, *, dtype: torch.dtype = torch.float32
                 part.to(dtype)  # floating-point tensors only: the compressor's vocabulary mask stays bool
         for norm in model.audio_tower.modules():
             if isinstance(norm, torch.nn.LayerNorm):
-                norm.float()  # openai-whisper's LayerNorm computes in fp32 (x.float()) and casts back
+                norm.float()  # they compute in fp32 (FloatLayerNorm): fp32 weights lose nothing to rounding
         if not getattr(model.text_model, "is_quantized", False):
             model.language_model.to(dtype)
     return apply_training_mode(model)

@@ -175,3 +175,12 @@ def test_a_bfloat16_model_hears():
         logits = model.eval()(**audio_inputs(model, tokenizer, [40, 23])).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     assert model.multi_modal_projector.linear_1.weight.dtype == torch.bfloat16
+
+
+def test_a_model_cast_to_bfloat16_whole_hears():
+    # .to(bfloat16) casts the encoder's layer norms too; a CPU refuses their fp32 input with bf16 weights
+    model, tokenizer = build_speechlm(tiny_spec())
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        logits = model.eval()(**audio_inputs(model, tokenizer, [40, 23])).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
