@@ -154,6 +154,22 @@ class SpeechLMConfig(PreTrainedConfig):
         if self.text_vocab_size is None:
             self.text_vocab_size = self.text_config.vocab_size
         expected = self.expected_token_ids()
+        problems = self._setting_problems()
+        for name, value in expected.items():
+            current = getattr(self, name)
+            if current is None:
+                setattr(self, name, value)
+            elif current != value:
+                problems.append(f"{name}={current} disagrees with text_vocab_size={self.text_vocab_size}, "
+                                f"which puts it at {value}")
+        ConfigError.collect("SpeechLMConfig", problems)
+
+    def check_settings(self) -> None:
+        """Raise `ConfigError` naming every bad setting: for settings changed after the config was made
+        (a stage that switches the training mode)."""
+        ConfigError.collect("SpeechLMConfig", self._setting_problems())
+
+    def _setting_problems(self) -> list[str]:
         problems = []
         if self.mode not in TRAINING_MODES:
             problems.append(f"mode={self.mode!r}: choose one of {list(TRAINING_MODES)}")
@@ -171,14 +187,7 @@ class SpeechLMConfig(PreTrainedConfig):
         elif self.lora_scope != "all" and self.mode not in ("lora", "qlora"):
             problems.append(f"lora_scope={self.lora_scope!r} gates LoRA, which mode={self.mode!r} has none of: use mode "
                             f"lora or qlora")
-        for name, value in expected.items():
-            current = getattr(self, name)
-            if current is None:
-                setattr(self, name, value)
-            elif current != value:
-                problems.append(f"{name}={current} disagrees with text_vocab_size={self.text_vocab_size}, "
-                                f"which puts it at {value}")
-        ConfigError.collect("SpeechLMConfig", problems)
+        return problems
 
     def expected_token_ids(self) -> dict[str, int]:
         """The added-token ids implied by ``text_vocab_size`` (layout in ``speech_io.units``)."""

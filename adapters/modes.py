@@ -71,9 +71,6 @@ def attach_lora_gate(model: SpeechLMForCausalLM) -> None:
                          f"rebuild it to change the scope")
     if config.lora_scope == "all":
         return
-    if config.mode not in ("lora", "qlora"):
-        raise ValueError(f"lora_scope={config.lora_scope!r} gates LoRA, which mode={config.mode!r} has none of: "
-                         f"use mode lora or qlora")
     if gate is None:
         model.lora_gate = SpeechGate(config.audio_token_id, speech_tokens=config.lora_scope == "speech")
     model.lora_gate.attach(model.language_model)

@@ -58,10 +58,17 @@ def change_mode(model: SpeechLMForCausalLM, mode: str, lora: dict, train_audio_e
     if mode != config.mode and (config.mode, mode) not in MODE_CHANGES:
         raise ValueError(f"init_from: the saved model is in mode {config.mode!r} and cannot switch to {mode!r}; "
                          f"possible: {sorted(f'{a}->{b}' for a, b in MODE_CHANGES)} (merge LoRA with speechlm merge)")
-    for key, value in lora.items():
-        setattr(config, "lora_target_modules" if key == "target_modules" else f"lora_{key}", value)
-    config.mode = mode
-    config.train_audio_encoder = train_audio_encoder
+    changes = {"lora_target_modules" if key == "target_modules" else f"lora_{key}": value for key, value in lora.items()}
+    changes.update(mode=mode, train_audio_encoder=train_audio_encoder)
+    before = {name: getattr(config, name) for name in changes}
+    try:
+        for name, value in changes.items():
+            setattr(config, name, value)  # a strict config checks each value's type here
+        config.check_settings()
+    except Exception:
+        for name, value in before.items():  # the loaded model stays as it was
+            setattr(config, name, value)
+        raise
     apply_training_mode(model)
 
 

@@ -170,6 +170,17 @@ def test_bad_scopes_are_named(changes, message):
         build_speechlm(tiny_spec(**changes))
 
 
+def test_a_stage_that_switches_mode_checks_the_scope_and_keeps_the_model_on_error():
+    from speechlm.finetune.recipe import change_mode
+
+    model, _ = build_speechlm(tiny_spec(mode="frozen"))
+    with pytest.raises(ConfigError, match="lora_scope='audio' gates LoRA"):
+        change_mode(model, "full", {"scope": "audio"}, train_audio_encoder=False)
+    assert (model.config.mode, model.config.lora_scope, model.lora_gate) == ("frozen", "all", None)
+    change_mode(model, "lora", {"r": 4, "scope": "audio"}, train_audio_encoder=False)
+    assert model.lora_gate is not None and not model.lora_gate.speech_tokens
+
+
 def test_the_gate_follows_the_training_batch_cut_by_ctc_compression():
     model, tokenizer = gated_model(projector={**TINY_PROJECTOR, "compression": "ctc"})
     model.audio_compressor.set_alignment(torch.zeros(model.config.text_config.hidden_size), torch.arange(3, 40), 1.0)
