@@ -208,6 +208,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     from speechlm.finetune.prepare import load_prepared, prepare
 
     check_runtime_packages()  # before hours of work, not at the plot
+    recipe_yaml = read_yaml(settings.recipe)  # a wrong path fails now, not after the assets
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -240,7 +241,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
                  f"training.output_dir={out / 'model'}",
                  # transformers refuses bf16 on a machine without a GPU unless told to use the CPU
                  *([] if torch.cuda.is_available() else ["training.use_cpu=true"]), *settings.overrides]
-    config = build_dataclass(TrainConfig, apply_overrides(read_yaml(settings.recipe), overrides))
+    config = build_dataclass(TrainConfig, apply_overrides(recipe_yaml, overrides))
     model, tokenizer = recipe.build_model(config)
     processor = recipe.build_processor(config, model, tokenizer)
     eval_sets = write_eval_sets(corpus, reference_units, out / "eval-data")

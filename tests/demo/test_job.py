@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.demo.conftest import needs_demo_packages
 
 
@@ -62,3 +64,13 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert load_audio(out / "answer.wav").shape[0] > 0
     assert (out / "model" / "processor_config.json").is_file()
+
+
+def test_a_missing_recipe_fails_before_the_assets(tmp_path, monkeypatch):
+    from speechlm.configfile import ConfigFileError
+    from speechlm.demo import job
+
+    monkeypatch.setattr(job, "check_runtime_packages", lambda: None)
+    monkeypatch.setattr(job, "build_demo_assets", lambda *args, **kwargs: pytest.fail("assets built first"))
+    with pytest.raises(ConfigFileError, match="nowhere.yaml: no such config file"):
+        job.run_job(job.JobSettings(recipe=str(tmp_path / "nowhere.yaml"), out=str(tmp_path / "out")))
