@@ -42,7 +42,7 @@ ANSWER_MAX_NEW_TOKENS = 64
 ANSWER_SYSTEM_PROMPT = ""
 SENTENCE_SAMPLES_PER_CALL = 8
 TOPICS_PER_CALL = 10
-CORPUS_VERSION = 3  # bump when rows or audio would change for the same settings
+CORPUS_VERSION = 2  # bump when rows or audio would change for the same settings
 
 
 @dataclass(frozen=True)

@@ -65,13 +65,6 @@ TEMPLATES = (
     "{name} painted the {place} door {color} last {month}.",
     "If it is {weather} in {city} tomorrow, we will stay inside.",
     "Set an alarm for {time} so {name} does not miss the bus.",
-    # with the words the spoken questions are built from (`QUESTION_WORD_SLOTS`)
-    "{name} has always wanted to visit {country}.",
-    "The package from {country} arrived on {day}.",
-    "{name} took a photo of {thing} in the {place}.",
-    "There was a drawing of {thing} on the {object}.",
-    "The word {word} was written on the {object}.",
-    "{name} said the word {word} twice.",
 )
 SLOTS = dict(name=NAMES, name2=NAMES, object=OBJECTS, place=PLACES, color=COLORS, day=DAYS, month=MONTHS,
              time=TIMES, city=CITIES, animal=ANIMALS, food=FOODS, number=NUMBERS, adjective=ADJECTIVES,
@@ -89,7 +82,7 @@ def template_sentences(count: int, seed: int) -> list[str]:
         if attempts > 100 * count + 1000:
             raise ValueError(f"the templates cannot make {count} distinct sentences; ask for fewer")
         template = rng.choice(TEMPLATES)
-        values = {slot: rng.choice(words) for slot, words in {**SLOTS, **QUESTION_WORD_SLOTS}.items()}
+        values = {slot: rng.choice(words) for slot, words in SLOTS.items()}
         while values["name2"] == values["name"]:
             values["name2"] = rng.choice(NAMES)
         sentence = template.format(**values)
@@ -169,10 +162,6 @@ CATEGORIES = ("fruits", "vegetables", "farm animals", "colors", "musical instrum
 REQUESTS = ("Give me a synonym for {word}.", "Use the word {word} in a sentence.",
             "Explain what {word} means in one sentence.")
 REQUEST_WORDS = ("brave", "tiny", "gentle", "ancient", "bright", "clever", "rapid", "calm", "generous", "fragile")
-# The words the questions are built from, spoken in template sentences as well: a held-out question's words
-# are heard in other sentences, though never in the question itself. Without them the CTC reader, whose
-# softmax runs over the training transcripts' tokens, misreads every unheard country (BENCHMARKS.md).
-QUESTION_WORD_SLOTS = dict(country=tuple(CAPITALS), thing=tuple(COLOR_OF), word=(*OPPOSITES, *REQUEST_WORDS))
 ADVICE = ("How can I sleep better?", "How do I make a cup of tea?", "What should I pack for a beach trip?",
           "How can I save money on groceries?", "What is a good way to learn new words?",
           "How do I keep a plant alive indoors?", "What should I do if I feel bored?",
