@@ -242,7 +242,9 @@ def load_speechlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str |
         check_tokenizer_layout(tokenizer, config.text_vocab_size, config.num_speech_units,
                                source=f"{directory} tokenizer")
 
-    hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+    # ``revision`` names a commit of this SpeechLM's repo, not of the base model's: the base loads as the
+    # config names it
+    hub_kwargs = {key: kwargs[key] for key in ("token", "cache_dir") if key in kwargs}
     model = assemble_model(config, dtype=dtype, **hub_kwargs)
     expected = {key for key in model.state_dict() if model.is_checkpoint_key(key)}
     missing, unexpected = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
@@ -252,6 +254,8 @@ def load_speechlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str |
     model.load_state_dict(saved, strict=False)
     if device_map is not None:
         model.to(device_map if isinstance(device_map, (str, torch.device)) else "cpu")
+    model.name_or_path = model.config.name_or_path = str(name_or_path)  # as transformers does: what was asked for
+    model.checkpoint_dir = directory  # the folder read (a Hub repo's snapshot at the asked revision)
     return model.eval()
 
 

@@ -49,7 +49,9 @@ class SpeechLMPipeline(Pipeline):
         if processor is None:
             from transformers import AutoProcessor
 
-            processor = AutoProcessor.from_pretrained(model.name_or_path)
+            # from the folder the weights came from: a Hub model's snapshot at the revision asked for
+            # (pipeline() passes its `revision` to the model's loading only)
+            processor = AutoProcessor.from_pretrained(getattr(model, "checkpoint_dir", None) or model.name_or_path)
         super().__init__(model, processor=processor, **kwargs)
 
     def __call__(self, inputs=None, *, text: str | None = None, sampling_rate: int | None = None,

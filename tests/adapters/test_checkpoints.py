@@ -130,3 +130,23 @@ def test_qlora_checkpoint_reloads_in_4bit_and_in_full_precision(llama_dir, tmp_p
     assert torch.equal(logits(SpeechLMForCausalLM.from_pretrained(tmp_path), inputs), logits(model, inputs))
     full_precision = SpeechLMForCausalLM.from_pretrained(tmp_path, mode="lora")
     assert not getattr(full_precision.text_model, "is_loaded_in_4bit", False)
+
+
+def test_a_hub_revision_picks_the_speechlm_snapshot_not_the_base_models(llama_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from speechlm.adapters import building
+
+    model, tokenizer = build_speechlm(tiny_spec(text_model=llama_dir, text={}))
+    save(model, tokenizer, tmp_path / "snapshot")
+    downloads, backbones = [], []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kwargs: downloads.append((repo, kwargs)) or str(tmp_path / "snapshot"))
+    load_backbone = building.load_backbone
+    monkeypatch.setattr(building, "load_backbone",
+                        lambda source, **kwargs: backbones.append((source, kwargs)) or load_backbone(source, **kwargs))
+    loaded = SpeechLMForCausalLM.from_pretrained("someone/speech-llama", revision="v1", token="t")
+    assert downloads == [("someone/speech-llama", {"revision": "v1", "token": "t"})]
+    assert backbones[0][0] == llama_dir and "revision" not in backbones[0][1] and backbones[0][1]["token"] == "t"
+    # the name stays the one asked for; the pipeline loads the processor from the snapshot of that revision
+    assert loaded.name_or_path == "someone/speech-llama" and loaded.checkpoint_dir == tmp_path / "snapshot"
