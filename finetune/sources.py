@@ -4,7 +4,10 @@
 - ``*.jsonl``: a manifest (see ``finetune.examples``);
 - a directory written by ``speechlm prepare`` (``prepare.json`` inside): examples with codec units;
 - a directory written by ``datasets.Dataset.save_to_disk`` (``state.json`` inside);
-- any other directory: ``load_dataset("audiofolder", data_dir=...)`` (audio files + ``metadata.jsonl``);
+- any other directory: an audiofolder as ``load_dataset("audiofolder")`` reads it: audio files and a
+  ``metadata.jsonl`` or ``metadata.csv`` whose ``file_name`` column names each row's audio file, at the top
+  or in ``train/``. Read here, not by ``datasets``, whose audiofolder needs torchcodec and FFmpeg only to
+  pass the file names on;
 - a ``datasets.Dataset`` object, e.g. from ``load_dataset("json", ...)`` with an Audio column.
 Dataset columns carry the manifest's field names; audio columns are read undecoded (path/bytes).
 """
@@ -15,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from speechlm.finetune.examples import Example, ManifestError, parse_row, raise_problems, read_manifest
+from speechlm.finetune.examples import Example, ManifestError, parse_row, raise_problems, read_jsonl, read_manifest
 
 PREPARE_RECORD = "prepare.json"
 
@@ -42,12 +45,35 @@ def load_examples(source: Any) -> list[Example]:
                 raise ManifestError(f"{path}: a DatasetDict without a 'train' split (has {sorted(dataset)})")
             dataset = dataset["train"]
         return examples_from_rows(undecoded(dataset), where=str(path), base_dir=path)
-    try:
-        dataset = datasets.load_dataset("audiofolder", data_dir=str(path), split="train")
-    except ImportError as error:  # datasets encodes Audio columns with torchcodec (which needs FFmpeg)
-        raise ManifestError(f"{path}: reading an audiofolder needs torchcodec and FFmpeg ({error}); install them, "
-                            f"or list the files in a JSONL manifest") from error
-    return examples_from_rows(undecoded(dataset), where=str(path), base_dir=path)
+    return audiofolder_examples(path)
+
+
+def audiofolder_examples(path: Path) -> list[Example]:
+    """The examples of an audiofolder's train split (see the module docstring); ``file_name`` becomes
+    ``audio``, the other columns keep their names."""
+    candidates = [folder / f"metadata.{kind}" for folder in (path, path / "train") for kind in ("jsonl", "csv")]
+    found = [candidate for candidate in candidates if candidate.is_file()]
+    if not found:
+        raise ManifestError(f"{path}: not a manifest, saved dataset or audiofolder directory (expected "
+                            f"prepare.json, state.json, or an audiofolder's {' or '.join(c.name for c in candidates[:2])} "
+                            f"here or in train/)")
+    metadata = found[0]
+    if metadata.suffix == ".csv":
+        import csv
+
+        with metadata.open(newline="", encoding="utf-8") as file:
+            rows = [{key: value for key, value in row.items() if value != ""}  # an empty cell: no value
+                    for row in csv.DictReader(file)]
+    else:
+        rows = read_jsonl(metadata)
+    problems: list[str] = []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not row.get("file_name"):
+            problems.append(f"{metadata} row {number}: no 'file_name' (the audio file, relative to {metadata.parent})")
+        else:
+            row["audio"] = row.pop("file_name")
+    raise_problems(problems, metadata)
+    return examples_from_rows(rows, where=str(metadata), base_dir=metadata.parent)
 
 
 def undecoded(dataset):

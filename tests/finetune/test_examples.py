@@ -98,3 +98,30 @@ def test_read_jsonl_names_every_line_that_is_not_json(tmp_path):
         read_jsonl(path)
     path.write_text('{"id": "a"}\n\n{"id": "b"}\n')
     assert read_jsonl(path) == [{"id": "a"}, {"id": "b"}]
+
+
+def test_audiofolder_with_jsonl_or_csv_metadata(tmp_path):
+    from speechlm.speech_io.audio import load_audio
+
+    top = tmp_path / "top"
+    (top / "clips").mkdir(parents=True)
+    (top / "clips" / "a.wav").write_bytes(wav_bytes(0.3))
+    write_manifest(top / "metadata.jsonl", [{"file_name": "clips/a.wav", "text": "one"}])
+    (example,) = load_examples(top)
+    assert (example.id, example.text, example.audio) == ("0", "one", str(top / "clips" / "a.wav"))
+    assert load_audio(example.audio).shape == (4800,)
+
+    split = tmp_path / "split"
+    (split / "train").mkdir(parents=True)
+    (split / "train" / "b.wav").write_bytes(wav_bytes())
+    (split / "train" / "metadata.csv").write_text('file_name,text,answer\nb.wav,"two, three",\n')
+    (example,) = load_examples(split)
+    assert (example.text, example.answer, example.audio) == ("two, three", None, str(split / "train" / "b.wav"))
+
+
+def test_a_folder_that_is_no_dataset_or_has_rows_without_audio_is_named(tmp_path):
+    with pytest.raises(ManifestError, match=r"not a manifest, saved dataset or audiofolder .*metadata.jsonl"):
+        load_examples(tmp_path)
+    write_manifest(tmp_path / "metadata.jsonl", [{"file_name": "a.wav", "text": "one"}, {"text": "two"}])
+    with pytest.raises(ManifestError, match=r"metadata.jsonl row 2: no 'file_name'"):
+        load_examples(tmp_path)
