@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
         p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     assets.add_argument("--seed", type=int, default=0)
-    run.add_argument("--recipe", default="configs/smollm2-135m/stage1_align.yaml", help="training recipe YAML")
+    run.add_argument("--recipe", help="training recipe YAML (default: configs/smollm2-135m/stage1_align.yaml "
+                                      "here, else in the source tree)")
     run.add_argument("--out", default="out/demo", help="report, plot, wav and the trained model go here")
     run.add_argument("--max-minutes", type=float, default=15.0, help="stop training after this many minutes")
     run.add_argument("--curve-every", type=float, default=2.5, help="minutes of training between curve points")
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from speechlm.demo.job import JobSettings, run_job
 
-            run_job(JobSettings(recipe=args.recipe, out=args.out, size=args.size, cache=args.cache,
+            recipe = {"recipe": args.recipe} if args.recipe else {}
+            run_job(JobSettings(**recipe, out=args.out, size=args.size, cache=args.cache,
                                 overrides=args.overrides, max_minutes=args.max_minutes,
                                 curve_every_minutes=args.curve_every, curve_items=args.curve_items,
                                 tts_items=args.tts_items, tts_train_clips=args.tts_train_clips))

@@ -38,9 +38,22 @@ HEADLINE = (("asr/heldout", "wer", True), ("asr/ood", "wer", True), ("qa/heldout
             ("tts/ood", "unit_error_rate", True))
 
 
+QUICK_START_RECIPE = "configs/smollm2-135m/stage1_align.yaml"
+
+
+def quick_start_recipe() -> str:
+    """The quick start's recipe: the working directory's copy (a user's edited checkout), else the one in
+    the source tree this package runs from (`make demo` run from elsewhere, an editable install)."""
+    here = Path(QUICK_START_RECIPE)
+    source_tree = Path(__file__).resolve().parents[2] / QUICK_START_RECIPE
+    if here.is_file() or not source_tree.is_file():
+        return str(here)  # if neither exists, reading it names the path the user would expect
+    return str(source_tree)
+
+
 @dataclass
 class JobSettings:
-    recipe: str = "configs/smollm2-135m/stage1_align.yaml"
+    recipe: str = field(default_factory=quick_start_recipe)
     out: str = "out/demo"
     size: str = "full"
     cache: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,16 @@ def test_a_missing_recipe_fails_before_the_assets(tmp_path, monkeypatch):
     monkeypatch.setattr(job, "build_demo_assets", lambda *args, **kwargs: pytest.fail("assets built first"))
     with pytest.raises(ConfigFileError, match="nowhere.yaml: no such config file"):
         job.run_job(job.JobSettings(recipe=str(tmp_path / "nowhere.yaml"), out=str(tmp_path / "out")))
+
+
+def test_the_default_recipe_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    from speechlm.configfile import read_yaml
+    from speechlm.demo import job
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the source tree's recipe
+    recipe = Path(job.JobSettings().recipe)
+    assert recipe.is_absolute() and read_yaml(recipe)["model"]["projector"]["compression"] == "ctc"
+    edited = tmp_path / job.QUICK_START_RECIPE  # a checkout's own copy wins
+    edited.parent.mkdir(parents=True)
+    edited.write_text("model: {}\n")
+    assert job.JobSettings().recipe == job.QUICK_START_RECIPE
