@@ -49,6 +49,16 @@ class EvalSettings:
     max_speech_units: int = field(default=750, metadata={"help": "longest spoken response (50 units a second)"})
     judge: str | None = field(default=None, metadata={"help": "openai-whisper .pt that transcribes tts audio"})
     output: str = field(default="text+speech", metadata={"help": "latency: the response mode to time"})
+    # openai-whisper's transcribe: decode greedily, and where the text loops (compresses too well), decode it
+    # again at the next temperature; (0.0,) is greedy only
+    temperatures: tuple[float, ...] = field(default=(0.0,), metadata={
+        "help": "text decoding temperatures, tried in turn where the answer loops (0: greedy)"})
+    compression_ratio_threshold: float = field(default=2.4, metadata={
+        "help": "an answer whose gzip compression ratio is above this loops"})
+
+    def __post_init__(self):
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise ValueError(f"EvalSettings.temperatures: expected one or more temperatures >= 0, got {self.temperatures}")
 
 
 @dataclass
@@ -110,15 +120,34 @@ def file_sha256(path: str | Path) -> str:
 
 
 # -- model calls --------------------------------------------------------------------------------------
-def generate_text(model, processor, conversations: Sequence[list[dict]], settings: EvalSettings) -> list[str]:
-    """Greedy text answers, ``settings.batch_size`` conversations per ``generate`` call."""
+def generate_text(model, processor, conversations: Sequence[list[dict]], settings: EvalSettings,
+                  temperatures_used: list[float] | None = None) -> list[str]:
+    """Text answers, ``settings.batch_size`` conversations per ``generate`` call: at the first of
+    ``settings.temperatures`` (0: greedy), then, for the answers that loop, at the next one, and so on (the
+    last try stands). Sampling is seeded, so a run repeats. ``temperatures_used`` gets each answer's."""
+    from whisper.utils import compression_ratio
+
     from speechlm.responding import respond
 
-    answers = []
-    for start in range(0, len(conversations), settings.batch_size):
-        replies = respond(model, processor, list(conversations[start: start + settings.batch_size]),
-                          output="text", max_new_tokens=settings.max_new_tokens, do_sample=False)
-        answers += [reply.text.strip() for reply in replies]
+    answers: list[str] = [""] * len(conversations)
+    used = [settings.temperatures[0]] * len(conversations)
+    pending = list(range(len(conversations)))
+    for attempt, temperature in enumerate(settings.temperatures):
+        sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature,
+                                                                   "top_k": 0, "top_p": 1.0}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(attempt)
+            for start in range(0, len(pending), settings.batch_size):
+                chosen = pending[start: start + settings.batch_size]
+                replies = respond(model, processor, [conversations[i] for i in chosen], output="text",
+                                  max_new_tokens=settings.max_new_tokens, **sampling)
+                for index, reply in zip(chosen, replies, strict=True):
+                    answers[index], used[index] = reply.text.strip(), temperature
+        pending = [i for i in pending if compression_ratio(answers[i]) > settings.compression_ratio_threshold]
+        if not pending:
+            break
+    if temperatures_used is not None:
+        temperatures_used[:] = used
     return answers
 
 
@@ -156,12 +185,13 @@ def evaluate_asr(model, processor, items: list[EvalItem], settings: EvalSettings
     conversations = [[{"role": "user", "content": [{"type": "audio", "audio": item.fields["audio"]},
                                                    {"type": "text", "text": settings.asr_prompt}]}]
                      for item in items]
-    hypotheses = generate_text(model, processor, conversations, settings)
+    temperatures: list[float] = []
+    hypotheses = generate_text(model, processor, conversations, settings, temperatures)
     results = []
-    for item, hypothesis in zip(items, hypotheses, strict=True):
+    for item, hypothesis, temperature in zip(items, hypotheses, temperatures, strict=True):
         words = word_errors([item.fields["text"]], [hypothesis])
         results.append({"id": item.id, "reference": item.fields["text"], "hypothesis": hypothesis,
-                        "word_errors": words.to_dict()})
+                        "word_errors": words.to_dict(), "temperature": temperature})
     return results
 
 
@@ -268,7 +298,8 @@ def summarize(task: str, results: list[dict]) -> dict[str, float]:
         words, chars = word_errors(refs, hyps), character_errors(refs, hyps)
         return {"wer": words.rate, "cer": chars.rate, "substitutions": words.substitutions,
                 "deletions": words.deletions, "insertions": words.insertions,
-                "reference_words": words.reference_length, "items": len(results)}
+                "reference_words": words.reference_length, "items": len(results),
+                "sampled": sum(1 for r in results if r.get("temperature", 0.0) > 0)}  # greedy text looped
     if task == "qa":
         totals: dict[str, float] = {"items": len(results)}
         for level in ("exact", "normalized", "contains"):

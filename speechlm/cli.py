@@ -152,6 +152,17 @@ def convert_whisper_ct2(src: list[str], out: str, dtype: str) -> Path:
     return path
 
 
+def temperature_list(value: str) -> tuple[float, ...]:
+    """``"0,0.2,0.4"`` -> ``(0.0, 0.2, 0.4)``: argparse names the option and value when this fails."""
+    try:
+        temperatures = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+    if any(t < 0 for t in temperatures):
+        raise argparse.ArgumentTypeError(f"temperatures must be >= 0, got {value!r}")
+    return temperatures
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -203,9 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", help="tts: an openai-whisper .pt that transcribes the generated speech")
     p.add_argument("--output", default="text+speech", choices=["text", "speech", "text+speech"],
                    help="latency: the response mode to time")
+    p.add_argument("--temperatures", type=temperature_list, default=(0.0,),
+                   help="text answers: temperatures tried in turn where the answer loops, as openai-whisper "
+                        "transcribes (e.g. 0,0.2,0.4,0.6,0.8,1; default 0: greedy only)")
     p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, dict(
         batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, max_speech_units=a.max_speech_units,
-        judge=a.judge, output=a.output)))
+        judge=a.judge, output=a.output, temperatures=a.temperatures)))
 
     p = commands.add_parser("prepare", help="check audio and extract codec units for training")
     p.add_argument("manifest", help="JSONL manifest, saved dataset directory, or audiofolder directory")

@@ -109,3 +109,33 @@ def test_tts_judge_transcribes_the_generated_speech(model_dir, tmp_path):
     assert all("judge_transcript" in item for item in report["items"])
     assert "judge_wer" in report["totals"]
     assert all(len(item["units"]) <= 20 for item in report["items"])
+
+
+def test_looping_answers_are_decoded_again_at_the_next_temperature(model_dir):
+    from whisper.utils import compression_ratio
+
+    from speechlm.finetune.evaluation import EvalSettings
+
+    manifest = str(EVAL_DATA / "asr.jsonl")
+    greedy = run_evaluation(str(model_dir), "asr", manifest, EvalSettings(max_new_tokens=24))
+    assert greedy["totals"]["sampled"] == 0 and {item["temperature"] for item in greedy["items"]} == {0.0}
+    # a tiny random model's greedy text repeats itself; those answers, and only those, are sampled again
+    settings = EvalSettings(max_new_tokens=24, temperatures=(0.0, 1.0))
+    fallback = run_evaluation(str(model_dir), "asr", manifest, settings)
+    for before, after in zip(greedy["items"], fallback["items"], strict=True):
+        loops = compression_ratio(before["hypothesis"]) > settings.compression_ratio_threshold
+        assert after["temperature"] == (1.0 if loops else 0.0)
+        assert (after["hypothesis"] == before["hypothesis"]) or loops
+    assert fallback["totals"]["sampled"] == sum(item["temperature"] > 0 for item in fallback["items"]) > 0
+    again = run_evaluation(str(model_dir), "asr", manifest, settings)  # seeded: a run repeats
+    assert [item["hypothesis"] for item in again["items"]] == [item["hypothesis"] for item in fallback["items"]]
+
+
+def test_temperatures_are_checked(tmp_path, capsys):
+    from speechlm.finetune.evaluation import EvalSettings
+
+    with pytest.raises(ValueError, match="EvalSettings.temperatures: expected one or more temperatures >= 0"):
+        EvalSettings(temperatures=(0.0, -1.0))
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tmp_path), "--task", "asr", "--data", "x.jsonl", "--temperatures", "0,hot"])
+    assert "--temperatures: expected comma-separated numbers, got '0,hot'" in capsys.readouterr().err
