@@ -18,7 +18,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from speechlm.finetune.examples import Example, ManifestError, parse_row, raise_problems, read_jsonl, read_manifest
+from speechlm.finetune.examples import (
+    Example,
+    ManifestError,
+    parse_row,
+    raise_problems,
+    read_jsonl,
+    read_manifest,
+)
 
 PREPARE_RECORD = "prepare.json"
 
