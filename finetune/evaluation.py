@@ -135,7 +135,9 @@ def generate_text(model, processor, conversations: Sequence[list[dict]], setting
     for attempt, temperature in enumerate(settings.temperatures):
         sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature,
                                                                    "top_k": 0, "top_p": 1.0}
-        with torch.random.fork_rng(devices=[]):
+        device = model.device
+        # seeded, and the caller's random state (CPU and this GPU) comes back afterwards
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(attempt)
             for start in range(0, len(pending), settings.batch_size):
                 chosen = pending[start: start + settings.batch_size]
