@@ -132,12 +132,12 @@ def generate_text(model, processor, conversations: Sequence[list[dict]], setting
     answers: list[str] = [""] * len(conversations)
     used = [settings.temperatures[0]] * len(conversations)
     pending = list(range(len(conversations)))
+    # seeded, and the caller's random state (CPU and this GPU) comes back afterwards
+    forked_devices = [model.device] if model.device.type == "cuda" else []
     for attempt, temperature in enumerate(settings.temperatures):
         sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature,
                                                                    "top_k": 0, "top_p": 1.0}
-        device = model.device
-        # seeded, and the caller's random state (CPU and this GPU) comes back afterwards
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=forked_devices):
             torch.manual_seed(attempt)
             for start in range(0, len(pending), settings.batch_size):
                 chosen = pending[start: start + settings.batch_size]

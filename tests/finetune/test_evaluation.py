@@ -139,3 +139,5 @@ def test_temperatures_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", str(tmp_path), "--task", "asr", "--data", "x.jsonl", "--temperatures", "0,hot"])
     assert "--temperatures: expected comma-separated numbers, got '0,hot'" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path), "--task", "asr", "--data", "x.jsonl", "--temperatures", "0,-1"]) == 2
+    assert "EvalSettings.temperatures: expected one or more temperatures >= 0" in capsys.readouterr().err
