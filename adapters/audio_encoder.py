@@ -19,6 +19,7 @@ from whisper.model import AudioEncoder
 from speechlm.adapters.configuration import SpeechLMAudioConfig
 
 WHISPER_DIM_FIELDS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
+WHISPER_TEXT_DIM_FIELDS = ("n_vocab", "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer")
 
 
 class FloatLayerNorm(nn.LayerNorm):
@@ -31,6 +32,14 @@ class FloatLayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
 
 
+def use_float_layer_norms(module: nn.Module) -> None:
+    """Replace every layer norm inside ``module`` by a `FloatLayerNorm` (fresh weights: call before loading)."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LayerNorm) and not isinstance(child, FloatLayerNorm):
+                setattr(parent, name, FloatLayerNorm(child.normalized_shape, eps=child.eps))
+
+
 class WhisperAudioEncoder(AudioEncoder):
     """``B, n_mels, T`` log-mel (T <= 2 * n_audio_ctx) -> ``B, ceil(T/2), n_audio_state`` frames at 50 Hz."""
 
@@ -38,10 +47,7 @@ class WhisperAudioEncoder(AudioEncoder):
         super().__init__(config.n_mels, config.n_audio_ctx, config.n_audio_state, config.n_audio_head,
                          config.n_audio_layer)
         self.n_head = config.n_audio_head
-        for parent in (self, *self.blocks):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.LayerNorm):
-                    setattr(parent, name, FloatLayerNorm(child.normalized_shape, eps=child.eps))
+        use_float_layer_norms(self)
 
     def forward(self, input_features: torch.Tensor, mel_lengths: torch.Tensor | None = None) -> torch.Tensor:
         max_frames = 2 * self.positional_embedding.shape[0]
@@ -73,8 +79,10 @@ class WhisperAudioEncoder(AudioEncoder):
         return x + block.mlp(block.mlp_ln(x))
 
 
-def read_whisper_checkpoint(path: str | os.PathLike) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-    """Read an openai-whisper ``.pt`` (``{"dims", "model_state_dict"}``) -> (dims, encoder state dict).
+def read_whisper_checkpoint(path: str | os.PathLike, part: str = "encoder") -> tuple[dict[str, int],
+                                                                                   dict[str, torch.Tensor]]:
+    """Read an openai-whisper ``.pt`` (``{"dims", "model_state_dict"}``) -> (dims, the state dict of ``part``,
+    ``"encoder"`` or ``"decoder"``). The dims are the encoder's, and the decoder's where the file has them.
 
     Loaded with ``weights_only=True``: a checkpoint that needs pickled objects is refused.
     """
@@ -93,11 +101,14 @@ def read_whisper_checkpoint(path: str | os.PathLike) -> tuple[dict[str, int], di
     missing = [name for name in WHISPER_DIM_FIELDS if name not in dims]
     if missing:
         raise ValueError(f"{path}: 'dims' lacks {missing}")
-    encoder_state = {key.removeprefix("encoder."): value for key, value in checkpoint["model_state_dict"].items()
-                     if key.startswith("encoder.")}
-    if not encoder_state:
-        raise ValueError(f"{path}: 'model_state_dict' has no 'encoder.*' weights")
-    return {name: int(dims[name]) for name in WHISPER_DIM_FIELDS}, encoder_state
+    state = {key.removeprefix(f"{part}."): value for key, value in checkpoint["model_state_dict"].items()
+             if key.startswith(f"{part}.")}
+    if not state:
+        raise ValueError(f"{path}: 'model_state_dict' has no '{part}.*' weights"
+                         + (" (an encoder-only checkpoint: the whisper reader needs a whole Whisper model)"
+                            if part == "decoder" else ""))
+    fields = [*WHISPER_DIM_FIELDS, *(name for name in WHISPER_TEXT_DIM_FIELDS if name in dims)]
+    return {name: int(dims[name]) for name in fields}, state
 
 
 def load_whisper_encoder(path: str | os.PathLike, config: SpeechLMAudioConfig | None = None) -> WhisperAudioEncoder:
@@ -114,9 +125,10 @@ def load_whisper_encoder(path: str | os.PathLike, config: SpeechLMAudioConfig | 
     return encoder
 
 
-def check_whisper_dims(config: SpeechLMAudioConfig, dims: dict[str, int], source: str | os.PathLike) -> None:
+def check_whisper_dims(config: SpeechLMAudioConfig, dims: dict[str, int], source: str | os.PathLike,
+                       fields: tuple[str, ...] = WHISPER_DIM_FIELDS) -> None:
     """Raise if a checkpoint's Whisper dims differ from ``config``, naming each field and both values."""
-    mismatched = [f"{name}: checkpoint {dims[name]} vs config {getattr(config, name)}" for name in WHISPER_DIM_FIELDS
-                  if dims[name] != getattr(config, name)]
+    mismatched = [f"{name}: checkpoint {dims.get(name)} vs config {getattr(config, name)}" for name in fields
+                  if dims.get(name) != getattr(config, name)]
     if mismatched:
         raise ValueError(f"{os.fspath(source)}: Whisper dims differ from audio_config ({', '.join(mismatched)})")

@@ -14,7 +14,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from speechlm.adapters.audio_encoder import check_whisper_dims, read_whisper_checkpoint
+from speechlm.adapters.audio_encoder import (
+    WHISPER_TEXT_DIM_FIELDS,
+    check_whisper_dims,
+    read_whisper_checkpoint,
+)
 from speechlm.adapters.configuration import (
     TRAINING_MODES,
     ConfigError,
@@ -45,7 +49,8 @@ class ModelSpec:
         "help": "openai-whisper checkpoint (.pt with dims + model_state_dict); null: random from `audio`"})
     audio: dict | None = field(default_factory=dict, metadata={"help": "Whisper encoder dims of a random encoder"})
     projector: dict | None = field(default_factory=dict, metadata={
-        "help": "projector_type (mlp|swiglu), stack_factor, hidden_size, compression (none|ctc)"})
+        "help": "projector_type (mlp|swiglu), stack_factor, hidden_size, compression (none|ctc), reader "
+                "(none|whisper) and its reader_* settings"})
     num_speech_units: int = field(default=1024, metadata={"help": "codec codebook size (SpeechTokenizer: 1024)"})
     codec: str | dict | None = field(default=None, metadata={
         "help": "the speech-output codec: a SpeechTokenizer directory (config.json + .pt), or SpeechTokenizer "
@@ -122,12 +127,17 @@ def assemble_model(config: SpeechLMConfig, *, dtype: torch.dtype = torch.float32
         check_whisper_dims(config.audio_config, dims, config.audio_model_name_or_path)
     if audio_state is not None:
         model.audio_tower.load_state_dict(audio_state)
+    if model.audio_reader is not None and config.audio_model_name_or_path is not None:
+        dims, decoder_state = read_whisper_checkpoint(config.audio_model_name_or_path, "decoder")
+        check_whisper_dims(config.audio_config, dims, config.audio_model_name_or_path, WHISPER_TEXT_DIM_FIELDS)
+        model.audio_reader.decoder.load_state_dict(decoder_state)
     if dtype != torch.float32:
         # 4-bit weights keep their storage; everything else takes the requested dtype.
-        for part in (model.audio_tower, model.multi_modal_projector, model.speech_vocab, model.audio_compressor):
+        for part in (model.audio_tower, model.multi_modal_projector, model.speech_vocab, model.audio_compressor,
+                     model.audio_reader):
             if part is not None:
                 part.to(dtype)  # floating-point tensors only: the compressor's vocabulary mask stays bool
-        for norm in model.audio_tower.modules():
+        for norm in (*model.audio_tower.modules(), *(model.audio_reader or torch.nn.Module()).modules()):
             if isinstance(norm, torch.nn.LayerNorm):
                 norm.float()  # they compute in fp32 (FloatLayerNorm): fp32 weights lose nothing to rounding
         if not getattr(model.text_model, "is_quantized", False):
@@ -171,6 +181,7 @@ def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:
         train_audio_encoder=spec.train_audio_encoder, text_model_name_or_path=spec.text_model,
         audio_model_name_or_path=spec.audio_encoder, **lora)
     model = assemble_model(config, dtype=dtype, language_model=language_model, audio_state=audio_state)
+    model.set_text_tokenizer(tokenizer)
     generator = torch.Generator().manual_seed(spec.seed)
     model.speech_vocab.initialize_from(model.get_input_embeddings().weight, model.get_output_embeddings().weight,
                                        generator=generator)
@@ -198,6 +209,7 @@ def build_processor(tokenizer, config: SpeechLMConfig, **settings) -> SpeechLMPr
     """The processor that matches a model: mel bins and stacking read from its config."""
     return SpeechLMProcessor(tokenizer, n_mels=config.audio_config.n_mels,
                              stack_factor=config.projector_config.stack_factor,
+                             reader_tokens_per_second=config.projector_config.reader_slots_per_second,
                              num_speech_units=config.num_speech_units, **settings)
 
 
@@ -237,6 +249,7 @@ def load_speechlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str |
                                 f"and {WEIGHTS_NAME})")
     saved = load_file(weights_file)
     check_speech_vocab_rows(config, saved, weights_file)
+    tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(directory)
         check_tokenizer_layout(tokenizer, config.text_vocab_size, config.num_speech_units,
@@ -252,6 +265,8 @@ def load_speechlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str |
         raise ValueError(f"{weights_file} does not fit the model its config.json describes: "
                          f"missing {len(missing)} tensors {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}")
     model.load_state_dict(saved, strict=False)
+    if tokenizer is not None:
+        model.set_text_tokenizer(tokenizer)
     if device_map is not None:
         model.to(device_map if isinstance(device_map, (str, torch.device)) else "cpu")
     model.name_or_path = model.config.name_or_path = str(name_or_path)  # as transformers does: what was asked for

@@ -46,18 +46,26 @@ class SpeechLMAudioConfig(PreTrainedConfig):
     n_audio_state: int = 512
     n_audio_head: int = 8
     n_audio_layer: int = 6
+    # Whisper's text decoder: used only by the `whisper` reader (multilingual base by default)
+    n_vocab: int = 51865
+    n_text_ctx: int = 448
+    n_text_state: int = 512
+    n_text_head: int = 8
+    n_text_layer: int = 6
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         problems = []
         if self.n_mels not in (80, 128):
             problems.append(f"audio_config.n_mels={self.n_mels}: Whisper uses 80 or 128 mel bins")
-        for name in ("n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer"):
+        for name in ("n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer", "n_text_ctx", "n_text_state",
+                     "n_text_head", "n_text_layer"):
             if getattr(self, name) < 1:
                 problems.append(f"audio_config.{name}={getattr(self, name)}: must be >= 1")
-        if self.n_audio_head >= 1 and self.n_audio_state % self.n_audio_head:
-            problems.append(f"audio_config.n_audio_state={self.n_audio_state} is not divisible by "
-                            f"n_audio_head={self.n_audio_head}")
+        for side in ("audio", "text"):
+            state, heads = getattr(self, f"n_{side}_state"), getattr(self, f"n_{side}_head")
+            if heads >= 1 and state % heads:
+                problems.append(f"audio_config.n_{side}_state={state} is not divisible by n_{side}_head={heads}")
         ConfigError.collect("SpeechLMAudioConfig", problems)
 
     @property
@@ -67,12 +75,18 @@ class SpeechLMAudioConfig(PreTrainedConfig):
 
 # "none": every projected frame is an LM position; "ctc": one per spoken token (needs the CTC pre-alignment)
 COMPRESSIONS = ("none", "ctc")
+# "none": the LM gets the projected frames; "whisper": also Whisper's transcript of the clip (`adapters.readers`)
+READERS = ("none", "whisper")
 
 
 @strict
 class SpeechLMProjectorConfig(PreTrainedConfig):
     """The adapter from Whisper frames (50 Hz) to LM embeddings; ``projector_type`` names a registered variant.
-    ``compression="ctc"`` keeps one projected frame per spoken token (`speechlm.adapters.compression`)."""
+    ``compression="ctc"`` keeps one projected frame per spoken token (`speechlm.adapters.compression`).
+    ``reader="whisper"`` adds Whisper's own transcript of each clip after its frames
+    (`speechlm.adapters.readers`): ``reader_tokens_per_second`` LM positions a second of audio for it, the
+    clip padded with silence to ``reader_window_seconds`` for Whisper's decoder (30: openai-whisper's own
+    input), ``reader_beam_size`` 1 (greedy) or a beam, ``reader_language`` an ISO code or null (detected)."""
 
     model_type = "speechlm_projector"
 
@@ -80,6 +94,11 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
     stack_factor: int = 5
     hidden_size: int = 2048
     compression: str = "none"
+    reader: str = "none"
+    reader_tokens_per_second: int = 8
+    reader_window_seconds: float = 30.0
+    reader_beam_size: int = 1
+    reader_language: str | None = "en"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -95,7 +114,25 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
             problems.append(f"projector_config.hidden_size={self.hidden_size}: must be >= 1")
         if self.compression not in COMPRESSIONS:
             problems.append(f"projector_config.compression={self.compression!r}: choose one of {list(COMPRESSIONS)}")
+        if self.reader not in READERS:
+            problems.append(f"projector_config.reader={self.reader!r}: choose one of {list(READERS)}")
+        elif self.reader != "none" and self.compression != "none":
+            problems.append(f"projector_config.reader={self.reader!r} reads the whole clip beside its frames; "
+                            f"it does not combine with compression={self.compression!r} (set compression: none)")
+        if not 1 <= self.reader_tokens_per_second <= 100:
+            problems.append(f"projector_config.reader_tokens_per_second={self.reader_tokens_per_second}: must be "
+                            f"in [1, 100] (speech has ~3-5 tokens a second)")
+        if not 0 < self.reader_window_seconds <= 30:
+            problems.append(f"projector_config.reader_window_seconds={self.reader_window_seconds}: must be in "
+                            f"(0, 30] (Whisper's input is at most 30 s)")
+        if self.reader_beam_size < 1:
+            problems.append(f"projector_config.reader_beam_size={self.reader_beam_size}: must be >= 1 (1: greedy)")
         ConfigError.collect("SpeechLMProjectorConfig", problems)
+
+    @property
+    def reader_slots_per_second(self) -> int:
+        """LM positions a second of audio gets for the reader's transcript (0 without a reader)."""
+        return self.reader_tokens_per_second if self.reader != "none" else 0
 
 
 @strict
@@ -178,6 +215,14 @@ class SpeechLMConfig(PreTrainedConfig):
         if not 1 <= self.text_vocab_size <= self.text_config.vocab_size:
             problems.append(f"text_vocab_size={self.text_vocab_size}: must be in [1, text_config.vocab_size="
                             f"{self.text_config.vocab_size}] (the tokenizer has more tokens than the LM embeds)")
+        audio = self.audio_config
+        if self.projector_config.reader == "whisper":
+            if audio.n_text_state != audio.n_audio_state:
+                problems.append(f"audio_config.n_text_state={audio.n_text_state}: the whisper reader's decoder "
+                                f"attends to the encoder's frames, so it must equal n_audio_state={audio.n_audio_state}")
+            if audio.n_vocab < 51864:
+                problems.append(f"audio_config.n_vocab={audio.n_vocab}: the whisper reader decodes with Whisper's "
+                                f"tokenizer, which has 51864 (English) or >= 51865 (multilingual) tokens")
         if self.lora_r < 1:
             problems.append(f"lora_r={self.lora_r}: must be >= 1")
         if not 0.0 <= self.lora_dropout < 1.0:

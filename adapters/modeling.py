@@ -15,8 +15,10 @@ from speechlm.adapters.compression import CTCCompressor
 from speechlm.adapters.configuration import SpeechLMConfig
 from speechlm.adapters.lora_gate import SpeechGate
 from speechlm.adapters.projectors import build_projector
+from speechlm.adapters.readers import WhisperTranscriptReader
+from speechlm.adapters.reading_cache import ReadingCache
 from speechlm.adapters.vocabulary import SpeechVocabulary
-from speechlm.speech_io.constants import audio_placeholder_count, encoder_frames
+from speechlm.speech_io.constants import audio_placeholder_count, encoder_frames, reader_slot_count
 
 
 def drop_masked_positions(attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -71,7 +73,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     whose LoRA ``lora_gate`` confines to speech with ``lora_scope`` "audio" or "speech")
     and ``speech_vocab`` (rows of the added tokens); with ``projector_config.compression="ctc"`` also
     ``audio_compressor`` (the CTC pre-alignment's blank and vocabulary, and the two terms the LM stage
-    trains).
+    trains); with ``projector_config.reader="whisper"`` also ``audio_reader`` (Whisper's own decoder, whose
+    transcript of each clip follows its frames).
     """
 
     def __init__(self, config: SpeechLMConfig, *, language_model: PreTrainedModel | None = None):
@@ -83,6 +86,10 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             stack_factor=projector.stack_factor, hidden_size=projector.hidden_size)
         self.audio_compressor = (CTCCompressor(config.text_config.hidden_size, config.text_vocab_size)
                                  if projector.compression == "ctc" else None)
+        self.audio_reader = (WhisperTranscriptReader(config.audio_config, projector)
+                             if projector.reader == "whisper" else None)
+        # what the frozen encoder and reader made of each clip, reused across epochs and evaluations
+        self.reading_cache = ReadingCache()
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         elif language_model.config._attn_implementation is None:
@@ -127,42 +134,107 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                              f"{vocab_size}); was it tokenized with this model's tokenizer?") from error
 
     # -- audio ---------------------------------------------------------------------------------------
+    def set_text_tokenizer(self, tokenizer) -> None:
+        """The backbone's tokenizer, for a reader that hands the LM text (`load_speechlm` and
+        `build_speechlm` call this); a model without a reader needs none."""
+        if self.audio_reader is not None:
+            self.audio_reader.set_text_tokenizer(tokenizer)
+
+    @property
+    def masks_audio_positions(self) -> bool:
+        """Whether some ``<|audio|>`` positions stay empty and leave the attention mask (frames CTC
+        compression drops, a reader's unused transcript slots)."""
+        return self.audio_compressor is not None or self.audio_reader is not None
+
     def audio_lengths(self, mel_lengths: torch.Tensor) -> torch.Tensor:
-        """Projected frames (``<|audio|>`` positions) for each clip of ``mel_lengths`` mel frames."""
-        return audio_placeholder_count(mel_lengths, self.config.projector_config.stack_factor)
+        """``<|audio|>`` positions for each clip of ``mel_lengths`` mel frames: its projected frames, then
+        the reader's transcript slots."""
+        projector = self.config.projector_config
+        return audio_placeholder_count(mel_lengths, projector.stack_factor, projector.reader_slots_per_second)
 
     def get_audio_features(self, input_features: torch.Tensor,
                            input_features_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``N, n_mels, T`` log-mel of N clips -> ``sum_i L_i, D``: each clip's projected frames, in order,
-        padding dropped (``L_i = audio_lengths(mel frames of clip i)``); with CTC compression, the frames it
-        drops are zero."""
+        """``N, n_mels, T`` log-mel of N clips -> ``sum_i L_i, D``: each clip's ``<|audio|>`` embeddings, in
+        order, padding dropped (``L_i = audio_lengths(mel frames of clip i)``); with CTC compression, the
+        frames it drops are zero, with a reader the transcript slots it leaves empty."""
         return self._audio_embeddings(input_features, input_features_mask)[0]
 
     def _audio_embeddings(self, input_features: torch.Tensor,
                           input_features_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`get_audio_features`, and which of those frames CTC compression keeps (None without it)."""
-        projected, valid = self._projected_frames(input_features, input_features_mask)
+        """`get_audio_features`, and which of them the LM attends to (None: all of them)."""
+        mel_lengths = self._mel_lengths(input_features, input_features_mask)
+        if self.audio_reader is not None:
+            return self._read_audio(input_features, mel_lengths)
+        projected, valid = self._projected_frames(self.audio_tower(self._audio_input(input_features), mel_lengths),
+                                                  mel_lengths)
         if self.audio_compressor is None:
             return projected[valid], None
         compressed, kept = self.audio_compressor(projected, valid, self.get_input_embeddings().weight)
         return compressed[valid], kept[valid]
 
-    def _projected_frames(self, input_features: torch.Tensor,
-                          input_features_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``N, L, D`` projected frames and ``N, L`` which of them are real (the rest is batch padding)."""
-        num_clips, _, num_frames = input_features.shape
+    @staticmethod
+    def _mel_lengths(input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> torch.Tensor:
         if input_features_mask is None:
-            mel_lengths = torch.full((num_clips,), num_frames, device=input_features.device)
-        else:
-            mel_lengths = input_features_mask.sum(-1)
-        features = input_features.to(self.audio_tower.conv1.weight.dtype)
-        frames = self.audio_tower(features, mel_lengths)  # N, T/2, C
-        # Zero the padded frames so a clip's last stacked group is the same alone or in a batch.
+            return torch.full((input_features.shape[0],), input_features.shape[-1], device=input_features.device)
+        return input_features_mask.sum(-1)
+
+    def _audio_input(self, input_features: torch.Tensor) -> torch.Tensor:
+        return input_features.to(self.audio_tower.conv1.weight.dtype)
+
+    def _projected_frames(self, frames: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``N, T', C`` encoder frames -> ``N, L, D`` projected frames and ``N, L`` which of them are real (the
+        rest is batch padding)."""
+        # Zero the frames past each clip so its last stacked group is the same alone or in a batch.
         valid_frames = torch.arange(frames.shape[1], device=frames.device) < encoder_frames(mel_lengths)[:, None]
         frames = frames * valid_frames.unsqueeze(-1).to(frames.dtype)
         projected = self.multi_modal_projector(frames)  # N, T/2/S, D
-        valid = torch.arange(projected.shape[1], device=projected.device) < self.audio_lengths(mel_lengths)[:, None]
+        stacked = audio_placeholder_count(mel_lengths, self.config.projector_config.stack_factor)
+        valid = torch.arange(projected.shape[1], device=projected.device) < stacked[:, None]
         return projected, valid
+
+    def _read_audio(self, input_features: torch.Tensor,
+                    mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With a reader: each clip's projected frames, then the embeddings of its transcript's tokens in
+        its slots (the empty slots are zero and not kept)."""
+        frames, token_ids = self._encode_and_read(input_features, mel_lengths)
+        padded = nn.utils.rnn.pad_sequence(frames, batch_first=True)  # N, max T'_i, C
+        projected, valid = self._projected_frames(padded, mel_lengths)
+        slots = reader_slot_count(mel_lengths, self.config.projector_config.reader_slots_per_second)
+        embeddings = self.get_input_embeddings()
+        pieces, kept = [], []
+        for clip, ids in enumerate(token_ids):
+            count = int(valid[clip].sum())
+            text = embeddings(torch.tensor(ids, dtype=torch.long, device=projected.device)).to(projected.dtype)
+            empty = int(slots[clip]) - len(ids)
+            pieces += [projected[clip, :count], text, projected.new_zeros(empty, projected.shape[-1])]
+            kept.append(torch.cat([torch.ones(count + len(ids), dtype=torch.bool, device=projected.device),
+                                   torch.zeros(empty, dtype=torch.bool, device=projected.device)]))
+        return torch.cat(pieces), torch.cat(kept)
+
+    def _encode_and_read(self, input_features: torch.Tensor,
+                         mel_lengths: torch.Tensor) -> tuple[list[torch.Tensor], list[list[int]]]:
+        """One encoder pass per clip (padded with silence to the reader's window) -> each clip's own encoder
+        frames (``T'_i, C``) and its transcript in the backbone's vocabulary. A frozen encoder's results
+        come from `reading_cache` when the same clip was read before with the same weights."""
+        reader = self.audio_reader
+        cacheable = not self.config.train_audio_encoder
+        fingerprint = self.reading_cache.fingerprint(self.audio_tower, reader) if cacheable else None
+        keys = [self.reading_cache.clip_key(input_features[i, :, : int(mel_lengths[i])]) for i in range(len(mel_lengths))]
+        results = [self.reading_cache.get(fingerprint, key) if cacheable else None for key in keys]
+        missing = [i for i, result in enumerate(results) if result is None]
+        if missing:
+            lengths = mel_lengths[missing]
+            windows = reader.windows(lengths)
+            padded = reader.pad_with_silence(input_features[missing], lengths, windows)
+            with torch.no_grad() if not self.config.train_audio_encoder else nullcontext():
+                frames = self.audio_tower(self._audio_input(padded), windows)
+            texts = reader.transcribe(frames.detach(), windows)
+            token_ids = reader.token_ids(texts, lengths)
+            for row, clip in enumerate(missing):
+                results[clip] = (frames[row, : int(encoder_frames(lengths[row]))], token_ids[row])
+                if cacheable:
+                    self.reading_cache.put(fingerprint, keys[clip], results[clip])
+        return [frames for frames, _ in results], [ids for _, ids in results]
 
     def merge_audio_embeddings(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor,
                                audio_embeds: torch.Tensor) -> torch.Tensor:
@@ -245,8 +317,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds, attention_mask = self.embed_inputs(input_ids, attention_mask, input_features,
                                                               input_features_mask)
-            if self.audio_compressor is not None and input_features is not None and position_ids is None:
-                # dropped frames take no position: the LM sees the kept ones as adjacent tokens
+            if self.masks_audio_positions and input_features is not None and position_ids is None:
+                # dropped positions take no position id: the LM sees the kept ones as adjacent tokens
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
                 if labels is not None and self.training and "shift_labels" not in kwargs:
                     attention_mask, labels, inputs_embeds, position_ids = self._cut_dropped_frames(
@@ -324,7 +396,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             kwargs["input_ids"] = input_ids
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        if input_features is None or self.audio_compressor is None:
+        if input_features is None or not self.masks_audio_positions:
             if input_features is not None:
                 kwargs.update(input_features=input_features, input_features_mask=input_features_mask)
         elif input_ids is None:
@@ -356,6 +428,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             return not config.saves_adapter_only or "lora_" in key
         if key.startswith("audio_tower."):
             return config.audio_model_name_or_path is None or config.train_audio_encoder
+        if key.startswith("audio_reader."):
+            return config.audio_model_name_or_path is None
         return True
 
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):

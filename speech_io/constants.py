@@ -27,6 +27,16 @@ def stacked_frames(num_frames, stack_factor: int):
     return (num_frames + stack_factor - 1) // stack_factor
 
 
-def audio_placeholder_count(num_mel_frames, stack_factor: int):
-    """How many ``<|audio|>`` positions a clip of ``num_mel_frames`` fills after encoder + projector."""
-    return stacked_frames(encoder_frames(num_mel_frames), stack_factor)
+def reader_slot_count(num_mel_frames, tokens_per_second: int):
+    """Positions a reader's transcript of a clip may fill: ``tokens_per_second`` a second of audio, rounded
+    up, and 4 more (a word or two of a very short clip); none without a reader (``tokens_per_second=0``)."""
+    if not tokens_per_second:
+        return num_mel_frames * 0
+    return (num_mel_frames * tokens_per_second + 99) // 100 + 4
+
+
+def audio_placeholder_count(num_mel_frames, stack_factor: int, reader_tokens_per_second: int = 0):
+    """How many ``<|audio|>`` positions a clip of ``num_mel_frames`` fills: the projected frames, then the
+    reader's transcript slots, if the model has a reader."""
+    return (stacked_frames(encoder_frames(num_mel_frames), stack_factor)
+            + reader_slot_count(num_mel_frames, reader_tokens_per_second))

@@ -89,7 +89,8 @@ def as_conversations(conversations=None, *, audio=None, text: str | None = None,
 class SpeechLMProcessor:
     """Tokenizer + Whisper features + codec settings, saved beside the model (``processor_config.json``)."""
 
-    def __init__(self, tokenizer, *, n_mels: int = 80, stack_factor: int = 5, num_speech_units: int = 1024,
+    def __init__(self, tokenizer, *, n_mels: int = 80, stack_factor: int = 5, reader_tokens_per_second: int = 0,
+                 num_speech_units: int = 1024,
                  max_audio_seconds: float = MAX_SECONDS, speech_input: str = "continuous",
                  codec_name_or_path: str | None = None, codec=None, system_prompt: str | None = None):
         if speech_input not in SPEECH_INPUT_MODES:
@@ -103,6 +104,8 @@ class SpeechLMProcessor:
         self.tokenizer = tokenizer
         self.n_mels = n_mels
         self.stack_factor = stack_factor
+        # a model with a reader also gets this many positions a second of audio for the clip's transcript
+        self.reader_tokens_per_second = reader_tokens_per_second
         self.num_speech_units = num_speech_units
         self.max_audio_seconds = max_audio_seconds
         self.speech_input = speech_input
@@ -161,6 +164,7 @@ class SpeechLMProcessor:
 
     def to_dict(self) -> dict[str, Any]:
         return {"processor_class": type(self).__name__, "n_mels": self.n_mels, "stack_factor": self.stack_factor,
+                "reader_tokens_per_second": self.reader_tokens_per_second,
                 "num_speech_units": self.num_speech_units, "max_audio_seconds": self.max_audio_seconds,
                 "speech_input": self.speech_input, "codec_name_or_path": self.codec_name_or_path,
                 "system_prompt": self.system_prompt}
@@ -248,8 +252,9 @@ class SpeechLMProcessor:
         return BatchFeature(data)
 
     def num_audio_placeholders(self, num_samples: int) -> int:
-        """``<|audio|>`` positions for a 16 kHz clip of ``num_samples`` (what encoder + projector emit)."""
-        return int(audio_placeholder_count(mel_frames(num_samples), self.stack_factor))
+        """``<|audio|>`` positions for a 16 kHz clip of ``num_samples`` (what encoder + projector emit, and
+        a reader's transcript slots)."""
+        return int(audio_placeholder_count(mel_frames(num_samples), self.stack_factor, self.reader_tokens_per_second))
 
     @staticmethod
     def _check_conversation(conversation, index: int) -> list[Mapping]:

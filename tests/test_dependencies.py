@@ -13,13 +13,13 @@ import importlib.metadata
 import pkgutil
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
 import speechlm
 
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 ROOT = Path(__file__).parents[1]
 SOURCE_DIRS = ("speechlm", "adapters", "speech_io", "finetune")
 # import names whose distribution is named otherwise, for when it is not installed where the test runs

@@ -50,7 +50,8 @@ def test_over_30s_is_refused(encoder):
 def test_openai_whisper_checkpoint_loads(tmp_path):
     path = save_tiny_whisper(tmp_path / "w.pt", seed=3)
     dims, state = read_whisper_checkpoint(path)
-    assert dims == TINY_AUDIO
+    assert dims == {**TINY_AUDIO, "n_vocab": 64, "n_text_ctx": 16, "n_text_state": 32, "n_text_head": 2,
+                    "n_text_layer": 1}  # the decoder's dims too, for the whisper reader
     encoder = load_whisper_encoder(path)
     full = torch.load(path, weights_only=True)["model_state_dict"]
     assert torch.equal(encoder.conv1.weight, full["encoder.conv1.weight"])

@@ -1,0 +1,132 @@
+"""Readers: what the LM gets of a clip beside its projected frames.
+
+`WhisperTranscriptReader` lets openai-whisper's own decoder read the clip from the SpeechLM's encoder pass
+(greedy or beam search, batched, with Whisper's suppression rules and no-speech test: its ``DecodingTask``),
+re-tokenizes the transcript into the backbone's vocabulary, and hands the LM those tokens' embeddings
+after the clip's projected frames, as DeSTA2 (arXiv 2409.20007) feeds Whisper's transcript beside speech
+features to a frozen LLM. The knowledge of 680k hours of Whisper training reaches the LM as text it
+already reads; the frames stay for what text does not carry (speaker, tone, noise).
+
+Each clip is padded with Whisper's silence up to ``window_seconds`` (30: exactly openai-whisper's input;
+shorter costs less, and Whisper's decoder stops where the speech ends only if it hears silence after
+it) and encoded once; the projector takes the frames of the clip itself, the decoder all of them. The
+transcript gets a fixed number of LM positions per second of audio (``tokens_per_second``, so the processor
+can lay out the prompt before anything is decoded); the ones it does not fill are masked out, as the
+frames CTC compression drops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from whisper.decoding import DecodingOptions, DecodingTask
+from whisper.model import ModelDimensions, TextDecoder, Whisper
+from whisper.tokenizer import get_tokenizer
+
+from speechlm.adapters.audio_encoder import use_float_layer_norms
+from speechlm.adapters.configuration import SpeechLMAudioConfig, SpeechLMProjectorConfig
+from speechlm.speech_io.constants import MAX_MEL_FRAMES, reader_slot_count
+
+# openai-whisper's rule in `transcribe`: a segment is silence when both hold
+NO_SPEECH_THRESHOLD = 0.6
+LOGPROB_THRESHOLD = -1.0
+
+
+class WhisperView(Whisper):
+    """openai-whisper's model interface over a decoder owned elsewhere, for its ``DecodingTask``; no weights
+    of its own. ``n_audio_ctx`` is the length of the encoded frames it will be handed."""
+
+    def __init__(self, dims: ModelDimensions, decoder: TextDecoder):
+        nn.Module.__init__(self)  # Whisper.__init__ would allocate a whole new encoder and decoder
+        self.dims = dims
+        self.decoder = decoder
+
+
+class WhisperTranscriptReader(nn.Module):
+    """``N, T', C`` Whisper encoder frames (each clip padded to its window) -> the backbone's token ids of
+    each clip's transcript, at most ``reader_slot_count`` a clip."""
+
+    def __init__(self, audio_config: SpeechLMAudioConfig, projector_config: SpeechLMProjectorConfig):
+        super().__init__()
+        self.dims = ModelDimensions(
+            n_mels=audio_config.n_mels, n_audio_ctx=audio_config.n_audio_ctx,
+            n_audio_state=audio_config.n_audio_state, n_audio_head=audio_config.n_audio_head,
+            n_audio_layer=audio_config.n_audio_layer, n_vocab=audio_config.n_vocab,
+            n_text_ctx=audio_config.n_text_ctx, n_text_state=audio_config.n_text_state,
+            n_text_head=audio_config.n_text_head, n_text_layer=audio_config.n_text_layer)
+        self.decoder = TextDecoder(self.dims.n_vocab, self.dims.n_text_ctx, self.dims.n_text_state,
+                                   self.dims.n_text_head, self.dims.n_text_layer)
+        use_float_layer_norms(self.decoder)
+        self.tokens_per_second = projector_config.reader_tokens_per_second
+        self.window_frames = min(round(projector_config.reader_window_seconds * 100), MAX_MEL_FRAMES)
+        self.beam_size = projector_config.reader_beam_size
+        self.language = projector_config.reader_language
+        self.whisper_tokenizer = get_tokenizer(self.dims.n_vocab >= 51865, num_languages=self._num_languages(),
+                                               language=self.language, task="transcribe")
+        self.text_tokenizer = None  # the backbone's tokenizer: `set_text_tokenizer`
+
+    def _num_languages(self) -> int:
+        return WhisperView(self.dims, self.decoder).num_languages
+
+    def set_text_tokenizer(self, tokenizer) -> None:
+        """The backbone's tokenizer, which the transcripts are re-tokenized with (its added speech tokens
+        are never produced: a transcript is plain text)."""
+        self.text_tokenizer = tokenizer
+
+    # -- the encoder pass -----------------------------------------------------------------------------
+    def windows(self, mel_lengths: torch.Tensor) -> torch.Tensor:
+        """Mel frames each clip is encoded with: its own, padded with silence up to the window."""
+        return mel_lengths.clamp(min=self.window_frames)
+
+    @staticmethod
+    def pad_with_silence(features: torch.Tensor, mel_lengths: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """``N, n_mels, T`` log-mel (real up to ``mel_lengths``) -> ``N, n_mels, max(windows)``, each clip
+        followed by what openai-whisper computes for appended silence up to its window: its log-mel is
+        clamped at 8 (log10) below the clip's maximum and normalized by ``(x + 4) / 4``, so silence is the
+        clip's maximum minus 2."""
+        width = int(windows.max())
+        frames = torch.arange(width, device=features.device)
+        real = frames[None, :] < mel_lengths[:, None]  # N, W
+        features = nn.functional.pad(features[..., :width], (0, max(width - features.shape[-1], 0)))
+        peak = features.masked_fill(~real[:, None, :], float("-inf")).amax(dim=(1, 2))  # N
+        silence = (frames[None, :] < windows[:, None]) & ~real
+        return torch.where(silence[:, None, :], (peak - 2.0)[:, None, None].to(features.dtype), features)
+
+    # -- reading ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def transcribe(self, frames: torch.Tensor, windows: torch.Tensor) -> list[str]:
+        """``N, T', C`` encoder frames of clips encoded with ``windows`` mel frames each -> their transcripts.
+        Clips that share a window decode together (Whisper's cross-attention takes no mask, so a clip never
+        sees another's frames); a clip Whisper judges silent reads as ``""``."""
+        texts = [""] * frames.shape[0]
+        encoded = (windows + 1) // 2
+        for length in torch.unique(encoded).tolist():
+            rows = (encoded == length).nonzero().squeeze(-1)
+            for row, text in zip(rows.tolist(), self._decode(frames[rows, :length]), strict=True):
+                texts[row] = text
+        return texts
+
+    def _decode(self, frames: torch.Tensor) -> list[str]:
+        view = WhisperView(dataclasses.replace(self.dims, n_audio_ctx=frames.shape[1]), self.decoder)
+        slots = reader_slot_count(2 * frames.shape[1], self.tokens_per_second)
+        options = DecodingOptions(task="transcribe", language=self.language, without_timestamps=True, fp16=False,
+                                  beam_size=self.beam_size if self.beam_size > 1 else None,
+                                  sample_len=min(int(slots), self.dims.n_text_ctx // 2))
+        with torch.autocast(frames.device.type, enabled=False):
+            results = DecodingTask(view, options).run(frames.float())
+        return ["" if result.no_speech_prob > NO_SPEECH_THRESHOLD and result.avg_logprob < LOGPROB_THRESHOLD
+                else result.text for result in results]
+
+    def token_ids(self, texts: list[str], mel_lengths: torch.Tensor) -> list[list[int]]:
+        """Each transcript in the backbone's vocabulary (whole words re-tokenized, as the backbone would
+        tokenize the text), cut to the clip's slots."""
+        if self.text_tokenizer is None:
+            raise ValueError("reader 'whisper' re-tokenizes Whisper's transcript with the backbone's tokenizer: "
+                             "call model.set_text_tokenizer(tokenizer) (load_speechlm and build_speechlm do)")
+        slots = reader_slot_count(mel_lengths, self.tokens_per_second).tolist()
+        encoded = self.text_tokenizer([" " + text.strip() if text.strip() else "" for text in texts],
+                                      add_special_tokens=False)["input_ids"]
+        return [ids[:count] for ids, count in zip(encoded, slots, strict=True)]
+

@@ -1,0 +1,210 @@
+"""The whisper reader: Whisper's own decoder reads each clip, and its transcript follows the clip's frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from whisper.audio import log_mel_spectrogram
+
+import speechlm  # noqa: F401  (registers the Auto classes)
+from speechlm.adapters.building import build_processor, build_speechlm
+from speechlm.adapters.configuration import ConfigError
+from speechlm.adapters.readers import WhisperTranscriptReader
+from speechlm.adapters.reading_cache import ReadingCache
+from speechlm.speech_io.constants import reader_slot_count
+from tests.adapters.conftest import audio_inputs
+from tests.conftest import TINY_AUDIO, TINY_PROJECTOR, save_tiny_whisper, tiny_spec
+
+# Whisper's tokenizer has 51865 tokens; a decoder of 16 positions reads at most 8 tokens a clip.
+READER_AUDIO = dict(TINY_AUDIO, n_vocab=51865, n_text_ctx=16, n_text_state=32, n_text_head=2, n_text_layer=1)
+READER_PROJECTOR = dict(TINY_PROJECTOR, reader="whisper", reader_window_seconds=2.0)
+
+
+def reader_spec(**changes):
+    return tiny_spec(**{"audio": dict(READER_AUDIO), "projector": dict(READER_PROJECTOR), **changes})
+
+
+@pytest.fixture(scope="module")
+def reading():
+    model, tokenizer = build_speechlm(reader_spec())
+    return model.eval(), tokenizer
+
+
+def test_each_clip_gets_its_frames_then_its_transcript_slots(reading):
+    model, tokenizer = reading
+    lengths = [120, 250]
+    inputs = audio_inputs(model, tokenizer, lengths)
+    embeddings, kept = model._audio_embeddings(inputs["input_features"], inputs["input_features_mask"])
+    counts = [int(model.audio_lengths(torch.tensor(n))) for n in lengths]
+    slots = [int(reader_slot_count(torch.tensor(n), 8)) for n in lengths]
+    assert embeddings.shape == (sum(counts), model.config.hidden_size)
+    assert counts == [stacked + slot for stacked, slot in zip([30, 63], slots, strict=True)]  # stack 2: 50 Hz -> 25
+    start = 0
+    for count, slot in zip(counts, slots, strict=True):
+        clip = kept[start:start + count]
+        assert clip[: count - slot].all()  # every projected frame
+        filled = int(clip[count - slot:].sum())
+        assert clip[count - slot: count - slot + filled].all() and not clip[count - slot + filled:].any()
+        assert not embeddings[start + count - slot + filled: start + count].any()  # empty slots are zero
+        start += count
+
+
+def test_transcript_embeddings_are_the_backbone_tokens_of_whisper_text(reading):
+    model, tokenizer = reading
+    inputs = audio_inputs(model, tokenizer, [180])
+    frames, (ids,) = model._encode_and_read(inputs["input_features"], inputs["input_features_mask"].sum(-1))
+    embeddings, kept = model._audio_embeddings(inputs["input_features"], inputs["input_features_mask"])
+    first = int(model.audio_lengths(torch.tensor(180))) - int(reader_slot_count(torch.tensor(180), 8))
+    expected = model.get_input_embeddings()(torch.tensor(ids))
+    torch.testing.assert_close(embeddings[first: first + len(ids)], expected)
+    assert all(0 <= i < model.config.text_vocab_size for i in ids)  # text only, never a speech token
+
+
+def test_a_batch_reads_as_each_clip_alone(reading):
+    model, tokenizer = reading
+    model.reading_cache.clear()
+    inputs = audio_inputs(model, tokenizer, [260, 90, 150], seed=4)
+    embeddings, kept = model._audio_embeddings(inputs["input_features"], inputs["input_features_mask"])
+    start = 0
+    for row in range(3):
+        model.reading_cache.clear()
+        length = int(inputs["input_features_mask"][row].sum())
+        alone, alone_kept = model._audio_embeddings(inputs["input_features"][row:row + 1, :, :length], None)
+        torch.testing.assert_close(embeddings[start:start + len(alone)], alone, rtol=1e-5, atol=1e-5)
+        assert torch.equal(kept[start:start + len(alone)], alone_kept)
+        start += len(alone)
+    assert start == len(embeddings)
+
+
+def test_generate_batch_equals_one_at_a_time(reading):
+    model, tokenizer = reading
+    processor = build_processor(tokenizer, model.config)
+    rng = np.random.default_rng(1)
+    conversations = [[{"role": "user", "content": [
+        {"type": "audio", "audio": (rng.standard_normal(samples) * 0.1).astype(np.float32), "sampling_rate": 16000},
+        {"type": "text", "text": "What did you hear?"}]}] for samples in (14000, 23000)]
+    batch = processor(conversations)  # left-padded for generation
+    batched = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    for row, conversation in enumerate(conversations):
+        alone = processor(conversation)
+        out = model.generate(**alone, max_new_tokens=4, do_sample=False)
+        assert torch.equal(batched[row, batch["input_ids"].shape[1]:], out[0, alone["input_ids"].shape[1]:])
+
+
+def test_the_whisper_text_is_retokenized_into_whole_backbone_words(reading):
+    model, tokenizer = reading
+    reader = model.audio_reader
+    text = "Dudley visited Italy yesterday."
+    whisper_ids = reader.whisper_tokenizer.encode(" " + text)
+    (ids,) = reader.token_ids([text], torch.tensor([3000]))
+    assert ids == tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+    assert len(ids) != len(whisper_ids)  # the two vocabularies split these words differently
+    assert tokenizer.decode(ids) == reader.whisper_tokenizer.decode(whisper_ids)
+    short = reader.token_ids([text * 10], torch.tensor([100]))[0]
+    assert len(short) == reader_slot_count(100, 8)  # cut to the clip's slots
+
+
+def test_silence_padding_is_what_whisper_computes_for_appended_silence():
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal(16000) * 0.1).astype(np.float32)
+    window = 300
+    alone = log_mel_spectrogram(torch.from_numpy(audio))[:, :100]
+    whisper_padded = log_mel_spectrogram(torch.from_numpy(np.pad(audio, (0, 3 * 16000))))[:, :window]
+    ours = WhisperTranscriptReader.pad_with_silence(alone[None], torch.tensor([100]), torch.tensor([window]))[0]
+    assert ours.shape == (80, window)
+    # away from the clip's edge, where the STFT window straddles both, the padding is what Whisper computes
+    torch.testing.assert_close(ours[:, 105:], whisper_padded[:, 105:], rtol=0, atol=1e-4)
+
+
+def test_the_reader_saves_and_reloads_with_the_model(reading, tmp_path):
+    model, tokenizer = reading
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.projector_config.reader == "whisper"
+    assert loaded.config.projector_config.reader_window_seconds == 2.0
+    inputs = audio_inputs(model, tokenizer, [150, 90])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+    processor = build_processor(tokenizer, loaded.config)
+    assert processor.num_audio_placeholders(16000) == int(loaded.audio_lengths(torch.tensor(100)))
+
+
+def test_decoder_weights_come_from_the_whisper_checkpoint(tmp_path):
+    path = save_tiny_whisper(tmp_path / "w.pt", n_vocab=51865, n_text_ctx=16)
+    model, _ = build_speechlm(reader_spec(audio_encoder=path, audio={}))
+    full = torch.load(path, weights_only=True)["model_state_dict"]
+    assert torch.equal(model.audio_reader.decoder.token_embedding.weight, full["decoder.token_embedding.weight"])
+    assert not any(key.startswith("audio_reader.") for key in model.state_dict() if model.is_checkpoint_key(key))
+
+
+def test_a_checkpoint_with_a_too_small_vocabulary_is_refused(tmp_path):
+    path = save_tiny_whisper(tmp_path / "w.pt", n_vocab=64)
+    with pytest.raises(ConfigError, match="n_vocab=64.*51864"):
+        build_speechlm(reader_spec(audio_encoder=path, audio={}))
+
+
+def test_reader_settings_are_checked():
+    with pytest.raises(ConfigError) as error:
+        build_speechlm(tiny_spec(audio=dict(READER_AUDIO), projector=dict(
+            READER_PROJECTOR, reader="whisperx", reader_window_seconds=40, reader_tokens_per_second=0)))
+    message = str(error.value)
+    assert "reader='whisperx'" in message and "reader_window_seconds=40" in message
+    assert "reader_tokens_per_second=0" in message
+    with pytest.raises(ConfigError, match="does not combine with compression='ctc'"):
+        build_speechlm(tiny_spec(audio=dict(READER_AUDIO), projector=dict(READER_PROJECTOR, compression="ctc")))
+    with pytest.raises(ConfigError, match="n_text_state=48.*n_audio_state=32"):
+        build_speechlm(tiny_spec(audio=dict(READER_AUDIO, n_text_state=48, n_text_head=2),
+                                 projector=dict(READER_PROJECTOR)))
+
+
+def test_a_model_without_its_tokenizer_says_so(reading):
+    model, tokenizer = reading
+    bare = type(model)(model.config).eval()
+    inputs = audio_inputs(model, tokenizer, [100])
+    with pytest.raises(ValueError, match="set_text_tokenizer"):
+        bare(**inputs)
+
+
+def test_the_cache_is_used_until_the_clip_or_the_encoder_changes(tmp_path):
+    model, tokenizer = build_speechlm(reader_spec())
+    model.eval()
+    inputs = audio_inputs(model, tokenizer, [120, 80], seed=2)
+    features, mask = inputs["input_features"], inputs["input_features_mask"]
+    first, _ = model._audio_embeddings(features, mask)
+    cache = model.reading_cache
+    assert (cache.hits, cache.misses, len(cache)) == (0, 2, 2)
+    again, _ = model._audio_embeddings(features, mask)
+    assert cache.hits == 2 and torch.equal(first, again)
+    changed = features.clone()
+    changed[1, 0, 0] += 1.0  # one clip changes
+    model._audio_embeddings(changed, mask)
+    assert (cache.hits, cache.misses) == (3, 3)
+    with torch.no_grad():
+        model.audio_tower.conv1.weight.mul_(1.5)  # the encoder changes: nothing read before applies
+    changed_encoder, _ = model._audio_embeddings(features, mask)
+    assert (cache.hits, cache.misses) == (3, 5)
+    assert not torch.equal(changed_encoder, first)
+
+
+def test_a_cache_passes_to_a_reloaded_model_with_the_same_weights(reading, tmp_path):
+    model, tokenizer = reading
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    inputs = audio_inputs(model, tokenizer, [110])
+    model._audio_embeddings(inputs["input_features"], inputs["input_features_mask"])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded.reading_cache = model.reading_cache
+    hits = model.reading_cache.hits
+    loaded._audio_embeddings(inputs["input_features"], inputs["input_features_mask"])
+    assert model.reading_cache.hits == hits + 1
+
+
+def test_the_cache_keeps_within_its_bytes():
+    cache = ReadingCache(max_bytes=3 * 400)
+    for index in range(5):
+        cache.put("weights", str(index), (torch.zeros(10, 10), [index]))  # 400 bytes each
+    assert len(cache) == 3 and cache.bytes == 1200
+    assert cache.get("weights", "0") is None and cache.get("weights", "4")[1] == [4]
