@@ -8,8 +8,9 @@ of an LM step of 8. On the quick start's corpus (2 CPU cores) 400 steps (3.8 min
 about as much as 100 LM steps, and 150 LM steps from there reach a held-out ASR loss of 0.56 per token
 against 1.77 without (BENCHMARKS.md, "Quick start").
 
-The softmax runs over the tokens that occur in the transcripts, not the whole vocabulary: rows that no
-transcript uses would get no signal but a push away, and the full softmax costs ~20x more here.
+By default the softmax runs over the tokens that occur in the transcripts: rows that no transcript uses
+get no signal but a push away, and the full softmax costs ~20x more here. But a word that needs any other
+token can then never come out; ``vocabulary: all`` runs it over the backbone's whole text vocabulary.
 The model keeps the projector weights; with ``projector_config.compression="ctc"`` its compressor also
 keeps the blank vector, the transcript vocabulary and the logit scale (`speechlm.adapters.compression`).
 """
@@ -42,13 +43,13 @@ class AlignmentResult:
     seconds: float
     clips: int  # clips trained on
     skipped: dict[str, int]  # reason -> clips left out
-    vocabulary: int  # distinct transcript tokens the softmax ran over
+    vocabulary: int  # tokens the softmax ran over
     losses: list[float]  # mean CTC loss per window of min(25, max_steps // 10) steps
 
     def summary(self) -> str:
         loss = f"CTC loss {self.losses[0]:.3f} -> {self.losses[-1]:.3f}" if self.losses else "no step (out of time)"
         skipped = f"; left out: {self.skipped}" if self.skipped else ""
-        return (f"CTC pre-alignment: {self.steps} steps on {self.clips} clips ({self.vocabulary} transcript tokens) "
+        return (f"CTC pre-alignment: {self.steps} steps on {self.clips} clips (softmax over {self.vocabulary} tokens) "
                 f"in {self.seconds / 60:.1f} min, {loss}{skipped}")
 
 
@@ -109,7 +110,10 @@ class ProjectorAligner:
 
     def train(self, clips: list[_Clip], deadline: float | None = None) -> tuple[int, list[float], int]:
         config, projector = self.config, self.model.multi_modal_projector
-        vocabulary = torch.unique(torch.cat([clip.targets for clip in clips]))
+        if config.vocabulary == "all":
+            vocabulary = torch.arange(self.model.config.text_vocab_size)
+        else:
+            vocabulary = torch.unique(torch.cat([clip.targets for clip in clips]))
         index = torch.full((int(vocabulary.max()) + 1,), -1, dtype=torch.long)
         index[vocabulary] = torch.arange(1, len(vocabulary) + 1)  # 0 is the blank
         embeddings = self.model.get_input_embeddings().weight.detach()[vocabulary].to(self.device, torch.float32)

@@ -135,6 +135,9 @@ class TrainingConfig:
         problems.raise_if_any("training")
 
 
+ALIGNMENT_VOCABULARIES = ("transcripts", "all")
+
+
 @dataclass
 class AlignmentConfig:
     """CTC pre-alignment of the projector before the Trainer (`speechlm.finetune.alignment`)."""
@@ -150,9 +153,14 @@ class AlignmentConfig:
         "help": "clips (with audio and text) encoded for the stage; their encoder outputs stay in memory "
                 "(~50 kB per second of audio for Whisper base); null: every one"})
     seed: int = field(default=0, metadata={"help": "seed of the clip choice and order"})
+    vocabulary: str = field(default="transcripts", metadata={
+        "help": "tokens the CTC softmax runs over: `transcripts` (those the training transcripts use) or `all` "
+                "(the backbone's whole text vocabulary: any word can come out, at ~20x the softmax's cost)"})
 
     def __post_init__(self):
         problems = Problems()
+        problems.check(self.vocabulary in ALIGNMENT_VOCABULARIES,
+                       f"vocabulary={self.vocabulary!r}: choose one of {list(ALIGNMENT_VOCABULARIES)}")
         problems.check(self.max_steps >= 0, f"max_steps={self.max_steps}: must be >= 0 (0: no pre-alignment)")
         problems.check(self.max_minutes is None or self.max_minutes > 0,
                        f"max_minutes={self.max_minutes}: must be > 0 or null")

@@ -87,7 +87,7 @@ def test_the_summary_says_when_no_step_ran():
     from speechlm.finetune.alignment import AlignmentResult
 
     ran = AlignmentResult(steps=40, seconds=90.0, clips=12, skipped={}, vocabulary=30, losses=[5.0, 1.0])
-    assert ran.summary() == "CTC pre-alignment: 40 steps on 12 clips (30 transcript tokens) in 1.5 min, CTC loss 5.000 -> 1.000"
+    assert ran.summary() == "CTC pre-alignment: 40 steps on 12 clips (softmax over 30 tokens) in 1.5 min, CTC loss 5.000 -> 1.000"
     none = AlignmentResult(steps=0, seconds=240.0, clips=3, skipped={"out of time before it was encoded": 9},
                            vocabulary=7, losses=[])
     assert "no step (out of time); left out: {'out of time before it was encoded': 9}" in none.summary()
@@ -106,6 +106,18 @@ def test_ctc_compression_keeps_what_the_alignment_learned_and_needs_it(prepared)
     assert model.audio_compressor.blank.abs().sum() > 0
     # the alignment trained the projector and left it frozen for the LM stage
     assert not any(param.requires_grad for param in model.multi_modal_projector.parameters())
+
+
+def test_ctc_over_the_whole_vocabulary_lets_any_token_come_out(prepared):
+    config, model, tokenizer = tiny_model(prepared, "model.projector.compression=ctc", "alignment.max_steps=5",
+                                          "alignment.batch_size=4", "alignment.vocabulary=all")
+    examples = recipe.load_training_examples(config)
+    heard = {t for e in examples for t in tokenizer(e.text, add_special_tokens=False)["input_ids"]}
+    result = recipe.align(config, model, tokenizer, examples, progress=False)
+    assert result.vocabulary == model.config.text_vocab_size > len(heard)
+    assert bool(model.audio_compressor.vocabulary_mask.all())
+    with pytest.raises(ValueError, match="vocabulary='every'"):
+        AlignmentConfig(vocabulary="every")
 
 
 def test_a_failing_step_gives_the_projector_back_frozen(prepared, monkeypatch):
