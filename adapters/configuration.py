@@ -46,15 +46,19 @@ class SpeechLMAudioConfig(PreTrainedConfig):
     n_audio_state: int = 512
     n_audio_head: int = 8
     n_audio_layer: int = 6
-    # Whisper's text decoder: used only by the `whisper` reader (multilingual base by default)
+    # Whisper's text decoder, used only by the `whisper` reader: its width and heads are the encoder's
     n_vocab: int = 51865
     n_text_ctx: int = 448
-    n_text_state: int = 512
-    n_text_head: int = 8
+    n_text_state: int | None = None
+    n_text_head: int | None = None
     n_text_layer: int = 6
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.n_text_state is None:
+            self.n_text_state = self.n_audio_state
+        if self.n_text_head is None:
+            self.n_text_head = self.n_audio_head
         problems = []
         if self.n_mels not in (80, 128):
             problems.append(f"audio_config.n_mels={self.n_mels}: Whisper uses 80 or 128 mel bins")

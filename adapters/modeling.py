@@ -226,7 +226,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             lengths = mel_lengths[missing]
             windows = reader.windows(lengths)
             padded = reader.pad_with_silence(input_features[missing], lengths, windows)
-            with torch.no_grad() if not self.config.train_audio_encoder else nullcontext():
+            # without autocast: a clip reads the same in training (bf16 autocast) as at inference
+            with (torch.no_grad() if cacheable else nullcontext()), torch.autocast(padded.device.type, enabled=False):
                 frames = self.audio_tower(self._audio_input(padded), windows)
             texts = reader.transcribe(frames.detach(), windows)
             token_ids = reader.token_ids(texts, lengths)

@@ -278,7 +278,9 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     lap("train")
 
     # Evaluate the saved model as a user loads it (the Trainer's model still runs under its bf16 autocast).
+    reading_cache = model.reading_cache  # the same frozen encoder (and reader): what they read stays valid
     model, processor = load_trained(model_dir)
+    model.reading_cache = reading_cache
     progress("[demo] evaluating the trained model")
     after = evaluate_all(model, processor, eval_sets, settings.eval, progress)
     lap("eval_after")

@@ -16,6 +16,8 @@ from speechlm.finetune.recipe import run
 from speechlm.finetune.trainer import COMPLETE_MARKER, newest_complete_checkpoint
 from tests.finetune.conftest import TINY_TRAIN_YAML
 
+TINY_SAMPLE = TINY_TRAIN_YAML.parent / "sample.flac"
+
 # The smoke run's first losses (tiny default, seeds 0, CPU float32); log(64 units + 259 text + 3) ~ 5.8.
 PINNED_LOSSES = [5.8026, 5.7477]
 
@@ -46,6 +48,23 @@ def test_smoke_run_from_the_cli_learns_and_saves_a_loadable_model(prepared, tmp_
     processor = AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "SpeechLMForCausalLM" and processor.num_speech_units == 64
     assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
+
+
+def test_a_recipe_with_the_whisper_reader_trains_saves_and_transcribes(prepared, tmp_path, capsys):
+    """CI-sized: the tiny recipe with Whisper's decoder reading each clip (random weights: what it reads is
+    noise, but every step of the path runs, the reader's output is cached, and the model reloads)."""
+    out = tmp_path / "run"
+    code = main(["train", str(TINY_TRAIN_YAML), *overrides(
+        prepared, out, "training.max_steps=2", "model.projector.reader=whisper",
+        "model.projector.reader_window_seconds=3", "model.audio.n_text_layer=1", "model.audio.n_text_ctx=32")])
+    assert code == 0, capsys.readouterr().err
+    model = AutoModelForCausalLM.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.projector_config.reader == "whisper" and processor.reader_tokens_per_second == 8
+    audio = {"type": "audio", "audio": str(TINY_SAMPLE)}
+    inputs = processor([{"role": "user", "content": [audio, {"type": "text", "text": "Transcribe."}]}])
+    assert model.generate(**inputs, max_new_tokens=3).shape[1] == inputs["input_ids"].shape[1] + 3
+    assert model.reading_cache.misses == 1
 
 
 class StopAt(TrainerCallback):
