@@ -374,7 +374,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         """Training: the head only at positions that have a label. The head is the largest matrix a small
         backbone has (SmolLM2: 49k x 576, a fifth of its weights) and a sample labels few of its tokens
         (ASR: the transcript, not the audio and prompt), so this is much of a step. The loss is the same
-        as over full logits; the output carries no logits."""
+        as over full logits; the output's ``logits`` are those at the labelled positions only (``N_labelled,
+        V``, row by row), for a loss of the caller's own (`speechlm.finetune.behaviour`)."""
         shift_labels = kwargs.pop("shift_labels", None)
         if shift_labels is None:
             shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
@@ -382,8 +383,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         logits = self.speech_vocab.logits(hidden_states[labelled], self.get_output_embeddings())
         loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels[labelled],
                                   vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, cache=outputs.cache, hidden_states=outputs.hidden_states,
-                                      attentions=outputs.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,

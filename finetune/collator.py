@@ -1,7 +1,9 @@
 """Batches of `TaskMixtureDataset` items, padded as the processor pads for training.
 
 Rows are right-padded (pad token, attention 0, labels -100); clips are concatenated in row order (the
-order in which the model fills ``<|audio|>`` spans) and their mel frames zero-padded with mask 0.
+order in which the model fills ``<|audio|>`` spans) and their mel frames zero-padded with mask 0. The
+teacher rows of a distillation task's samples come as ``teacher_*``, with ``distilled_rows`` marking
+which rows of the batch they belong to.
 The collator counts real and padded tokens so that the trainer can log the padding fraction.
 """
 
@@ -46,6 +48,12 @@ class SpeechLMCollator:
             batch["input_features_mask"] = torch.cat(
                 [torch.nn.functional.pad(item["input_features_mask"], (0, frames - item["input_features_mask"].shape[-1]))
                  for item in clips])  # N clips, T_max
+        taught = [item for item in items if "teacher_input_ids" in item]
+        if taught:  # a distillation task's rows: the teacher's text rows, in the order of `distilled_rows`
+            width = max(len(item["teacher_input_ids"]) for item in taught)
+            batch["distilled_rows"] = torch.tensor(["teacher_input_ids" in item for item in items])
+            for key, value in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+                batch[f"teacher_{key}"] = _stack([item[f"teacher_{key}"] for item in taught], width, value)
         real = int(batch["attention_mask"].sum())
         self.real_tokens += real
         self.padded_tokens += batch["attention_mask"].numel() - real

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 # Rows may restrict themselves to one of these; finetune.tasks defines them.
-TASK_NAMES = ("asr", "tts", "continuation", "s2t_instruct", "s2s_chain", "interleaved", "text")
+TASK_NAMES = ("asr", "tts", "continuation", "s2t_instruct", "s2s_chain", "interleaved", "text", "s2t_kl")
 TEXT_FIELDS = ("text", "answer")
 AUDIO_FIELDS = ("audio", "answer_audio")
 TIMING_FIELDS = ("words", "sentences")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from speechlm.finetune.examples import Example
-from speechlm.finetune.tasks import TASKS, Conversation, RenderSettings, eligible, render
+from speechlm.finetune.tasks import TASKS, Conversation, RenderSettings, eligible, render, render_teacher
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.units import AUDIO_TOKEN
 
@@ -62,7 +62,9 @@ def plan_samples(examples: Sequence[Example], weights: Mapping[str, float], sett
 
 class TaskMixtureDataset(torch.utils.data.Dataset):
     """Samples of a task mixture as processor outputs: ``input_ids``, ``attention_mask``, ``labels`` (1-D)
-    and, for continuous speech, ``input_features`` / ``input_features_mask`` of the sample's clips."""
+    and, for continuous speech, ``input_features`` / ``input_features_mask`` of the sample's clips; a
+    distillation task's sample also has ``teacher_input_ids`` / ``teacher_attention_mask`` /
+    ``teacher_labels`` (the teacher's text conversation)."""
 
     def __init__(self, examples: Sequence[Example], processor, weights: Mapping[str, float], *,
                  settings: RenderSettings | None = None, num_samples: int | None = None,
@@ -101,11 +103,18 @@ class TaskMixtureDataset(torch.utils.data.Dataset):
         if "input_features" in batch:
             item["input_features"] = batch["input_features"]  # N clips, n_mels, T
             item["input_features_mask"] = batch["input_features_mask"]
+        seed_index, sample = self.samples[index]
+        teacher = render_teacher(sample.task, self.examples[sample.example], self._rng(seed_index), self.settings)
+        if teacher is not None:
+            taught = self.processor([teacher], return_labels=True)
+            item.update({f"teacher_{key}": taught[key][0] for key in ("input_ids", "attention_mask", "labels")})
         return item
 
+    def _rng(self, seed_index: int) -> random.Random:
+        return random.Random(f"{self.seed}:{seed_index}")
+
     def _render(self, seed_index: int, sample: Sample) -> Conversation:
-        rng = random.Random(f"{self.seed}:{seed_index}")
-        return render(sample.task, self.examples[sample.example], rng, self.settings)
+        return render(sample.task, self.examples[sample.example], self._rng(seed_index), self.settings)
 
     def _measure(self, seed_index: int, sample: Sample) -> int:
         """Tokens of the rendered sample: each audio part becomes the text the processor would put in

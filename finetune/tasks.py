@@ -13,6 +13,7 @@ by a seeded ``random.Random`` so that a sample renders the same every time.
 | ``s2s_chain`` | spoken instruction | text answer, then units of the spoken answer (SpeechGPT) |
 | ``interleaved`` | first span | the rest: text and unit spans alternating at word/sentence boundaries (SpiRit-LM) |
 | ``text`` | first part of a text (or the row's text-only ``messages``) | the rest |
+| ``s2t_kl`` | spoken instruction; the teacher gets its transcript as text | the answer, or nothing: no labels, but the KL divergence to the frozen backbone's next-token distributions given the text (`finetune.behaviour`) |
 
 "Speech" is the audio (``speech_input="continuous"``: Whisper features at ``<|audio|>``) or its units
 (``"discrete"``: from ``speechlm prepare``, else encoded by the processor's codec).
@@ -37,6 +38,7 @@ PROMPTS: dict[str, tuple[str, ...]] = {
                   "Listen, answer, then speak your answer."),
     "interleaved": ("Continue, switching between text and speech.", "Go on, mixing speech and text."),
     "text": ("Continue the text.", "Go on:", "Complete this:"),
+    "s2t_kl": ("",),  # the spoken prompt is the instruction itself, as its transcript is the teacher's
 }
 INTERLEAVE_LEVELS = ("word", "sentence")
 DEFAULT_UNIT_RATE = 50  # SpeechTokenizer: 320-sample hop at 16 kHz
@@ -54,12 +56,14 @@ Conversation = list[dict]
 
 @dataclass(frozen=True)
 class Task:
-    """``eligible(example, settings)`` says whether an example has what ``render`` needs."""
+    """``eligible(example, settings)`` says whether an example has what ``render`` needs. A distillation
+    task also renders the ``teacher``'s conversation, whose assistant turn is the same."""
 
     name: str
     needs: str
     eligible: Callable[[Example, RenderSettings], bool]
     render: Callable[[Example, random.Random, RenderSettings], Conversation]
+    teacher: Callable[[Example, random.Random, RenderSettings], Conversation] | None = None
 
 
 # -- parts ---------------------------------------------------------------------------------------------
@@ -186,6 +190,16 @@ def render_text(example: Example, rng: random.Random, settings: RenderSettings) 
     return chat(f"{prompt('text', rng)} {' '.join(words[:split])}", " ".join(words[split:]))
 
 
+def render_s2t_kl(example: Example, rng: random.Random, settings: RenderSettings) -> Conversation:
+    """The spoken prompt alone; the assistant turn is the positions whose distributions are distilled: the
+    row's answer if it has one, else only the first (the distribution of how an answer starts)."""
+    return chat([speech_part(example, settings)], example.answer or "")
+
+
+def render_s2t_kl_teacher(example: Example, rng: random.Random, settings: RenderSettings) -> Conversation:
+    return chat(example.text, example.answer or "")
+
+
 def _eligible_interleaved(example: Example, settings: RenderSettings) -> bool:
     spans = interleave_spans(example, settings)
     return bool(example.units) and spans is not None and len(spans) >= 2
@@ -205,6 +219,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("text", "text of 2 or more words, or text-only messages",
          lambda e, s: (e.messages is not None and not has_audio_parts(e.messages))
          or (e.messages is None and e.has("text") and len(e.text.split()) >= 2), render_text),
+    Task("s2t_kl", "audio + text (its transcript; an answer is optional)",
+         lambda e, s: e.has("audio") and e.has("text"), render_s2t_kl, teacher=render_s2t_kl_teacher),
 )}
 assert tuple(TASKS) == TASK_NAMES, "examples.TASK_NAMES lists the tasks for manifest validation"
 
@@ -216,3 +232,9 @@ def eligible(task: str, example: Example, settings: RenderSettings) -> bool:
 
 def render(task: str, example: Example, rng: random.Random, settings: RenderSettings) -> Conversation:
     return TASKS[task].render(example, rng, settings)
+
+
+def render_teacher(task: str, example: Example, rng: random.Random, settings: RenderSettings) -> Conversation | None:
+    """The teacher's conversation of a distillation task (None for the others)."""
+    teacher = TASKS[task].teacher
+    return None if teacher is None else teacher(example, rng, settings)

@@ -10,6 +10,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from speechlm.finetune.behaviour import behaviour_alignment_loss
 from speechlm.finetune.collator import SpeechLMCollator
 from speechlm.finetune.sampler import LengthGroupedSampler
 
@@ -31,6 +32,17 @@ class SpeechLMTrainer(Trainer):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return LengthGroupedSampler(dataset.lengths, self.args.per_device_train_batch_size, seed=seed)
         return super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """A batch with rows of a distillation task (``s2t_kl``) takes its loss from
+        `behaviour_alignment_loss`; any other batch is the Trainer's as usual."""
+        distilled_rows = inputs.pop("distilled_rows", None)
+        teacher = {key.removeprefix("teacher_"): inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
+        if distilled_rows is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = behaviour_alignment_loss(model, inputs, teacher, distilled_rows,
+                                                 speechlm=self.accelerator.unwrap_model(model))
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs carry "loss"; the collator counted tokens since the last one (on this rank).

@@ -109,11 +109,11 @@ def test_text_replay(processor):
 
 
 @pytest.mark.parametrize(("task", "missing"), [("asr", "text"), ("tts", "units"), ("s2s_chain", "answer_units"),
-                                               ("interleaved", "words")])
+                                               ("interleaved", "words"), ("s2t_kl", "text")])
 def test_eligibility_follows_the_fields(task, missing):
     full = example(answer="a", answer_units=[1], words=[Span("one", 0, 0.5), Span("two", 0.5, 1)])
     settings = RenderSettings()
     assert eligible(task, full, settings)
     assert not eligible(task, example(**{**full.__dict__, missing: None}), settings)
     assert not eligible(task, example(**{**full.__dict__, "task": "text"}), settings) or task == "text"
-    assert set(TASKS) == {"asr", "tts", "continuation", "s2t_instruct", "s2s_chain", "interleaved", "text"}
+    assert set(TASKS) == {"asr", "tts", "continuation", "s2t_instruct", "s2s_chain", "interleaved", "text", "s2t_kl"}

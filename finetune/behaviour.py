@@ -1,0 +1,72 @@
+"""Behaviour alignment: a spoken prompt should get what its text gets from the frozen backbone.
+
+For the ``s2t_kl`` task's rows the loss is not the cross-entropy of labels but the KL divergence from the
+frozen backbone's next-token distributions, given the prompt as text, to the SpeechLM's, given it as
+speech, at every position of the assistant turn (Ultravox's response KL, DiVA arXiv 2410.02678, BLSP).
+Any text instruction set becomes speech training data with no labelled answers, and the model learns to
+follow a spoken instruction rather than transcribe it. The other rows of the batch keep their
+cross-entropy; the batch's loss is the mean over all labelled positions of either.
+
+The teacher is the same model on text rows with its adapters out of the way: a frozen backbone, LoRA
+gated to speech (``lora_scope`` audio/speech: text rows run the base weights exactly), or LoRA switched
+off with peft's ``disable_adapter``. Distributions are compared over the text vocabulary only: the added
+speech rows train, and the backbone never had them.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+
+def teacher_context(model):
+    """Where ``model`` computes the frozen backbone's distributions for text rows."""
+    config = model.config
+    if config.mode == "full":
+        raise ValueError("task s2t_kl distils the frozen backbone, but mode=full trains it: use mode frozen, "
+                         "lora or qlora")
+    if config.mode in ("lora", "qlora") and config.lora_scope == "all":
+        return model.language_model.disable_adapter()
+    return nullcontext()  # frozen, or LoRA gated off for text rows
+
+
+def labelled_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the positions with a (shifted) label: where the head runs in training."""
+    return (labels[:, 1:] != -100).sum(-1)
+
+
+def kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` at each of ``N, V`` positions."""
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(-1)
+
+
+def behaviour_alignment_loss(model, inputs: dict, teacher: dict, distilled_rows: torch.Tensor, *,
+                             speechlm=None) -> tuple[torch.Tensor, object]:
+    """The batch's loss: cross-entropy on the rows of other tasks, KL to the teacher on ``distilled_rows``.
+    ``model`` may be wrapped for distributed training; ``speechlm`` is then the model inside."""
+    speechlm = model if speechlm is None else speechlm
+    outputs = model(**inputs)
+    labels = inputs["labels"]
+    text_vocab = speechlm.config.text_vocab_size
+    counts = labelled_counts(labels)
+    if not distilled_rows.any():
+        return outputs.loss, outputs
+    with torch.no_grad(), teacher_context(speechlm):
+        teacher_logits = model(**teacher).logits[:, :text_vocab]
+    teacher_counts = labelled_counts(teacher["labels"])
+    row_of_position = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    distilled = distilled_rows.to(counts.device)[row_of_position]
+    if not torch.equal(counts[distilled_rows.to(counts.device)], teacher_counts):
+        raise ValueError(f"s2t_kl: the spoken and the text prompt's assistant turns have {counts[distilled_rows].tolist()} "
+                         f"and {teacher_counts.tolist()} labelled tokens; they must render the same answer")
+    logits = outputs.logits
+    shift_labels = labels[:, 1:][labels[:, 1:] != -100]
+    cross_entropy = F.cross_entropy(logits[~distilled].float(), shift_labels[~distilled], reduction="sum")
+    kl = kl_per_position(logits[distilled][:, :text_vocab], teacher_logits).sum()
+    loss = (cross_entropy + kl) / max(len(logits), 1)
+    outputs.loss = loss
+    return loss, outputs
