@@ -16,6 +16,8 @@ from speechlm.speech_io.processor import SPEECH_INPUT_MODES
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+# schedules that can run by minutes (training.max_minutes): finetune.trainer.minute_schedule
+MINUTE_SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_bnb_8bit", "paged_adamw_8bit")
 REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "clearml")
 
@@ -106,6 +108,11 @@ class TrainingConfig:
     run_name: str | None = field(default=None, metadata={"help": "run name shown by the loggers"})
     resume: bool = field(default=False, metadata={
         "help": "continue from the newest complete checkpoint in output_dir (fresh start if none)"})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "stop after this many minutes of training steps (evaluations a callback runs pause the clock), and "
+                "run the learning-rate schedule by minutes as well as by steps: a step's progress is the larger of "
+                "step / max_steps and minutes / max_minutes, so the schedule ends when the time does on any machine "
+                f"(lr_scheduler_type one of {', '.join(MINUTE_SCHEDULES)}); null: steps alone"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the final model to hub_model_id"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id, e.g. user/speechlm-tiny"})
     hub_private_repo: bool = field(default=True, metadata={"help": "create the Hub repo as private"})
@@ -127,6 +134,10 @@ class TrainingConfig:
         problems.check(self.save_total_limit is None or self.save_total_limit >= 1,
                        f"save_total_limit={self.save_total_limit}: must be >= 1 or null")
         problems.check(not (self.bf16 and self.fp16), "bf16 and fp16: choose one")
+        problems.check(self.max_minutes is None or self.max_minutes > 0, f"max_minutes={self.max_minutes}: must be > 0 or null")
+        problems.check(self.max_minutes is None or self.lr_scheduler_type in MINUTE_SCHEDULES,
+                       f"lr_scheduler_type={self.lr_scheduler_type!r} does not run by minutes: with max_minutes choose "
+                       f"one of {list(MINUTE_SCHEDULES)}")
         reports = [self.report_to] if isinstance(self.report_to, str) else self.report_to
         for report in reports:
             problems.check(report in REPORT_TO, f"report_to={report!r}: choose from {list(REPORT_TO)}")

@@ -25,7 +25,12 @@ from speechlm.finetune.examples import Example
 from speechlm.finetune.mixture import TaskMixtureDataset
 from speechlm.finetune.sources import load_examples
 from speechlm.finetune.tasks import RenderSettings
-from speechlm.finetune.trainer import MarkCompleteCheckpoints, SpeechLMTrainer, newest_complete_checkpoint
+from speechlm.finetune.trainer import (
+    MarkCompleteCheckpoints,
+    SpeechLMTrainer,
+    TrainingClock,
+    newest_complete_checkpoint,
+)
 from speechlm.hub import push
 from speechlm.speech_io.processor import SpeechLMProcessor
 
@@ -118,7 +123,8 @@ def build_datasets(config: TrainConfig, processor: SpeechLMProcessor,
 
 
 def build_trainer(config: TrainConfig, model: SpeechLMForCausalLM, processor: SpeechLMProcessor,
-                  dataset: TaskMixtureDataset, callbacks: Sequence[TrainerCallback] = ()) -> SpeechLMTrainer:
+                  dataset: TaskMixtureDataset, callbacks: Sequence[TrainerCallback] = (),
+                  clock: TrainingClock | None = None) -> SpeechLMTrainer:
     training = config.training
     passed = {name: getattr(training, name) for name in (
         "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -138,8 +144,8 @@ def build_trainer(config: TrainConfig, model: SpeechLMForCausalLM, processor: Sp
     )
     return SpeechLMTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                            data_collator=SpeechLMCollator.from_processor(processor),
-                           length_grouping=config.data.length_grouping,
-                           callbacks=[MarkCompleteCheckpoints(), *callbacks])
+                           length_grouping=config.data.length_grouping, max_minutes=training.max_minutes,
+                           clock=clock, callbacks=[MarkCompleteCheckpoints(), *callbacks])
 
 
 def train(config: TrainConfig, trainer: SpeechLMTrainer):

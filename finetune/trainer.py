@@ -1,9 +1,13 @@
-"""The HF Trainer as speechlm trains: length-grouped batches, the padding fraction in the logs, and
-checkpoints that are marked complete only once everything in them is written."""
+"""The HF Trainer as speechlm trains: length-grouped batches, the padding fraction in the logs, a budget
+in minutes with a learning-rate schedule that ends with it, and checkpoints that are marked complete only
+once everything in them is written."""
 
 from __future__ import annotations
 
+import math
 import re
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,12 +23,91 @@ COMPLETE_MARKER = "speechlm_checkpoint_complete"
 TRAINER_STATE = "trainer_state.json"
 
 
-class SpeechLMTrainer(Trainer):
-    """``Trainer`` plus: batches of similar length (``length_grouping``), ``padding_fraction`` logged."""
+class TrainingClock:
+    """Minutes of training: it runs from `start` and stands still inside `paused` (an evaluation a callback
+    runs between steps) and before `start` (time spent elsewhere can be counted in with `add`)."""
 
-    def __init__(self, *args, length_grouping: bool = True, **kwargs):
+    def __init__(self):
+        self.seconds = 0.0
+        self._since: float | None = None
+
+    def start(self) -> None:
+        if self._since is None:
+            self._since = time.perf_counter()
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    @property
+    def minutes(self) -> float:
+        running = 0.0 if self._since is None else time.perf_counter() - self._since
+        return (self.seconds + running) / 60
+
+    @contextmanager
+    def paused(self):
+        running = self._since is not None
+        if running:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+        try:
+            yield
+        finally:
+            if running:
+                self._since = time.perf_counter()
+
+
+def minute_schedule(kind: str, warmup_steps: int, max_steps: int, clock: TrainingClock, max_minutes: float):
+    """``step -> learning-rate factor``: linear warm-up, then ``kind`` (cosine, linear or constant) over the
+    progress ``max(step / max_steps, minutes / max_minutes)``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, max(step / max(max_steps, 1), clock.minutes / max_minutes))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+class StopAtMinutes(TrainerCallback):
+    def __init__(self, clock: TrainingClock, max_minutes: float):
+        self.clock, self.max_minutes = clock, max_minutes
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.clock.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.clock.minutes >= self.max_minutes:
+            control.should_training_stop = True
+
+
+class SpeechLMTrainer(Trainer):
+    """``Trainer`` plus: batches of similar length (``length_grouping``), ``padding_fraction`` logged, and
+    with ``max_minutes`` a stop and a learning-rate schedule by the minutes of ``clock``."""
+
+    def __init__(self, *args, length_grouping: bool = True, max_minutes: float | None = None,
+                 clock: TrainingClock | None = None, **kwargs):
         self.length_grouping = length_grouping
+        self.max_minutes = max_minutes
+        self.clock = clock or TrainingClock()
         super().__init__(*args, **kwargs)
+        if max_minutes is not None:
+            self.add_callback(StopAtMinutes(self.clock, max_minutes))
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.max_minutes is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            args = self.args
+            schedule = minute_schedule(args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, "value")
+                                       else str(args.lr_scheduler_type), args.get_warmup_steps(num_training_steps),
+                                       num_training_steps, self.clock, self.max_minutes)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
+        return self.lr_scheduler
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset

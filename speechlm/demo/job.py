@@ -29,6 +29,7 @@ from speechlm.demo.build import DemoAssets, build_demo_assets
 from speechlm.demo.corpus import ANSWER_SYSTEM_PROMPT
 from speechlm.finetune.evaluation import EvalItem, EvalSettings, evaluate, read_eval_manifest, summarize
 from speechlm.finetune.examples import read_jsonl
+from speechlm.finetune.trainer import TrainingClock
 
 # Metrics in the report: (eval set, task, total) and whether lower is better.
 HEADLINE = (("asr/heldout", "wer", True), ("asr/ood", "wer", True), ("qa/heldout", "speech_contains", False),
@@ -155,58 +156,47 @@ def evaluate_all(model, processor, eval_sets: dict[str, tuple[str, Path]], setti
 # -- the learning curve ---------------------------------------------------------------------------------
 
 class LearningCurve(TrainerCallback):
-    """Held-out WER every ``every_minutes`` of training, and a stop after ``max_minutes``.
-
-    Minutes are training time: the clock pauses while the curve's own evaluation runs.
-    """
+    """Held-out WER every ``every_minutes`` of training by ``clock`` (the trainer's, which stops training at
+    ``training.max_minutes``); the clock stands still while the curve's own evaluation runs."""
 
     def __init__(self, model, processor, items: list[EvalItem], settings: EvalSettings, *, every_minutes: float,
-                 max_minutes: float | None = None, progress=print):
+                 clock: TrainingClock, progress=print):
         self.model, self.processor, self.items, self.settings = model, processor, items, settings
-        self.every_minutes, self.max_minutes, self.progress = every_minutes, max_minutes, progress
+        self.every_minutes, self.clock, self.progress = every_minutes, clock, progress
         self.points: list[dict] = []  # minutes, step, wer
         self.losses: list[dict] = []  # minutes, step, loss
-        self.seconds = 0.0
-        self._last = 0.0
 
     @property
     def minutes(self) -> float:
-        return self.seconds / 60
+        return self.clock.minutes
 
-    def start_from(self, untrained: list[dict], seconds: float) -> None:
-        """Training began ``seconds`` ago (CTC pre-alignment): the curve's first point is the untrained
-        model's WER on its clips, taken from ``untrained`` (per-clip results of the full evaluation)."""
+    def start_from(self, untrained: list[dict]) -> None:
+        """Training began before the Trainer (CTC pre-alignment, counted on the clock): the curve's first
+        point is the untrained model's WER on its clips, taken from ``untrained`` (per-clip results of the
+        full evaluation)."""
         chosen = {item.id for item in self.items}
         results = [result for result in untrained if result["id"] in chosen]
         self.points.append({"minutes": 0.0, "step": 0, "wer": summarize("asr", results)["wer"]})
-        self.seconds = seconds
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._measure(state.global_step)  # untrained, or after CTC pre-alignment (its minutes already counted)
-        self._last = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        self.seconds += now - self._last
-        self._last = now
-        out_of_time = self.max_minutes is not None and self.minutes >= self.max_minutes
-        if out_of_time:
-            self.progress(f"[demo] {self.minutes:.1f} min of training: stopping at step {state.global_step}")
-            control.should_training_stop = True
-        elif self.minutes >= self.points[-1]["minutes"] + self.every_minutes:
+        if self.minutes >= self.points[-1]["minutes"] + self.every_minutes:
             self._measure(state.global_step)
-            self._last = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append({"minutes": round(self.minutes, 3), "step": state.global_step, "loss": logs["loss"]})
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.progress(f"[demo] {self.minutes:.1f} min of training: stopped at step {state.global_step}")
         if not self.points or self.points[-1]["step"] != state.global_step:
             self._measure(state.global_step)
 
     def _measure(self, step: int) -> None:
-        totals, _ = evaluate(self.model, self.processor, "asr", self.items, self.settings, progress=False)
+        with self.clock.paused():
+            totals, _ = evaluate(self.model, self.processor, "asr", self.items, self.settings, progress=False)
         self.points.append({"minutes": round(self.minutes, 3), "step": step, "wer": totals["wer"]})
         self.progress(f"[demo] curve: {self.minutes:.1f} min, step {step}: held-out WER {totals['wer']:.4f} "
                       f"({len(self.items)} clips)")
@@ -253,7 +243,9 @@ def run_job(settings: JobSettings, progress=print) -> dict:
                  f"data.system_prompt={json.dumps(ANSWER_SYSTEM_PROMPT)}",  # what the answers were distilled with
                  f"training.output_dir={out / 'model'}",
                  # transformers refuses bf16 on a machine without a GPU unless told to use the CPU
-                 *([] if torch.cuda.is_available() else ["training.use_cpu=true"]), *settings.overrides]
+                 *([] if torch.cuda.is_available() else ["training.use_cpu=true"]),
+                 *([] if settings.max_minutes is None else [f"training.max_minutes={settings.max_minutes}"]),
+                 *settings.overrides]
     config = build_dataclass(TrainConfig, apply_overrides(recipe_yaml, overrides))
     model, tokenizer = recipe.build_model(config)
     processor = recipe.build_processor(config, model, tokenizer)
@@ -264,15 +256,17 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     lap("eval_before")
 
     curve_items = spread(read_eval_manifest(eval_sets["asr/heldout"][1], "asr"), settings.curve_items)
+    clock = TrainingClock()
     curve = LearningCurve(model, processor, curve_items, settings.eval, every_minutes=settings.curve_every_minutes,
-                          max_minutes=settings.max_minutes, progress=progress)
+                          clock=clock, progress=progress)
     examples = recipe.load_training_examples(config)
     alignment = recipe.align(config, model, tokenizer, examples)
-    if alignment is not None:  # its minutes are training minutes: the curve's clock and the stop count them
-        curve.start_from(before["asr/heldout"]["items"], alignment.seconds)
+    if alignment is not None:  # its minutes are training minutes: the schedule and the stop count them
+        clock.add(alignment.seconds)
+        curve.start_from(before["asr/heldout"]["items"])
         progress(f"[demo] {alignment.summary()}")
     dataset = recipe.build_datasets(config, processor, examples)
-    trainer = recipe.build_trainer(config, model, processor, dataset, callbacks=[curve])
+    trainer = recipe.build_trainer(config, model, processor, dataset, callbacks=[curve], clock=clock)
     result = recipe.train(config, trainer)
     model_dir = recipe.save(config, trainer)
     lap("train")

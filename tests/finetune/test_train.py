@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import time
 
 import pytest
 import torch
@@ -10,10 +12,15 @@ from transformers import AutoModelForCausalLM, AutoProcessor, TrainerCallback
 
 import speechlm  # noqa: F401  (Auto classes)
 from speechlm.cli import main
-from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
+from speechlm.configfile import ConfigFileError, apply_overrides, build_dataclass, read_yaml
 from speechlm.finetune.config import TrainConfig
-from speechlm.finetune.recipe import run
-from speechlm.finetune.trainer import COMPLETE_MARKER, newest_complete_checkpoint
+from speechlm.finetune.recipe import build_datasets, build_model, build_processor, build_trainer, run, train
+from speechlm.finetune.trainer import (
+    COMPLETE_MARKER,
+    TrainingClock,
+    minute_schedule,
+    newest_complete_checkpoint,
+)
 from tests.finetune.conftest import TINY_TRAIN_YAML
 
 TINY_SAMPLE = TINY_TRAIN_YAML.parent / "sample.flac"
@@ -177,3 +184,47 @@ def test_shipped_recipes_parse(tmp_path):
         settings = build_dataclass(TrainConfig, apply_overrides(read_yaml(configs / recipe),
                                                                 [f"data.train=[{tmp_path}]", *extra]))
         assert settings.training.activation_checkpointing and settings.data.tasks
+
+
+class FixedClock(TrainingClock):
+    def __init__(self, minutes: float):
+        super().__init__()
+        self.seconds = minutes * 60
+
+
+def test_the_minute_schedule_ends_with_the_time_or_the_steps():
+    halfway = minute_schedule("cosine", 10, 1000, FixedClock(7.5), 15.0)
+    assert halfway(5) == pytest.approx(6 / 11)  # warm-up by steps
+    assert halfway(20) == pytest.approx(0.5)  # half the minutes gone, 2% of the steps
+    assert halfway(900) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))  # the steps are ahead
+    assert minute_schedule("cosine", 0, 1000, FixedClock(15.0), 15.0)(1) == pytest.approx(0.0)
+    assert minute_schedule("linear", 0, 1000, FixedClock(3.0), 15.0)(1) == pytest.approx(0.8)
+
+
+def test_the_clock_stands_still_while_paused():
+    clock = TrainingClock()
+    clock.add(60)
+    assert clock.minutes == 1.0  # not started: only what was added
+    clock.start()
+    with clock.paused():
+        time.sleep(0.05)
+        inside = clock.minutes
+    assert inside == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_run_by_minutes_stops_in_time_with_its_learning_rate_spent(prepared, tmp_path):
+    out = tmp_path / "run"
+    settings = config(prepared, out, "training.max_steps=100000", "training.max_minutes=0.05",
+                      "training.lr_scheduler_type=cosine", "training.save_steps=100000")
+    model, tokenizer = build_model(settings)
+    processor = build_processor(settings, model, tokenizer)
+    trainer = build_trainer(settings, model, processor, build_datasets(settings, processor))
+    result = train(settings, trainer)
+    assert 1 <= result.global_step < 100000
+    assert trainer.lr_scheduler.get_last_lr()[0] < 0.05 * settings.training.learning_rate
+    assert trainer.clock.minutes == pytest.approx(0.05, abs=0.05)
+
+
+def test_minutes_need_a_schedule_that_can_follow_them(prepared, tmp_path):
+    with pytest.raises(ConfigFileError, match="lr_scheduler_type='polynomial' does not run by minutes"):
+        config(prepared, tmp_path, "training.max_minutes=1", "training.lr_scheduler_type=polynomial")
