@@ -89,8 +89,8 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
     ``compression="ctc"`` keeps one projected frame per spoken token (`speechlm.adapters.compression`).
     ``reader="whisper"`` adds Whisper's own transcript of each clip after its frames
     (`speechlm.adapters.readers`): ``reader_tokens_per_second`` LM positions a second of audio for it, the
-    clip padded with silence to ``reader_window_seconds`` for Whisper's decoder (30: openai-whisper's own
-    input), ``reader_beam_size`` 1 (greedy) or a beam, ``reader_language`` an ISO code or null (detected)."""
+    clip followed by ``reader_silence_seconds`` of silence for Whisper's decoder (rounded up to whole 2 s
+    windows, at most 30 s; 30 gives every clip openai-whisper's own 30 s input), ``reader_beam_size`` 1 (greedy) or a beam, ``reader_language`` an ISO code or null (detected)."""
 
     model_type = "speechlm_projector"
 
@@ -100,7 +100,7 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
     compression: str = "none"
     reader: str = "none"
     reader_tokens_per_second: int = 8
-    reader_window_seconds: float = 30.0
+    reader_silence_seconds: float = 30.0
     reader_beam_size: int = 1
     reader_language: str | None = "en"
 
@@ -126,9 +126,9 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
         if not 1 <= self.reader_tokens_per_second <= 100:
             problems.append(f"projector_config.reader_tokens_per_second={self.reader_tokens_per_second}: must be "
                             f"in [1, 100] (speech has ~3-5 tokens a second)")
-        if not 0 < self.reader_window_seconds <= 30:
-            problems.append(f"projector_config.reader_window_seconds={self.reader_window_seconds}: must be in "
-                            f"(0, 30] (Whisper's input is at most 30 s)")
+        if not 0 <= self.reader_silence_seconds <= 30:
+            problems.append(f"projector_config.reader_silence_seconds={self.reader_silence_seconds}: must be in "
+                            f"[0, 30] (Whisper's input is at most 30 s)")
         if self.reader_beam_size < 1:
             problems.append(f"projector_config.reader_beam_size={self.reader_beam_size}: must be >= 1 (1: greedy)")
         ConfigError.collect("SpeechLMProjectorConfig", problems)

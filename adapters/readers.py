@@ -7,9 +7,9 @@ after the clip's projected frames, as DeSTA2 (arXiv 2409.20007) feeds Whisper's 
 features to a frozen LLM. The knowledge of 680k hours of Whisper training reaches the LM as text it
 already reads; the frames stay for what text does not carry (speaker, tone, noise).
 
-Each clip is padded with Whisper's silence up to ``window_seconds`` (30: exactly openai-whisper's input;
-shorter costs less, and Whisper's decoder stops where the speech ends only if it hears silence after
-it) and encoded once; the projector takes the frames of the clip itself, the decoder all of them. The
+Each clip is followed by ``silence_seconds`` of Whisper's silence, its window rounded up to whole 2 s and
+at most 30 s (30: every clip gets exactly openai-whisper's input; less costs less, but Whisper's decoder
+stops where the speech ends only if it hears enough silence after it: BENCHMARKS.md), and encoded once; the projector takes the frames of the clip itself, the decoder all of them. The
 transcript gets a fixed number of LM positions per second of audio (``tokens_per_second``, so the processor
 can lay out the prompt before anything is decoded); the ones it does not fill are masked out, as the
 frames CTC compression drops.
@@ -29,6 +29,7 @@ from speechlm.adapters.audio_encoder import use_float_layer_norms
 from speechlm.adapters.configuration import SpeechLMAudioConfig, SpeechLMProjectorConfig
 from speechlm.speech_io.constants import MAX_MEL_FRAMES, reader_slot_count
 
+WINDOW_STEP = 200  # mel frames (2 s): windows are whole multiples of it
 # openai-whisper's rule in `transcribe`: a segment is silence when both hold
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
@@ -60,7 +61,7 @@ class WhisperTranscriptReader(nn.Module):
                                    self.dims.n_text_head, self.dims.n_text_layer)
         use_float_layer_norms(self.decoder)
         self.tokens_per_second = projector_config.reader_tokens_per_second
-        self.window_frames = min(round(projector_config.reader_window_seconds * 100), MAX_MEL_FRAMES)
+        self.silence_frames = round(projector_config.reader_silence_seconds * 100)
         self.beam_size = projector_config.reader_beam_size
         self.language = projector_config.reader_language
         self.whisper_tokenizer = get_tokenizer(self.dims.n_vocab >= 51865, num_languages=self._num_languages(),
@@ -77,8 +78,10 @@ class WhisperTranscriptReader(nn.Module):
 
     # -- the encoder pass -----------------------------------------------------------------------------
     def windows(self, mel_lengths: torch.Tensor) -> torch.Tensor:
-        """Mel frames each clip is encoded with: its own, padded with silence up to the window."""
-        return mel_lengths.clamp(min=self.window_frames)
+        """Mel frames each clip is encoded with: its own and the silence after it, rounded up to whole
+        ``WINDOW_STEP`` (clips of similar length share a window, so they decode together), at most 30 s."""
+        padded = -(-(mel_lengths + self.silence_frames) // WINDOW_STEP) * WINDOW_STEP
+        return torch.maximum(padded.clamp(max=MAX_MEL_FRAMES), mel_lengths)
 
     @staticmethod
     def pad_with_silence(features: torch.Tensor, mel_lengths: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:

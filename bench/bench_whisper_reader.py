@@ -1,15 +1,15 @@
-"""How well, and how fast, does the whisper reader transcribe, by the window its clips are padded to?
+"""How well, and how fast, does the whisper reader transcribe, by the silence its clips are padded with?
 
-The reader (`adapters/readers.py`) encodes each clip padded with Whisper's silence up to
-``reader_window_seconds`` and lets Whisper's own decoder read it. 30 s is openai-whisper's own input; a
-shorter window costs less but is not what Whisper was trained on. For each window: the WER of the
-reader's transcripts on clips spread over the quick start's held-out splits, and the seconds a clip
-(encoder pass and decoding, batched). The anchor is openai-whisper itself (`whisper.decode` on the
+The reader (`adapters/readers.py`) encodes each clip followed by ``reader_silence_seconds`` of Whisper's
+silence (its window rounded up to whole 2 s, at most 30 s) and lets Whisper's own decoder read it. 30 s
+gives every clip openai-whisper's own input; less costs less but is not what Whisper was trained on. For
+each silence: the WER of the reader's transcripts on clips spread over the quick start's held-out
+splits, and the seconds a clip (encoder pass and decoding, batched). The anchor is openai-whisper itself (`whisper.decode` on the
 30 s padded log-mel, one clip at a time, as the evaluation's judge).
 
 Uses the quick start's assets (``python -m speechlm.demo assets --size full``).
 
-    python bench/bench_whisper_reader.py --clips 64 --windows 0,5,10,30
+    python bench/bench_whisper_reader.py --clips 48 --silences 0,3,5,7,30
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.features import log_mel_features
 
 
-def reader_transcripts(path: str, waves, window: float, batch_size: int) -> tuple[list[str], float]:
+def reader_transcripts(path: str, waves, silence: float, batch_size: int) -> tuple[list[str], float]:
     dims, encoder_state = read_whisper_checkpoint(path)
     audio_config = SpeechLMAudioConfig(**dims)
     encoder = load_whisper_encoder(path, audio_config).eval()
-    # window 0: each clip alone, no silence after it (the smallest window is one mel frame)
     reader = WhisperTranscriptReader(audio_config, SpeechLMProjectorConfig(
-        reader="whisper", reader_window_seconds=max(window, 0.01))).eval()
+        reader="whisper", reader_silence_seconds=silence)).eval()
     reader.decoder.load_state_dict(read_whisper_checkpoint(path, "decoder")[1])
     texts: list[str] = []
     start = time.perf_counter()
@@ -54,7 +53,7 @@ def reader_transcripts(path: str, waves, window: float, batch_size: int) -> tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=64, help="clips spread over each held-out split")
-    parser.add_argument("--windows", default="0,5,10,30", help="reader windows in seconds (0: the clip alone)")
+    parser.add_argument("--silences", default="0,3,5,7,30", help="seconds of silence after each clip")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--cache", help="the demo assets' cache folder")
     args = parser.parse_args()
@@ -63,7 +62,7 @@ def main() -> None:
     rows = corpus_rows(assets)
     print(f"Whisper base ({assets.audio_encoder}); {args.clips} clips per split; torch threads "
           f"{torch.get_num_threads()}")
-    print("| split | window | WER | seconds a clip |")
+    print("| split | decoding | WER | seconds a clip |")
     print("| --- | --- | --- | --- |")
     judge = whisper.load_model(assets.audio_encoder, device="cpu")
     for split in ("heldout", "ood"):
@@ -75,10 +74,9 @@ def main() -> None:
         seconds = time.perf_counter() - start
         print(f"| {split} | openai-whisper (30 s, one clip at a time) | {word_errors(references, stock).rate:.1%} "
               f"| {seconds / len(waves):.3f} |")
-        for window in (float(w) for w in args.windows.split(",")):
-            texts, seconds = reader_transcripts(assets.audio_encoder, waves, window, args.batch_size)
-            label = "clip alone" if window == 0 else f"{window:g} s"
-            print(f"| {split} | reader, {label} | {word_errors(references, texts).rate:.1%} "
+        for silence in (float(w) for w in args.silences.split(",")):
+            texts, seconds = reader_transcripts(assets.audio_encoder, waves, silence, args.batch_size)
+            print(f"| {split} | reader, {silence:g} s of silence | {word_errors(references, texts).rate:.1%} "
                   f"| {seconds / len(waves):.3f} |", flush=True)
 
 

@@ -19,7 +19,7 @@ from tests.conftest import TINY_AUDIO, TINY_PROJECTOR, save_tiny_whisper, tiny_s
 
 # Whisper's tokenizer has 51865 tokens; a decoder of 16 positions reads at most 8 tokens a clip.
 READER_AUDIO = dict(TINY_AUDIO, n_vocab=51865, n_text_ctx=16, n_text_state=32, n_text_head=2, n_text_layer=1)
-READER_PROJECTOR = dict(TINY_PROJECTOR, reader="whisper", reader_window_seconds=2.0)
+READER_PROJECTOR = dict(TINY_PROJECTOR, reader="whisper", reader_silence_seconds=1.0)
 
 
 def reader_spec(**changes):
@@ -124,7 +124,7 @@ def test_the_reader_saves_and_reloads_with_the_model(reading, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.config.projector_config.reader == "whisper"
-    assert loaded.config.projector_config.reader_window_seconds == 2.0
+    assert loaded.config.projector_config.reader_silence_seconds == 1.0
     inputs = audio_inputs(model, tokenizer, [150, 90])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
@@ -149,9 +149,9 @@ def test_a_checkpoint_with_a_too_small_vocabulary_is_refused(tmp_path):
 def test_reader_settings_are_checked():
     with pytest.raises(ConfigError) as error:
         build_speechlm(tiny_spec(audio=dict(READER_AUDIO), projector=dict(
-            READER_PROJECTOR, reader="whisperx", reader_window_seconds=40, reader_tokens_per_second=0)))
+            READER_PROJECTOR, reader="whisperx", reader_silence_seconds=40, reader_tokens_per_second=0)))
     message = str(error.value)
-    assert "reader='whisperx'" in message and "reader_window_seconds=40" in message
+    assert "reader='whisperx'" in message and "reader_silence_seconds=40" in message
     assert "reader_tokens_per_second=0" in message
     with pytest.raises(ConfigError, match="does not combine with compression='ctc'"):
         build_speechlm(tiny_spec(audio=dict(READER_AUDIO), projector=dict(READER_PROJECTOR, compression="ctc")))

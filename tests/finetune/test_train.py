@@ -63,7 +63,7 @@ def test_a_recipe_with_the_whisper_reader_trains_saves_and_transcribes(prepared,
     out = tmp_path / "run"
     code = main(["train", str(TINY_TRAIN_YAML), *overrides(
         prepared, out, "training.max_steps=2", "model.projector.reader=whisper",
-        "model.projector.reader_window_seconds=3", "model.audio.n_text_layer=1", "model.audio.n_text_ctx=32")])
+        "model.projector.reader_silence_seconds=1", "model.audio.n_text_layer=1", "model.audio.n_text_ctx=32")])
     assert code == 0, capsys.readouterr().err
     model = AutoModelForCausalLM.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
