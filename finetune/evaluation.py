@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -312,7 +313,11 @@ def summarize(task: str, results: list[dict]) -> dict[str, float]:
         return totals
     if task == "tts":
         units = unit_errors([r["reference_units"] for r in results], [r["units"] for r in results])
-        totals = {"unit_error_rate": units.rate, "reference_units": units.reference_length, "items": len(results)}
+        ratios = [len(r["units"]) / len(r["reference_units"]) for r in results]
+        totals = {"unit_error_rate": units.rate, "reference_units": units.reference_length, "items": len(results),
+                  # where a response stops: its length against the reference's
+                  "length_ratio_median": statistics.median(ratios) if ratios else math.nan,
+                  "length_within_20_percent": sum(abs(r - 1) <= 0.2 for r in ratios) / len(ratios) if ratios else math.nan}
         if results and "judge_transcript" in results[0]:
             totals["judge_wer"] = word_errors([r["text"] for r in results],
                                               [r["judge_transcript"] for r in results]).rate

@@ -36,7 +36,8 @@ HEADLINE = (("asr/heldout", "wer", True), ("asr/ood", "wer", True), ("qa/heldout
             ("qa/heldout", "text_contains", False), ("qa/heldout", "speech_to_text_contains", False),
             ("qa/ood", "speech_contains", False), ("qa/ood", "text_contains", False),
             ("qa/ood", "speech_to_text_contains", False), ("tts/heldout", "unit_error_rate", True),
-            ("tts/ood", "unit_error_rate", True))
+            ("tts/heldout", "length_within_20_percent", False), ("tts/ood", "unit_error_rate", True),
+            ("tts/ood", "length_within_20_percent", False))
 
 
 QUICK_START_RECIPE = "configs/smollm2-135m/stage1_align.yaml"

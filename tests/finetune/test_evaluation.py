@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from speechlm.cli import main
-from speechlm.finetune.evaluation import read_eval_manifest, run_evaluation, sequence_log_likelihoods
+from speechlm.finetune.evaluation import (
+    read_eval_manifest,
+    run_evaluation,
+    sequence_log_likelihoods,
+    summarize,
+)
 from tests.inference.conftest import save_speaking_model
 
 EVAL_DATA = Path(__file__).parents[2] / "configs" / "eval"
@@ -30,7 +35,7 @@ def test_report_has_every_item_and_total(model_dir, tmp_path, task, capsys):
     assert len(report["data_sha256"]) == 64 and report["settings"]["max_new_tokens"] == 4
     expected = {"asr": {"wer", "cer", "substitutions", "deletions", "insertions"},
                 "qa": {"speech_normalized", "text_normalized", "speech_to_text_contains"},
-                "tts": {"unit_error_rate", "reference_units"},
+                "tts": {"unit_error_rate", "reference_units", "length_ratio_median", "length_within_20_percent"},
                 "slm": {"accuracy_summed", "accuracy_length_normalized"},
                 "latency": {"mean_first_text_s", "mean_first_audio_s", "mean_total_s", "mean_real_time_factor"}}[task]
     assert expected <= report["totals"].keys()
@@ -44,6 +49,13 @@ def test_asr_totals_recount_the_items(model_dir):
                  + item["word_errors"]["insertions"] for item in report["items"])
     assert report["totals"]["reference_words"] == words
     assert report["totals"]["wer"] == pytest.approx(errors / words)
+
+
+def test_tts_totals_say_where_responses_stop():
+    results = [{"reference_units": [1] * 10, "units": [1] * length} for length in (5, 9, 10, 12, 30)]
+    totals = summarize("tts", results)
+    assert totals["length_ratio_median"] == pytest.approx(1.0)
+    assert totals["length_within_20_percent"] == pytest.approx(3 / 5)  # 0.9, 1.0 and 1.2 are within
 
 
 def test_log_likelihood_is_the_sum_over_next_tokens(model_dir):
