@@ -1,12 +1,13 @@
 """The cascade anchor: openai-whisper transcribes, and the backbone gets the transcript as text.
 
-On the evaluation sets a quick-start job wrote (``OUT/eval-data``): Whisper base's own WER on the ASR
-clips (``whisper.decode`` on the 30 s padded log-mel, greedy, English, as the evaluation's judge), and
+On the evaluation sets a quick-start job wrote (``OUT/eval-data``): Whisper base's own WER on ASR clips
+spread over each split (``whisper.decode`` on the 30 s padded log-mel, greedy, English, as the
+evaluation's judge: ~2 s a clip on 2 cores, hence a spread rather than every clip), and
 spoken-QA accuracy when the backbone answers Whisper's transcript of each question, beside the same
 questions as written text. A trained SpeechLM answers text requests with its base backbone exactly
 (LoRA gated to audio), so any of the job's models serves as the backbone here.
 
-    python bench/bench_cascade.py --job /tmp/exp/full14 --model /tmp/exp/full14/model
+    python bench/bench_cascade.py --job /tmp/exp/reader1 --model /tmp/exp/reader1/model --asr-clips 64
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import whisper
 
 from speechlm.demo.build import load_demo_assets
-from speechlm.demo.job import load_trained
+from speechlm.demo.job import load_trained, spread
 from speechlm.finetune.evaluation import EvalSettings, generate_text, read_eval_manifest, transcribe
 from speechlm.finetune.metrics import match_answer, word_errors
 from speechlm.speech_io.audio import load_audio
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--job", required=True, help="a quick-start job's --out folder (its eval-data/ is read)")
     parser.add_argument("--model", required=True, help="a SpeechLM whose text requests run the base backbone")
     parser.add_argument("--cache", help="the demo assets' cache folder (Whisper base)")
+    parser.add_argument("--asr-clips", type=int, default=64, help="ASR clips spread over each split")
     parser.add_argument("--out", help="write the figures and every item here (JSON)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -42,7 +44,7 @@ def main() -> None:
     report = {}
     for split in ("heldout", "ood"):
         start = time.perf_counter()
-        asr = read_eval_manifest(data / f"asr-{split}.jsonl", "asr")
+        asr = spread(read_eval_manifest(data / f"asr-{split}.jsonl", "asr"), args.asr_clips)
         heard = [transcribe(judge, load_audio(item.fields["audio"])) for item in asr]
         wer = word_errors([item.fields["text"] for item in asr], heard).rate
         qa = read_eval_manifest(data / f"qa-{split}.jsonl", "qa")
