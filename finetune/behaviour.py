@@ -44,29 +44,43 @@ def kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
     return (teacher.exp() * (teacher - student)).sum(-1)
 
 
+def position_losses(logits: torch.Tensor, labels: torch.Tensor, *, distilled_rows: torch.Tensor | None = None,
+                    teacher_logits: torch.Tensor | None = None, text_vocab: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss at each labelled position (``logits`` ``N_labelled, V``, row by row, as the model's training
+    forward returns them): cross-entropy to the label, or on ``distilled_rows`` the KL divergence from
+    ``teacher_logits`` over the text vocabulary; and the batch row of each position."""
+    counts = labelled_counts(labels)
+    rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    targets = labels[:, 1:][labels[:, 1:] != -100]
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    if distilled_rows is not None and bool(distilled_rows.any()):
+        distilled = distilled_rows.to(rows.device)[rows]
+        kl = kl_per_position(logits[distilled][:, :text_vocab], teacher_logits)
+        losses = torch.where(distilled, torch.zeros_like(losses).masked_scatter(distilled, kl), losses)
+    return losses, rows
+
+
 def behaviour_alignment_loss(model, inputs: dict, teacher: dict, distilled_rows: torch.Tensor, *,
                              speechlm=None) -> tuple[torch.Tensor, object]:
-    """The batch's loss: cross-entropy on the rows of other tasks, KL to the teacher on ``distilled_rows``.
-    ``model`` may be wrapped for distributed training; ``speechlm`` is then the model inside."""
+    """The batch's loss: cross-entropy on the rows of other tasks, KL to the teacher on ``distilled_rows``;
+    the outputs carry ``position_losses`` and ``position_rows`` (detached). ``model`` may be wrapped for
+    distributed training; ``speechlm`` is then the model inside."""
     speechlm = model if speechlm is None else speechlm
     outputs = model(**inputs)
     labels = inputs["labels"]
     text_vocab = speechlm.config.text_vocab_size
-    counts = labelled_counts(labels)
     if not distilled_rows.any():
         return outputs.loss, outputs
     with torch.no_grad(), teacher_context(speechlm):
         teacher_logits = model(**teacher).logits[:, :text_vocab]
-    teacher_counts = labelled_counts(teacher["labels"])
-    row_of_position = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    distilled = distilled_rows.to(counts.device)[row_of_position]
+    counts, teacher_counts = labelled_counts(labels), labelled_counts(teacher["labels"])
     if not torch.equal(counts[distilled_rows.to(counts.device)], teacher_counts):
         raise ValueError(f"s2t_kl: the spoken and the text prompt's assistant turns have {counts[distilled_rows].tolist()} "
                          f"and {teacher_counts.tolist()} labelled tokens; they must render the same answer")
-    logits = outputs.logits
-    shift_labels = labels[:, 1:][labels[:, 1:] != -100]
-    cross_entropy = F.cross_entropy(logits[~distilled].float(), shift_labels[~distilled], reduction="sum")
-    kl = kl_per_position(logits[distilled][:, :text_vocab], teacher_logits).sum()
-    loss = (cross_entropy + kl) / max(len(logits), 1)
+    losses, rows = position_losses(outputs.logits, labels, distilled_rows=distilled_rows,
+                                   teacher_logits=teacher_logits, text_vocab=text_vocab)
+    loss = losses.sum() / max(len(losses), 1)
     outputs.loss = loss
+    outputs.position_losses, outputs.position_rows = losses.detach(), rows
     return loss, outputs

@@ -48,6 +48,8 @@ class SpeechLMCollator:
             batch["input_features_mask"] = torch.cat(
                 [torch.nn.functional.pad(item["input_features_mask"], (0, frames - item["input_features_mask"].shape[-1]))
                  for item in clips])  # N clips, T_max
+        if all("task_id" in item for item in items):
+            batch["task_ids"] = torch.stack([item["task_id"] for item in items])  # B: each row's task
         taught = [item for item in items if "teacher_input_ids" in item]
         if taught:  # a distillation task's rows: the teacher's text rows, in the order of `distilled_rows`
             width = max(len(item["teacher_input_ids"]) for item in taught)

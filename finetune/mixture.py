@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from speechlm.finetune.examples import Example
+from speechlm.finetune.examples import TASK_NAMES, Example
 from speechlm.finetune.tasks import TASKS, Conversation, RenderSettings, eligible, render, render_teacher
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.units import AUDIO_TOKEN
@@ -63,7 +63,7 @@ def plan_samples(examples: Sequence[Example], weights: Mapping[str, float], sett
 class TaskMixtureDataset(torch.utils.data.Dataset):
     """Samples of a task mixture as processor outputs: ``input_ids``, ``attention_mask``, ``labels`` (1-D)
     and, for continuous speech, ``input_features`` / ``input_features_mask`` of the sample's clips; a
-    distillation task's sample also has ``teacher_input_ids`` / ``teacher_attention_mask`` /
+    sample's ``task_id`` indexes ``TASK_NAMES``; a distillation task's sample also has ``teacher_input_ids`` / ``teacher_attention_mask`` /
     ``teacher_labels`` (the teacher's text conversation)."""
 
     def __init__(self, examples: Sequence[Example], processor, weights: Mapping[str, float], *,
@@ -104,6 +104,7 @@ class TaskMixtureDataset(torch.utils.data.Dataset):
             item["input_features"] = batch["input_features"]  # N clips, n_mels, T
             item["input_features_mask"] = batch["input_features_mask"]
         seed_index, sample = self.samples[index]
+        item["task_id"] = torch.tensor(TASK_NAMES.index(sample.task))
         teacher = render_teacher(sample.task, self.examples[sample.example], self._rng(seed_index), self.settings)
         if teacher is not None:
             taught = self.processor([teacher], return_labels=True)

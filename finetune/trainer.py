@@ -14,8 +14,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from speechlm.finetune.behaviour import behaviour_alignment_loss
+from speechlm.finetune.behaviour import behaviour_alignment_loss, position_losses
 from speechlm.finetune.collator import SpeechLMCollator
+from speechlm.finetune.examples import TASK_NAMES
 from speechlm.finetune.sampler import LengthGroupedSampler
 
 # Written after the Trainer has saved weights, optimizer, scheduler, RNG and trainer_state.json.
@@ -86,14 +87,16 @@ class StopAtMinutes(TrainerCallback):
 
 
 class SpeechLMTrainer(Trainer):
-    """``Trainer`` plus: batches of similar length (``length_grouping``), ``padding_fraction`` logged, and
-    with ``max_minutes`` a stop and a learning-rate schedule by the minutes of ``clock``."""
+    """``Trainer`` plus: batches of similar length (``length_grouping``), ``padding_fraction`` and each task's
+    loss (``loss_<task>``: its mean over its labelled positions since the last log) logged, the ``s2t_kl``
+    loss, and with ``max_minutes`` a stop and a learning-rate schedule by the minutes of ``clock``."""
 
     def __init__(self, *args, length_grouping: bool = True, max_minutes: float | None = None,
                  clock: TrainingClock | None = None, **kwargs):
         self.length_grouping = length_grouping
         self.max_minutes = max_minutes
         self.clock = clock or TrainingClock()
+        self.task_losses: dict[str, list[float]] = {}  # task -> [loss sum, positions] since the last log
         super().__init__(*args, **kwargs)
         if max_minutes is not None:
             self.add_callback(StopAtMinutes(self.clock, max_minutes))
@@ -120,12 +123,29 @@ class SpeechLMTrainer(Trainer):
         """A batch with rows of a distillation task (``s2t_kl``) takes its loss from
         `behaviour_alignment_loss`; any other batch is the Trainer's as usual."""
         distilled_rows = inputs.pop("distilled_rows", None)
+        task_ids = inputs.pop("task_ids", None)
         teacher = {key.removeprefix("teacher_"): inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
         if distilled_rows is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = behaviour_alignment_loss(model, inputs, teacher, distilled_rows,
-                                                 speechlm=self.accelerator.unwrap_model(model))
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        else:
+            loss, outputs = behaviour_alignment_loss(model, inputs, teacher, distilled_rows,
+                                                     speechlm=self.accelerator.unwrap_model(model))
+        if task_ids is not None and model.training and outputs.logits is not None:
+            self._count_task_losses(outputs, inputs["labels"], task_ids)
         return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _count_task_losses(self, outputs, labels: torch.Tensor, task_ids: torch.Tensor) -> None:
+        if hasattr(outputs, "position_losses"):
+            losses, rows = outputs.position_losses, outputs.position_rows
+        else:
+            losses, rows = position_losses(outputs.logits.detach(), labels)
+        tasks = task_ids.to(rows.device)[rows]
+        for task in torch.unique(tasks).tolist():
+            chosen = losses[tasks == task]
+            total = self.task_losses.setdefault(TASK_NAMES[task], [0.0, 0])
+            total[0] += float(chosen.sum())
+            total[1] += len(chosen)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs carry "loss"; the collator counted tokens since the last one (on this rank).
@@ -133,6 +153,10 @@ class SpeechLMTrainer(Trainer):
             fraction = self.data_collator.take_padding_fraction()
             if fraction is not None:
                 logs["padding_fraction"] = round(fraction, 4)
+        if "loss" in logs:
+            for task, (total, count) in sorted(self.task_losses.items()):
+                logs[f"loss_{task}"] = round(total / count, 4)
+            self.task_losses = {}
         super().log(logs, start_time)
 
 

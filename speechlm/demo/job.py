@@ -188,7 +188,9 @@ class LearningCurve(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.losses.append({"minutes": round(self.minutes, 3), "step": state.global_step, "loss": logs["loss"]})
+            tasks = {key.removeprefix("loss_"): value for key, value in logs.items() if key.startswith("loss_")}
+            self.losses.append({"minutes": round(self.minutes, 3), "step": state.global_step, "loss": logs["loss"],
+                                "tasks": tasks})
 
     def on_train_end(self, args, state, control, **kwargs):
         self.progress(f"[demo] {self.minutes:.1f} min of training: stopped at step {state.global_step}")
@@ -396,8 +398,15 @@ def plot_curves(report: dict, path: Path) -> None:
 
     figure, (loss_axes, wer_axes) = plt.subplots(1, 2, figsize=(10, 4))
     losses = report["training"]["losses"]
-    loss_axes.plot([p["minutes"] for p in losses], [p["loss"] for p in losses], marker=".")
-    loss_axes.set(xlabel="minutes of training", ylabel="training loss", title="loss")
+    loss_axes.plot([p["minutes"] for p in losses], [p["loss"] for p in losses], marker=".", color="black",
+                   label="all (each logged step's batches)")
+    # each task's loss over its own positions: a mixed loss jumps when one batch holds only a harder task
+    for task in sorted({task for point in losses for task in point.get("tasks", {})}):
+        points = [p for p in losses if task in p.get("tasks", {})]
+        loss_axes.plot([p["minutes"] for p in points], [p["tasks"][task] for p in points], marker=".",
+                       linewidth=0.8, label=task)
+    loss_axes.set(xlabel="minutes of training", ylabel="training loss", title="loss by task", yscale="log")
+    loss_axes.legend(fontsize=7)
     curve = report["training"]["curve"]
     wer_axes.plot([p["minutes"] for p in curve], [p["wer"] for p in curve], marker="o")
     wer_axes.set(xlabel="minutes of training", ylabel="WER", title="held-out ASR WER", yscale="log")

@@ -7,7 +7,12 @@ import torch
 
 from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
 from speechlm.finetune import recipe
-from speechlm.finetune.behaviour import behaviour_alignment_loss, kl_per_position, teacher_context
+from speechlm.finetune.behaviour import (
+    behaviour_alignment_loss,
+    kl_per_position,
+    position_losses,
+    teacher_context,
+)
 from speechlm.finetune.collator import SpeechLMCollator
 from speechlm.finetune.config import TrainConfig
 from speechlm.finetune.mixture import TaskMixtureDataset
@@ -31,6 +36,7 @@ def kl_batch(model, processor, prepared, weights):
 
 def split(batch):
     batch = dict(batch)
+    batch.pop("task_ids")
     rows = batch.pop("distilled_rows")
     teacher = {key.removeprefix("teacher_"): batch.pop(key) for key in list(batch) if key.startswith("teacher_")}
     return batch, teacher, rows
@@ -116,3 +122,25 @@ def test_a_recipe_mixes_the_kl_task_with_the_others(prepared, tmp_path):
     trainer = recipe.build_trainer(config, model, processor, dataset)
     result = recipe.train(config, trainer)
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_each_task_logs_its_own_loss(prepared, tmp_path):
+    config, model, processor = tiny(prepared, tmp_path / "run", "model.mode=lora", "model.lora.scope=audio",
+                                    "data.tasks={asr: 1, tts: 1, s2t_kl: 1}", "data.num_samples=12",
+                                    "training.max_steps=3")
+    trainer = recipe.build_trainer(config, model, processor, recipe.build_datasets(config, processor))
+    recipe.train(config, trainer)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    tasks = {key for entry in logged for key in entry if key.startswith("loss_")}
+    assert tasks and tasks <= {"loss_asr", "loss_tts", "loss_s2t_kl"}
+    assert all(value >= 0 for entry in logged for key, value in entry.items() if key.startswith("loss_"))
+
+
+def test_position_losses_are_the_model_cross_entropy(prepared, tmp_path):
+    _, model, processor = tiny(prepared, tmp_path, "model.mode=frozen")
+    _, batch = kl_batch(model, processor, prepared, {"asr": 1})
+    inputs = {key: value for key, value in batch.items() if key != "task_ids"}
+    outputs = model(**inputs)
+    losses, rows = position_losses(outputs.logits, inputs["labels"])
+    torch.testing.assert_close(losses.mean(), outputs.loss)
+    assert rows.tolist() == sorted(rows.tolist()) and len(set(rows.tolist())) == len(inputs["labels"])
