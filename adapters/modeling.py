@@ -165,8 +165,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         mel_lengths = self._mel_lengths(input_features, input_features_mask)
         if self.audio_reader is not None:
             return self._read_audio(input_features, mel_lengths)
-        projected, valid = self._projected_frames(self.audio_tower(self._audio_input(input_features), mel_lengths),
-                                                  mel_lengths)
+        frames, _ = self._encode_and_read(input_features, mel_lengths)
+        projected, valid = self._projected_frames(nn.utils.rnn.pad_sequence(frames, batch_first=True), mel_lengths)
         if self.audio_compressor is None:
             return projected[valid], None
         compressed, kept = self.audio_compressor(projected, valid, self.get_input_embeddings().weight)
@@ -213,24 +213,27 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
 
     def _encode_and_read(self, input_features: torch.Tensor,
                          mel_lengths: torch.Tensor) -> tuple[list[torch.Tensor], list[list[int]]]:
-        """One encoder pass per clip (padded with silence to the reader's window) -> each clip's own encoder
-        frames (``T'_i, C``) and its transcript in the backbone's vocabulary. A frozen encoder's results
-        come from `reading_cache` when the same clip was read before with the same weights."""
+        """One encoder pass per clip -> each clip's own encoder frames (``T'_i, C``) and, with a reader, its
+        transcript in the backbone's vocabulary (the clip padded with silence to the reader's window). A
+        frozen encoder's results come from `reading_cache` when the same clip was read before with the same
+        weights; it runs in float32 whatever the autocast, so that a clip reads the same in training (bf16
+        autocast) as at inference (bf16 convolutions were also ~6x slower on a CPU)."""
         reader = self.audio_reader
         cacheable = not self.config.train_audio_encoder
-        fingerprint = self.reading_cache.fingerprint(self.audio_tower, reader) if cacheable else None
+        parts = (self.audio_tower,) if reader is None else (self.audio_tower, reader)
+        fingerprint = self.reading_cache.fingerprint(*parts) if cacheable else None
         keys = [self.reading_cache.clip_key(input_features[i, :, : int(mel_lengths[i])]) for i in range(len(mel_lengths))]
         results = [self.reading_cache.get(fingerprint, key) if cacheable else None for key in keys]
         missing = [i for i, result in enumerate(results) if result is None]
         if missing:
             lengths = mel_lengths[missing]
-            windows = reader.windows(lengths)
-            padded = reader.pad_with_silence(input_features[missing], lengths, windows)
-            # without autocast: a clip reads the same in training (bf16 autocast) as at inference
+            windows = lengths if reader is None else reader.windows(lengths)
+            padded = (input_features[missing] if reader is None
+                      else reader.pad_with_silence(input_features[missing], lengths, windows))
             with (torch.no_grad() if cacheable else nullcontext()), torch.autocast(padded.device.type, enabled=False):
                 frames = self.audio_tower(self._audio_input(padded), windows)
-            texts = reader.transcribe(frames.detach(), windows)
-            token_ids = reader.token_ids(texts, lengths)
+            token_ids = [[] for _ in missing] if reader is None else reader.token_ids(
+                reader.transcribe(frames.detach(), windows), lengths)
             for row, clip in enumerate(missing):
                 results[clip] = (frames[row, : int(encoder_frames(lengths[row]))], token_ids[row])
                 if cacheable:
