@@ -74,15 +74,17 @@ def minute_schedule(kind: str, warmup_steps: int, max_steps: int, clock: Trainin
     return factor
 
 
-class StopAtMinutes(TrainerCallback):
-    def __init__(self, clock: TrainingClock, max_minutes: float):
+class RunTheClock(TrainerCallback):
+    """Starts the clock with training, and stops training after ``max_minutes`` of it (None: never)."""
+
+    def __init__(self, clock: TrainingClock, max_minutes: float | None):
         self.clock, self.max_minutes = clock, max_minutes
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.clock.start()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.clock.minutes >= self.max_minutes:
+        if self.max_minutes is not None and self.clock.minutes >= self.max_minutes:
             control.should_training_stop = True
 
 
@@ -98,8 +100,7 @@ class SpeechLMTrainer(Trainer):
         self.clock = clock or TrainingClock()
         self.task_losses: dict[str, list[float]] = {}  # task -> [loss sum, positions] since the last log
         super().__init__(*args, **kwargs)
-        if max_minutes is not None:
-            self.add_callback(StopAtMinutes(self.clock, max_minutes))
+        self.add_callback(RunTheClock(self.clock, max_minutes))
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.max_minutes is None:

@@ -228,3 +228,12 @@ def test_a_run_by_minutes_stops_in_time_with_its_learning_rate_spent(prepared, t
 def test_minutes_need_a_schedule_that_can_follow_them(prepared, tmp_path):
     with pytest.raises(ConfigFileError, match="lr_scheduler_type='polynomial' does not run by minutes"):
         config(prepared, tmp_path, "training.max_minutes=1", "training.lr_scheduler_type=polynomial")
+
+
+def test_the_clock_runs_with_training_even_without_a_budget(prepared, tmp_path):
+    settings = config(prepared, tmp_path / "run", "training.max_steps=2", "training.save_steps=100")
+    model, tokenizer = build_model(settings)
+    processor = build_processor(settings, model, tokenizer)
+    trainer = build_trainer(settings, model, processor, build_datasets(settings, processor))
+    train(settings, trainer)
+    assert trainer.clock.minutes > 0  # a curve that reads it (the demo job's) moves
