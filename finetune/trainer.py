@@ -59,12 +59,15 @@ class TrainingClock:
 
 def minute_schedule(kind: str, warmup_steps: int, max_steps: int, clock: TrainingClock, max_minutes: float):
     """``step -> learning-rate factor``: linear warm-up, then ``kind`` (cosine, linear or constant) over the
-    progress ``max(step / max_steps, minutes / max_minutes)``."""
+    progress ``max(step / max_steps, minutes / max_minutes)``, the minutes counted from now: minutes spent
+    before the Trainer (a CTC pre-alignment on the same clock) shorten the schedule, not start it late."""
+    start = clock.minutes
+    remaining = max(max_minutes - start, 1e-9)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, max(step / max(max_steps, 1), clock.minutes / max_minutes))
+        progress = min(1.0, max(step / max(max_steps, 1), (clock.minutes - start) / remaining))
         if kind == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         if kind == "linear":

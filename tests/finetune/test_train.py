@@ -193,12 +193,16 @@ class FixedClock(TrainingClock):
 
 
 def test_the_minute_schedule_ends_with_the_time_or_the_steps():
-    halfway = minute_schedule("cosine", 10, 1000, FixedClock(7.5), 15.0)
-    assert halfway(5) == pytest.approx(6 / 11)  # warm-up by steps
-    assert halfway(20) == pytest.approx(0.5)  # half the minutes gone, 2% of the steps
-    assert halfway(900) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))  # the steps are ahead
-    assert minute_schedule("cosine", 0, 1000, FixedClock(15.0), 15.0)(1) == pytest.approx(0.0)
-    assert minute_schedule("linear", 0, 1000, FixedClock(3.0), 15.0)(1) == pytest.approx(0.8)
+    clock = FixedClock(3.0)  # 3 minutes went before the Trainer (a CTC pre-alignment): the schedule spans 12
+    schedule = minute_schedule("cosine", 10, 1000, clock, 15.0)
+    assert schedule(5) == pytest.approx(6 / 11)  # warm-up by steps
+    assert schedule(20) == pytest.approx(1.0, abs=0.01)  # no time gone yet, 2% of the steps
+    clock.seconds = 9.0 * 60
+    assert schedule(20) == pytest.approx(0.5)  # half the minutes gone
+    assert schedule(900) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))  # the steps are ahead
+    clock.seconds = 15.0 * 60
+    assert schedule(30) == pytest.approx(0.0)
+    assert minute_schedule("linear", 0, 1000, FixedClock(3.0), 15.0)(1) == pytest.approx(1.0, abs=0.01)
 
 
 def test_the_clock_stands_still_while_paused():
