@@ -218,13 +218,13 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    clock = time.perf_counter()
+    lap_start = time.perf_counter()
 
     def lap(name: str) -> None:
-        nonlocal clock
+        nonlocal lap_start
         now = time.perf_counter()
-        seconds[name] = round(now - clock, 1)
-        clock = now
+        seconds[name] = round(now - lap_start, 1)
+        lap_start = now
 
     assets = build_demo_assets(settings.size, settings.cache, progress=progress)
     lap("assets")
@@ -259,17 +259,17 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     lap("eval_before")
 
     curve_items = spread(read_eval_manifest(eval_sets["asr/heldout"][1], "asr"), settings.curve_items)
-    clock = TrainingClock()
+    training_clock = TrainingClock()
     curve = LearningCurve(model, processor, curve_items, settings.eval, every_minutes=settings.curve_every_minutes,
-                          clock=clock, progress=progress)
+                          clock=training_clock, progress=progress)
     examples = recipe.load_training_examples(config)
     alignment = recipe.align(config, model, tokenizer, examples)
     if alignment is not None:  # its minutes are training minutes: the schedule and the stop count them
-        clock.add(alignment.seconds)
+        training_clock.add(alignment.seconds)
         curve.start_from(before["asr/heldout"]["items"])
         progress(f"[demo] {alignment.summary()}")
     dataset = recipe.build_datasets(config, processor, examples)
-    trainer = recipe.build_trainer(config, model, processor, dataset, callbacks=[curve], clock=clock)
+    trainer = recipe.build_trainer(config, model, processor, dataset, callbacks=[curve], clock=training_clock)
     result = recipe.train(config, trainer)
     model_dir = recipe.save(config, trainer)
     lap("train")
