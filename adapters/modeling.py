@@ -448,7 +448,16 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> SpeechLMForCausalLM:
         """Reassemble a saved SpeechLM: base parts from their sources, then the saved weights on top.
         Keyword arguments: ``dtype``, ``mode`` (e.g. ``"lora"`` to load a QLoRA checkpoint in full
-        precision), ``device_map``/``revision``/``token`` as usual."""
+        precision), ``device_map``/``revision``/``token`` as usual; see `load_speechlm`, which refuses the
+        keywords it would not honour."""
         from speechlm.adapters.building import load_speechlm
 
+        if model_args:
+            raise TypeError(f"SpeechLMForCausalLM.from_pretrained takes no positional model arguments, got {model_args}")
+        # what the Auto classes add on their way here: settled before (trust_remote_code) or unused
+        kwargs.pop("_from_auto", None)
+        kwargs.pop("trust_remote_code", None)
+        if "_adapter_model_path" in (kwargs.pop("adapter_kwargs", None) or {}):  # Auto found adapter_config.json
+            raise TypeError(f"{pretrained_model_name_or_path}: a SpeechLM checkpoint carries its LoRA in "
+                            f"model.safetensors; a separate peft adapter (adapter_config.json) is not loaded")
         return load_speechlm(pretrained_model_name_or_path, **kwargs)

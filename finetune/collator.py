@@ -4,13 +4,12 @@ Rows are right-padded (pad token, attention 0, labels -100); clips are concatena
 order in which the model fills ``<|audio|>`` spans) and their mel frames zero-padded with mask 0. The
 teacher rows of a distillation task's samples come as ``teacher_*``, with ``distilled_rows`` marking
 which rows of the batch they belong to.
-The collator counts real and padded tokens so that the trainer can log the padding fraction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -21,8 +20,6 @@ from speechlm.speech_io.processor import IGNORE_INDEX
 class SpeechLMCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
-    real_tokens: int = field(default=0, init=False)
-    padded_tokens: int = field(default=0, init=False)
 
     @classmethod
     def from_processor(cls, processor, **kwargs) -> SpeechLMCollator:
@@ -56,17 +53,7 @@ class SpeechLMCollator:
             batch["distilled_rows"] = torch.tensor(["teacher_input_ids" in item for item in items])
             for key, value in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
                 batch[f"teacher_{key}"] = _stack([item[f"teacher_{key}"] for item in taught], width, value)
-        real = int(batch["attention_mask"].sum())
-        self.real_tokens += real
-        self.padded_tokens += batch["attention_mask"].numel() - real
         return batch
-
-    def take_padding_fraction(self) -> float | None:
-        """Padding share of the tokens collated since the last call (None if none were)."""
-        total = self.real_tokens + self.padded_tokens
-        fraction = self.padded_tokens / total if total else None
-        self.real_tokens = self.padded_tokens = 0
-        return fraction
 
 
 def _stack(rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:

@@ -38,6 +38,8 @@ class Problems(list):
 class DataConfig:
     train: list[str] = field(default_factory=list, metadata={
         "help": "training data: `speechlm prepare` output dirs, JSONL manifests, or saved datasets"})
+    allow_extra_fields: bool = field(default=False, metadata={
+        "help": "ignore manifest fields speechlm does not know (by default each is an error naming it)"})
     tasks: dict[str, float] = field(default_factory=lambda: {"asr": 1.0}, metadata={
         "help": f"task -> sampling weight; tasks: {', '.join(TASK_NAMES)}"})
     speech_input: str = field(default="continuous", metadata={

@@ -10,11 +10,15 @@ A manifest is JSONL, one example per line; paths are relative to the manifest's 
 Fields: ``id`` (required, unique), ``audio`` (the spoken input), ``text`` (its transcript), ``answer``
 and ``answer_audio`` (a text answer and its spoken form, for instruction tasks), ``messages`` (a
 conversation in the processor's format), ``task`` (restricts the row to one task), ``words`` /
-``sentences`` (timings in seconds within ``audio``, for interleaving). Other fields are ignored.
+``sentences`` (timings in seconds within ``audio``, for interleaving). Any other field is an error
+naming the closest known one (a typo such as ``txt`` would otherwise train on rows without text);
+``allow_extra_fields`` (``speechlm prepare --allow-extra-fields``, ``data.allow_extra_fields``) ignores
+them, for data that carries its own bookkeeping. Dataset columns are not checked: a dataset has its own.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -27,6 +31,7 @@ TASK_NAMES = ("asr", "tts", "continuation", "s2t_instruct", "s2s_chain", "interl
 TEXT_FIELDS = ("text", "answer")
 AUDIO_FIELDS = ("audio", "answer_audio")
 TIMING_FIELDS = ("words", "sentences")
+MANIFEST_FIELDS = ("id", *TEXT_FIELDS, *AUDIO_FIELDS, "messages", "task", *TIMING_FIELDS)
 
 
 class ManifestError(ValueError):
@@ -70,8 +75,9 @@ class Example:
 
 
 def parse_row(row: Mapping[str, Any], *, base_dir: Path | None, where: str,
-              problems: list[str]) -> Example | None:
-    """An `Example` from a manifest or dataset row; appends ``"{where}, field 'x': ..."`` to ``problems``."""
+              problems: list[str], allow_extra_fields: bool = True) -> Example | None:
+    """An `Example` from a manifest or dataset row; appends ``"{where}, field 'x': ..."`` to ``problems``.
+    Fields other than `MANIFEST_FIELDS` are ignored with ``allow_extra_fields``, and problems without."""
     start = len(problems)
 
     def bad(name: str, message: str) -> None:
@@ -80,6 +86,11 @@ def parse_row(row: Mapping[str, Any], *, base_dir: Path | None, where: str,
     if not isinstance(row, Mapping):
         problems.append(f"{where}: expected a JSON object, got {type(row).__name__}")
         return None
+    if not allow_extra_fields:
+        for name in row:
+            if name not in MANIFEST_FIELDS:
+                bad(name, f"not a manifest field{closest_field(str(name))}; known fields: {list(MANIFEST_FIELDS)} "
+                          f"(allow_extra_fields, or --allow-extra-fields, ignores fields like it)")
     row_id = row.get("id")
     if isinstance(row_id, int) and not isinstance(row_id, bool):
         row_id = str(row_id)
@@ -112,7 +123,12 @@ def parse_row(row: Mapping[str, Any], *, base_dir: Path | None, where: str,
     return Example(id=row_id, where=where, **values)
 
 
-def read_manifest(path: str | Path) -> list[Example]:
+def closest_field(name: str) -> str:
+    close = difflib.get_close_matches(name, MANIFEST_FIELDS, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def read_manifest(path: str | Path, *, allow_extra_fields: bool = False) -> list[Example]:
     """Every row of a JSONL manifest, or one `ManifestError` listing every bad row (file, line, field)."""
     path = Path(path)
     if not path.is_file():
@@ -121,7 +137,8 @@ def read_manifest(path: str | Path) -> list[Example]:
     examples: list[Example] = []
     seen: dict[str, int] = {}
     for number, where, row in jsonl_rows(path, problems):
-        example = parse_row(row, base_dir=path.parent, where=where, problems=problems)
+        example = parse_row(row, base_dir=path.parent, where=where, problems=problems,
+                            allow_extra_fields=allow_extra_fields)
         if example is None:
             continue
         if example.id in seen:
@@ -139,11 +156,16 @@ def read_manifest(path: str | Path) -> list[Example]:
 def jsonl_rows(path: Path, problems: list[str]) -> Iterator[tuple[int, str, Any]]:
     """``(line number, "FILE line N", parsed row)`` of each non-blank line; lines that are not JSON are
     added to ``problems`` instead, so that a reader can report every bad line at once."""
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                problems.append(f"{where}: not UTF-8 text (byte {error.start + 1}); JSONL is UTF-8")
+                continue
             if not line.strip():
                 continue
-            where = f"{path} line {number}"
             try:
                 yield number, where, json.loads(line)
             except json.JSONDecodeError as error:
@@ -216,7 +238,11 @@ def _spans(value: Any, bad) -> list[Span] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            bad("expected a list of {'text', 'start', 'end'} (or its JSON text)")
+            return None
     if not isinstance(value, list):
         bad(f"expected a list of {{'text', 'start', 'end'}}, got {type(value).__name__}")
         return None

@@ -72,7 +72,8 @@ class PrepareReport:
 
 
 def prepare(source: Any, codec: Any, out: str | os.PathLike, *, layers: str = "1", batch_size: int = 8,
-            chunk_size: int = 256, max_bad_fraction: float = 0.05, progress: bool = True) -> PrepareReport:
+            chunk_size: int = 256, max_bad_fraction: float = 0.05, allow_extra_fields: bool = False,
+            progress: bool = True) -> PrepareReport:
     """Check the audio of every example of ``source`` and extract its codec units into ``out``.
 
     ``codec``: a `SpeechTokenizerCodec` or the directory it loads from. ``layers``: ``"1"`` keeps the
@@ -89,7 +90,7 @@ def prepare(source: Any, codec: Any, out: str | os.PathLike, *, layers: str = "1
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise PrepareError(f"max_bad_fraction={max_bad_fraction}: must be in [0, 1]")
     codec = _load_codec(codec)
-    examples = load_examples(source)
+    examples = load_examples(source, allow_extra_fields=allow_extra_fields)
     out_dir = Path(out)
     settings = {"format": FORMAT_VERSION, "source": str(source), "source_hash": examples_hash(examples),
                 "codec_hash": codec_hash(codec), "layers": layers, "chunk_size": chunk_size,

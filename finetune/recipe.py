@@ -89,7 +89,8 @@ def build_processor(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer) 
 
 
 def load_training_examples(config: TrainConfig) -> list[Example]:
-    return [example for source in config.data.train for example in load_examples(source)]
+    return [example for source in config.data.train
+            for example in load_examples(source, allow_extra_fields=config.data.allow_extra_fields)]
 
 
 def align(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer, examples: Sequence[Example],

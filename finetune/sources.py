@@ -30,15 +30,16 @@ from speechlm.finetune.examples import (
 PREPARE_RECORD = "prepare.json"
 
 
-def load_examples(source: Any) -> list[Example]:
-    """Every example of ``source`` (see the module docstring for the accepted forms)."""
+def load_examples(source: Any, *, allow_extra_fields: bool = False) -> list[Example]:
+    """Every example of ``source`` (see the module docstring for the accepted forms); a manifest's unknown
+    fields are errors unless ``allow_extra_fields`` (see ``finetune.examples``)."""
     import datasets
 
     if isinstance(source, datasets.Dataset):
         return examples_from_rows(undecoded(source), where=f"dataset {source.info.dataset_name or ''}".strip())
     path = Path(source)
     if path.is_file():
-        return read_manifest(path)
+        return read_manifest(path, allow_extra_fields=allow_extra_fields)
     if not path.is_dir():
         raise ManifestError(f"{path}: no such manifest file or dataset directory")
     if (path / PREPARE_RECORD).is_file():

@@ -15,7 +15,6 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from speechlm.finetune.behaviour import behaviour_alignment_loss, position_losses
-from speechlm.finetune.collator import SpeechLMCollator
 from speechlm.finetune.examples import TASK_NAMES
 from speechlm.finetune.sampler import LengthGroupedSampler
 
@@ -101,7 +100,8 @@ class SpeechLMTrainer(Trainer):
         self.length_grouping = length_grouping
         self.max_minutes = max_minutes
         self.clock = clock or TrainingClock()
-        self.task_losses: dict[str, list[float]] = {}  # task -> [loss sum, positions] since the last log
+        # since the last log, on this rank: real and padded tokens, then each task's loss sum and positions
+        self.log_counts = torch.zeros(2 + 2 * len(TASK_NAMES), dtype=torch.float64)
         super().__init__(*args, **kwargs)
         self.add_callback(RunTheClock(self.clock, max_minutes))
 
@@ -134,33 +134,45 @@ class SpeechLMTrainer(Trainer):
         else:
             loss, outputs = behaviour_alignment_loss(model, inputs, teacher, distilled_rows,
                                                      speechlm=self.accelerator.unwrap_model(model))
-        if task_ids is not None and model.training and outputs.logits is not None:
-            self._count_task_losses(outputs, inputs["labels"], task_ids)
+        if model.training:
+            self._count(inputs, outputs, task_ids)
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _count_task_losses(self, outputs, labels: torch.Tensor, task_ids: torch.Tensor) -> None:
+    def _count(self, inputs: dict, outputs, task_ids: torch.Tensor | None) -> None:
+        """The batch the step trains on: its real and padded tokens, and each task's loss positions."""
+        mask = inputs["attention_mask"]
+        real = float(mask.sum())
+        self.log_counts[:2] += torch.tensor([real, mask.numel() - real], dtype=torch.float64)
+        if task_ids is None or outputs.logits is None:
+            return
         if hasattr(outputs, "position_losses"):
             losses, rows = outputs.position_losses, outputs.position_rows
         else:
-            losses, rows = position_losses(outputs.logits.detach(), labels)
+            losses, rows = position_losses(outputs.logits.detach(), inputs["labels"])
         tasks = task_ids.to(rows.device)[rows]
-        for task in torch.unique(tasks).tolist():
-            chosen = losses[tasks == task]
-            total = self.task_losses.setdefault(TASK_NAMES[task], [0.0, 0])
-            total[0] += float(chosen.sum())
-            total[1] += len(chosen)
+        count = len(TASK_NAMES)
+        self.log_counts[2:2 + count] += torch.zeros(count, dtype=torch.float64).index_add_(
+            0, tasks.cpu(), losses.detach().double().cpu())
+        self.log_counts[2 + count:] += torch.bincount(tasks.cpu(), minlength=count).double()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Training logs carry "loss"; the collator counted tokens since the last one (on this rank).
-        if "loss" in logs and isinstance(self.data_collator, SpeechLMCollator):
-            fraction = self.data_collator.take_padding_fraction()
-            if fraction is not None:
-                logs["padding_fraction"] = round(fraction, 4)
+        # The Trainer logs training (logs with "loss") on every rank, after gathering the loss: the counts
+        # are summed over ranks the same way, so the figures are the whole batch's.
         if "loss" in logs:
-            for task, (total, count) in sorted(self.task_losses.items()):
-                logs[f"loss_{task}"] = round(total / count, 4)
-            self.task_losses = {}
+            counts, self.log_counts = self.log_counts, torch.zeros_like(self.log_counts)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                counts = counts.to(self.accelerator.device)
+                torch.distributed.all_reduce(counts)
+                counts = counts.cpu()
+            real, padded = counts[:2].tolist()
+            if real + padded:
+                logs["padding_fraction"] = round(padded / (real + padded), 4)
+            count = len(TASK_NAMES)
+            for task, total, positions in zip(TASK_NAMES, counts[2:2 + count].tolist(), counts[2 + count:].tolist(),
+                                              strict=True):
+                if positions:
+                    logs[f"loss_{task}"] = round(total / positions, 4)
         super().log(logs, start_time)
 
 

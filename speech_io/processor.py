@@ -54,6 +54,10 @@ PLAIN_CHAT_TEMPLATE = (
 IGNORE_INDEX = -100
 # What from_pretrained hands to the Hub download (the pipeline passes local_files_only, for one).
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
+# What AutoProcessor and pipeline() pass along to every processor: their bookkeeping, and the model's
+# loading arguments (pipeline(dtype=..., device_map=...) hands its model_kwargs to the processor too).
+PASSED_ALONG_KWARGS = ("_from_auto", "_from_pipeline", "trust_remote_code", "code_revision", "_commit_hash",
+                       "use_fast", "dtype", "torch_dtype", "device_map", "attn_implementation")
 
 
 @dataclass(frozen=True)
@@ -192,10 +196,13 @@ class SpeechLMProcessor:
         from transformers.utils import cached_file
 
         hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
-        # AutoProcessor and pipeline() pass their bookkeeping along (trust_remote_code, _from_auto,
-        # code_revision, ...): keep only our own settings.
+        for key in PASSED_ALONG_KWARGS:
+            kwargs.pop(key, None)
         settings_names = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
-        kwargs = {key: value for key, value in kwargs.items() if key in settings_names}
+        unknown = sorted(set(kwargs) - settings_names)
+        if unknown:
+            raise TypeError(f"SpeechLMProcessor.from_pretrained({str(pretrained_model_name_or_path)!r}): unexpected "
+                            f"keyword arguments {unknown}; its settings are {sorted(settings_names)}")
         config_file = cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME,
                                   _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if config_file is None:

@@ -119,12 +119,12 @@ def evaluate(model: str, task: str, data: str, out: str | None, settings: dict) 
 
 
 def prepare(manifest: str, codec: str, out: str, layers: str, batch_size: int, chunk_size: int,
-            max_bad_fraction: float) -> object:
+            max_bad_fraction: float, allow_extra_fields: bool = False) -> object:
     """Check every audio file of a manifest (or dataset) and extract its codec units into ``out``."""
     from speechlm.finetune.prepare import prepare as run_prepare
 
     report = run_prepare(manifest, codec, out, layers=layers, batch_size=batch_size, chunk_size=chunk_size,
-                         max_bad_fraction=max_bad_fraction)
+                         max_bad_fraction=max_bad_fraction, allow_extra_fields=allow_extra_fields)
     if report.bad:
         print(f"{len(report.bad)} bad examples skipped, listed with reasons in {Path(out) / 'report.json'}")
     print(f"{report.prepared} of {report.total} examples prepared in {out}")
@@ -227,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="clips encoded together")
     p.add_argument("--chunk-size", type=int, default=256, help="examples per shard (the unit of resumption)")
     p.add_argument("--max-bad-fraction", type=float, default=0.05, help="fail if more examples than this are bad")
+    p.add_argument("--allow-extra-fields", action="store_true",
+                   help="ignore manifest fields speechlm does not know (by default each is an error naming it)")
     p.set_defaults(run=lambda a: prepare(a.manifest, a.codec, a.out, a.layers, a.batch_size, a.chunk_size,
-                                         a.max_bad_fraction))
+                                         a.max_bad_fraction, a.allow_extra_fields))
 
     p = commands.add_parser("train", help="run a training recipe (YAML + key.sub=value overrides)")
     p.add_argument("config", help="training recipe YAML, e.g. configs/tiny/train.yaml")

@@ -25,7 +25,9 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigFileError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigFileError(f"{path}: not UTF-8 text (byte {error.start + 1})") from error
     except yaml.YAMLError as error:
         raise ConfigFileError(f"{path}: not valid YAML ({error})") from error
     if not isinstance(data, dict):
@@ -45,7 +47,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigFileError(f"override {override!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise ConfigFileError(f"override {override!r}: the value is not a YAML scalar or list ({problem})") from error
     return data
 
 
@@ -66,10 +72,11 @@ def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     for key in unknown:
         problems.append(f"{prefix}{key}: unknown key; valid keys are {sorted(fields)}")
     kwargs = {}
+    broken_section = False
     for name, value in data.items():
         if name not in fields:
             continue
@@ -77,11 +84,14 @@ def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
         if dataclasses.is_dataclass(hint):
             value = _build(hint, value, f"{prefix}{name}", problems)
             if value is None:
+                broken_section = True
                 continue
         elif not _matches(value, hint):
             problems.append(f"{prefix}{name}={value!r}: expected {_type_name(hint)}")
             continue
         kwargs[name] = value
+    if broken_section:  # its default in place of the broken one would report problems that are not there
+        return None
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as error:

@@ -235,7 +235,8 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     for name in ("train-units", "heldout-units", "ood-units"):
         prepared[name] = units_dir(manifests[name], Path(assets.codec))
         progress(f"[demo] speech units of {manifests[name]} -> {prepared[name]}")
-        prepare(manifests[name], assets.codec, prepared[name])
+        # the corpus's rows also say how each clip was synthesized (source, synthesis): not training fields
+        prepare(manifests[name], assets.codec, prepared[name], allow_extra_fields=True)
     reference_units = {example.id: list(example.units) for name in ("heldout-units", "ood-units")
                        for example in load_prepared(prepared[name])}
     train_sources = [prepared["train-units"], *([manifests["train-text"]] if "train-text" in manifests else [])]
@@ -243,6 +244,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
 
     overrides = [f"model.text_model={assets.text_model}", f"model.audio_encoder={assets.audio_encoder}",
                  f"data.train=[{','.join(map(str, train_sources))}]", f"data.codec={assets.codec}",
+                 "data.allow_extra_fields=true",  # train-text.jsonl's rows say how each text was made
                  f"data.system_prompt={json.dumps(ANSWER_SYSTEM_PROMPT)}",  # what the answers were distilled with
                  f"training.output_dir={out / 'model'}",
                  # transformers refuses bf16 on a machine without a GPU unless told to use the CPU

@@ -150,3 +150,38 @@ def test_a_hub_revision_picks_the_speechlm_snapshot_not_the_base_models(llama_di
     assert backbones[0][0] == llama_dir and "revision" not in backbones[0][1] and backbones[0][1]["token"] == "t"
     # the name stays the one asked for; the pipeline loads the processor from the snapshot of that revision
     assert loaded.name_or_path == "someone/speech-llama" and loaded.checkpoint_dir == tmp_path / "snapshot"
+
+
+def test_dtype_auto_is_the_checkpoints_and_an_unknown_dtype_is_named(tiny, tmp_path):
+    model, tokenizer = tiny
+    save(model.to(torch.bfloat16), tokenizer, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert {p.dtype for p in loaded.multi_modal_projector.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in AutoModelForCausalLM.from_pretrained(tmp_path).multi_modal_projector.parameters()} \
+        == {torch.float32}  # not given: float32, as before
+    with pytest.raises(ValueError, match="dtype='float8'.*'auto'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, dtype="float8")
+
+
+def test_a_device_map_puts_the_model_on_one_device_or_says_no(tiny, tmp_path):
+    model, tokenizer = tiny
+    save(model, tokenizer, tmp_path)
+    for device_map in ("cpu", {"": "cpu"}, {"language_model": "cpu", "audio_tower": "cpu"}, "auto"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map)
+        assert {p.device.type for p in loaded.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"} \
+            if device_map == "auto" else {"cpu"}
+    with pytest.raises(ValueError, match="spreads it over"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"language_model": "cpu", "audio_tower": "disk"})
+    with pytest.raises(ValueError, match="not a device"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, device_map="the-gpu")
+
+
+def test_unknown_loading_arguments_are_refused_by_name(tiny, tmp_path):
+    model, tokenizer = tiny
+    save(model, tokenizer, tmp_path)
+    with pytest.raises(TypeError, match="low_cpu_mem_usagee"):
+        SpeechLMForCausalLM.from_pretrained(tmp_path, low_cpu_mem_usagee=True)
+    with pytest.raises(TypeError, match="positional"):
+        SpeechLMForCausalLM.from_pretrained(tmp_path, "extra")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", local_files_only=True)
+    assert loaded.text_model.config._attn_implementation == "eager"

@@ -21,7 +21,7 @@ def test_manifest_rows_resolve_paths_relative_to_the_manifest(tmp_path):
     manifest = write_manifest(tmp_path / "sub" / "m.jsonl", [
         {"id": "a", "audio": "wavs/a.wav", "text": "hi there", "words": [{"text": "hi", "start": 0, "end": 0.2},
                                                                          {"word": "there", "start": 0.3, "end": 0.6}]},
-        {"id": 7, "text": "text only", "extra_field": "ignored"},
+        {"id": 7, "text": "text only"},
         {"id": "c", "messages": [{"role": "user", "content": [{"type": "audio", "audio": "q.wav"}]},
                                  {"role": "assistant", "content": "yes"}]},
     ])
@@ -53,6 +53,22 @@ def test_bad_rows_are_reported_together_with_file_line_and_field(tmp_path):
     assert f"{manifest} line 5, field 'words': item 0: start=0.5 end=0.1" in message
     assert f"{manifest} line 6, field 'id': 'ok' repeats line 1" in message
     assert f"{manifest} line 7, field 'messages': has no assistant message" in message
+
+
+def test_an_unknown_field_names_the_closest_known_one_unless_extras_are_allowed(tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", [
+        {"id": "a", "audio": "a.wav", "text": "fine"},
+        {"id": "b", "audio": "b.wav", "txt": "a typo"},
+        {"id": "c", "text": "ok", "speaker": "lessac"},
+    ])
+    with pytest.raises(ManifestError) as info:
+        read_manifest(manifest)
+    message = str(info.value)
+    assert f"{manifest}: 2 problems" in message
+    assert f"{manifest} line 2, field 'txt': not a manifest field (did you mean 'text'?)" in message
+    assert f"{manifest} line 3, field 'speaker': not a manifest field;" in message and "--allow-extra-fields" in message
+    examples = read_manifest(manifest, allow_extra_fields=True)
+    assert [e.id for e in examples] == ["a", "b", "c"] and examples[1].text is None
 
 
 def test_missing_and_empty_manifests(tmp_path):

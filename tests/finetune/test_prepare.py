@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,29 @@ def test_killed_run_resumes_without_duplicates_or_losses(demo_corpus, demo_codec
     assert resumed.calls == 2  # chunks 2 and 3 only
     assert rows(tmp_path) == rows(prepared)
     assert not list((tmp_path / "chunks").glob("*.tmp*"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_at_a_random_point_then_a_rerun_gives_the_uninterrupted_result(seed, demo_corpus, prepared, tmp_path):
+    rng = random.Random(seed)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "speechlm.cli", "prepare", str(demo_corpus), "--codec",
+               str(demo_corpus.parent / "codec"), "--out", str(out), "--chunk-size", "1"]  # 12 chunks
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    written_before_kill = rng.randrange(1, 11)  # chunk files on disk, then a random moment more
+    deadline = time.monotonic() + 300
+    while (process.poll() is None and time.monotonic() < deadline
+           and len(list((out / "chunks").glob("*.json"))) < written_before_kill):
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.3))
+    assert process.poll() is None, "prepare ended before the kill: the kill point proves nothing"
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert len(list((out / "chunks").glob("*.json"))) < 12
+    subprocess.run(command, check=True, capture_output=True)
+    assert rows(out) == rows(prepared)
+    assert not list((out / "chunks").glob("*.tmp*"))
 
 
 def test_bad_files_are_skipped_and_reported(demo_corpus, demo_codec, tmp_path):

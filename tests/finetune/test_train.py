@@ -3,6 +3,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -55,6 +58,17 @@ def test_smoke_run_from_the_cli_learns_and_saves_a_loadable_model(prepared, tmp_
     processor = AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "SpeechLMForCausalLM" and processor.num_speech_units == 64
     assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
+
+
+def test_the_padding_fraction_is_the_trained_batches_with_dataloader_workers_too(prepared, tmp_path, capsys):
+    # counted in the training step, not in the collator (which runs in the workers' processes)
+    out = tmp_path / "run"
+    code = main(["train", str(TINY_TRAIN_YAML), *overrides(prepared, out, "training.max_steps=2", "training.save_steps=2",
+                                                          "training.logging_steps=1", "training.dataloader_num_workers=1")])
+    assert code == 0, capsys.readouterr().err
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert len(logged) == 2 and all(0 <= entry["padding_fraction"] < 1 for entry in logged)
 
 
 def test_a_recipe_with_the_whisper_reader_trains_saves_and_transcribes(prepared, tmp_path, capsys):
@@ -241,3 +255,26 @@ def test_the_clock_runs_with_training_even_without_a_budget(prepared, tmp_path):
     trainer = build_trainer(settings, model, processor, build_datasets(settings, processor))
     train(settings, trainer)
     assert trainer.clock.minutes > 0  # a curve that reads it (the demo job's) moves
+
+
+def train_command(prepared, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "speechlm.cli", "train", str(TINY_TRAIN_YAML), *overrides(prepared, out, *extra)]
+
+
+@pytest.mark.multiprocess
+def test_kill_9_while_a_checkpoint_is_written_then_resume_reaches_the_uninterrupted_weights(prepared, tmp_path):
+    steps = ["training.max_steps=4", "training.save_steps=1"]
+    subprocess.run(train_command(prepared, tmp_path / "whole", *steps), check=True, capture_output=True)
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(train_command(prepared, stopped, *steps), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and not (stopped / "checkpoint-3").exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    process.send_signal(signal.SIGKILL)  # the moment checkpoint-3's folder appears: its files are being written
+    assert process.wait() == -signal.SIGKILL
+    assert newest_complete_checkpoint(stopped) in (stopped / "checkpoint-2", stopped / "checkpoint-3")
+    subprocess.run(train_command(prepared, stopped, *steps, "training.resume=true"), check=True, capture_output=True)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(stopped / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert losses(stopped / "checkpoint-4") == losses(tmp_path / "whole" / "checkpoint-4")

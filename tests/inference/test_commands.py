@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 from huggingface_hub import CommitInfo, HfApi
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoProcessor
 
 from speechlm.cli import main
 from tests.inference.conftest import SAMPLE
@@ -185,3 +186,16 @@ def test_merge_of_a_qlora_checkpoint_folds_lora_into_full_precision_weights(llam
     assert merged.config.mode == "frozen" and not getattr(merged.text_model, "is_loaded_in_4bit", False)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_token_given_to_loading_is_written_nowhere(speaking_dir, tmp_path, capsys, caplog):
+    model = AutoModelForCausalLM.from_pretrained(speaking_dir, token=SECRET)
+    processor = AutoProcessor.from_pretrained(speaking_dir, token=SECRET)
+    assert processor.has_codec and processor.codec is not None  # the codec loads with the same hub arguments
+    model.save_pretrained(tmp_path / "again")
+    processor.save_pretrained(tmp_path / "again")
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert written and all(SECRET.encode() not in path.read_bytes() for path in written)
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err + caplog.text
+    assert SECRET not in repr(model.config) + str(processor.to_dict())

@@ -136,6 +136,15 @@ def test_save_and_reload(processor, tmp_path):
     assert torch.equal(loaded(conversation)["input_ids"], processor(conversation)["input_ids"])
 
 
+def test_loading_settings_are_kept_and_unknown_ones_refused(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    assert SpeechLMProcessor.from_pretrained(tmp_path, system_prompt="Short.").system_prompt == "Short."
+    # what pipeline(dtype=..., device_map=...) passes along to every processor is not an error
+    SpeechLMProcessor.from_pretrained(tmp_path, dtype="auto", device_map="cpu", _from_pipeline="speechlm")
+    with pytest.raises(TypeError, match=r"\['sytem_prompt'\].*system_prompt"):
+        SpeechLMProcessor.from_pretrained(tmp_path, sytem_prompt="Short.")
+
+
 def test_system_prompt_goes_first_where_a_conversation_has_none(processor, tmp_path):
     processor.system_prompt = "Be brief."
     asked = [{"role": "user", "content": "Hi"}]
