@@ -88,8 +88,9 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                                  if projector.compression == "ctc" else None)
         self.audio_reader = (WhisperTranscriptReader(config.audio_config, projector)
                              if projector.reader == "whisper" else None)
-        # what the frozen encoder and reader made of each clip, reused across epochs and evaluations
-        self.reading_cache = ReadingCache()
+        # What the frozen encoder and reader made of each clip, for training's epochs and evaluations: off
+        # here (a served model sees each clip once, and would keep them all), on in the training recipe.
+        self.reading_cache = ReadingCache(max_bytes=0)
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         elif language_model.config._attn_implementation is None:
@@ -219,7 +220,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         weights; it runs in float32 whatever the autocast, so that a clip reads the same in training (bf16
         autocast) as at inference (bf16 convolutions were also ~6x slower on a CPU)."""
         reader = self.audio_reader
-        cacheable = not self.config.train_audio_encoder
+        cacheable = not self.config.train_audio_encoder and self.reading_cache.max_bytes > 0
         parts = (self.audio_tower,) if reader is None else (self.audio_tower, reader)
         fingerprint = self.reading_cache.fingerprint(*parts) if cacheable else None
         keys = [self.reading_cache.clip_key(input_features[i, :, : int(mel_lengths[i])]) for i in range(len(mel_lengths))]

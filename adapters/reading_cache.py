@@ -6,6 +6,8 @@ LM step that uses them. Entries are keyed by the clip's log-mel bytes and a fing
 (a hash of every parameter's bytes, recomputed only when a parameter is replaced or changed in place), so
 a changed clip or encoder never reads a stale entry. The oldest entries go first past ``max_bytes``.
 A cache can be handed to another model (the same weights loaded again): the fingerprint decides.
+A model's own cache is off (``max_bytes=0``: a served model would keep every clip it heard); the
+training recipe gives the model it trains one.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from speechlm.adapters.building import build_codec, build_speechlm, load_speechl
 from speechlm.adapters.building import build_processor as processor_for
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
+from speechlm.adapters.reading_cache import ReadingCache
 from speechlm.finetune.alignment import AlignmentResult, align_projector
 from speechlm.finetune.collator import SpeechLMCollator
 from speechlm.finetune.config import TrainConfig
@@ -53,6 +54,7 @@ def build_model(config: TrainConfig) -> tuple[SpeechLMForCausalLM, object]:
         model = load_speechlm(config.init_from)
         tokenizer = AutoTokenizer.from_pretrained(config.init_from)
         change_mode(model, config.model.mode, config.model.lora, config.model.train_audio_encoder)
+    model.reading_cache = ReadingCache()  # epochs and evaluations read the same clips with a frozen encoder
     logger.info("%s", model.parameter_counts())
     return model.train(), tokenizer
 

@@ -11,11 +11,16 @@ Registered by `speechlm.registration`. Each input is one of
 ``text=`` is the instruction for every input that has no text of its own. A list of inputs is batched,
 ``batch_size`` at a time (all at once by default). Each output is
 ``{"text": str, "audio": {"array": np.ndarray, "sampling_rate": 16000} | None}``.
+
+Calls may come from several threads: the model holds per-call state (which rows the speech-gated LoRA
+acts on while it decodes), so calls on one model run one at a time, each as it would alone.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +36,14 @@ from speechlm.responding import (
 from speechlm.speech_io.audio import AudioError, load_audio
 
 AUDIO_DICT_KEYS = ({"array", "sampling_rate"}, {"path"}, {"bytes"})
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per model, shared by its pipelines
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.Lock:
+    """The lock that runs one call at a time on ``model`` (whichever pipeline calls it)."""
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.Lock())
 
 
 class SpeechLMInputError(ValueError):
@@ -71,9 +84,10 @@ class SpeechLMPipeline(Pipeline):
         forward_params = {**self._forward_params, **forward_params}
         size = batch_size or self._batch_size or len(conversations)
         outputs = []
-        for start in range(0, len(conversations), size):
-            model_inputs = self.preprocess(conversations[start:start + size])
-            outputs += self.postprocess(self.forward(model_inputs, **forward_params), **postprocess_params)
+        with model_lock(self.model):
+            for start in range(0, len(conversations), size):
+                model_inputs = self.preprocess(conversations[start:start + size])
+                outputs += self.postprocess(self.forward(model_inputs, **forward_params), **postprocess_params)
         return outputs if batched else outputs[0]
 
     def _sanitize_parameters(self, output: str | None = None, max_new_tokens: int | None = None,

@@ -171,6 +171,8 @@ def test_a_model_without_its_tokenizer_says_so(reading):
 def test_the_cache_is_used_until_the_clip_or_the_encoder_changes(tmp_path):
     model, tokenizer = build_speechlm(reader_spec())
     model.eval()
+    assert model.reading_cache.max_bytes == 0  # off unless training turns it on
+    model.reading_cache = ReadingCache()
     inputs = audio_inputs(model, tokenizer, [120, 80], seed=2)
     features, mask = inputs["input_features"], inputs["input_features_mask"]
     first, _ = model._audio_embeddings(features, mask)
@@ -191,6 +193,7 @@ def test_the_cache_is_used_until_the_clip_or_the_encoder_changes(tmp_path):
 
 def test_a_cache_passes_to_a_reloaded_model_with_the_same_weights(reading, tmp_path):
     model, tokenizer = reading
+    model.reading_cache = ReadingCache()
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     inputs = audio_inputs(model, tokenizer, [110])

@@ -122,3 +122,68 @@ def test_fresh_processes_load_saved_directories(speaking_dir, lora_dir, tmp_path
         assert text == direct_text and np.allclose(audio, direct_audio, atol=1e-5)
     # Merging LoRA changes nothing the model says.
     assert out["lora"][0] == out["merged"][0] and np.allclose(out["lora"][1], out["merged"][1], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def gated_pipe(tmp_path_factory):
+    """A pipeline over LoRA gated to audio rows (its B factors non-zero): the model holds per-call state."""
+    import torch
+
+    from speechlm.adapters.building import build_codec, build_processor, build_speechlm
+    from tests.conftest import tiny_spec
+    from tests.inference.conftest import NARROW_CODEC
+
+    directory = tmp_path_factory.mktemp("gated")
+    spec = tiny_spec(mode="lora", lora={"scope": "audio"}, codec=dict(NARROW_CODEC))
+    model, tokenizer = build_speechlm(spec)
+    with torch.no_grad():
+        for name, param in model.language_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(directory)
+    build_processor(tokenizer, model.config, codec=build_codec(spec), codec_name_or_path="codec").save_pretrained(
+        directory)
+    return pipeline("speechlm", model=str(directory))
+
+
+def test_threads_calling_one_pipeline_get_what_each_call_gets_alone(gated_pipe, sample):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = gated_pipe
+    wave, rate = sample
+    inputs = [{"audio": {"array": wave[: rate // 4 * (i + 1)], "sampling_rate": rate}, "text": "hm"} if i % 2
+              else {"text": "y" * (i + 1)} for i in range(8)]
+    alone = [pipe(item, max_new_tokens=6, output="text+speech" if i == 3 else "text") for i, item in enumerate(inputs)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(lambda i: pipe(inputs[i], max_new_tokens=6,
+                                                output="text+speech" if i == 3 else "text"), range(8)))
+    for one, other in zip(alone, together, strict=True):
+        assert one["text"] == other["text"]
+        assert (one["audio"] is None) == (other["audio"] is None)
+        if one["audio"] is not None:
+            np.testing.assert_array_equal(one["audio"]["array"], other["audio"]["array"])
+
+
+def resident_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_resident_memory_settles_over_200_calls(pipe, sample):
+    import gc
+
+    wave, rate = sample
+    rng = np.random.default_rng(0)
+    sizes = []
+    for call in range(200):  # a new clip every call: a server never hears the same one twice
+        clip = wave[: rate // 2] + rng.normal(0, 1e-3, rate // 2).astype(np.float32)
+        pipe({"audio": {"array": clip, "sampling_rate": rate}, "text": "hm"}, max_new_tokens=4)
+        if call in (49, 199):
+            gc.collect()
+            sizes.append(resident_bytes())
+    growth = sizes[1] - sizes[0]
+    print(f"resident memory after 50 calls {sizes[0] / 2**20:.1f} MiB, after 200 {sizes[1] / 2**20:.1f} MiB")
+    assert growth < 8 * 2**20, f"grew {growth / 2**20:.1f} MiB over the last 150 calls"
