@@ -7,18 +7,13 @@ then ``<|s_0|>`` .. ``<|s_{N-1}|>`` for the N codes of the codec's first RVQ lay
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
-
-import numpy as np
 
 AUDIO_TOKEN = "<|audio|>"
 SPEECH_START_TOKEN = "<|speech_start|>"
 SPEECH_END_TOKEN = "<|speech_end|>"
 SPECIAL_SPEECH_TOKENS = (AUDIO_TOKEN, SPEECH_START_TOKEN, SPEECH_END_TOKEN)
-
-_UNIT_TOKEN = re.compile(r"<\|s_(\d+)\|>")
 
 
 def speech_token_ids(text_vocab_size: int) -> dict[str, int]:
@@ -51,21 +46,6 @@ def units_to_text(units: Iterable[int], *, with_span: bool = True) -> str:
     """Units as token text, optionally wrapped in ``<|speech_start|>`` .. ``<|speech_end|>``."""
     body = "".join(speech_unit_token(u) for u in units)
     return f"{SPEECH_START_TOKEN}{body}{SPEECH_END_TOKEN}" if with_span else body
-
-
-def text_to_units(text: str) -> list[int]:
-    """Every ``<|s_k|>`` in ``text``, in order, as integers (other text is ignored)."""
-    return [int(m) for m in _UNIT_TOKEN.findall(text)]
-
-
-def units_to_token_ids(units: Sequence[int] | np.ndarray, first_unit_id: int, num_units: int) -> list[int]:
-    """Unit k -> token id ``first_unit_id + k``; a unit outside ``[0, num_units)`` is a ValueError."""
-    units = np.asarray(units, dtype=np.int64).reshape(-1)
-    bad = units[(units < 0) | (units >= num_units)]
-    if bad.size:
-        raise ValueError(f"speech unit {int(bad[0])} is outside the codebook [0, {num_units}); "
-                         f"was the data prepared with a codec of another codebook size?")
-    return (units + first_unit_id).tolist()
 
 
 def token_ids_to_units(token_ids: Iterable[int], first_unit_id: int, num_units: int) -> list[int]:

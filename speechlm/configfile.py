@@ -100,15 +100,6 @@ def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
         return None
 
 
-def describe(cls: type) -> str:
-    """Every field with its default and help text, for ``--help`` style listings."""
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"{f.name} (default {default!r}): {f.metadata.get('help', '')}")
-    return "\n".join(lines)
-
-
 def _matches(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
