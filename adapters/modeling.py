@@ -233,8 +233,9 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                       else reader.pad_with_silence(input_features[missing], lengths, windows))
             with (torch.no_grad() if cacheable else nullcontext()), torch.autocast(padded.device.type, enabled=False):
                 frames = self.audio_tower(self._audio_input(padded), windows)
-            token_ids = [[] for _ in missing] if reader is None else reader.token_ids(
-                reader.transcribe(frames.detach(), windows), lengths)
+                # the transcript too, in float32: under training's bf16 autocast it could differ from inference's
+                token_ids = [[] for _ in missing] if reader is None else reader.token_ids(
+                    reader.transcribe(frames.detach(), windows), lengths)
             for row, clip in enumerate(missing):
                 results[clip] = (frames[row, : int(encoder_frames(lengths[row]))], token_ids[row])
                 if cacheable:
