@@ -37,7 +37,7 @@ test: install
 	$(PYTHON) -m pytest -q
 
 # The oldest peft pyproject allows, over the tests that use its LoRA internals (the gate, modes, checkpoints).
-PEFT_FLOOR := 0.17.0
+PEFT_FLOOR := 0.18.0
 test-peft-floor: install
 	rm -rf .peft-floor && $(PIP) install -q --no-deps --target .peft-floor peft==$(PEFT_FLOOR)
 	PYTHONPATH=.peft-floor $(PYTHON) -c "import peft; assert peft.__version__ == '$(PEFT_FLOOR)', peft.__version__"
