@@ -16,9 +16,17 @@ NARROW_CODEC = dict(n_filters=8, dimension=32, semantic_dimension=32, lstm_layer
 SAMPLE = Path(__file__).parents[2] / "configs" / "tiny" / "sample.flac"
 
 
-def save_speaking_model(directory: Path, **spec_changes) -> Path:
+def save_speaking_model(directory: Path, *, lora_b_std: float | None = None, **spec_changes) -> Path:
+    """``lora_b_std``: draw LoRA's B factors (zero when built) from N(0, std), so that the adapters matter."""
+    import torch
+
     spec = tiny_spec(codec=dict(NARROW_CODEC), **spec_changes)
     model, tokenizer = build_speechlm(spec)
+    if lora_b_std is not None:
+        with torch.no_grad():
+            for name, param in model.language_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=lora_b_std, generator=torch.Generator().manual_seed(len(name)))
     model.save_pretrained(directory)
     build_processor(tokenizer, model.config, codec=build_codec(spec), codec_name_or_path="codec").save_pretrained(
         directory)
@@ -34,19 +42,8 @@ def speaking_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lora_dir(tmp_path_factory, llama_dir) -> Path:
     """An adapter-only LoRA checkpoint over a tiny Llama directory (its LoRA B made non-zero)."""
-    import torch
-
-    directory = tmp_path_factory.mktemp("lora")
-    spec = tiny_spec(text_model=llama_dir, text=None, mode="lora", codec=dict(NARROW_CODEC))
-    model, tokenizer = build_speechlm(spec)
-    with torch.no_grad():
-        for name, param in model.language_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
-    model.save_pretrained(directory)
-    build_processor(tokenizer, model.config, codec=build_codec(spec), codec_name_or_path="codec").save_pretrained(
-        directory)
-    return directory
+    return save_speaking_model(tmp_path_factory.mktemp("lora"), lora_b_std=0.05, text_model=llama_dir, text=None,
+                               mode="lora")
 
 
 @pytest.fixture(scope="session")

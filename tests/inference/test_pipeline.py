@@ -127,22 +127,10 @@ def test_fresh_processes_load_saved_directories(speaking_dir, lora_dir, tmp_path
 @pytest.fixture(scope="module")
 def gated_pipe(tmp_path_factory):
     """A pipeline over LoRA gated to audio rows (its B factors non-zero): the model holds per-call state."""
-    import torch
+    from tests.inference.conftest import save_speaking_model
 
-    from speechlm.adapters.building import build_codec, build_processor, build_speechlm
-    from tests.conftest import tiny_spec
-    from tests.inference.conftest import NARROW_CODEC
-
-    directory = tmp_path_factory.mktemp("gated")
-    spec = tiny_spec(mode="lora", lora={"scope": "audio"}, codec=dict(NARROW_CODEC))
-    model, tokenizer = build_speechlm(spec)
-    with torch.no_grad():
-        for name, param in model.language_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
-    model.save_pretrained(directory)
-    build_processor(tokenizer, model.config, codec=build_codec(spec), codec_name_or_path="codec").save_pretrained(
-        directory)
+    directory = save_speaking_model(tmp_path_factory.mktemp("gated"), lora_b_std=0.5, mode="lora",
+                                    lora={"scope": "audio"})
     return pipeline("speechlm", model=str(directory))
 
 
