@@ -31,6 +31,7 @@ from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
 from speechlm.adapters.tiny import BYTE_VOCAB_SIZE, build_byte_tokenizer
 from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
+from speechlm.speech_io.processor import HUB_KWARGS as PROCESSOR_HUB_KWARGS
 from speechlm.speech_io.processor import SpeechLMProcessor
 from speechlm.speech_io.units import check_tokenizer_layout, expand_tokenizer
 
@@ -214,8 +215,8 @@ def build_processor(tokenizer, config: SpeechLMConfig, **settings) -> SpeechLMPr
                              num_speech_units=config.num_speech_units, **settings)
 
 
-# where this SpeechLM's own files come from (huggingface_hub's snapshot_download takes them)
-HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "proxies", "subfolder")
+# where this SpeechLM's own files come from: the processor's, and a subfolder of the repo or directory
+HUB_KWARGS = (*PROCESSOR_HUB_KWARGS, "subfolder")
 BACKBONE_KWARGS = ("attn_implementation",)  # passed on to the backbone's from_pretrained
 SPREAD_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
