@@ -160,6 +160,11 @@ class SpeechLMConfig(PreTrainedConfig):
             (``audio``), or on those and the speech tokens of any row (``speech``); gated, text runs the
             base backbone exactly (`speechlm.adapters.lora_gate`).
         train_audio_encoder: also train the Whisper encoder (it is frozen by default).
+        speech_units_per_character: the speaking rate of the speech the model learned to produce (speech units
+            per character of the text spoken, fit on its training pairs by the recipe); generation keeps a
+            speech span within ``speech_length_tolerance`` of the length it implies. None: the LM alone
+            decides where speech ends.
+        speech_length_tolerance: how far a span may stray from that length (0.25: within +-25%).
         text_model_name_or_path / audio_model_name_or_path: where the base weights come from. When set
             and the backbone is not fully tuned, checkpoints hold only what was trained.
     """
@@ -187,6 +192,8 @@ class SpeechLMConfig(PreTrainedConfig):
     lora_target_modules: list[str] | str = "all-linear"
     lora_scope: str = "all"
     train_audio_encoder: bool = False
+    speech_units_per_character: float | None = None
+    speech_length_tolerance: float = 0.25
     text_model_name_or_path: str | None = None
     audio_model_name_or_path: str | None = None
     tie_word_embeddings: bool = False
@@ -233,6 +240,10 @@ class SpeechLMConfig(PreTrainedConfig):
             if audio.n_vocab < 51864:
                 problems.append(f"audio_config.n_vocab={audio.n_vocab}: the whisper reader decodes with Whisper's "
                                 f"tokenizer, which has 51864 (English) or >= 51865 (multilingual) tokens")
+        if self.speech_units_per_character is not None and not self.speech_units_per_character > 0:
+            problems.append(f"speech_units_per_character={self.speech_units_per_character}: must be > 0 (or null)")
+        if not 0.0 <= self.speech_length_tolerance < 1.0:
+            problems.append(f"speech_length_tolerance={self.speech_length_tolerance}: must be in [0, 1)")
         if self.lora_r < 1:
             problems.append(f"lora_r={self.lora_r}: must be >= 1")
         if not 0.0 <= self.lora_dropout < 1.0:

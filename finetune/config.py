@@ -57,6 +57,9 @@ class DataConfig:
         "help": "system turn for conversations without one, saved with the processor so that inference "
                 "uses it too; null: the chat template's default (\"\" for an empty one: shorter samples)"})
     seed: int = field(default=0, metadata={"help": "seed of the task mixture and the prompt choices"})
+    fit_speaking_rate: bool = field(default=True, metadata={
+        "help": "set the model's speech_units_per_character from the training data's text and speech pairs, so "
+                "that generated speech keeps to the length of its text; false: keep the model's own"})
 
     def __post_init__(self):
         problems = Problems()

@@ -225,7 +225,8 @@ def evaluate_tts(model, processor, items: list[EvalItem], settings: EvalSettings
 
     requests = [[{"role": "user", "content": settings.tts_prompt.format(text=item.fields["text"])}] for item in items]
     new_tokens = generate_response_tokens(model, processor, processor(requests), output="speech",
-                                          max_speech_units=settings.max_speech_units, do_sample=False)
+                                          max_speech_units=settings.max_speech_units, do_sample=False,
+                                          spoken_text=[item.fields["text"] for item in items])
     responses = [processor.parse_response(row) for row in new_tokens]
     judge = _load_judge(settings.judge) if settings.judge else None
     # The codec's decoder runs only for the judge: unit error rates need the units alone.

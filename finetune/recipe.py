@@ -95,6 +95,19 @@ def load_training_examples(config: TrainConfig) -> list[Example]:
             for example in load_examples(source, allow_extra_fields=config.data.allow_extra_fields)]
 
 
+def fit_speaking_rate(config: TrainConfig, model: SpeechLMForCausalLM, examples: Sequence[Example]) -> float | None:
+    """The speaking rate of the training speech (units per character, over every text and speech pair),
+    set as the model's ``speech_units_per_character`` where ``data.fit_speaking_rate`` asks; the rate set."""
+    pairs = [(text, units) for example in examples
+             for text, units in ((example.text, example.units), (example.answer, example.answer_units))
+             if text and text.strip() and units]
+    if config.data.fit_speaking_rate and pairs:
+        rate = sum(len(units) for _, units in pairs) / sum(len(text.strip()) for text, _ in pairs)
+        model.config.speech_units_per_character = round(rate, 4)
+        logger.info("speaking rate %.3f units a character, from %d pairs", rate, len(pairs))
+    return model.config.speech_units_per_character
+
+
 def align(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer, examples: Sequence[Example],
           progress: bool = True) -> AlignmentResult | None:
     """CTC pre-alignment of the projector (``config.alignment``), before the Trainer; None when off.
@@ -190,6 +203,7 @@ def run(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     model, tokenizer = build_model(config)
     processor = build_processor(config, model, tokenizer)
     examples = load_training_examples(config)
+    fit_speaking_rate(config, model, examples)
     align(config, model, tokenizer, examples)
     dataset = build_datasets(config, processor, examples)
     trainer = build_trainer(config, model, processor, dataset, callbacks)

@@ -119,6 +119,7 @@ class SpeechLMProcessor:
         self.system_prompt = system_prompt
         self._codec = codec
         self._loaded_from: tuple[str, dict] | None = None  # (directory or repo id, hub kwargs), by from_pretrained
+        self._token_characters: torch.Tensor | None = None
         ids = speech_token_ids(self.text_vocab_size)
         self.audio_token_id = ids["audio_token_id"]
         self.speech_start_token_id = ids["speech_start_token_id"]
@@ -346,6 +347,16 @@ class SpeechLMProcessor:
         units = token_ids_to_units(ids, self.speech_unit_start_id, self.num_speech_units)
         text_ids = [t for t in ids if t < self.text_vocab_size]
         return SpeechLMResponse(self.tokenizer.decode(text_ids, skip_special_tokens=True), units)
+
+    def token_characters(self) -> torch.Tensor:
+        """``text_vocab_size`` characters each text token decodes to (special tokens: 0), for counting the
+        characters of generated text without decoding it; computed once."""
+        if self._token_characters is None:
+            special = set(self.tokenizer.all_special_ids)
+            pieces = self.tokenizer.batch_decode([[i] for i in range(self.text_vocab_size)])
+            self._token_characters = torch.tensor(
+                [0 if i in special else len(piece) for i, piece in enumerate(pieces)], dtype=torch.int32)
+        return self._token_characters
 
     def decode(self, token_ids, **kwargs) -> str:
         return self.tokenizer.decode(token_ids, **kwargs)

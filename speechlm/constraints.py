@@ -138,3 +138,58 @@ class OutputModeLogitsProcessor(LogitsProcessor):
                 _force(scores, before_span & (state.text_tokens >= self.max_text_tokens), ids.speech_start)
         _force(scores, state.span_closed & ~state.in_span, eos[0])
         return scores
+
+
+class SpeechLengthLogitsProcessor(LogitsProcessor):
+    """A speech span about as long as the text it speaks, whatever the LM would do: the speaking rate the
+    model was trained on (``units_per_character``, fit on its training pairs) times the characters spoken
+    gives the span's expected units; ``<|speech_end|>`` is barred below ``1 - tolerance`` of them and forced
+    at ``1 + tolerance``, and in between the model chooses (a duration model as TTS systems use one: an LM
+    that has to count ~200 units to stop does not, BENCHMARKS.md).
+
+    The characters are ``spoken_characters`` where the caller knows the text (a TTS request), else those
+    of the text the response generated before its span (chain-of-modality: the span speaks that text),
+    counted with ``token_characters`` (``V``: characters of each token id). A row with neither is left to
+    the model."""
+
+    def __init__(self, ids: SpeechTokenIds, prompt_length: int, units_per_character: float,
+                 token_characters: torch.Tensor, spoken_characters: torch.Tensor | None = None,
+                 tolerance: float = 0.25):
+        if units_per_character <= 0:
+            raise ValueError(f"units_per_character={units_per_character}: must be > 0")
+        if not 0.0 <= tolerance < 1.0:
+            raise ValueError(f"tolerance={tolerance}: must be in [0, 1)")
+        self.ids, self.prompt_length = ids, prompt_length
+        self.units_per_character, self.tolerance = units_per_character, tolerance
+        self.token_characters, self.spoken_characters = token_characters, spoken_characters
+
+    def expected_units(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``B`` expected units of each row's span (0: no expectation)."""
+        if self.spoken_characters is not None:
+            characters = self.spoken_characters.to(input_ids.device, torch.float32)
+            rows = input_ids.shape[0]
+            if rows % len(characters):
+                raise ValueError(f"spoken text for {len(characters)} rows, and the batch has {rows}")
+            characters = characters.repeat_interleave(rows // len(characters))  # beams of each row
+        else:
+            generated = input_ids[:, self.prompt_length:]
+            before_span = (generated == self.ids.speech_start).long().cumsum(1) == 0
+            counts = self.token_characters.to(generated.device)[generated.clamp(max=len(self.token_characters) - 1)]
+            text = generated < len(self.token_characters)  # added tokens count no characters
+            characters = (counts * (before_span & text)).sum(1).float()
+        return characters * self.units_per_character
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        ids, state = self.ids, _row_state(input_ids, self.prompt_length, self.ids)
+        expected = self.expected_units(input_ids)
+        known = state.in_span & (expected > 0)
+        if not known.any():
+            return scores
+        scores = scores.clone()
+        lower = torch.floor(expected * (1 - self.tolerance)).clamp(min=1)
+        upper = torch.ceil(expected * (1 + self.tolerance)).clamp(min=lower + 1)
+        vocab = torch.arange(scores.shape[1], device=scores.device)
+        units = (vocab >= ids.unit_start) & (vocab < ids.unit_start + ids.num_units)
+        _restrict(scores, known & (state.span_units < lower), units)  # no end yet
+        _force(scores, known & (state.span_units >= upper), ids.speech_end)
+        return scores

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 from speechlm.constraints import (
     OUTPUT_MODES,
     OutputModeLogitsProcessor,
+    SpeechLengthLogitsProcessor,
     SpeechSpanLogitsProcessor,
     SpeechTokenIds,
 )
@@ -62,11 +63,14 @@ ResponseEvent = TextDelta | AudioChunk
 
 def generation_settings(model, processor, prompt_length: int, *, output: str = "text",
                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                        max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS, **generate_kwargs) -> dict[str, Any]:
+                        max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS, spoken_text: Sequence[str] | None = None,
+                        **generate_kwargs) -> dict[str, Any]:
     """``generate`` keyword arguments for a response in ``output`` mode to prompts of ``prompt_length``.
 
     ``max_new_tokens`` bounds the text, ``max_speech_units`` the speech span; sampling settings
-    (``do_sample``, ``temperature``, ``top_p``, ...) pass through.
+    (``do_sample``, ``temperature``, ``top_p``, ...) pass through. A model that knows its speaking rate
+    (``config.speech_units_per_character``) keeps each span about as long as the text it speaks: each row's
+    ``spoken_text`` where given (a TTS request), else the text generated before the span.
     """
     if output not in OUTPUT_MODES:
         raise ValueError(f"output={output!r}: choose one of {list(OUTPUT_MODES)}")
@@ -80,6 +84,11 @@ def generation_settings(model, processor, prompt_length: int, *, output: str = "
     processors.append(OutputModeLogitsProcessor(ids, prompt_length, output, eos,
                                                 max_text_tokens=max_new_tokens if output == "text+speech" else None))
     processors.append(SpeechSpanLogitsProcessor(ids, prompt_length, max_speech_units))
+    rate = getattr(model.config, "speech_units_per_character", None)
+    if rate is not None and output != "text":
+        spoken = None if spoken_text is None else torch.tensor([len(text.strip()) for text in spoken_text])
+        processors.append(SpeechLengthLogitsProcessor(ids, prompt_length, rate, processor.token_characters(),
+                                                      spoken, model.config.speech_length_tolerance))
     # Room for the text, the span and its two markers, and the closing EOS.
     budget = {"text": max_new_tokens, "speech": max_speech_units + 3,
               "text+speech": max_new_tokens + max_speech_units + 3}[output]

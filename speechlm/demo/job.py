@@ -265,6 +265,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     curve = LearningCurve(model, processor, curve_items, settings.eval, every_minutes=settings.curve_every_minutes,
                           clock=training_clock, progress=progress)
     examples = recipe.load_training_examples(config)
+    recipe.fit_speaking_rate(config, model, examples)
     alignment = recipe.align(config, model, tokenizer, examples)
     if alignment is not None:  # its minutes are training minutes: the schedule and the stop count them
         training_clock.add(alignment.seconds)

@@ -17,7 +17,16 @@ import speechlm  # noqa: F401  (Auto classes)
 from speechlm.cli import main
 from speechlm.configfile import ConfigFileError, apply_overrides, build_dataclass, read_yaml
 from speechlm.finetune.config import TrainConfig
-from speechlm.finetune.recipe import build_datasets, build_model, build_processor, build_trainer, run, train
+from speechlm.finetune.recipe import (
+    build_datasets,
+    build_model,
+    build_processor,
+    build_trainer,
+    fit_speaking_rate,
+    load_training_examples,
+    run,
+    train,
+)
 from speechlm.finetune.trainer import (
     COMPLETE_MARKER,
     TrainingClock,
@@ -51,13 +60,28 @@ def test_smoke_run_from_the_cli_learns_and_saves_a_loadable_model(prepared, tmp_
     code = main(["train", str(TINY_TRAIN_YAML), *overrides(prepared, out, "training.max_steps=2", "training.save_steps=2")])
     assert code == 0, capsys.readouterr().err
     logged = losses(out / "checkpoint-2")
-    assert logged == pytest.approx(PINNED_LOSSES, abs=2e-3) and logged[1] < logged[0]
+    # The second loss follows Adam's first, sign-like step, which flips with the last bits of gradients near
+    # zero; those differ between CPUs' float32 kernels (5.7477 pinned on one machine, 5.7525 on another).
+    assert logged[0] == pytest.approx(PINNED_LOSSES[0], abs=2e-3) and logged[1] < logged[0]
+    assert logged[1] == pytest.approx(PINNED_LOSSES[1], abs=1e-2)
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert all(0 <= entry["padding_fraction"] < 1 for entry in state["log_history"] if "loss" in entry)
     model = AutoModelForCausalLM.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "SpeechLMForCausalLM" and processor.num_speech_units == 64
     assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
+    # the speaking rate of the training pairs is saved with the model, for generation to keep speech to it
+    pairs = [(e.text, e.units) for e in load_training_examples(config(prepared, out))]
+    pairs += [(e.answer, e.answer_units) for e in load_training_examples(config(prepared, out)) if e.answer_units]
+    rate = sum(len(units) for _, units in pairs) / sum(len(text.strip()) for text, _ in pairs)
+    assert model.config.speech_units_per_character == pytest.approx(rate, abs=1e-4)
+
+
+def test_the_speaking_rate_is_kept_when_the_recipe_says_so(prepared, tmp_path):
+    settings = config(prepared, tmp_path, "data.fit_speaking_rate=false")
+    model, _ = build_model(settings)
+    assert fit_speaking_rate(settings, model, load_training_examples(settings)) is None
+    assert model.config.speech_units_per_character is None
 
 
 def test_the_padding_fraction_is_the_trained_batches_with_dataloader_workers_too(prepared, tmp_path, capsys):

@@ -3,7 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speechlm.constraints import OutputModeLogitsProcessor, SpeechSpanLogitsProcessor, SpeechTokenIds
+from speechlm.constraints import (
+    OutputModeLogitsProcessor,
+    SpeechLengthLogitsProcessor,
+    SpeechSpanLogitsProcessor,
+    SpeechTokenIds,
+)
 
 # A 20-token vocabulary: text 0..9, <|audio|> 10, <|speech_start|> 11, <|speech_end|> 12, units 13..16, more text.
 IDS = SpeechTokenIds(audio=10, speech_start=11, speech_end=12, unit_start=13, num_units=4)
@@ -83,3 +88,34 @@ def test_unknown_mode_and_bad_bounds_are_named():
         OutputModeLogitsProcessor(IDS, 0, "audio", [EOS])
     with pytest.raises(ValueError, match="max_speech_units=0"):
         SpeechSpanLogitsProcessor(IDS, 0, 0)
+
+
+# Text tokens 0..9 and 17..19 are 2 characters each; the added tokens none.
+CHARACTERS = torch.tensor([2] * 10)
+
+
+def test_a_known_text_sets_where_its_speech_may_end():
+    # 4 characters at 1 unit each: the end is barred below 3 units (4 x 0.75) and forced at 5 (4 x 1.25).
+    length = SpeechLengthLogitsProcessor(IDS, len(PROMPT), 1.0, CHARACTERS, torch.tensor([4]), tolerance=0.25)
+    short, inside, long = (finite(call(length, [11, *[13] * n])) for n in (2, 3, 5))
+    assert 12 not in short[0] and set(UNITS) <= set(short[0])
+    assert len(inside[0]) == VOCAB  # between the bounds the model chooses
+    assert long == [[12]]
+
+
+def test_chain_of_modality_counts_the_text_before_its_span():
+    # Two text tokens (4 characters) then the span; the prompt's tokens do not count.
+    length = SpeechLengthLogitsProcessor(IDS, len(PROMPT), 1.0, CHARACTERS, tolerance=0.25)
+    assert float(length.expected_units(torch.tensor([PROMPT + [5, 6, 11, 13]]))[0]) == 4.0
+    assert finite(call(length, [5, 6, 11, 13, 13, 13, 13, 13])) == [[12]]
+    assert len(finite(call(length, [11, 13, 13]))[0]) == VOCAB  # no text before it: the model decides
+
+
+def test_beams_repeat_each_rows_text_and_a_mismatch_is_named():
+    length = SpeechLengthLogitsProcessor(IDS, len(PROMPT), 1.0, CHARACTERS, torch.tensor([4, 40]))
+    expected = length.expected_units(torch.tensor([PROMPT] * 4))
+    assert expected.tolist() == [4.0, 4.0, 40.0, 40.0]
+    with pytest.raises(ValueError, match="spoken text for 2 rows, and the batch has 3"):
+        length.expected_units(torch.tensor([PROMPT] * 3))
+    with pytest.raises(ValueError, match="units_per_character=0"):
+        SpeechLengthLogitsProcessor(IDS, 3, 0, CHARACTERS)

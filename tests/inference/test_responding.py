@@ -136,3 +136,35 @@ def test_closing_the_stream_early_stops_generation(speaking):
     first = next(e for e in stream if isinstance(e, AudioChunk))
     stream.close()
     assert first.array.size and threading.active_count() == before
+
+
+def test_a_model_that_knows_its_speaking_rate_speaks_as_long_as_its_text(speaking):
+    model, processor = speaking
+    model.config.speech_units_per_character = 1.0
+    try:
+        texts = ["hello there", "a much longer sentence to be read aloud"]
+        inputs = processor([[{"role": "user", "content": f"Say: {text}"}] for text in texts])
+        rows = generate_response_tokens(model, processor, inputs, output="speech", max_speech_units=200,
+                                        spoken_text=texts, do_sample=True, top_k=4)
+        for text, row in zip(texts, rows, strict=True):
+            assert 0.75 * len(text) - 1 <= len(processor.parse_response(row).units) <= 1.25 * len(text) + 1
+        # chain-of-modality: the span is as long as the text the response generated first
+        rows = generate_response_tokens(model, processor, inputs, output="text+speech", max_new_tokens=6,
+                                        max_speech_units=200, do_sample=True, top_k=4)
+        for row in rows:
+            reply = processor.parse_response(row)
+            expected = int(processor.token_characters()[[t for t in row.tolist() if t < processor.text_vocab_size
+                                                         and t != processor.tokenizer.eos_token_id]].sum())
+            if expected:
+                assert 0.75 * expected - 1 <= len(reply.units) <= 1.25 * expected + 1, (reply.text, expected)
+    finally:
+        model.config.speech_units_per_character = None
+
+
+def test_token_characters_are_what_each_token_decodes_to(speaking):
+    _, processor = speaking
+    characters = processor.token_characters()
+    assert characters.shape == (processor.text_vocab_size,)
+    ids = processor.tokenizer("hello there", add_special_tokens=False).input_ids
+    assert int(characters[ids].sum()) == len(processor.tokenizer.decode(ids))
+    assert int(characters[processor.tokenizer.eos_token_id]) == 0
