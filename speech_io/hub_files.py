@@ -83,6 +83,7 @@ def missing_from_cache(name: str | os.PathLike, hub_kwargs: dict | None = None) 
     kwargs = hub_kwargs or {}
     repo = Path(kwargs.get("cache_dir") or constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
     revision = kwargs.get("revision") or "main"
+    # what snapshot_download looks for offline before it gives up
     return not ((repo / "refs" / revision).is_file() or (repo / "snapshots" / revision).is_dir())
 
 

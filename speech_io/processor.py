@@ -160,7 +160,7 @@ class SpeechLMProcessor:
             return path
         root, hub_kwargs = self._loaded_from
         if Path(root).is_dir():
-            return Path(root) / hub_kwargs.get("subfolder", "") / path
+            return Path(root) / (hub_kwargs.get("subfolder") or "") / path
         from transformers.utils import cached_file
 
         from speechlm.speech_io.codec import CHECKPOINT_NAME, CONFIG_NAME

@@ -175,6 +175,9 @@ def temperature_list(value: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    # The deepspeed launcher puts --local_rank=N before the subcommand (LOCAL_RANK in the environment says
+    # the same, and is what the Trainer reads), so `deepspeed $(which speechlm) train ...` runs as written.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("init", help="build a SpeechLM from a model YAML and save it")
