@@ -31,6 +31,7 @@ from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
 from speechlm.adapters.tiny import BYTE_VOCAB_SIZE, build_byte_tokenizer
 from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
+from speechlm.speech_io.hub_files import download_repo_folder, missing_from_cache, not_cached_message
 from speechlm.speech_io.processor import HUB_KWARGS as PROCESSOR_HUB_KWARGS
 from speechlm.speech_io.processor import SpeechLMProcessor
 from speechlm.speech_io.units import check_tokenizer_layout, expand_tokenizer
@@ -55,7 +56,8 @@ class ModelSpec:
                 "(none|whisper) and its reader_* settings"})
     num_speech_units: int = field(default=1024, metadata={"help": "codec codebook size (SpeechTokenizer: 1024)"})
     codec: str | dict | None = field(default=None, metadata={
-        "help": "the speech-output codec: a SpeechTokenizer directory (config.json + .pt), or SpeechTokenizer "
+        "help": "the speech-output codec: a SpeechTokenizer directory (config.json + .pt) or Hub repo id and folder "
+                "(fnlp/SpeechTokenizer/speechtokenizer_hubert_avg), or SpeechTokenizer "
                 "dims of a random codec ({} = the published ones; codebook_size is num_speech_units; codebooks "
                 "filled from `seed`); null: no codec (the model answers in text only)"})
     mode: str = field(default="frozen", metadata={"help": f"backbone training mode: {'|'.join(TRAINING_MODES)}"})
@@ -114,6 +116,8 @@ def load_backbone(source: str, *, mode: str, dtype: torch.dtype, **hub_kwargs) -
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as error:
+        if missing_from_cache(source, hub_kwargs):  # transformers' message would name neither repo nor cache
+            raise FileNotFoundError(not_cached_message("text model", source, hub_kwargs)) from error
         raise FileNotFoundError(f"text model {source!r}: {error}") from error
 
 
@@ -155,6 +159,8 @@ def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec.text_model)
         except OSError as error:
+            if missing_from_cache(spec.text_model):
+                raise FileNotFoundError(not_cached_message("text model", spec.text_model)) from error
             raise FileNotFoundError(f"text model {spec.text_model!r}: no tokenizer ({error})") from error
         language_model = load_backbone(spec.text_model, mode=spec.mode, dtype=dtype)
         text_config = language_model.config
@@ -191,7 +197,7 @@ def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:
 
 
 def build_codec(spec: ModelSpec) -> SpeechTokenizerCodec | None:
-    """The codec a speaking model decodes its units with: loaded from ``spec.codec`` (a directory), or
+    """The codec a speaking model decodes its units with: loaded from ``spec.codec`` (a directory or Hub repo), or
     random at the given dims with seeded codebooks (so that a fresh model's speech is reproducible)."""
     if spec.codec is None:
         return None
@@ -215,8 +221,8 @@ def build_processor(tokenizer, config: SpeechLMConfig, **settings) -> SpeechLMPr
                              num_speech_units=config.num_speech_units, **settings)
 
 
-# where this SpeechLM's own files come from: the processor's, and a subfolder of the repo or directory
-HUB_KWARGS = (*PROCESSOR_HUB_KWARGS, "subfolder")
+# where this SpeechLM's own files come from (a subfolder of the repo or directory among them): the processor's
+HUB_KWARGS = PROCESSOR_HUB_KWARGS
 BACKBONE_KWARGS = ("attn_implementation",)  # passed on to the backbone's from_pretrained
 SPREAD_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -230,10 +236,8 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, **hub_kwargs) -> Pat
     if path.exists() or str(name_or_path).startswith((".", "/")):
         raise FileNotFoundError(f"{name_or_path}: not a SpeechLM directory (expected config.json and "
                                 f"{WEIGHTS_NAME} written by save_pretrained)")
-    from huggingface_hub import snapshot_download
-
     allowed = {key: hub_kwargs[key] for key in HUB_KWARGS if key in hub_kwargs and key != "subfolder"}
-    return Path(snapshot_download(str(name_or_path), **allowed)) / subfolder
+    return download_repo_folder("SpeechLM", str(name_or_path), subfolder=subfolder, **allowed)
 
 
 def load_speechlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
@@ -275,7 +279,8 @@ def load_speechlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str |
 
     # ``revision`` names a commit of this SpeechLM's repo, not of the base model's: the base loads as the
     # config names it
-    base_kwargs = {key: kwargs[key] for key in ("token", "cache_dir", *BACKBONE_KWARGS) if key in kwargs}
+    base_kwargs = {key: kwargs[key] for key in ("token", "cache_dir", "local_files_only", "proxies", *BACKBONE_KWARGS)
+                   if key in kwargs}
     model = assemble_model(config, dtype=dtype, **base_kwargs)
     expected = {key for key in model.state_dict() if model.is_checkpoint_key(key)}
     missing, unexpected = sorted(expected - saved.keys()), sorted(saved.keys() - expected)

@@ -52,7 +52,8 @@ class DataConfig:
     length_grouping: bool = field(default=True, metadata={
         "help": "batch samples of similar length (mega-batch sorting) to cut padding"})
     codec: str | None = field(default=None, metadata={
-        "help": "SpeechTokenizer dir, for discrete input from audio that `prepare` did not encode"})
+        "help": "SpeechTokenizer dir or Hub repo id and folder (as model.codec), for discrete input from audio "
+                "that `prepare` did not encode"})
     system_prompt: str | None = field(default=None, metadata={
         "help": "system turn for conversations without one, saved with the processor so that inference "
                 "uses it too; null: the chat template's default (\"\" for an empty one: shorter samples)"})

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
+
 CHECKPOINT_NAME = "SpeechTokenizer.pt"
 CONFIG_NAME = "config.json"
 INSTALL_HINT = "pip install --no-deps speechtokenizer==1.0.1"
@@ -166,12 +168,26 @@ class SpeechTokenizerCodec:
             return cls(builder(config.to_dict()), config)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None
-                        ) -> SpeechTokenizerCodec:
-        """Load ``config.json`` + a ``.pt`` state dict: a directory, or a config (or .pt) file path.
+    def from_pretrained(cls, path: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
+                        subfolder: str = "", **hub_kwargs) -> SpeechTokenizerCodec:
+        """Load ``config.json`` + a ``.pt`` state dict: a directory, a config (or .pt) file path, or a Hub repo
+        id followed by the folder that holds them, as published: ``fnlp/SpeechTokenizer/speechtokenizer_hubert_avg``
+        (or ``subfolder=``). ``hub_kwargs`` (``revision``, ``token``, ``cache_dir``, ``local_files_only``) go to
+        the download; offline, the files come from the Hub cache.
 
         A directory with several ``.pt`` files needs ``checkpoint=`` unless one is ``SpeechTokenizer.pt``.
         """
+        unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
+        if unknown:
+            raise TypeError(f"SpeechTokenizerCodec.from_pretrained: unexpected keyword arguments {unknown}; it takes "
+                            f"checkpoint, subfolder, {', '.join(HUB_KWARGS)}")
+        if hub_name(path) is not None:
+            checkpoint_name = Path(checkpoint).name if checkpoint is not None else None
+            path = download_repo_folder("SpeechTokenizer codec", str(path), subfolder=subfolder,
+                                        patterns=(CONFIG_NAME, checkpoint_name or "*.pt"), **hub_kwargs)
+            checkpoint = None if checkpoint_name is None else path / checkpoint_name
+        else:
+            path = Path(path) / subfolder
         config_path, checkpoint_path = _resolve_files(Path(path), None if checkpoint is None else Path(checkpoint))
         try:
             data = json.loads(config_path.read_text())

@@ -31,6 +31,8 @@ from transformers import AutoTokenizer, BatchFeature
 from speechlm.speech_io.audio import MAX_SECONDS, AudioError, load_audio
 from speechlm.speech_io.constants import audio_placeholder_count, mel_frames
 from speechlm.speech_io.features import log_mel_features
+from speechlm.speech_io.hub_files import HUB_KWARGS as DOWNLOAD_KWARGS
+from speechlm.speech_io.hub_files import missing_from_cache, not_cached_message
 from speechlm.speech_io.units import (
     AUDIO_TOKEN,
     SPEECH_END_TOKEN,
@@ -52,8 +54,9 @@ PLAIN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant: {% endif %}"
 )
 IGNORE_INDEX = -100
-# What from_pretrained hands to the Hub download (the pipeline passes local_files_only, for one).
-HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
+# What from_pretrained hands to the Hub download (the pipeline passes local_files_only, for one), and the
+# folder of the repo or directory that holds the processor.
+HUB_KWARGS = (*DOWNLOAD_KWARGS, "subfolder")
 # What AutoProcessor and pipeline() pass along to every processor: their bookkeeping, and the model's
 # loading arguments (pipeline(dtype=..., device_map=...) hands its model_kwargs to the processor too).
 PASSED_ALONG_KWARGS = ("_from_auto", "_from_pipeline", "trust_remote_code", "code_revision", "_commit_hash",
@@ -157,7 +160,7 @@ class SpeechLMProcessor:
             return path
         root, hub_kwargs = self._loaded_from
         if Path(root).is_dir():
-            return Path(root) / path
+            return Path(root) / (hub_kwargs.get("subfolder") or "") / path
         from transformers.utils import cached_file
 
         from speechlm.speech_io.codec import CHECKPOINT_NAME, CONFIG_NAME
@@ -204,6 +207,9 @@ class SpeechLMProcessor:
         if unknown:
             raise TypeError(f"SpeechLMProcessor.from_pretrained({str(pretrained_model_name_or_path)!r}): unexpected "
                             f"keyword arguments {unknown}; its settings are {sorted(settings_names)}")
+        if missing_from_cache(pretrained_model_name_or_path, hub_kwargs):  # transformers' error would not say so
+            raise FileNotFoundError(not_cached_message("SpeechLM processor", str(pretrained_model_name_or_path),
+                                                       hub_kwargs))
         config_file = cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME,
                                   _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if config_file is None:

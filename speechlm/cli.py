@@ -50,6 +50,7 @@ def generate(model: str, audio: str | None, text: str | None, output: str, out_a
         raise ValueError(f"--output {output} speaks: give --out-audio FILE.wav to write the speech to")
     if output == "text" and out_audio is not None:
         raise ValueError("--out-audio needs --output speech or text+speech")
+    check_model_source(model)
     processor = AutoProcessor.from_pretrained(model)
     lm = AutoModelForCausalLM.from_pretrained(model)
     pieces, chunks = [], []
@@ -68,6 +69,15 @@ def generate(model: str, audio: str | None, text: str | None, output: str, out_a
         save_wav(out_audio, speech)
         print(f"wrote {speech.size / 16000:.2f} s of speech to {out_audio}", file=sys.stderr)
     return "".join(pieces)
+
+
+def check_model_source(model: str) -> None:
+    """A Hub repo id that offline loading cannot find is named as such: transformers' Auto classes, which
+    load it next, say only that they could not connect."""
+    from speechlm.speech_io.hub_files import missing_from_cache, not_cached_message
+
+    if missing_from_cache(model):
+        raise FileNotFoundError(not_cached_message("--model", model))
 
 
 def merge(checkpoint: str, out: str) -> Path:
@@ -107,6 +117,7 @@ def evaluate(model: str, task: str, data: str, out: str | None, settings: dict) 
 
     from speechlm.finetune.evaluation import EvalSettings, format_table, run_evaluation
 
+    check_model_source(model)
     report = run_evaluation(model, task, data, EvalSettings(**settings))
     if not PartialState().is_main_process:  # every rank holds the gathered report; one writes it
         return report
@@ -164,6 +175,9 @@ def temperature_list(value: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    # The deepspeed launcher puts --local_rank=N before the subcommand (LOCAL_RANK in the environment says
+    # the same, and is what the Trainer reads), so `deepspeed $(which speechlm) train ...` runs as written.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("init", help="build a SpeechLM from a model YAML and save it")
@@ -221,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("prepare", help="check audio and extract codec units for training")
     p.add_argument("manifest", help="JSONL manifest, saved dataset directory, or audiofolder directory")
-    p.add_argument("--codec", required=True, help="SpeechTokenizer directory (config.json + .pt)")
+    p.add_argument("--codec", required=True, help="SpeechTokenizer directory (config.json + .pt), or a Hub repo id "
+                                                  "and folder: fnlp/SpeechTokenizer/speechtokenizer_hubert_avg")
     p.add_argument("--out", required=True, help="output directory; a re-run resumes there")
     p.add_argument("--layers", choices=["1", "all"], default="1", help="RVQ layers to keep (1: semantic)")
     p.add_argument("--batch-size", type=int, default=8, help="clips encoded together")

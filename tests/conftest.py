@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -13,6 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from speechlm.adapters.building import ModelSpec
 from speechlm.adapters.tiny import BYTE_VOCAB_SIZE, build_byte_tokenizer
+from tests.hub_cache import cache_repo, offline_cache
 
 # Widths of at least 64: bitsandbytes quantizes in 64-element blocks.
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -20,6 +24,8 @@ TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 TINY_AUDIO = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=2)
 TINY_PROJECTOR = dict(projector_type="mlp", stack_factor=2, hidden_size=48)
 TINY_UNITS = 16
+# The published SpeechTokenizer's repo and the folder that holds its config.json and SpeechTokenizer.pt.
+PUBLISHED_CODEC = "fnlp/SpeechTokenizer/speechtokenizer_hubert_avg"
 
 
 def tiny_spec(**changes) -> ModelSpec:
@@ -66,3 +72,40 @@ def qwen2_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def whisper_pt(tmp_path_factory) -> str:
     return save_tiny_whisper(tmp_path_factory.mktemp("whisper") / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def published_codec():
+    """A narrow random SpeechTokenizer with 64 codes (the tiny recipe's units), seeded codebooks."""
+    from speechlm.finetune.demo_data import NARROW_CODEC
+    from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
+
+    codec = SpeechTokenizerCodec.from_config(CodecConfig(**NARROW_CODEC), seed=0)
+    codec.fill_codebooks(None, seed=0)
+    return codec
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory, llama_dir, published_codec) -> Path:
+    """A Hugging Face cache as downloads leave it: `llama_dir` as ``owner/tiny-llama``, and `published_codec` in
+    the layout of the published SpeechTokenizer repo (its README at the root; under ``speechtokenizer_hubert_avg/``
+    ``config.json``, with the training settings the published one carries, and ``SpeechTokenizer.pt``)."""
+    cache = tmp_path_factory.mktemp("hf-cache")
+    cache_repo(cache, "owner/tiny-llama", llama_dir)
+    repo = tmp_path_factory.mktemp("speechtokenizer-repo")
+    owner, name, folder = PUBLISHED_CODEC.split("/", 2)
+    published_codec.save_pretrained(repo / folder)
+    config = {**published_codec.config.to_dict(), "num_mels": 80, "segment_size": 48000, "learning_rate": 1e-4,
+              "semantic_model_layer": "avg", "distill_type": "d_axis", "results_folder": "Log/spt_base"}
+    (repo / folder / "config.json").write_text(json.dumps(config, indent=4))
+    (repo / "README.md").write_text("# SpeechTokenizer\n")
+    (repo / ".gitattributes").write_text("*.pt filter=lfs diff=lfs merge=lfs -text\n")
+    cache_repo(cache, f"{owner}/{name}", repo)
+    return cache
+
+
+@pytest.fixture
+def offline_hub(hub_cache) -> Iterator[Path]:
+    """`hub_cache` as this test's Hub cache (and its subprocesses'), with HF_HUB_OFFLINE=1."""
+    with offline_cache(hub_cache) as cache:
+        yield cache

@@ -19,6 +19,11 @@ def test_init_builds_the_tiny_default(tmp_path, capsys):
     assert type(model).__name__ == "SpeechLMForCausalLM" and model.config.num_speech_units == 32
 
 
+def test_the_deepspeed_launchers_local_rank_argument_is_taken(tmp_path):
+    # `deepspeed $(which speechlm) train ...` starts each rank as `speechlm --local_rank=N train ...`
+    assert main(["--local_rank=1", "init", str(TINY_YAML), "--out", str(tmp_path), "num_speech_units=32"]) == 0
+
+
 def test_bad_config_values_exit_2_naming_every_field(tmp_path, capsys):
     code = main(["init", str(TINY_YAML), "--out", str(tmp_path), "mode=half", "projector.stack_factor=0", "foo=1"])
     err = capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The README's examples run as written, in a fresh folder, against the tiny default.
 
-Left out, each for its reason: `make` lines and `pip install` lines (what CI itself runs), and the
-`speechlm init` line that names a gated Hub model and a local Whisper checkpoint.
+Left out, each for its reason: `make` lines and `pip install` lines (what CI itself runs), the
+`speechlm init` line that names a gated Hub model and a local Whisper checkpoint, and the cluster launches
+(they need several machines; `tests/finetune/test_launchers.py` runs two nodes on one).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 NEEDS_THE_HUB = "meta-llama/"
+NEEDS_A_CLUSTER = ("--nnodes", "--num_machines", "--hostfile")
 
 
 def readme_blocks() -> list[tuple[str, str]]:
@@ -30,7 +32,8 @@ def shell_commands(block: str) -> list[str]:
 
 
 def runnable(command: str) -> bool:
-    return not command.startswith(("make ", "pip ")) and NEEDS_THE_HUB not in command
+    return (not command.startswith(("make ", "pip ")) and NEEDS_THE_HUB not in command
+            and not any(flag in command.split() for flag in NEEDS_A_CLUSTER))
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import speechlm  # noqa: F401  (Auto classes)
 from speechlm.cli import main
 from speechlm.configfile import ConfigFileError, apply_overrides, build_dataclass, read_yaml
 from speechlm.finetune.config import TrainConfig
+from speechlm.finetune.prepare import codec_hash
 from speechlm.finetune.recipe import (
     build_datasets,
     build_model,
@@ -33,6 +34,7 @@ from speechlm.finetune.trainer import (
     minute_schedule,
     newest_complete_checkpoint,
 )
+from tests.conftest import PUBLISHED_CODEC
 from tests.finetune.conftest import TINY_TRAIN_YAML
 
 TINY_SAMPLE = TINY_TRAIN_YAML.parent / "sample.flac"
@@ -75,6 +77,18 @@ def test_smoke_run_from_the_cli_learns_and_saves_a_loadable_model(prepared, tmp_
     pairs += [(e.answer, e.answer_units) for e in load_training_examples(config(prepared, out)) if e.answer_units]
     rate = sum(len(units) for _, units in pairs) / sum(len(text.strip()) for text, _ in pairs)
     assert model.config.speech_units_per_character == pytest.approx(rate, abs=1e-4)
+
+
+def test_a_backbone_and_codec_named_by_hub_repo_ids_train_from_the_cache(prepared, offline_hub, published_codec,
+                                                                         tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", str(TINY_TRAIN_YAML), *overrides(
+        prepared, out, "training.max_steps=1", "training.save_steps=1", "model.text_model=owner/tiny-llama",
+        "model.text=null", "model.mode=lora", f"data.codec={PUBLISHED_CODEC}")])
+    assert code == 0, capsys.readouterr().err
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.text_model_name_or_path == "owner/tiny-llama" and model.config.mode == "lora"
+    assert codec_hash(AutoProcessor.from_pretrained(out).codec) == codec_hash(published_codec)
 
 
 def test_the_speaking_rate_is_kept_when_the_recipe_says_so(prepared, tmp_path):

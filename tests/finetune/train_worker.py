@@ -1,5 +1,5 @@
-"""One rank of a launched training run (accelerate, torchrun, deepspeed): the recipe `speechlm train` runs,
-plus a record of what this rank saw, written to OUT/rank-R.json for the test to compare."""
+"""One rank of a launched training run (accelerate, torchrun, the deepspeed launcher): the recipe `speechlm train`
+runs, plus a record of what this rank saw, written to OUT/rank-R.json for the test to compare."""
 
 from __future__ import annotations
 
@@ -37,4 +37,5 @@ def main(config_path: str, *overrides: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    # the deepspeed launcher adds --local_rank=N (LOCAL_RANK in the environment says the same)
+    main(*(arg for arg in sys.argv[1:] if not arg.startswith("--local_rank=")))
