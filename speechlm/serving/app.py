@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from speechlm.serving.batching import BatchScheduler, GenerationJob, QueueFull
+from speechlm.serving.batching import BatchScheduler, GenerationJob, QueueFull, SchedulerClosed
 from speechlm.serving.completions import completion, completion_chunks
 from speechlm.serving.conversation import RecentReplies
 from speechlm.serving.errors import APIError, bad_request, validation_error
@@ -43,6 +43,8 @@ def build_app(model, processor, settings: ServeSettings, *, model_name: str) -> 
     replies = RecentReplies()
     started = int(time.time())
     max_positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    if processor.has_codec:
+        processor.codec  # noqa: B018  (loaded now, once: a broken codec fails at startup, not in a request)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,7 +92,7 @@ def build_app(model, processor, settings: ServeSettings, *, model_name: str) -> 
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "running": scheduler.running, "waiting": scheduler.waiting}
+        return {"status": "ok", **scheduler.stats()}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
@@ -101,6 +103,8 @@ def build_app(model, processor, settings: ServeSettings, *, model_name: str) -> 
         except QueueFull as full:
             raise APIError(429, f"the server is at capacity: {full}", type="requests", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
+        except SchedulerClosed as closed:
+            raise APIError(503, str(closed), type="server_error", code="shutting_down") from None
         events = job.events(processor, settings.stream_chunk_frames)
         if call.stream:
             return StreamingResponse(_server_sent_events(completion_chunks(call, job, events, replies), job),
@@ -130,7 +134,7 @@ def build_app(model, processor, settings: ServeSettings, *, model_name: str) -> 
 
     if settings.chat_page:
         page = resources.files("speechlm.serving").joinpath(CHAT_PAGE).read_text(encoding="utf-8")
-        page = page.replace("{{MODEL}}", json.dumps(model_name))
+        page = page.replace("{{MODEL}}", json.dumps(model_name).replace("<", "\\u003c"))  # inside <script>
 
         @app.get("/", response_class=HTMLResponse)
         async def chat_page() -> str:

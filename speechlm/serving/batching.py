@@ -52,6 +52,10 @@ class QueueFull(Exception):
     """The waiting line is full: the request is refused, not queued."""
 
 
+class SchedulerClosed(Exception):
+    """The server is shutting down and takes no more requests."""
+
+
 class GenerationJob:
     """One request's way through the scheduler: a conversation in, its new token ids out as they come."""
 
@@ -115,7 +119,9 @@ class BatchScheduler:
         self.processor = processor
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
-        self.batch_sizes: list[int] = []  # of every batch run, for measuring
+        self.batch_sizes: deque[int] = deque(maxlen=1024)  # of the latest batches, for measuring
+        self.batches_run = 0
+        self.requests_run = 0
         self.finish_reasons: Counter[str] = Counter()  # of every request decoded
         self._waiting: deque[GenerationJob] = deque()
         self._running: list[GenerationJob] = []
@@ -131,13 +137,22 @@ class BatchScheduler:
     def running(self) -> int:
         return len(self._running)
 
+    def stats(self) -> dict[str, Any]:
+        """What the server is doing, and what it did (``/health``)."""
+        with self._condition:
+            sizes = list(self.batch_sizes)
+            return {"running": len(self._running), "waiting": len(self._waiting),
+                    "recent_mean_batch_size": round(sum(sizes) / len(sizes), 2) if sizes else None,
+                    "batches_run": self.batches_run, "requests_run": self.requests_run,
+                    "finish_reasons": dict(self.finish_reasons)}
+
     def start(self) -> None:
         self._worker.start()
 
     def submit(self, job: GenerationJob) -> None:
         with self._condition:
             if self._closed:
-                raise RuntimeError("the server is shutting down")
+                raise SchedulerClosed("the server is shutting down")
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self._running)} requests are being decoded and {len(self._waiting)} are "
                                 f"waiting (the bound); retry shortly")
@@ -168,8 +183,8 @@ class BatchScheduler:
             finally:
                 for job in batch:  # rows that never reached EOS ran out of budget
                     job.finish("cancelled" if job.cancelled else "length")
-                    self.finish_reasons[job.finish_reason] += 1
                 with self._condition:
+                    self.finish_reasons.update(job.finish_reason for job in batch)
                     self._running = []
 
     def _next_batch(self) -> list[GenerationJob] | None:
@@ -178,6 +193,7 @@ class BatchScheduler:
                 for job in [job for job in self._waiting if job.cancelled]:
                     self._waiting.remove(job)
                     job.finish("cancelled")
+                    self.finish_reasons["cancelled"] += 1
                 if self._closed:
                     return None
                 if self._waiting:
@@ -194,6 +210,8 @@ class BatchScheduler:
                         batch.append(job)
             self._running = batch
             self.batch_sizes.append(len(batch))
+            self.batches_run += 1
+            self.requests_run += len(batch)
             return batch
 
 

@@ -119,7 +119,7 @@ def test_concurrent_requests_are_batched_and_each_answer_is_its_own(server, clie
             futures += [ask(question) for question in questions[1:]]
             wait_until(lambda: scheduler.waiting == 3)
         answers = [future.result().choices[0].message.content for future in futures]
-    assert scheduler.batch_sizes[-2:] == [1, 3]
+    assert list(scheduler.batch_sizes)[-2:] == [1, 3]
     for question, answer in zip(questions, answers, strict=True):
         assert answer == respond(model, processor, as_processor_conversation(sample_wav, question),
                                  max_new_tokens=6).text
