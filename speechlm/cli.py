@@ -163,6 +163,27 @@ def convert_whisper_ct2(src: list[str], out: str, dtype: str) -> Path:
     return path
 
 
+def serve(model: str, options: dict, chat_page: bool = False) -> None:
+    """Serve a saved SpeechLM over HTTP until interrupted: OpenAI's ``/v1/chat/completions`` and ``/v1/models``
+    (and with ``chat_page`` the voice chat page at ``/``). The API key comes from ``--api-key`` or the
+    environment's ``SPEECHLM_API_KEY``."""
+    from speechlm.serving.settings import API_KEY_ENV, ServeSettings
+
+    try:
+        from speechlm.serving.server import serve as run_server
+    except ImportError as error:
+        raise ValueError(f"serving needs the serve extra: pip install 'speechlm[serve]' ({error})") from error
+
+    device, dtype, log_level = options.pop("device"), options.pop("dtype"), options.pop("log_level")
+    options["api_key"] = options["api_key"] if options["api_key"] is not None else os.environ.get(API_KEY_ENV)
+    settings = ServeSettings(**options, chat_page=chat_page)
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    what = "voice chat page" if chat_page else "OpenAI-compatible API"
+    print(f"serving {model} ({what}) at http://{shown}:{settings.port}"
+          f"{'/' if chat_page else '/v1'}{' (API key required)' if settings.api_key else ''}", file=sys.stderr)
+    run_server(model, settings, device=device, dtype=dtype, log_level=log_level)
+
+
 def temperature_list(value: str) -> tuple[float, ...]:
     """``"0,0.2,0.4"`` -> ``(0.0, 0.2, 0.4)``: argparse names the option and value when this fails
     (`EvalSettings` checks the values)."""
@@ -170,6 +191,38 @@ def temperature_list(value: str) -> tuple[float, ...]:
         return tuple(float(part) for part in value.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from speechlm.serving.settings import ServeSettings
+
+    defaults = ServeSettings()
+    p.add_argument("model", help="a saved SpeechLM directory or Hub id")
+    p.add_argument("--host", default=defaults.host, help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=defaults.port, help="TCP port")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route (default: "
+                                     "$SPEECHLM_API_KEY, else no key)")
+    p.add_argument("--model-name", help="the model id clients send (default: MODEL as given)")
+    p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                   help="requests decoded together in one batch")
+    p.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
+                   help="requests that may wait for the model; past it a 429")
+    p.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens,
+                   help="text tokens of an answer when the request does not say")
+    p.add_argument("--max-speech-units", type=int, default=defaults.max_speech_units,
+                   help="bound on a spoken answer (50 units a second)")
+    p.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
+                   help="largest request body (base64 audio included)")
+    p.add_argument("--device", help="torch device for the model (default: where it loads, the CPU)")
+    p.add_argument("--dtype", help="load the weights as this dtype (e.g. bfloat16; default: float32)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def serve_options(a: argparse.Namespace) -> dict:
+    return dict(host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
+                max_batch_size=a.max_batch_size, max_waiting=a.max_waiting,
+                default_max_tokens=a.default_max_tokens, max_speech_units=a.max_speech_units,
+                max_request_bytes=a.max_request_bytes, device=a.device, dtype=a.dtype, log_level=a.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="run a training recipe (YAML + key.sub=value overrides)")
     p.add_argument("config", help="training recipe YAML, e.g. configs/tiny/train.yaml")
     p.set_defaults(run=lambda a: train(a.config, a.overrides), takes_overrides=True)
+
+    for name, chat_page, text in (("serve", False, "serve a SpeechLM over an OpenAI-compatible HTTP API"),
+                                  ("chat-ui", True, "serve a SpeechLM with a voice chat page (and the same API)")):
+        p = commands.add_parser(name, help=text)
+        add_serve_arguments(p)
+        p.set_defaults(run=lambda a, chat_page=chat_page: serve(a.model, serve_options(a), chat_page))
 
     p = commands.add_parser("convert", help="convert a checkpoint of another format")
     formats = p.add_subparsers(dest="format", required=True)

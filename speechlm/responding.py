@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +78,7 @@ def generation_settings(model, processor, prompt_length: int, *, output: str = "
         raise ValueError(f"output={output!r} needs a codec to turn units into sound, and this model has none; "
                          f"build it with a codec (model YAML `codec:`) or ask for output='text'")
     ids = SpeechTokenIds.of(model.config)
-    eos = model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [processor.tokenizer.eos_token_id])
+    eos = eos_token_ids(model, processor)
     processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
     processors.append(OutputModeLogitsProcessor(ids, prompt_length, output, eos,
                                                 max_text_tokens=max_new_tokens if output == "text+speech" else None))
@@ -93,6 +92,12 @@ def generation_settings(model, processor, prompt_length: int, *, output: str = "
     budget = {"text": max_new_tokens, "speech": max_speech_units + 3,
               "text+speech": max_new_tokens + max_speech_units + 3}[output]
     return {"max_new_tokens": budget, "logits_processor": processors, **generate_kwargs}
+
+
+def eos_token_ids(model, processor) -> list[int]:
+    """The ids that end a response: the model's generation config's, else the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [processor.tokenizer.eos_token_id])
 
 
 def respond(model, processor, conversations=None, *, audio=None, text: str | None = None,
@@ -160,14 +165,14 @@ def stream_response(model, processor, conversation=None, *, audio=None, text: st
     worker = threading.Thread(target=work, name="speechlm-generate", daemon=True)
     worker.start()
     try:
-        yield from _events(processor, tokens, chunk_frames)
+        yield from response_events(processor, tokens, chunk_frames)
     finally:
         stop.set()
         worker.join()
 
 
 class _TokenQueue(BaseStreamer):
-    """The streamer ``generate`` feeds: new token ids in, consumed by `_events` in another thread."""
+    """The streamer ``generate`` feeds: new token ids in, consumed by `response_events` in another thread."""
 
     _END = object()
 
@@ -206,8 +211,12 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _events(processor, tokens: _TokenQueue, chunk_frames: int) -> Iterator[ResponseEvent]:
-    """Text deltas outside speech spans; inside one, audio chunks from the codec's streamed decode."""
+def response_events(processor, tokens: Iterable[int], chunk_frames: int = STREAM_CHUNK_FRAMES
+                    ) -> Iterator[ResponseEvent]:
+    """Text deltas outside speech spans; inside one, audio chunks from the codec's streamed decode.
+
+    ``tokens`` are one response's new token ids as generate makes them (`stream_response`'s queue, or one
+    row of the server's batched decode, `speechlm.serving.batching`)."""
     stream = iter(tokens)
     text_ids: list[int] = []
     shown = ""
