@@ -26,7 +26,8 @@ def test_wheel_contains_the_mapped_packages(wheel):
     names = set(wheel.namelist())
     for module in ("speechlm/__init__.py", "speechlm/cli.py", "speechlm/adapters/modeling.py",
                    "speechlm/adapters/configuration.py", "speechlm/speech_io/units.py",
-                   "speechlm/finetune/__init__.py"):
+                   "speechlm/finetune/__init__.py", "speechlm/serving/app.py",
+                   "speechlm/serving/chat_page.html"):  # the page is package data
         assert module in names, module
     assert not any(name.startswith(("adapters/", "speech_io/", "finetune/", "tests/")) for name in names)
 
