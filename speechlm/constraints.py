@@ -56,6 +56,12 @@ def _row_state(input_ids: torch.Tensor, prompt_length: int, ids: SpeechTokenIds)
                      (~(is_unit | is_start | is_end)).sum(1))
 
 
+def _unit_tokens(ids: SpeechTokenIds, scores: torch.Tensor) -> torch.Tensor:
+    """``V`` True at the speech-unit token ids of ``scores``' vocabulary."""
+    vocab = torch.arange(scores.shape[1], device=scores.device)
+    return (vocab >= ids.unit_start) & (vocab < ids.unit_start + ids.num_units)
+
+
 def _force(scores: torch.Tensor, rows: torch.Tensor, token: int) -> None:
     """Make ``token`` the only choice in ``rows`` (its score finite even if a warper had dropped it)."""
     if rows.any():
@@ -89,7 +95,7 @@ class SpeechSpanLogitsProcessor(LogitsProcessor):
         ids, state = self.ids, _row_state(input_ids, self.prompt_length, self.ids)
         scores = scores.clone()
         vocab = torch.arange(scores.shape[1], device=scores.device)
-        units = (vocab >= ids.unit_start) & (vocab < ids.unit_start + ids.num_units)
+        units = _unit_tokens(ids, scores)
         outside = ~state.in_span
         scores[outside[:, None] & (units | (vocab == ids.speech_end) | (vocab == ids.audio))] = -torch.inf
         _restrict(scores, state.in_span & (state.span_units > 0), units | (vocab == ids.speech_end))
@@ -188,8 +194,6 @@ class SpeechLengthLogitsProcessor(LogitsProcessor):
         scores = scores.clone()
         lower = torch.floor(expected * (1 - self.tolerance)).clamp(min=1)
         upper = torch.ceil(expected * (1 + self.tolerance)).clamp(min=lower + 1)
-        vocab = torch.arange(scores.shape[1], device=scores.device)
-        units = (vocab >= ids.unit_start) & (vocab < ids.unit_start + ids.num_units)
-        _restrict(scores, known & (state.span_units < lower), units)  # no end yet
+        _restrict(scores, known & (state.span_units < lower), _unit_tokens(ids, scores))  # no end yet
         _force(scores, known & (state.span_units >= upper), ids.speech_end)
         return scores

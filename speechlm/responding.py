@@ -83,7 +83,7 @@ def generation_settings(model, processor, prompt_length: int, *, output: str = "
     processors.append(OutputModeLogitsProcessor(ids, prompt_length, output, eos,
                                                 max_text_tokens=max_new_tokens if output == "text+speech" else None))
     processors.append(SpeechSpanLogitsProcessor(ids, prompt_length, max_speech_units))
-    rate = getattr(model.config, "speech_units_per_character", None)
+    rate = model.config.speech_units_per_character
     if rate is not None and output != "text":
         spoken = None if spoken_text is None else torch.tensor([len(text.strip()) for text in spoken_text])
         processors.append(SpeechLengthLogitsProcessor(ids, prompt_length, rate, processor.token_characters(),
