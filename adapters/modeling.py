@@ -218,7 +218,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         transcript in the backbone's vocabulary (the clip padded with silence to the reader's window). A
         frozen encoder's results come from `reading_cache` when the same clip was read before with the same
         weights; it runs in float32 whatever the autocast, so that a clip reads the same in training (bf16
-        autocast) as at inference (bf16 convolutions were also ~6x slower on a CPU)."""
+        autocast) as at inference (and bf16 convolutions are slow on a CPU)."""
         reader = self.audio_reader
         cacheable = not self.config.train_audio_encoder and self.reading_cache.max_bytes > 0
         parts = (self.audio_tower,) if reader is None else (self.audio_tower, reader)

@@ -1,1 +1,1 @@
-"""Data preparation, task templates, the training recipe and evaluation (see the training issue)."""
+"""Data preparation, task templates, the training recipe and evaluation."""

@@ -4,9 +4,8 @@ the LM-in-the-loop stage.
 The projected frames of a clip are scored against the frozen LM's input embeddings (``frames @ E.T``,
 plus one learned blank vector), and CTC aligns them to the tokens of the clip's transcript. No LM layer
 runs and the frozen encoder's outputs are computed once per clip, so a step of 32 clips costs a fraction
-of an LM step of 8. On the quick start's corpus (2 CPU cores) 400 steps (3.8 min, encoding included) cost
-about as much as 100 LM steps, and 150 LM steps from there reach a held-out ASR loss of 0.56 per token
-against 1.77 without (BENCHMARKS.md, "Quick start").
+of an LM step of 8, and the LM stage starts from frames the LM already half-reads (figures in
+BENCHMARKS.md, "Quick start").
 
 By default the softmax runs over the tokens that occur in the transcripts: rows that no transcript uses
 get no signal but a push away, and the full softmax costs ~20x more here. But a word that needs any other

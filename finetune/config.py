@@ -105,7 +105,7 @@ class TrainingConfig:
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision"})
     fp16: bool = field(default=False, metadata={"help": "float16 mixed precision (GPU)"})
     activation_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in backward (was gradient_checkpointing)"})
+        "help": "recompute activations in backward: less memory, more compute"})
     deepspeed: str | None = field(default=None, metadata={
         "help": "DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json"})
     use_cpu: bool = field(default=False, metadata={"help": "train on the CPU (also makes torchrun use gloo)"})

@@ -256,7 +256,7 @@ def _load_judge(path: str):
 
 def transcribe(judge, waveform) -> str:
     """The judge's greedy English transcript; audio is padded to 30 s, as Whisper's decoder repeats
-    itself on short un-padded input (NOTES.md)."""
+    itself on short un-padded input."""
     import whisper
 
     audio = whisper.pad_or_trim(torch.as_tensor(waveform, dtype=torch.float32))
@@ -361,7 +361,7 @@ def run_evaluation(model_dir: str, task: str, manifest: str, settings: EvalSetti
 
     settings = settings or EvalSettings()
     items = read_eval_manifest(manifest, task)
-    # cpu=True on a machine without CUDA: otherwise a CPU launch runs N unconnected copies (NOTES.md)
+    # cpu=True on a machine without CUDA: otherwise a CPU launch runs N unconnected copies
     state = PartialState(cpu=not torch.cuda.is_available())
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(state.device).eval()
     processor = AutoProcessor.from_pretrained(model_dir)

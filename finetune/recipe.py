@@ -37,7 +37,6 @@ from speechlm.speech_io.processor import SpeechLMProcessor
 
 logger = logging.getLogger(__name__)
 
-# Tasks whose samples always carry the spoken input (audio or its units) in the user turn.
 # Mode changes a saved model can take on load; others need `speechlm merge` or a fresh build.
 MODE_CHANGES = {("frozen", "lora"), ("frozen", "full")}
 
@@ -130,8 +129,8 @@ def align(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer, examples: 
 
 def mixed_precision_bf16(training) -> bool:
     """``training.bf16``, except on a CPU without native bfloat16 (AVX-512 BF16 or AMX): there torch's bf16
-    matmuls fall back to a single-threaded GEMM, ~15x slower than float32 (a logits backward of 300 x 49k
-    x 576: 20 s vs 1.4 s on an AVX2-only EPYC), so such a machine trains in float32, with a warning."""
+    matmuls fall back to a single-threaded GEMM, many times slower than float32, so such a machine trains in
+    float32, with a warning."""
     if not training.bf16:
         return False
     on_cpu = training.use_cpu or not torch.cuda.is_available()

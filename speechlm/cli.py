@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 def leave_process_group(code: int) -> None:
     """End a worker of a multi-process launch cleanly: 2-process gloo jobs that leave the process group to
     interpreter shutdown abort now and then ("terminate called without an active exception") after
-    finishing their work (NOTES.md), so close it and exit at once."""
+    finishing their work, so close it and exit at once."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

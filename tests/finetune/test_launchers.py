@@ -1,5 +1,6 @@
-"""2-process runs on the CPU under each launcher: the world size is asserted (NOTES.md lists the ways a
-launch silently runs single-process), ranks must see different data, and the saved model must load."""
+"""2-process runs on the CPU under each launcher: the world size is asserted (a launch can silently run
+single-process: `accelerate launch --cpu` starts one process, the Trainer under torchrun without use_cpu
+trains unparallel), ranks must see different data, and the saved model must load."""
 
 from __future__ import annotations
 
