@@ -13,6 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from speechlm.adapters.audio_encoder import WhisperAudioEncoder
 from speechlm.adapters.compression import CTCCompressor
 from speechlm.adapters.configuration import SpeechLMConfig
+from speechlm.adapters.loading import load_speechlm
 from speechlm.adapters.lora_gate import SpeechGate
 from speechlm.adapters.projectors import build_projector
 from speechlm.adapters.readers import WhisperTranscriptReader
@@ -452,8 +453,6 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         Keyword arguments: ``dtype``, ``mode`` (e.g. ``"lora"`` to load a QLoRA checkpoint in full
         precision), ``device_map``/``revision``/``token`` as usual; see `load_speechlm`, which refuses the
         keywords it would not honour."""
-        from speechlm.adapters.building import load_speechlm
-
         if model_args:
             raise TypeError(f"SpeechLMForCausalLM.from_pretrained takes no positional model arguments, got {model_args}")
         # what the Auto classes add on their way here: settled before (trust_remote_code) or unused
@@ -462,4 +461,4 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         if "_adapter_model_path" in (kwargs.pop("adapter_kwargs", None) or {}):  # Auto found adapter_config.json
             raise TypeError(f"{pretrained_model_name_or_path}: a SpeechLM checkpoint carries its LoRA in "
                             f"model.safetensors; a separate peft adapter (adapter_config.json) is not loaded")
-        return load_speechlm(pretrained_model_name_or_path, **kwargs)
+        return load_speechlm(cls, pretrained_model_name_or_path, **kwargs)

@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from speechlm.adapters.lora_gate import SpeechGate
-from speechlm.adapters.modeling import SpeechLMForCausalLM
 
 if TYPE_CHECKING:
     from peft import LoraConfig
+
+    from speechlm.adapters.modeling import SpeechLMForCausalLM
 
 
 def is_peft_model(module) -> bool:

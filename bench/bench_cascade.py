@@ -22,7 +22,7 @@ import whisper
 
 from speechlm.demo.build import load_demo_assets
 from speechlm.demo.job import load_trained, spread
-from speechlm.finetune.evaluation import EvalSettings, generate_text, read_eval_manifest, transcribe
+from speechlm.evaluation import EvalSettings, generate_text, read_eval_manifest, transcribe
 from speechlm.finetune.metrics import match_answer, word_errors
 from speechlm.speech_io.audio import load_audio
 

@@ -25,9 +25,9 @@ from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
 from speechlm.demo.build import build_demo_assets
 from speechlm.demo.corpus import ANSWER_SYSTEM_PROMPT
 from speechlm.demo.job import corpus_rows, split_for_units, spread, units_dir
+from speechlm.evaluation import EvalSettings, evaluate, read_eval_manifest
 from speechlm.finetune import recipe
 from speechlm.finetune.config import TrainConfig
-from speechlm.finetune.evaluation import EvalSettings, evaluate, read_eval_manifest
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m" / "stage1_align.yaml"
 

@@ -25,7 +25,7 @@ from speechlm.adapters.configuration import SpeechLMAudioConfig, SpeechLMProject
 from speechlm.adapters.readers import WhisperTranscriptReader
 from speechlm.demo.build import load_demo_assets
 from speechlm.demo.job import corpus_rows, spread
-from speechlm.finetune.evaluation import transcribe
+from speechlm.evaluation import transcribe
 from speechlm.finetune.metrics import word_errors
 from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.features import log_mel_features

@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from speechlm.finetune.examples import Example, ManifestError, Span
-from speechlm.finetune.sources import PREPARE_RECORD, load_examples
+from speechlm.finetune.examples import Example
+from speechlm.finetune.prepared import CHUNKS_DIR, PREPARE_RECORD, REPORT_NAME, row_schema, to_record
+from speechlm.finetune.sources import load_examples
 from speechlm.speech_io.audio import AudioError, load_audio
 
-REPORT_NAME = "report.json"
-CHUNKS_DIR = "chunks"
 LAYER_CHOICES = ("1", "all")
 FORMAT_VERSION = 1
 
@@ -121,31 +120,6 @@ def prepare(source: Any, codec: Any, out: str | os.PathLike, *, layers: str = "1
     return report
 
 
-def load_prepared(directory: str | os.PathLike) -> list[Example]:
-    """The examples of a finished ``speechlm prepare`` output, in source order, bad ones left out."""
-    directory = Path(directory)
-    report = directory / REPORT_NAME
-    if not report.is_file():
-        raise ManifestError(f"{directory}: preparation is not finished (no {REPORT_NAME}); run speechlm prepare "
-                            f"again to complete it")
-    settings = json.loads((directory / PREPARE_RECORD).read_text())
-    examples = []
-    for row in prepared_dataset(directory):
-        examples.append(_from_record(row, settings["unit_rate"], f"{directory} id {row['id']}"))
-    return examples
-
-
-def prepared_dataset(directory: str | os.PathLike):
-    """The prepared rows as a `datasets.Dataset` (memory-mapped Arrow built from the parquet shards)."""
-    import datasets
-
-    directory = Path(directory)
-    files = sorted(str(path) for path in (directory / CHUNKS_DIR).glob("chunk-*.parquet"))
-    if not files:
-        return datasets.Dataset.from_list([], features=datasets.Features.from_arrow_schema(_schema()))
-    return datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(directory / ".cache"))
-
-
 # -- hashes ----------------------------------------------------------------------------------------------
 
 def examples_hash(examples: Sequence[Example]) -> str:
@@ -206,7 +180,7 @@ def _prepare_batch(batch: list[Example], codec, settings: dict, batch_size: int
     slots: list[tuple[dict, str]] = []
     records, bad = [], []
     for example in batch:
-        record = _to_record(example)
+        record = to_record(example)
         loaded = []
         for name in ("audio", "answer_audio"):
             source = getattr(example, name)
@@ -234,62 +208,11 @@ def _prepare_batch(batch: list[Example], codec, settings: dict, batch_size: int
     return records, bad
 
 
-def _to_record(example: Example) -> dict[str, Any]:
-    record: dict[str, Any] = {"id": example.id, "text": example.text, "answer": example.answer,
-                              "task": example.task, "where": example.where}
-    for name in ("audio", "answer_audio"):
-        value = getattr(example, name)
-        record[name], record[f"{name}_bytes"] = None, None
-        if isinstance(value, str):
-            record[name] = value
-        elif isinstance(value, dict):
-            if value.get("bytes") is not None:
-                record[f"{name}_bytes"] = bytes(value["bytes"])
-            elif value.get("path") is not None:
-                record[name] = str(value["path"])
-    record["messages"] = None if example.messages is None else json.dumps(example.messages)
-    for name in ("words", "sentences"):
-        spans = getattr(example, name)
-        record[name] = None if spans is None else json.dumps([asdict(span) for span in spans])
-    return record
-
-
-def _from_record(row: dict[str, Any], unit_rate: int, where: str) -> Example:
-    def audio(name):
-        if row.get(f"{name}_bytes") is not None:
-            return {"bytes": row[f"{name}_bytes"], "path": None}
-        return row.get(name)
-
-    def spans(name):
-        return None if row.get(name) is None else [Span(**item) for item in json.loads(row[name])]
-
-    return Example(id=row["id"], audio=audio("audio"), text=row["text"], answer=row["answer"],
-                   answer_audio=audio("answer_audio"),
-                   messages=None if row["messages"] is None else json.loads(row["messages"]),
-                   task=row["task"], words=spans("words"), sentences=spans("sentences"),
-                   num_samples=row["num_samples"], answer_num_samples=row["answer_num_samples"],
-                   units=row["units"], answer_units=row["answer_units"], units_all=row["units_all"],
-                   unit_rate=unit_rate, where=row.get("where") or where)
-
-
-def _schema():
-    import pyarrow as pa
-
-    units = pa.list_(pa.int32())
-    return pa.schema([
-        ("id", pa.string()), ("where", pa.string()), ("text", pa.string()), ("answer", pa.string()),
-        ("task", pa.string()), ("messages", pa.string()), ("words", pa.string()), ("sentences", pa.string()),
-        ("audio", pa.string()), ("audio_bytes", pa.binary()), ("num_samples", pa.int64()),
-        ("answer_audio", pa.string()), ("answer_audio_bytes", pa.binary()), ("answer_num_samples", pa.int64()),
-        ("units", units), ("answer_units", units), ("units_all", pa.list_(units)),
-    ])
-
-
 def _write_chunk(out_dir: Path, chunk: int, records: list[dict], bad: list[BadItem], rows: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = _schema()
+    schema = row_schema()
     table = pa.Table.from_pylist([{name: record.get(name) for name in schema.names} for record in records],
                                  schema=schema)
     target = out_dir / CHUNKS_DIR / f"chunk-{chunk:05d}.parquet"

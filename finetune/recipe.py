@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
-from speechlm.adapters.building import build_codec, build_speechlm, load_speechlm
+from speechlm.adapters.building import build_codec, build_speechlm
 from speechlm.adapters.building import build_processor as processor_for
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
@@ -23,6 +23,7 @@ from speechlm.finetune.alignment import AlignmentResult, align_projector
 from speechlm.finetune.collator import SpeechLMCollator
 from speechlm.finetune.config import TrainConfig
 from speechlm.finetune.examples import Example
+from speechlm.finetune.hub import push
 from speechlm.finetune.mixture import TaskMixtureDataset
 from speechlm.finetune.sources import load_examples
 from speechlm.finetune.tasks import RenderSettings
@@ -32,7 +33,6 @@ from speechlm.finetune.trainer import (
     TrainingClock,
     newest_complete_checkpoint,
 )
-from speechlm.hub import push
 from speechlm.speech_io.processor import SpeechLMProcessor
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def build_model(config: TrainConfig) -> tuple[SpeechLMForCausalLM, object]:
     if config.init_from is None:
         model, tokenizer = build_speechlm(config.model)
     else:
-        model = load_speechlm(config.init_from)
+        model = SpeechLMForCausalLM.from_pretrained(config.init_from)
         tokenizer = AutoTokenizer.from_pretrained(config.init_from)
         change_mode(model, config.model.mode, config.model.lora, config.model.train_audio_encoder)
     model.reading_cache = ReadingCache()  # epochs and evaluations read the same clips with a frozen encoder

@@ -26,8 +26,7 @@ from speechlm.finetune.examples import (
     read_jsonl,
     read_manifest,
 )
-
-PREPARE_RECORD = "prepare.json"
+from speechlm.finetune.prepared import PREPARE_RECORD, load_prepared
 
 
 def load_examples(source: Any, *, allow_extra_fields: bool = False) -> list[Example]:
@@ -43,8 +42,6 @@ def load_examples(source: Any, *, allow_extra_fields: bool = False) -> list[Exam
     if not path.is_dir():
         raise ManifestError(f"{path}: no such manifest file or dataset directory")
     if (path / PREPARE_RECORD).is_file():
-        from speechlm.finetune.prepare import load_prepared
-
         return load_prepared(path)
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         dataset = datasets.load_from_disk(str(path))

@@ -1,4 +1,6 @@
 """Audio in and out: loading, validation, Whisper features, the SpeechTokenizer codec, speech units.
 
-Imports nothing else of speechlm's, so that data tooling can use it without the model stack.
+Its modules import nothing of speechlm's outside this package (`tests/test_imports.py` checks it), so the
+model stack depends on it and never the other way. Python still runs ``speechlm/__init__`` first, which
+registers the Auto classes (and so imports the model's classes) on any ``import speechlm.*``.
 """

@@ -83,7 +83,7 @@ def check_model_source(model: str) -> None:
 def merge(checkpoint: str, out: str) -> Path:
     """A standalone copy of a checkpoint: LoRA merged into the backbone, base weights included."""
     import speechlm  # noqa: F401
-    from speechlm.hub import merge_checkpoint
+    from speechlm.finetune.hub import merge_checkpoint
 
     if not (Path(checkpoint) / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: not a saved SpeechLM directory (no config.json)")
@@ -98,7 +98,7 @@ def push(checkpoint: str, repo_id: str, private: bool, merged: bool) -> str:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     import speechlm  # noqa: F401
-    from speechlm.hub import push as push_to_hub
+    from speechlm.finetune.hub import push as push_to_hub
 
     try:
         url = push_to_hub(checkpoint, repo_id, private=private, merged=merged)
@@ -115,7 +115,7 @@ def evaluate(model: str, task: str, data: str, out: str | None, settings: dict) 
 
     from accelerate import PartialState
 
-    from speechlm.finetune.evaluation import EvalSettings, format_table, run_evaluation
+    from speechlm.evaluation import EvalSettings, format_table, run_evaluation
 
     check_model_source(model)
     report = run_evaluation(model, task, data, EvalSettings(**settings))
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="evaluate a saved SpeechLM on a manifest")
     p.add_argument("--model", required=True, help="a saved SpeechLM directory or Hub id")
     p.add_argument("--task", required=True, choices=["asr", "qa", "tts", "slm", "latency"], help="what to measure")
-    p.add_argument("--data", required=True, help="a JSONL manifest (see speechlm.finetune.evaluation)")
+    p.add_argument("--data", required=True, help="a JSONL manifest (see speechlm.evaluation)")
     p.add_argument("--out", help="where to write the JSON report")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -13,7 +13,8 @@ from huggingface_hub import scan_cache_dir, snapshot_download, try_to_load_from_
 from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
 
 import speechlm  # noqa: F401  (registers the Auto classes and the pipeline)
-from speechlm.adapters.building import build_speechlm, load_speechlm
+from speechlm.adapters.building import build_speechlm
+from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.cli import main
 from speechlm.finetune.prepare import codec_hash
 from speechlm.speech_io.codec import SpeechTokenizerCodec
@@ -69,10 +70,11 @@ def test_the_published_speechtokenizer_layout_loads_by_repo_id(offline_hub, publ
 def test_a_speechlm_repo_id_loads_model_processor_and_pipeline_offline(offline_hub, speech_repo, published_codec):
     ids = torch.arange(3, 40).reshape(1, -1)
     with torch.no_grad():
-        expected = load_speechlm(speech_repo)(input_ids=ids).logits
-        for model in (load_speechlm("owner/speech-llama"), AutoModelForCausalLM.from_pretrained("owner/speech-llama"),
+        expected = SpeechLMForCausalLM.from_pretrained(speech_repo)(input_ids=ids).logits
+        for model in (SpeechLMForCausalLM.from_pretrained("owner/speech-llama"),
+                      AutoModelForCausalLM.from_pretrained("owner/speech-llama"),
                       AutoModelForCausalLM.from_pretrained("owner/nested", subfolder="v1"),
-                      load_speechlm("owner/nested/v1")):
+                      SpeechLMForCausalLM.from_pretrained("owner/nested/v1")):
             assert model.config.text_model_name_or_path == "owner/tiny-llama"  # the base came from the cache too
             assert offline_hub in model.checkpoint_dir.parents
             assert torch.equal(model(input_ids=ids).logits, expected)
@@ -84,11 +86,11 @@ def test_a_speechlm_repo_id_loads_model_processor_and_pipeline_offline(offline_h
 
 
 @pytest.mark.parametrize("load", [
-    load_speechlm,
+    SpeechLMForCausalLM.from_pretrained,
     SpeechLMProcessor.from_pretrained,
     lambda name: SpeechTokenizerCodec.from_pretrained(f"{name}/speechtokenizer_hubert_avg"),
     lambda name: build_speechlm(tiny_spec(text_model=name, text=None)),
-], ids=["load_speechlm", "processor", "codec", "text_model"])
+], ids=["from_pretrained", "processor", "codec", "text_model"])
 def test_a_repo_the_cache_lacks_is_named_with_the_cache(offline_hub, load):
     with pytest.raises(FileNotFoundError, match=f"'owner/absent.*: no such local path, and {ABSENT} {offline_hub}"):
         load("owner/absent")
@@ -96,7 +98,7 @@ def test_a_repo_the_cache_lacks_is_named_with_the_cache(offline_hub, load):
 
 def test_a_revision_the_cache_lacks_and_the_cli_say_so(offline_hub, speech_repo, capsys):
     with pytest.raises(FileNotFoundError, match=r"owner/speech-llama \(revision v2\) is not in the Hugging Face"):
-        load_speechlm("owner/speech-llama", revision="v2")
+        SpeechLMForCausalLM.from_pretrained("owner/speech-llama", revision="v2")
     # transformers' Auto classes would say only that they could not connect
     assert main(["generate", "--model", "owner/absent", "--text", "hi", "--output", "text"]) == 2
     assert capsys.readouterr().err.startswith("speechlm generate: error: --model 'owner/absent': no such local "

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from speechlm.demo.assets import check_runtime_packages, sha256_of
 from speechlm.demo.build import DemoAssets, build_demo_assets
 from speechlm.demo.corpus import ANSWER_SYSTEM_PROMPT
-from speechlm.finetune.evaluation import EvalItem, EvalSettings, evaluate, read_eval_manifest, summarize
+from speechlm.evaluation import EvalItem, EvalSettings, evaluate, read_eval_manifest, summarize
 from speechlm.finetune.examples import read_jsonl
 from speechlm.finetune.trainer import TrainingClock
 
@@ -211,7 +211,8 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
     from speechlm.finetune import recipe
     from speechlm.finetune.config import TrainConfig
-    from speechlm.finetune.prepare import load_prepared, prepare
+    from speechlm.finetune.prepare import prepare
+    from speechlm.finetune.prepared import load_prepared
 
     check_runtime_packages()  # before hours of work, not at the plot
     recipe_yaml = read_yaml(settings.recipe)  # a wrong path fails now, not after the assets

@@ -135,15 +135,15 @@ def test_qlora_checkpoint_reloads_in_4bit_and_in_full_precision(llama_dir, tmp_p
 def test_a_hub_revision_picks_the_speechlm_snapshot_not_the_base_models(llama_dir, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from speechlm.adapters import building
+    from speechlm.adapters import loading
 
     model, tokenizer = build_speechlm(tiny_spec(text_model=llama_dir, text={}))
     save(model, tokenizer, tmp_path / "snapshot")
     downloads, backbones = [], []
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo, **kwargs: downloads.append((repo, kwargs)) or str(tmp_path / "snapshot"))
-    load_backbone = building.load_backbone
-    monkeypatch.setattr(building, "load_backbone",
+    load_backbone = loading.load_backbone
+    monkeypatch.setattr(loading, "load_backbone",
                         lambda source, **kwargs: backbones.append((source, kwargs)) or load_backbone(source, **kwargs))
     loaded = SpeechLMForCausalLM.from_pretrained("someone/speech-llama", revision="v1", token="t")
     assert downloads == [("someone/speech-llama", {"revision": "v1", "token": "t"})]

@@ -36,7 +36,7 @@ def test_units_are_kept_per_manifest_and_codec(tmp_path):
 @needs_demo_packages
 def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
     from speechlm.demo.job import HEADLINE, JobSettings, run_job
-    from speechlm.finetune.evaluation import EvalSettings
+    from speechlm.evaluation import EvalSettings
     from speechlm.speech_io.audio import load_audio
 
     settings = JobSettings(out=str(tmp_path / "out"), size="ci", cache=str(demo_cache), max_minutes=None,

@@ -43,7 +43,7 @@ def prepared(demo_corpus, demo_codec, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_examples(prepared):
-    from speechlm.finetune.prepare import load_prepared
+    from speechlm.finetune.prepared import load_prepared
 
     return load_prepared(prepared)
 

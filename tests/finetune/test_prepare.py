@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from speechlm.finetune.prepare import PrepareError, load_prepared, prepare, prepared_dataset
+from speechlm.finetune.prepare import PrepareError, prepare
+from speechlm.finetune.prepared import load_prepared, prepared_dataset
 
 
 class CountingCodec:

@@ -96,7 +96,7 @@ def test_a_single_bad_input_and_bad_arguments(pipe):
 
 def test_fresh_processes_load_saved_directories(speaking_dir, lora_dir, tmp_path):
     """Adapter-only (LoRA over a local base) and merged checkpoints, in a process that only imports speechlm."""
-    from speechlm.hub import merge_checkpoint
+    from speechlm.finetune.hub import merge_checkpoint
 
     merged = merge_checkpoint(lora_dir, tmp_path / "merged")
     script = textwrap.dedent(f"""

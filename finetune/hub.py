@@ -15,6 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from speechlm.adapters.configuration import SpeechLMConfig
+from speechlm.adapters.modeling import SpeechLMForCausalLM
+from speechlm.adapters.modes import merge_lora
+from speechlm.speech_io.processor import SpeechLMProcessor
+
 # Written beside a trained model by the training and evaluation commands; the card quotes them if present.
 RECIPE_FILE = "training_recipe.yaml"
 EVAL_FILE_PATTERN = "eval*.json"
@@ -25,12 +30,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def merge_checkpoint(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Save ``source`` with LoRA folded into the backbone and every base weight included (no base model
     needed to load it), with its processor and codec. A QLoRA checkpoint is merged in full precision."""
-    from transformers import AutoProcessor
-
-    from speechlm.adapters.configuration import SpeechLMConfig
-    from speechlm.adapters.modeling import SpeechLMForCausalLM
-    from speechlm.adapters.modes import merge_lora
-
     source, out = Path(source), Path(out)
     if out.resolve() == source.resolve():
         raise ValueError(f"--out {out} is the checkpoint itself; merge into a new directory")
@@ -40,7 +39,7 @@ def merge_checkpoint(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     model = merge_lora(SpeechLMForCausalLM.from_pretrained(source, mode=mode))
     model.save_pretrained(out)
     if (source / "processor_config.json").is_file():
-        AutoProcessor.from_pretrained(source).save_pretrained(out)
+        SpeechLMProcessor.from_pretrained(source).save_pretrained(out)
     for extra in (RECIPE_FILE, *(p.name for p in source.glob(EVAL_FILE_PATTERN))):
         if (source / extra).is_file():
             shutil.copy2(source / extra, out / extra)

@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from speechlm.finetune.examples import ManifestError, jsonl_rows, raise_problems
 from speechlm.finetune.metrics import character_errors, match_answer, pair_accuracy, unit_errors, word_errors
+from speechlm.responding import AudioChunk, TextDelta, generate_response_tokens, respond, stream_response
+from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.units import units_to_text
 
@@ -128,8 +130,6 @@ def generate_text(model, processor, conversations: Sequence[list[dict]], setting
     last try stands). Sampling is seeded, so a run repeats. ``temperatures_used`` gets each answer's."""
     from whisper.utils import compression_ratio
 
-    from speechlm.responding import respond
-
     answers: list[str] = [""] * len(conversations)
     used = [settings.temperatures[0]] * len(conversations)
     pending = list(range(len(conversations)))
@@ -178,8 +178,6 @@ def sequence_log_likelihoods(model, processor, members: Sequence[dict]) -> list[
 
 
 def _encode_units(processor, audio_path: str) -> list[int]:
-    from speechlm.speech_io.audio import load_audio
-
     return processor.codec.encode([load_audio(audio_path)], n_q=1)[0][0].tolist()
 
 
@@ -221,8 +219,6 @@ def evaluate_slm(model, processor, items: list[EvalItem], settings: EvalSettings
 
 
 def evaluate_tts(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
-    from speechlm.responding import generate_response_tokens
-
     requests = [[{"role": "user", "content": settings.tts_prompt.format(text=item.fields["text"])}] for item in items]
     new_tokens = generate_response_tokens(model, processor, processor(requests), output="speech",
                                           max_speech_units=settings.max_speech_units, do_sample=False,
@@ -267,8 +263,6 @@ def transcribe(judge, waveform) -> str:
 
 def evaluate_latency(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
     """One streamed response per item, timed from the call: first text, first audio, whole response."""
-    from speechlm.responding import AudioChunk, TextDelta, stream_response
-
     results = []
     for item in items:
         start = time.perf_counter()
@@ -356,8 +350,6 @@ def run_evaluation(model_dir: str, task: str, manifest: str, settings: EvalSetti
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from transformers import AutoModelForCausalLM, AutoProcessor
-
-    import speechlm  # noqa: F401  (registers the Auto classes)
 
     settings = settings or EvalSettings()
     items = read_eval_manifest(manifest, task)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from speechlm.cli import main
-from speechlm.finetune.evaluation import (
+from speechlm.evaluation import (
     read_eval_manifest,
     run_evaluation,
     sequence_log_likelihoods,
@@ -112,7 +112,7 @@ def test_two_processes_split_the_items_and_one_writes_the_report(model_dir, tmp_
 
 
 def test_tts_judge_transcribes_the_generated_speech(model_dir, tmp_path):
-    from speechlm.finetune.evaluation import EvalSettings
+    from speechlm.evaluation import EvalSettings
     from tests.conftest import save_tiny_whisper
 
     judge = save_tiny_whisper(tmp_path / "judge.pt", n_vocab=51864, n_text_ctx=64)  # decodes <= 32 tokens
@@ -126,7 +126,7 @@ def test_tts_judge_transcribes_the_generated_speech(model_dir, tmp_path):
 def test_looping_answers_are_decoded_again_at_the_next_temperature(model_dir):
     from whisper.utils import compression_ratio
 
-    from speechlm.finetune.evaluation import EvalSettings
+    from speechlm.evaluation import EvalSettings
 
     manifest = str(EVAL_DATA / "asr.jsonl")
     greedy = run_evaluation(str(model_dir), "asr", manifest, EvalSettings(max_new_tokens=24))
@@ -144,7 +144,7 @@ def test_looping_answers_are_decoded_again_at_the_next_temperature(model_dir):
 
 
 def test_temperatures_are_checked(tmp_path, capsys):
-    from speechlm.finetune.evaluation import EvalSettings
+    from speechlm.evaluation import EvalSettings
 
     with pytest.raises(ValueError, match="EvalSettings.temperatures: expected one or more temperatures >= 0"):
         EvalSettings(temperatures=(0.0, -1.0))
