@@ -14,11 +14,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from speechlm.adapters.audio_encoder import read_whisper_checkpoint
 from speechlm.adapters.configuration import (
+    LORA_KEYS,
     TRAINING_MODES,
     ConfigError,
     SpeechLMAudioConfig,
     SpeechLMConfig,
     SpeechLMProjectorConfig,
+    lora_attributes,
 )
 from speechlm.adapters.loading import DTYPES, assemble_model, load_backbone
 from speechlm.adapters.modeling import SpeechLMForCausalLM
@@ -68,10 +70,9 @@ class ModelSpec:
             problems.append(f"dtype={self.dtype!r}: choose one of {list(DTYPES)}")
         if self.mode == "qlora" and self.text_model is None:
             problems.append("mode='qlora' needs text_model (a path or Hub id) to load in 4 bits")
-        unknown_lora = set(self.lora) - {"r", "alpha", "dropout", "target_modules", "scope"}
+        unknown_lora = set(self.lora) - set(LORA_KEYS)
         if unknown_lora:
-            problems.append(f"lora has unknown keys {sorted(unknown_lora)}: use r, alpha, dropout, "
-                            f"target_modules, scope")
+            problems.append(f"lora has unknown keys {sorted(unknown_lora)}: use {', '.join(LORA_KEYS)}")
         if self.audio_encoder is not None and self.audio:
             problems.append("give audio_encoder (a checkpoint) or audio (random dims), not both")
         if self.text_model is not None and self.text:
@@ -125,13 +126,11 @@ def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:
         audio_config = SpeechLMAudioConfig(**dims)
     else:
         audio_config = SpeechLMAudioConfig(**spec.audio)
-    lora = {f"lora_{key}" if key != "target_modules" else "lora_target_modules": value
-            for key, value in spec.lora.items()}
     config = SpeechLMConfig(
         text_config=text_config, audio_config=audio_config, projector_config=dict(spec.projector),
         num_speech_units=spec.num_speech_units, text_vocab_size=text_vocab_size, mode=spec.mode,
         train_audio_encoder=spec.train_audio_encoder, text_model_name_or_path=spec.text_model,
-        audio_model_name_or_path=spec.audio_encoder, **lora)
+        audio_model_name_or_path=spec.audio_encoder, **lora_attributes(spec.lora))
     model = assemble_model(SpeechLMForCausalLM, config, dtype=dtype, language_model=language_model,
                            audio_state=audio_state)
     model.set_text_tokenizer(tokenizer)

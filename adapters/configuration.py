@@ -17,6 +17,13 @@ TRAINING_MODES = ("frozen", "lora", "qlora", "full")
 # "all": LoRA acts everywhere; "audio": on rows that hear audio; "speech": also on the speech tokens of any
 # row. Gated, text runs the base weights.
 LORA_SCOPES = ("all", "audio", "speech")
+# The keys of a recipe's ``lora:`` section; each is the config attribute ``lora_<key>``.
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "scope")
+
+
+def lora_attributes(lora: dict) -> dict:
+    """A ``lora:`` section (``r``, ``alpha``, ...) as `SpeechLMConfig` attributes (``lora_r``, ``lora_alpha``, ...)."""
+    return {f"lora_{key}": value for key, value in lora.items()}
 
 
 class ConfigError(ValueError):

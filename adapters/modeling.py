@@ -19,7 +19,12 @@ from speechlm.adapters.projectors import build_projector
 from speechlm.adapters.readers import WhisperTranscriptReader
 from speechlm.adapters.reading_cache import ReadingCache
 from speechlm.adapters.vocabulary import SpeechVocabulary
-from speechlm.speech_io.constants import audio_placeholder_count, encoder_frames, reader_slot_count
+from speechlm.speech_io.constants import (
+    IGNORE_INDEX,
+    audio_placeholder_count,
+    encoder_frames,
+    reader_slot_count,
+)
 
 
 def drop_masked_positions(attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -34,7 +39,7 @@ def drop_masked_positions(attention_mask: torch.Tensor, labels: torch.Tensor,
     kept = torch.arange(order.shape[1], device=order.device) < lengths[:, None]
     gathered = [tensor.gather(1, order.view(*order.shape, *[1] * (tensor.dim() - 2)).expand(
         *order.shape, *tensor.shape[2:])) for tensor in tensors]
-    return kept.to(attention_mask.dtype), labels.gather(1, order).masked_fill(~kept, -100), gathered
+    return kept.to(attention_mask.dtype), labels.gather(1, order).masked_fill(~kept, IGNORE_INDEX), gathered
 
 
 @dataclass(frozen=True)
@@ -384,8 +389,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         V``, row by row), for a loss of the caller's own (`speechlm.finetune.behaviour`)."""
         shift_labels = kwargs.pop("shift_labels", None)
         if shift_labels is None:
-            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
-        labelled = shift_labels != -100
+            shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        labelled = shift_labels != IGNORE_INDEX
         logits = self.speech_vocab.logits(hidden_states[labelled], self.get_output_embeddings())
         loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels[labelled],
                                   vocab_size=self.config.vocab_size, **kwargs)

@@ -20,6 +20,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from speechlm.speech_io.constants import IGNORE_INDEX
+
 
 def teacher_context(model):
     """Where ``model`` computes the frozen backbone's distributions for text rows."""
@@ -34,7 +36,7 @@ def teacher_context(model):
 
 def labelled_counts(labels: torch.Tensor) -> torch.Tensor:
     """Per row, the positions with a (shifted) label: where the head runs in training."""
-    return (labels[:, 1:] != -100).sum(-1)
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 def kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -52,7 +54,7 @@ def position_losses(logits: torch.Tensor, labels: torch.Tensor, *, distilled_row
     ``teacher_logits`` over the text vocabulary; and the batch row of each position."""
     counts = labelled_counts(labels)
     rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    targets = labels[:, 1:][labels[:, 1:] != -100]
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
     if distilled_rows is not None and bool(distilled_rows.any()):
         distilled = distilled_rows.to(rows.device)[rows]

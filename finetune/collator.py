@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from speechlm.speech_io.processor import IGNORE_INDEX
+from speechlm.speech_io.constants import IGNORE_INDEX
+from speechlm.speech_io.processor import padding_token_id
 
 
 @dataclass
@@ -23,9 +24,7 @@ class SpeechLMCollator:
 
     @classmethod
     def from_processor(cls, processor, **kwargs) -> SpeechLMCollator:
-        tokenizer = processor.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(pad_token_id=pad, **kwargs)
+        return cls(pad_token_id=padding_token_id(processor.tokenizer), **kwargs)
 
     def __call__(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         width = max(len(item["input_ids"]) for item in items)

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 from speechlm.adapters.building import build_codec, build_speechlm
 from speechlm.adapters.building import build_processor as processor_for
+from speechlm.adapters.configuration import lora_attributes
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
 from speechlm.adapters.reading_cache import ReadingCache
@@ -33,7 +34,7 @@ from speechlm.finetune.trainer import (
     TrainingClock,
     newest_complete_checkpoint,
 )
-from speechlm.speech_io.processor import SpeechLMProcessor
+from speechlm.speech_io.processor import CODEC_FOLDER, SpeechLMProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def change_mode(model: SpeechLMForCausalLM, mode: str, lora: dict, train_audio_e
     if mode != config.mode and (config.mode, mode) not in MODE_CHANGES:
         raise ValueError(f"init_from: the saved model is in mode {config.mode!r} and cannot switch to {mode!r}; "
                          f"possible: {sorted(f'{a}->{b}' for a, b in MODE_CHANGES)} (merge LoRA with speechlm merge)")
-    changes = {"lora_target_modules" if key == "target_modules" else f"lora_{key}": value for key, value in lora.items()}
+    changes = lora_attributes(lora)
     changes.update(mode=mode, train_audio_encoder=train_audio_encoder)
     before = {name: getattr(config, name) for name in changes}
     try:
@@ -85,7 +86,7 @@ def build_processor(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer) 
     spec = config.model if data.codec is None else dataclasses.replace(config.model, codec=data.codec)
     codec = build_codec(spec)
     return processor_for(tokenizer, model.config, speech_input=data.speech_input, codec=codec,
-                         codec_name_or_path="codec" if codec is not None else None,
+                         codec_name_or_path=CODEC_FOLDER if codec is not None else None,
                          max_audio_seconds=data.max_audio_seconds, system_prompt=data.system_prompt)
 
 

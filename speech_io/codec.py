@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
 
 CHECKPOINT_NAME = "SpeechTokenizer.pt"
@@ -96,7 +97,7 @@ class CodecConfig:
     activation: str = field(default="ELU", metadata={"help": f"one of {SUPPORTED_ACTIVATIONS}"})
     codebook_size: int = field(default=1024, metadata={"help": "codes per RVQ layer"})
     n_q: int = field(default=8, metadata={"help": "RVQ layers; layer 1 is the semantic one"})
-    sample_rate: int = field(default=16000, metadata={"help": "audio rate; speechlm works at 16000 Hz"})
+    sample_rate: int = field(default=SAMPLE_RATE, metadata={"help": f"audio rate; speechlm works at {SAMPLE_RATE} Hz"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -114,8 +115,8 @@ class CodecConfig:
             problems.append(f"bidirectional={self.bidirectional!r} (expected true or false)")
         if self.activation not in SUPPORTED_ACTIVATIONS:
             problems.append(f"activation={self.activation!r} (expected one of {SUPPORTED_ACTIVATIONS})")
-        if self.sample_rate != 16000:
-            problems.append(f"sample_rate={self.sample_rate!r} (expected 16000: speechlm's audio is 16 kHz)")
+        if self.sample_rate != SAMPLE_RATE:
+            problems.append(f"sample_rate={self.sample_rate!r} (expected {SAMPLE_RATE}: speechlm's audio is 16 kHz)")
         if problems:
             raise ValueError("invalid SpeechTokenizer codec config: " + "; ".join(problems))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 SAMPLE_RATE = 16_000
+# Labels at positions that take no loss (torch's cross-entropy ignore_index).
+IGNORE_INDEX = -100
 # Whisper's STFT hop: 160 samples = 10 ms, so 100 mel frames a second.
 MEL_HOP_LENGTH = 160
 # 30 s, the longest input a Whisper encoder has positional embeddings for.

@@ -29,7 +29,7 @@ import torch
 from transformers import AutoTokenizer, BatchFeature
 
 from speechlm.speech_io.audio import MAX_SECONDS, AudioError, load_audio
-from speechlm.speech_io.constants import audio_placeholder_count, mel_frames
+from speechlm.speech_io.constants import IGNORE_INDEX, audio_placeholder_count, mel_frames
 from speechlm.speech_io.features import log_mel_features
 from speechlm.speech_io.hub_files import HUB_KWARGS as DOWNLOAD_KWARGS
 from speechlm.speech_io.hub_files import missing_from_cache, not_cached_message
@@ -44,6 +44,8 @@ from speechlm.speech_io.units import (
 )
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
+# The folder inside a model directory that holds its codec (named relative to the directory, so it can move).
+CODEC_FOLDER = "codec"
 SPEECH_INPUT_MODES = ("continuous", "discrete")
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -53,7 +55,6 @@ PLAIN_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant: {% endif %}"
 )
-IGNORE_INDEX = -100
 # What from_pretrained hands to the Hub download (the pipeline passes local_files_only, for one), and the
 # folder of the repo or directory that holds the processor.
 HUB_KWARGS = (*DOWNLOAD_KWARGS, "subfolder")
@@ -142,7 +143,7 @@ class SpeechLMProcessor:
     def codec(self):
         """The SpeechTokenizer codec, loaded on first use from ``codec_name_or_path``.
 
-        A relative ``codec_name_or_path`` (``speechlm init`` writes ``"codec"``) names a folder inside the
+        A relative ``codec_name_or_path`` (``speechlm init`` writes `CODEC_FOLDER`) names a folder inside the
         directory or Hub repo the processor was loaded from, so that a model directory can move or be pushed.
         """
         if self._codec is None:
@@ -186,7 +187,7 @@ class SpeechLMProcessor:
         files.append(str(config_file))
         if self.has_codec and not Path(self.codec_name_or_path or ".").is_absolute():
             # A relative codec travels with the processor: the saved directory must be complete on its own.
-            target = directory / (self.codec_name_or_path or "codec")
+            target = directory / (self.codec_name_or_path or CODEC_FOLDER)
             if self.codec_name_or_path is None:
                 self.codec_name_or_path = target.name
                 config_file.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -252,7 +253,7 @@ class SpeechLMProcessor:
             label_rows.append(labels)
 
         width = max(map(len, rows))
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad_id = padding_token_id(self.tokenizer)
         data: dict[str, Any] = {
             "input_ids": torch.tensor([_pad(row, width, pad_id, padding_side) for row in rows]),
             "attention_mask": torch.tensor([_pad([1] * len(row), width, 0, padding_side) for row in rows]),
@@ -369,6 +370,11 @@ class SpeechLMProcessor:
 
     def batch_decode(self, sequences, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(sequences, **kwargs)
+
+
+def padding_token_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (Llama tokenizers have no pad)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _pad(row: list[int], width: int, value: int, side: str) -> list[int]:

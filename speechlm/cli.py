@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 USER_ERRORS = (ValueError, OSError, KeyError)
-CODEC_FOLDER = "codec"
 
 
 def init(config: str, out: str, overrides: list[str]) -> Path:
     """Build a SpeechLM from a model YAML and save it with its processor (tokenizer + audio settings)."""
     from speechlm.adapters.building import ModelSpec, build_codec, build_processor, build_speechlm
     from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
+    from speechlm.speech_io.processor import CODEC_FOLDER
 
     spec = build_dataclass(ModelSpec, apply_overrides(read_yaml(config), overrides), where="")
     model, tokenizer = build_speechlm(spec)
@@ -43,6 +43,7 @@ def generate(model: str, audio: str | None, text: str | None, output: str, out_a
     import speechlm  # noqa: F401  (registers the Auto classes)
     from speechlm.responding import AudioChunk, TextDelta, stream_response
     from speechlm.speech_io.audio import save_wav
+    from speechlm.speech_io.constants import SAMPLE_RATE
 
     if audio is None and text is None:
         raise ValueError("give --audio FILE and/or --text STR")
@@ -67,7 +68,7 @@ def generate(model: str, audio: str | None, text: str | None, output: str, out_a
         if speech.size == 0:
             raise ValueError(f"the model produced no speech, so {out_audio} was not written")
         save_wav(out_audio, speech)
-        print(f"wrote {speech.size / 16000:.2f} s of speech to {out_audio}", file=sys.stderr)
+        print(f"wrote {speech.size / SAMPLE_RATE:.2f} s of speech to {out_audio}", file=sys.stderr)
     return "".join(pieces)
 
 
@@ -226,6 +227,10 @@ def serve_options(a: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from speechlm.constraints import OUTPUT_MODES
+    from speechlm.evaluation import EVAL_TASKS, EvalSettings
+    from speechlm.responding import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SPEECH_UNITS
+
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     # The deepspeed launcher puts --local_rank=N before the subcommand (LOCAL_RANK in the environment says
@@ -242,11 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a saved SpeechLM directory or Hub id")
     p.add_argument("--audio", help="an audio file (wav, flac, ogg, opus, mp3)")
     p.add_argument("--text", help="a text prompt (with --audio: the instruction about it)")
-    p.add_argument("--output", choices=["text", "speech", "text+speech"], default="text",
+    p.add_argument("--output", choices=OUTPUT_MODES, default="text",
                    help="respond with text, speech, or text then its speech")
     p.add_argument("--out-audio", help="wav file for the spoken response (speech outputs)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="bound on the text of the response")
-    p.add_argument("--max-speech-units", type=int, default=750, help="bound on the speech (50 units a second)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="bound on the text of the response")
+    p.add_argument("--max-speech-units", type=int, default=DEFAULT_MAX_SPEECH_UNITS,
+                   help="bound on the speech (50 units a second)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
@@ -270,16 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="evaluate a saved SpeechLM on a manifest")
     p.add_argument("--model", required=True, help="a saved SpeechLM directory or Hub id")
-    p.add_argument("--task", required=True, choices=["asr", "qa", "tts", "slm", "latency"], help="what to measure")
+    p.add_argument("--task", required=True, choices=EVAL_TASKS, help="what to measure")
     p.add_argument("--data", required=True, help="a JSONL manifest (see speechlm.evaluation)")
     p.add_argument("--out", help="where to write the JSON report")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-speech-units", type=int, default=750)
+    evaluation = EvalSettings()
+    p.add_argument("--batch-size", type=int, default=evaluation.batch_size)
+    p.add_argument("--max-new-tokens", type=int, default=evaluation.max_new_tokens)
+    p.add_argument("--max-speech-units", type=int, default=evaluation.max_speech_units)
     p.add_argument("--judge", help="tts: an openai-whisper .pt that transcribes the generated speech")
-    p.add_argument("--output", default="text+speech", choices=["text", "speech", "text+speech"],
+    p.add_argument("--output", default=evaluation.output, choices=OUTPUT_MODES,
                    help="latency: the response mode to time")
-    p.add_argument("--temperatures", type=temperature_list, default=(0.0,),
+    p.add_argument("--temperatures", type=temperature_list, default=evaluation.temperatures,
                    help="text answers: temperatures tried in turn where the answer loops, as openai-whisper "
                         "transcribes (e.g. 0,0.2,0.4,0.6,0.8,1; default 0: greedy only)")
     p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, dict(

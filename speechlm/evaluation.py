@@ -33,7 +33,15 @@ from tqdm.auto import tqdm
 
 from speechlm.finetune.examples import ManifestError, jsonl_rows, raise_problems
 from speechlm.finetune.metrics import character_errors, match_answer, pair_accuracy, unit_errors, word_errors
-from speechlm.responding import AudioChunk, TextDelta, generate_response_tokens, respond, stream_response
+from speechlm.responding import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_SPEECH_UNITS,
+    AudioChunk,
+    TextDelta,
+    generate_response_tokens,
+    respond,
+    stream_response,
+)
 from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.units import units_to_text
@@ -46,10 +54,11 @@ REQUIRED_FIELDS = {"asr": ("audio", "text"), "qa": ("audio", "question", "answer
 @dataclass
 class EvalSettings:
     batch_size: int = field(default=8, metadata={"help": "items per generate / scoring call"})
-    max_new_tokens: int = field(default=64, metadata={"help": "longest text response"})
+    max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "longest text response"})
     asr_prompt: str = field(default="Transcribe the audio.", metadata={"help": "instruction beside the clip"})
     tts_prompt: str = field(default="Say this out loud: {text}", metadata={"help": "the tts request; {text}"})
-    max_speech_units: int = field(default=750, metadata={"help": "longest spoken response (50 units a second)"})
+    max_speech_units: int = field(default=DEFAULT_MAX_SPEECH_UNITS, metadata={
+        "help": "longest spoken response (50 units a second)"})
     judge: str | None = field(default=None, metadata={"help": "openai-whisper .pt that transcribes tts audio"})
     output: str = field(default="text+speech", metadata={"help": "latency: the response mode to time"})
     # openai-whisper's transcribe: decode greedily, and where the text loops (compresses too well), decode it

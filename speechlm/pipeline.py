@@ -34,6 +34,7 @@ from speechlm.responding import (
     replies_from_tokens,
 )
 from speechlm.speech_io.audio import AudioError, load_audio
+from speechlm.speech_io.constants import SAMPLE_RATE
 
 AUDIO_DICT_KEYS = ({"array", "sampling_rate"}, {"path"}, {"bytes"})
 _MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per model, shared by its pipelines
@@ -151,7 +152,7 @@ class SpeechLMPipeline(Pipeline):
                                       name=f"{name} ({_describe(audio)})")
             except AudioError as error:
                 raise SpeechLMInputError(str(error)) from error
-            content.append({"type": "audio", "audio": waveform, "sampling_rate": 16000})
+            content.append({"type": "audio", "audio": waveform, "sampling_rate": SAMPLE_RATE})
         if text is not None:
             content.append({"type": "text", "text": text})
         return [{"role": "user", "content": content}]

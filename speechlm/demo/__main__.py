@@ -12,16 +12,18 @@ import sys
 from dataclasses import asdict
 
 from speechlm.demo.corpus import CORPUS_SIZES
+from speechlm.demo.job import JobSettings, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
+    job = JobSettings(recipe="")  # its defaults are the command line's
     parser = argparse.ArgumentParser(prog="python -m speechlm.demo", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     assets = commands.add_parser("assets", help="build backbone, Whisper, corpus and codec into the cache")
     run = commands.add_parser("run", help="the main job: assets, stage-1 training, evaluation before and after, "
                                           "report")
     for p in (assets, run):
-        p.add_argument("--size", choices=list(CORPUS_SIZES), default="ci" if p is assets else "full",
+        p.add_argument("--size", choices=list(CORPUS_SIZES), default="ci" if p is assets else job.size,
                        help="corpus size (ci: a few dozen clips)")
         p.add_argument("--cache", help="cache folder (default: $SPEECHLM_CACHE or ~/.cache/speechlm/demo)")
         p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -29,13 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     assets.add_argument("--seed", type=int, default=0)
     run.add_argument("--recipe", help="training recipe YAML (default: configs/smollm2-135m/stage1_align.yaml "
                                       "here, else in the source tree)")
-    run.add_argument("--out", default="out/demo", help="report, plot, wav and the trained model go here")
-    run.add_argument("--max-minutes", type=float, default=15.0, help="stop training after this many minutes")
-    run.add_argument("--curve-every", type=float, default=2.5, help="minutes of training between curve points")
-    run.add_argument("--curve-items", type=int, default=64, help="held-out clips per learning-curve point")
-    run.add_argument("--tts-items", type=int, default=40, help="clips of each held-out split the tts evaluation speaks")
-    run.add_argument("--tts-train-clips", type=int, default=400, help="training clips whose units are extracted "
-                                                                      "for the tts task")
+    run.add_argument("--out", default=job.out, help="report, plot, wav and the trained model go here")
+    run.add_argument("--max-minutes", type=float, default=job.max_minutes, help="stop training after this many minutes")
+    run.add_argument("--curve-every", type=float, default=job.curve_every_minutes,
+                     help="minutes of training between curve points")
+    run.add_argument("--curve-items", type=int, default=job.curve_items, help="held-out clips per learning-curve point")
+    run.add_argument("--tts-items", type=int, default=job.tts_items,
+                     help="clips of each held-out split the tts evaluation speaks")
+    run.add_argument("--tts-train-clips", type=int, default=job.tts_train_clips,
+                     help="training clips whose units are extracted for the tts task")
     run.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value (e.g. training.max_steps=50)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -52,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(asdict(build_demo_assets(args.size, args.cache, seed=args.seed)), indent=2))
         else:
-            from speechlm.demo.job import JobSettings, run_job
-
             recipe = {"recipe": args.recipe} if args.recipe else {}
             run_job(JobSettings(**recipe, out=args.out, size=args.size, cache=args.cache,
                                 overrides=args.overrides, max_minutes=args.max_minutes,

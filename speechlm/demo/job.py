@@ -68,7 +68,7 @@ class JobSettings:
     # Training clips whose speech units are extracted for the tts task: the published-size codec encodes
     # ~2 clips a second on 2 cores, so all ~2,000 would take a quarter of an hour.
     tts_train_clips: int = 400
-    eval: EvalSettings = field(default_factory=lambda: EvalSettings(batch_size=40, max_new_tokens=64,
+    eval: EvalSettings = field(default_factory=lambda: EvalSettings(batch_size=40,
                                                                       max_speech_units=400))
 
 

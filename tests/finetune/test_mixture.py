@@ -9,7 +9,7 @@ from speechlm.finetune.collator import SpeechLMCollator
 from speechlm.finetune.mixture import MixtureError, TaskMixtureDataset, plan_samples
 from speechlm.finetune.sampler import LengthGroupedSampler, padding_fraction
 from speechlm.finetune.tasks import RenderSettings
-from speechlm.speech_io.processor import IGNORE_INDEX
+from speechlm.speech_io.constants import IGNORE_INDEX
 
 
 def test_mixture_follows_the_weights_and_the_seed(prepared_examples):

@@ -7,7 +7,7 @@ import torch
 
 from speechlm.finetune.examples import Example, Span
 from speechlm.finetune.tasks import PROMPTS, TASKS, RenderSettings, eligible, render
-from speechlm.speech_io.processor import IGNORE_INDEX
+from speechlm.speech_io.constants import IGNORE_INDEX
 from speechlm.speech_io.units import units_to_text
 
 UNITS = list(range(10, 60))  # 50 frames: 1 s at 50 Hz

@@ -6,8 +6,8 @@ import torch
 
 from speechlm.adapters.tiny import build_byte_tokenizer
 from speechlm.speech_io.audio import AudioError, save_wav
-from speechlm.speech_io.constants import audio_placeholder_count, mel_frames
-from speechlm.speech_io.processor import IGNORE_INDEX, PLAIN_CHAT_TEMPLATE, SpeechLMProcessor
+from speechlm.speech_io.constants import IGNORE_INDEX, audio_placeholder_count, mel_frames
+from speechlm.speech_io.processor import PLAIN_CHAT_TEMPLATE, SpeechLMProcessor
 from speechlm.speech_io.units import expand_tokenizer
 from tests.speech_io.conftest import speechlike
 
