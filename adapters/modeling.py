@@ -43,6 +43,17 @@ def drop_masked_positions(attention_mask: torch.Tensor, labels: torch.Tensor,
 
 
 @dataclass(frozen=True)
+class LMInputs:
+    """What the backbone runs on once the audio is in: ``B, L, D`` embeddings, ``B, L`` attention mask and
+    position ids (None: the backbone counts them), ``B, L`` labels (None: no loss)."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.LongTensor | None
+    labels: torch.LongTensor | None
+
+
+@dataclass(frozen=True)
 class ParameterCounts:
     trainable: int
     total: int
@@ -326,52 +337,43 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             raise ValueError("input_features need input_ids to locate the <|audio|> placeholders")
         if self.lora_gate is not None:
             self.lora_gate.set_positions(input_ids, (input_ids if inputs_embeds is None else inputs_embeds).shape[0])
+        lm = self._lm_inputs(input_ids, inputs_embeds, attention_mask, position_ids, labels, input_features,
+                             input_features_mask, loss_only="shift_labels" not in kwargs)
+        with self._lora_bypass():
+            outputs = self.get_decoder()(inputs_embeds=lm.inputs_embeds, attention_mask=lm.attention_mask,
+                                         position_ids=lm.position_ids, cache=cache, use_cache=use_cache, **kwargs)
+        if lm.labels is not None and self.training:
+            return self._labelled_loss(outputs.last_hidden_state, lm.labels, outputs, **kwargs)
+        return self._logits_output(outputs, lm.labels, logits_to_keep, **kwargs)
+
+    def _lm_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, labels, input_features,
+                   input_features_mask, *, loss_only: bool) -> LMInputs:
+        """What the backbone runs on. Audio: each clip's embeddings at its placeholders, and where some
+        placeholders stay empty (`masks_audio_positions`) they leave the attention mask and take no position
+        id, so the LM sees the kept ones as adjacent tokens; a training step that needs only the loss cuts
+        them out of the batch. A distributed training batch without audio adds a zero that reaches every
+        trainable audio parameter (`_every_part_needs_a_gradient`)."""
         if inputs_embeds is None:
             inputs_embeds, attention_mask = self.embed_inputs(input_ids, attention_mask, input_features,
                                                               input_features_mask)
             if self.masks_audio_positions and input_features is not None and position_ids is None:
-                # dropped positions take no position id: the LM sees the kept ones as adjacent tokens
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-                if labels is not None and self.training and "shift_labels" not in kwargs:
-                    attention_mask, labels, inputs_embeds, position_ids = self._cut_dropped_frames(
-                        attention_mask, labels, inputs_embeds, position_ids)
+                if labels is not None and self.training and loss_only:
+                    return self._cut_dropped_frames(LMInputs(inputs_embeds, attention_mask, position_ids, labels))
         if input_features is None and self._every_part_needs_a_gradient():
             inputs_embeds = inputs_embeds + self._unused_audio_parts()
+        return LMInputs(inputs_embeds, attention_mask, position_ids, labels)
 
-        with self._lora_bypass():
-            outputs = self.get_decoder()(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                **kwargs,
-            )
-        hidden_states = outputs.last_hidden_state
-        if labels is not None and self.training:
-            return self._labelled_loss(hidden_states, labels, outputs, **kwargs)
-        if isinstance(logits_to_keep, int) and logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.speech_vocab.logits(hidden_states, self.get_output_embeddings())
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-
-    def _cut_dropped_frames(self, attention_mask, labels, inputs_embeds, position_ids):
+    def _cut_dropped_frames(self, lm: LMInputs) -> LMInputs:
         """Training returns only the loss: the LM need not run over the frames CTC compression dropped at
         all (`drop_masked_positions`; the LoRA gate is cut alike)."""
         gate = self.lora_gate
         gated = [] if gate is None else [gate.positions]
         attention_mask, labels, (inputs_embeds, position_ids, *gated) = drop_masked_positions(
-            attention_mask, labels, inputs_embeds, position_ids, *gated)
+            lm.attention_mask, lm.labels, lm.inputs_embeds, lm.position_ids, *gated)
         if gate is not None:
             gate.positions = gated[0]
-        return attention_mask, labels, inputs_embeds, position_ids
+        return LMInputs(inputs_embeds, attention_mask, position_ids, labels)
 
     def _lora_bypass(self):
         """Nothing to adapt (a text request under a speech-gated LoRA): skip LoRA's compute as well.
@@ -379,6 +381,22 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         if self.lora_gate is None or self.training:
             return nullcontext()
         return self.lora_gate.skipped_if_closed()
+
+    def _logits_output(self, outputs, labels: torch.LongTensor | None, logits_to_keep: int | torch.Tensor,
+                       **kwargs) -> CausalLMOutputWithPast:
+        """Logits over the whole vocabulary at the positions ``logits_to_keep`` asks for (0: all), and the
+        loss over them when there are labels (evaluation; training takes `_labelled_loss`)."""
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.speech_vocab.logits(hidden_states, self.get_output_embeddings())
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     def _labelled_loss(self, hidden_states: torch.Tensor, labels: torch.LongTensor, outputs,
                        **kwargs) -> CausalLMOutputWithPast:
