@@ -14,70 +14,38 @@ How, given SEANet = convolutions at the audio rate, an LSTM at 50 Hz, convolutio
 - Streamed decode carries the decoder LSTM's state (it is unidirectional) from chunk to chunk, and
   re-runs the non-causal convolutions around it with exactly as much left context and lookahead as
   their receptive field needs, so there is no seam to crossfade.
+
+This module holds the config, the codec and its loading; the exact 50 Hz batching is `codec_batching`,
+the streamed decode `codec_streaming`, the k-means that seeds codebooks `codec_kmeans`, and the upstream
+package as we import it `codec_upstream`.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import math
 import os
-import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from speechlm.speech_io.codec_batching import ExactLSTM, pad_rows, run_with_lengths, split_at_lstm
+from speechlm.speech_io.codec_kmeans import kmeans, nearest
+from speechlm.speech_io.codec_streaming import StreamMargins, UnitStream
+from speechlm.speech_io.codec_upstream import upstream
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
 
 CHECKPOINT_NAME = "SpeechTokenizer.pt"
 CONFIG_NAME = "config.json"
-INSTALL_HINT = "pip install --no-deps speechtokenizer==1.0.1"
 # Activations upstream can build: it calls act(alpha=1.0), which only ELU accepts, or Snake1d(channels).
 SUPPORTED_ACTIVATIONS = ("ELU", "Snake")
-
-
-def import_speechtokenizer_model() -> ModuleType:
-    """``speechtokenizer.model`` without running the package ``__init__``.
-
-    speechtokenizer 1.0.1's ``__init__`` imports its trainer, which needs beartype and a torchaudio
-    that does not load beside current torch. The model needs neither, so we register an empty package
-    module (its ``__path__`` from the installed package, its ``__init__`` never executed) and import
-    the model module from it. This is the only place that knows about the problem.
-    """
-    if "speechtokenizer" not in sys.modules:
-        spec = importlib.util.find_spec("speechtokenizer")  # finding a spec runs no package code
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError(f"the SpeechTokenizer codec needs the speechtokenizer package: {INSTALL_HINT} "
-                              f"(--no-deps: its declared requirements are its trainer's)")
-        sys.modules["speechtokenizer"] = importlib.util.module_from_spec(spec)
-    return importlib.import_module("speechtokenizer.model")
-
-
-def _upstream() -> dict[str, Any]:
-    """The upstream classes and helpers this module walks; the layout test pins them."""
-    model = import_speechtokenizer_model()
-    conv = importlib.import_module("speechtokenizer.modules.conv")
-    seanet = importlib.import_module("speechtokenizer.modules.seanet")
-    lstm = importlib.import_module("speechtokenizer.modules.lstm")
-    return {
-        "SpeechTokenizer": model.SpeechTokenizer,
-        "SConv1d": conv.SConv1d,
-        "SConvTranspose1d": conv.SConvTranspose1d,
-        "pad1d": conv.pad1d,
-        "extra_padding": conv.get_extra_padding_for_conv1d,
-        "SEANetResnetBlock": seanet.SEANetResnetBlock,
-        "Snake1d": seanet.Snake1d,
-        "SLSTM": lstm.SLSTM,
-    }
 
 
 @dataclass
@@ -151,7 +119,7 @@ class SpeechTokenizerCodec:
     def __init__(self, model: nn.Module, config: CodecConfig) -> None:
         self.model = model.eval()
         self.config = config
-        self._lstm_runners: dict[int, _ExactLSTM] = {}
+        self._lstm_runners: dict[int, ExactLSTM] = {}
 
     # ---- construction -------------------------------------------------------------------------------
 
@@ -160,7 +128,7 @@ class SpeechTokenizerCodec:
         """A codec with random weights (seeded if ``seed`` is given) and empty codebooks."""
         if not isinstance(config, CodecConfig):
             config = CodecConfig.from_dict(config)
-        builder = _upstream()["SpeechTokenizer"]
+        builder = upstream()["SpeechTokenizer"]
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             # Upstream builds with the old weight_norm; its FutureWarning is nothing a user can act on.
             warnings.filterwarnings("ignore", message=".*weight_norm", category=FutureWarning)
@@ -269,8 +237,8 @@ class SpeechTokenizerCodec:
                 embed = torch.randn(size, dim, generator=generator) * 0.5**index
                 counts = torch.zeros(size)
             else:
-                embed, counts = _kmeans(residual, size, kmeans_iters, generator)
-                residual = residual - embed[_nearest(residual, embed)]
+                embed, counts = kmeans(residual, size, kmeans_iters, generator)
+                residual = residual - embed[nearest(residual, embed)]
             book.embed.copy_(embed)
             book.embed_avg.copy_(embed)
             book.cluster_size.copy_(counts)
@@ -298,25 +266,25 @@ class SpeechTokenizerCodec:
 
     def _latents(self, arrays: list[np.ndarray], *, batch_size: int) -> list[torch.Tensor]:
         """Encoder outputs ``(D, frames)`` per waveform; items of similar length share a 50 Hz batch."""
-        pre, lstm, post = _split_at_lstm(self.model.encoder.model)
+        pre, lstm, post = split_at_lstm(self.model.encoder.model)
         order = sorted(range(len(arrays)), key=lambda i: arrays[i].shape[0])
         latents: list[torch.Tensor | None] = [None] * len(arrays)
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 items = order[start:start + batch_size]
                 hidden = [pre(torch.from_numpy(arrays[i])[None, None]) for i in items]  # 1, C, frames each
-                x, lengths = _pad_rows(hidden)
+                x, lengths = pad_rows(hidden)
                 x = self._lstm(lstm)(x, lengths)
-                x, lengths = _run_with_lengths(post, x, lengths)
+                x, lengths = run_with_lengths(post, x, lengths)
                 for row, i in enumerate(items):
                     assert lengths[row] == self.num_frames(arrays[i].shape[0]), (lengths[row], arrays[i].shape)
                     latents[i] = x[row, :, : lengths[row]].clone()
         return latents  # type: ignore[return-value]
 
-    def _lstm(self, module: nn.Module) -> _ExactLSTM:
+    def _lstm(self, module: nn.Module) -> ExactLSTM:
         """The exact batched runner for one of upstream's SLSTMs (built once: it shares their weights)."""
         if id(module) not in self._lstm_runners:
-            self._lstm_runners[id(module)] = _ExactLSTM(module)
+            self._lstm_runners[id(module)] = ExactLSTM(module)
         return self._lstm_runners[id(module)]
 
     # ---- decode -------------------------------------------------------------------------------------
@@ -337,12 +305,12 @@ class SpeechTokenizerCodec:
         layers = {c.shape[0] for c in codes}
         if len(layers) > 1:
             raise ValueError(f"decode_batch got unit arrays with {sorted(layers)} layers; expected one count")
-        pre, lstm, post = _split_at_lstm(self.model.decoder.model)
+        pre, lstm, post = split_at_lstm(self.model.decoder.model)
         with torch.inference_mode():
             # RVQ lookup is per frame; one item at a time keeps each item's arithmetic its own.
             latents = [self.model.quantizer.decode(c[:, None, :]) for c in codes]  # 1, D, frames each
-            x, lengths = _pad_rows(latents)
-            x, lengths = _run_with_lengths(pre, x, lengths)
+            x, lengths = pad_rows(latents)
+            x, lengths = run_with_lengths(pre, x, lengths)
             x = self._lstm(lstm)(x, lengths)
             return [post(x[row:row + 1, :, :length])[0, 0].numpy().astype(np.float32)
                     for row, length in enumerate(lengths[: len(codes)])]
@@ -360,12 +328,12 @@ class SpeechTokenizerCodec:
         if chunk < 1:
             raise ValueError(f"chunk={chunk}; expected a positive number of frames")
         self._require_codebooks("decode_stream")
-        return _UnitStream(self, chunk).run(units)
+        return UnitStream(self, chunk).run(units)
 
     @property
     def stream_lookahead(self) -> int:
         """Units that must follow a frame before its audio is final (the decoder's right reach)."""
-        margins = _StreamMargins.of(self.model.decoder.model)
+        margins = StreamMargins.of(self.model.decoder.model)
         return margins.pre_right + margins.post_right
 
     # ---- checks -------------------------------------------------------------------------------------
@@ -477,273 +445,3 @@ def _load_state(model: nn.Module, state: Any, source: Path) -> None:
         raise ValueError(f"{source}: state dict does not match the architecture in {CONFIG_NAME}: "
                          + "; ".join(parts))
     model.load_state_dict(state)
-
-
-# ---- k-means for codebooks -------------------------------------------------------------------------------
-
-
-def _nearest(samples: torch.Tensor, means: torch.Tensor, block: int = 8192) -> torch.Tensor:
-    """Index of the nearest mean for every sample, in blocks to bound memory."""
-    norms = means.pow(2).sum(1)
-    return torch.cat([(norms - 2 * part @ means.T).argmin(1) for part in samples.split(block)])
-
-
-def _kmeans(samples: torch.Tensor, size: int, iters: int, generator: torch.Generator
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(means ``(size, D)``, cluster sizes) from a seeded subset and ``iters`` Lloyd rounds."""
-    # Seed from distinct frames only: repeated frames (e.g. zero residuals of one-member clusters)
-    # would make identical codes, whose ties float rounding then breaks either way.
-    distinct = torch.unique(samples, dim=0)
-    count = distinct.shape[0]
-    if count >= size:
-        means = distinct[torch.randperm(count, generator=generator)[:size]].clone()
-    else:
-        # Fewer distinct frames than codes: add jittered copies, well apart so that no two codes nearly tie.
-        extra = distinct[torch.randint(count, (size - count,), generator=generator)]
-        scale = samples.std(0).clamp_min(1e-3) * 0.5
-        means = torch.cat([distinct, extra + scale * torch.randn(size - count, samples.shape[1], generator=generator)])
-    sizes = torch.zeros(size)
-    for _ in range(iters):
-        assign = _nearest(samples, means)
-        sizes = torch.bincount(assign, minlength=size).float()
-        sums = torch.zeros_like(means).index_add_(0, assign, samples)
-        filled = sizes > 0
-        means[filled] = sums[filled] / sizes[filled, None]  # empty clusters keep their seed
-    return means, sizes
-
-
-# ---- exact batching at 50 Hz ----------------------------------------------------------------------------
-
-
-def _split_at_lstm(seanet: nn.Sequential) -> tuple[nn.Sequential, nn.Module, nn.Sequential]:
-    """(layers before, the SLSTM, layers after) of a SEANet encoder's or decoder's ``model``."""
-    lstm_type = _upstream()["SLSTM"]
-    where = [i for i, module in enumerate(seanet) if isinstance(module, lstm_type)]
-    if len(where) != 1:
-        raise TypeError(f"expected one SLSTM in SpeechTokenizer's SEANet, found {len(where)}; speechtokenizer's "
-                        f"layout changed (expected 1.0.1: {INSTALL_HINT})")
-    return seanet[: where[0]], seanet[where[0]], seanet[where[0] + 1:]
-
-
-def _pad_rows(items: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """``(1, C, T_i)`` tensors as one right-padded ``(B, C, T_max)`` batch of at least two rows.
-
-    A one-row batch would send the LSTM's matmuls down the matrix-vector path, which rounds
-    differently; a zero row keeps an item alone bit-identical to the same item in a batch.
-    """
-    lengths = [item.shape[-1] for item in items]
-    batch = items[0].new_zeros(max(len(items), 2), items[0].shape[1], max(lengths))
-    for row, item in enumerate(items):
-        batch[row, :, : lengths[row]] = item[0]
-    return batch, lengths + [1] * (batch.shape[0] - len(items))
-
-
-def _run_with_lengths(module: nn.Module, x: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """``module(x)`` for a right-padded batch ``(B, C, T)``, as if each item ran alone.
-
-    For the stacks next to the LSTM: stride-1 convolutions and elementwise activations. Returns the
-    output (junk past each length) and each item's output length.
-    """
-    up = _upstream()
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            x, lengths = _run_with_lengths(child, x, lengths)
-        return x, lengths
-    if isinstance(module, up["SConv1d"]):
-        return _conv_with_lengths(module, x, lengths, up)
-    if isinstance(module, (nn.Identity, nn.ELU, up["Snake1d"])):  # elementwise: padding cannot leak
-        return module(x), lengths
-    raise TypeError(f"unexpected {type(module).__name__} next to SpeechTokenizer's LSTM; speechtokenizer's "
-                    f"layout changed (expected 1.0.1: {INSTALL_HINT})")
-
-
-def _conv_with_lengths(module: nn.Module, x: torch.Tensor, lengths: list[int], up: dict[str, Any]
-                       ) -> tuple[torch.Tensor, list[int]]:
-    """SConv1d per item: each item padded as upstream pads it alone, then one batched convolution."""
-    conv = module.conv.conv
-    kernel, stride, dilation = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
-    padding_total = (kernel - 1) * dilation - (stride - 1)
-    if padding_total == 0 and stride == 1:
-        return module.conv(x), lengths  # a pointwise conv: nothing crosses item boundaries
-    pieces = []
-    for row, length in enumerate(lengths):
-        item = x[row:row + 1, :, :length]
-        extra = up["extra_padding"](item, kernel, stride, padding_total)
-        if module.causal:
-            paddings = (padding_total, extra)
-        else:
-            right = padding_total // 2
-            paddings = (padding_total - right, right + extra)
-        pieces.append(up["pad1d"](item, paddings, mode=module.pad_mode))
-    padded = x.new_zeros(x.shape[0], x.shape[1], max(p.shape[-1] for p in pieces))
-    for row, piece in enumerate(pieces):
-        padded[row, :, : piece.shape[-1]] = piece[0]
-    span = dilation * (kernel - 1) + 1
-    return module.conv(padded), [(p.shape[-1] - span) // stride + 1 for p in pieces]
-
-
-class _ExactLSTM:
-    """An SLSTM over a right-padded batch, each item's frames unaffected by the padding.
-
-    A unidirectional LSTM never looks right, so padding at the end is harmless. A bidirectional one
-    is run layer by layer and direction by direction (one-direction LSTMs sharing upstream's weight
-    tensors): the backward direction reads each item's own frames reversed, so it starts at the
-    item's end rather than at the padding.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        lstm = module.lstm
-        self.directions: list[tuple[nn.LSTM, nn.LSTM]] = []
-        if module.bidirectional:
-            for layer in range(lstm.num_layers):
-                self.directions.append((self._one_direction(lstm, layer, ""),
-                                        self._one_direction(lstm, layer, "_reverse")))
-
-    @staticmethod
-    def _one_direction(lstm: nn.LSTM, layer: int, suffix: str) -> nn.LSTM:
-        weight_ih = getattr(lstm, f"weight_ih_l{layer}{suffix}")
-        single = nn.LSTM(weight_ih.shape[1], lstm.hidden_size, 1, bias=lstm.bias)
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if lstm.bias else ("weight_ih", "weight_hh"):
-            setattr(single, f"{name}_l0", getattr(lstm, f"{name}_l{layer}{suffix}"))  # shared, not copied
-        return single.eval()
-
-    def __call__(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        steps = x.permute(2, 0, 1)  # T, B, C
-        if self.module.bidirectional:
-            out = steps
-            for forward, backward in self.directions:
-                ahead, _ = forward(out)
-                behind, _ = backward(_reverse_each(out, lengths))
-                out = torch.cat([ahead, _reverse_each(behind, lengths)], dim=-1)
-            steps = steps.repeat(1, 1, 2)  # upstream's skip for a doubled width
-        else:
-            out, _ = self.module.lstm(steps)
-        if self.module.skip:
-            out = out + steps
-        return out.permute(1, 2, 0)  # B, C, T
-
-
-def _reverse_each(steps: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Reverse each item's first ``length`` steps of a ``(T, B, C)`` batch; padding stays in place."""
-    time = torch.arange(steps.shape[0])[:, None]  # T, 1
-    ends = torch.tensor(lengths)[None, :]  # 1, B
-    index = torch.where(time < ends, ends - 1 - time, time)  # T, B
-    return steps.gather(0, index[:, :, None].expand_as(steps))
-
-
-# ---- streamed decode --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _StreamMargins:
-    """Receptive field of the decoder around its LSTM, in frames: what a chunk needs on each side."""
-
-    pre_left: int
-    pre_right: int
-    post_left: int
-    post_right: int
-
-    @staticmethod
-    def of(decoder: nn.Sequential) -> _StreamMargins:
-        pre, lstm, post = _split_at_lstm(decoder)
-        assert not lstm.bidirectional, "streaming carries a unidirectional decoder LSTM's state"
-        pre_left, pre_right, _ = _reach(pre, 1.0)
-        post_left, post_right, _ = _reach(post, 1.0)
-        return _StreamMargins(math.ceil(pre_left), math.ceil(pre_right),
-                              math.ceil(post_left) + 1, math.ceil(post_right) + 1)
-
-
-def _reach(module: nn.Module, frames_per_sample: float) -> tuple[float, float, float]:
-    """(left, right) reach of ``module`` in frames, and the frames-per-sample of its output.
-
-    Upper bounds: exact for stride-1 convolutions, generous by one input sample for transposed ones.
-    """
-    up = _upstream()
-    if isinstance(module, nn.Sequential):
-        left = right = 0.0
-        for child in module:
-            child_left, child_right, frames_per_sample = _reach(child, frames_per_sample)
-            left, right = left + child_left, right + child_right
-        return left, right, frames_per_sample
-    if isinstance(module, up["SConv1d"]):
-        conv = module.conv.conv
-        assert conv.stride[0] == 1, "the decoder's convolutions do not downsample"
-        total = (conv.kernel_size[0] - 1) * conv.dilation[0]
-        left, right = (total, 0) if module.causal else (total - total // 2, total // 2)
-        return left * frames_per_sample, right * frames_per_sample, frames_per_sample
-    if isinstance(module, up["SConvTranspose1d"]):
-        kernel, stride = module.convtr.convtr.kernel_size[0], module.convtr.convtr.stride[0]
-        reach = (kernel / stride + 1) * frames_per_sample
-        return reach, reach, frames_per_sample / stride
-    if isinstance(module, up["SEANetResnetBlock"]):
-        block_left, block_right, _ = _reach(module.block, frames_per_sample)
-        short_left, short_right, _ = _reach(module.shortcut, frames_per_sample)
-        return max(block_left, short_left), max(block_right, short_right), frames_per_sample
-    if isinstance(module, (nn.Identity, nn.ELU, up["Snake1d"])):
-        return 0.0, 0.0, frames_per_sample
-    raise TypeError(f"unexpected {type(module).__name__} in SpeechTokenizer's decoder; speechtokenizer's "
-                    f"layout changed (expected 1.0.1: {INSTALL_HINT})")
-
-
-class _UnitStream:
-    """State of one streamed decode: units so far, the LSTM's carried state, frames already emitted."""
-
-    def __init__(self, codec: SpeechTokenizerCodec, chunk: int) -> None:
-        self.codec = codec
-        self.chunk = chunk
-        decoder = codec.model.decoder.model
-        self.margins = _StreamMargins.of(decoder)
-        self.pre, self.lstm, self.post = _split_at_lstm(decoder)
-        self.units = torch.zeros(0, 0, dtype=torch.long)  # k, N
-        self.lstm_state: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.lstm_out = torch.zeros(1, self.lstm.lstm.hidden_size, 0)  # 1, C, frames [offset, lstm_done)
-        self.offset = 0  # absolute frame of lstm_out[..., 0]
-        self.lstm_done = 0  # frames whose LSTM output is final
-        self.emitted = 0  # frames whose audio has been yielded
-
-    def run(self, source: Iterable[Any]) -> Iterator[np.ndarray]:
-        for index, item in enumerate(source):
-            self._append(item, index)
-            ready = self.units.shape[1] - self.margins.pre_right - self.margins.post_right
-            if ready - self.emitted >= self.chunk:
-                yield self._advance(final=False)
-        if self.units.shape[1] > self.emitted:
-            yield self._advance(final=True)
-
-    def _append(self, item: Any, index: int) -> None:
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            item = [int(item)]
-        units = self.codec._check_units(item, f"streamed units item {index}")
-        if self.units.shape[1] == 0:
-            self.units = units
-        elif units.shape[0] != self.units.shape[0]:
-            raise ValueError(f"streamed units item {index} has {units.shape[0]} layers but the stream began "
-                             f"with {self.units.shape[0]}; expected the same number throughout")
-        else:
-            self.units = torch.cat([self.units, units], dim=1)
-
-    @torch.inference_mode()
-    def _advance(self, *, final: bool) -> np.ndarray:
-        """Run the LSTM as far as its inputs are final, then emit every frame whose audio is final."""
-        margins, total, hop = self.margins, self.units.shape[1], self.codec.hop_length
-        target = total if final else total - margins.pre_right
-        if target > self.lstm_done:
-            start = max(0, self.lstm_done - margins.pre_left)
-            latent = self.codec.model.quantizer.decode(self.units[:, None, start:total])  # 1, D, frames
-            hidden = self.pre(latent)[..., self.lstm_done - start: target - start]
-            steps = hidden.permute(2, 0, 1)  # T, 1, C
-            out, self.lstm_state = self.lstm.lstm(steps, self.lstm_state)
-            if self.lstm.skip:
-                out = out + steps
-            self.lstm_out = torch.cat([self.lstm_out, out.permute(1, 2, 0)], dim=-1)
-            self.lstm_done = target
-        end = self.lstm_done if final else self.lstm_done - margins.post_right
-        start = max(0, self.emitted - margins.post_left)
-        wav = self.post(self.lstm_out[..., start - self.offset: self.lstm_done - self.offset])  # 1, 1, samples
-        piece = wav[0, 0, (self.emitted - start) * hop: (end - start) * hop]
-        self.emitted = end
-        # LSTM outputs left of the next window are never read again.
-        drop = max(0, self.emitted - margins.post_left - self.offset)
-        self.lstm_out, self.offset = self.lstm_out[..., drop:], self.offset + drop
-        return piece.numpy().astype(np.float32)

@@ -1,4 +1,5 @@
-"""Fails loudly when speechtokenizer's layout moves away from what speech_io.codec relies on."""
+"""Fails loudly when speechtokenizer's layout moves away from what speech_io.codec relies on
+(`speech_io/codec_upstream.py` imports it, `codec_batching.py` and `codec_streaming.py` walk its modules)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speechlm.speech_io.codec import CodecConfig, import_speechtokenizer_model
+from speechlm.speech_io.codec import CodecConfig
+from speechlm.speech_io.codec_upstream import import_speechtokenizer_model
 
 
 def test_files_and_config_keys():
