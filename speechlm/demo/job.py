@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 
 from speechlm.demo.assets import check_runtime_packages, sha256_of
 from speechlm.demo.build import DemoAssets, build_demo_assets
-from speechlm.demo.corpus import ANSWER_SYSTEM_PROMPT
+from speechlm.demo.corpus_texts import ANSWER_SYSTEM_PROMPT
 from speechlm.evaluation import EvalItem, EvalSettings, evaluate, read_eval_manifest, summarize
 from speechlm.finetune.examples import read_jsonl
 from speechlm.finetune.trainer import TrainingClock

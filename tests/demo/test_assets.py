@@ -34,7 +34,7 @@ def test_whisper_base_transcribes_a_sentence_it_never_saw(demo_cache, voice):
 
     from speechlm.adapters.audio_encoder import load_whisper_encoder
     from speechlm.demo.assets import build_whisper
-    from speechlm.demo.corpus import PiperSynthesizer
+    from speechlm.demo.corpus_audio import PiperSynthesizer
 
     path = build_whisper(demo_cache)
     checkpoint = torch.load(path, weights_only=True)
@@ -53,7 +53,8 @@ def test_whisper_base_transcribes_a_sentence_it_never_saw(demo_cache, voice):
 
 
 def test_a_tiny_corpus_builds_with_every_split_and_is_reused(tmp_path, backbone_dir, voice, demo_cache):
-    from speechlm.demo.corpus import SPLITS, CorpusSize, build_corpus
+    from speechlm.demo.corpus import CorpusSize, build_corpus
+    from speechlm.demo.corpus_texts import SPLITS
     from speechlm.speech_io.audio import load_audio
 
     size = CorpusSize(templates=3, backbone=2, questions=3, docs=2, stdlib=2, heldout_fraction=0.34)
@@ -89,7 +90,7 @@ def test_codec_has_the_published_architecture_and_filled_codebooks(tmp_path, dem
     import soundfile as sf
 
     from speechlm.demo.assets import build_codec
-    from speechlm.demo.corpus import PiperSynthesizer
+    from speechlm.demo.corpus_audio import PiperSynthesizer
     from speechlm.speech_io.codec import SpeechTokenizerCodec
 
     synthesize = PiperSynthesizer(voice)

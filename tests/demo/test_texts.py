@@ -3,7 +3,8 @@ from __future__ import annotations
 import platform
 
 from speechlm.demo import texts
-from speechlm.demo.corpus import _clean_answer, _clean_sentence, synthesis_settings
+from speechlm.demo.corpus_audio import synthesis_settings
+from speechlm.demo.corpus_texts import _clean_answer, _clean_sentence
 
 
 def test_templates_are_distinct_and_seeded():
@@ -74,7 +75,7 @@ def test_synthesis_settings_are_stable_per_clip_and_varied():
 
 
 def test_answers_are_checked_by_whole_words():
-    from speechlm.demo.corpus import answer_is_correct
+    from speechlm.demo.corpus_scoring import answer_is_correct
 
     assert answer_is_correct("The capital of France is Paris.", ["Paris"])
     assert answer_is_correct("A day has twenty-four hours.", ["24", "twenty-four"])

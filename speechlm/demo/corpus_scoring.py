@@ -1,0 +1,43 @@
+"""Scoring the corpus's answers and words: whether an answer holds an expected short answer, and how much of
+each held-out split's vocabulary some training clip speaks."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from speechlm.demo.corpus_texts import SPLITS
+
+
+def answer_is_correct(answer: str, expected: Sequence[str]) -> bool:
+    """Whether an answer contains one of the expected short answers as whole words (case-insensitive)."""
+    words = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", answer.lower())
+    return any(re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", option.lower()) == words[i:i + len(option.split())]
+               for option in expected for i in range(len(words)))
+
+
+def spoken_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+def vocabulary_heard(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per held-out split (and per source in it): the share of its running words that some training
+    clip speaks. No adapter can be expected to write a word it never heard."""
+    heard = {word for row in rows if row["split"] == "train" for word in spoken_words(row["text"])}
+    shares: dict[str, dict[str, float]] = {}
+    for split in SPLITS[1:]:
+        split_rows = [row for row in rows if row["split"] == split]
+        groups = {"all": split_rows, **{source: [row for row in split_rows if row["source"] == source]
+                                        for source in sorted({row["source"] for row in split_rows})}}
+        shares[split] = {}
+        for name, group in groups.items():
+            words = [word for row in group for word in spoken_words(row["text"])]
+            if words:
+                shares[split][name] = round(sum(word in heard for word in words) / len(words), 3)
+    return shares
+
+
+def question_accuracy(rows: list[dict]) -> dict:
+    correct = sum(answer_is_correct(row["answer"], row["expected"]) for row in rows)
+    return {"correct": correct, "questions": len(rows)}
+

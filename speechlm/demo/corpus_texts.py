@@ -1,0 +1,218 @@
+"""The corpus's texts: which texts of which source go to which split (`text_rows`), and the backbone's own
+sentences and greedy answers (`BackboneWriter`, cached). The text material itself is `speechlm.demo.texts`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from speechlm.demo import texts
+
+if TYPE_CHECKING:
+    from speechlm.demo.corpus import CorpusSize
+
+SPLITS = ("train", "heldout", "ood")
+SOURCES = ("templates", "backbone", "stdlib", "questions", "docs")
+ANSWER_MAX_NEW_TOKENS = 64
+# The system turn of the self-distilled answers: the training recipe must use the same one (the job sets
+# data.system_prompt to it), so that the adapter learns the answers the backbone gives in that setting.
+ANSWER_SYSTEM_PROMPT = ""
+SENTENCE_SAMPLES_PER_CALL = 8
+TOPICS_PER_CALL = 10
+
+
+def text_rows(settings: CorpusSize, seed: int, writer: BackboneWriter, docs: list[str], stdlib: list[str],
+               progress: Callable[[str], None]) -> list[dict]:
+    """Every row's text, source and split, in a fixed order (ids are stable for a given size and seed)."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+
+    def add(source: str, items: Sequence[str], split_of: Callable[[int], str], **extra_of) -> None:
+        for index, text in enumerate(items):
+            row = {"id": f"{source}-{index:05d}", "text": text, "source": source, "split": split_of(index)}
+            for key, values in extra_of.items():
+                if values[index] is not None:
+                    row[key] = values[index]
+            rows.append(row)
+
+    def random_split(count: int, salt: str) -> Callable[[int], str]:
+        held = set(random.Random(f"{seed}-{salt}").sample(range(count), _heldout_count(count,
+                                                                                     settings.heldout_fraction)))
+        return lambda index: "heldout" if index in held else "train"
+
+    sentences = texts.template_sentences(settings.templates, seed)
+    add("templates", sentences, random_split(len(sentences), "templates"))
+
+    progress(f"backbone sentences: {settings.backbone} (sampled once, cached)")
+    written = writer.sentences(settings.backbone, seed)
+    add("backbone", written, random_split(len(written), "backbone"))
+
+    picked = random.Random(f"{seed}-stdlib").sample(stdlib, min(settings.stdlib, len(stdlib)))
+    add("stdlib", picked, random_split(len(picked), "stdlib"))
+
+    questions = _pick_questions(settings.questions, rng)
+    in_domain = [i for i, q in enumerate(questions) if q.kind not in texts.OOD_QUESTION_KINDS]
+    held = set(random.Random(f"{seed}-questions").sample(
+        in_domain, _heldout_count(len(in_domain), settings.question_heldout_fraction)))
+    add("questions", [q.text for q in questions],
+        lambda i: "ood" if questions[i].kind in texts.OOD_QUESTION_KINDS else ("heldout" if i in held else "train"),
+        kind=[q.kind for q in questions], expected=[list(q.expected) or None for q in questions])
+
+    picked = docs if settings.docs is None else random.Random(f"{seed}-docs").sample(docs, min(settings.docs,
+                                                                                                 len(docs)))
+    add("docs", picked, lambda index: "ood")
+    return rows
+
+
+def _heldout_count(count: int, fraction: float) -> int:
+    return min(count - 1, max(1, round(count * fraction))) if count >= 2 else 0
+
+
+def _pick_questions(count: int | None, rng: random.Random) -> list[texts.Question]:
+    """All questions, or ``count`` of them covering every kind (round-robin over kinds, seeded)."""
+    questions = texts.all_questions()
+    if count is None or count >= len(questions):
+        return questions
+    by_kind: dict[str, list[texts.Question]] = {}
+    for question in questions:
+        by_kind.setdefault(question.kind, []).append(question)
+    for group in by_kind.values():
+        rng.shuffle(group)
+    picked: list[texts.Question] = []
+    while len(picked) < count:
+        for group in by_kind.values():
+            if group and len(picked) < count:
+                picked.append(group.pop())
+    return picked
+
+
+class BackboneWriter:
+    """The backbone's own texts: sampled sentences about topics and greedy answers, cached in a JSON file.
+
+    Answers are generated in batches of prompts of equal token length, so no padding enters the
+    computation and each answer is what the model says to that prompt alone.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, cache_file: Path, *, batch_size: int = 32) -> None:
+        self.model_dir, self.cache_file, self.batch_size = Path(model_dir), cache_file, batch_size
+        self.cache: dict[str, object] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        self._model = self._tokenizer = None
+
+    def _load(self):
+        if self._model is None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            self._model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
+        return self._model, self._tokenizer
+
+    def _save(self) -> None:
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.cache_file.with_name(self.cache_file.name + ".partial")
+        staging.write_text(json.dumps(self.cache, indent=1, ensure_ascii=False) + "\n")
+        os.replace(staging, self.cache_file)
+
+    def _prompt_ids(self, text: str, system: str | None = None) -> list[int]:
+        _, tokenizer = self._load()
+        messages = [{"role": "user", "content": text}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+
+    def answers(self, prompts: Sequence[str]) -> list[tuple[str, bool]]:
+        """(answer, whether it ended by itself) per prompt: greedy, at most `ANSWER_MAX_NEW_TOKENS`."""
+        key = f"answer|system={ANSWER_SYSTEM_PROMPT!r}|{{}}".format
+        missing = sorted({p for p in prompts if key(p) not in self.cache})
+        if missing:
+            import torch
+
+            model, tokenizer = self._load()
+            by_length: dict[int, list[tuple[str, list[int]]]] = {}
+            for prompt in missing:
+                ids = self._prompt_ids(prompt, ANSWER_SYSTEM_PROMPT)
+                by_length.setdefault(len(ids), []).append((prompt, ids))
+            for group in by_length.values():
+                for start in range(0, len(group), self.batch_size):
+                    batch = group[start:start + self.batch_size]
+                    input_ids = torch.tensor([ids for _, ids in batch])
+                    with torch.no_grad():
+                        generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                                   max_new_tokens=ANSWER_MAX_NEW_TOKENS, do_sample=False)
+                    for (prompt, _), row in zip(batch, generated[:, input_ids.shape[1]:], strict=True):
+                        complete = bool((row == tokenizer.eos_token_id).any())
+                        self.cache[key(prompt)] = [_clean_answer(tokenizer.decode(
+                            row, skip_special_tokens=True), complete), complete]
+                    self._save()
+        return [tuple(self.cache[key(p)]) for p in prompts]
+
+    def sentences(self, count: int, seed: int) -> list[str]:
+        """``count`` distinct sentences the backbone writes about `texts.TOPICS`.
+
+        Sampled in calls of `TOPICS_PER_CALL` topics x `SENTENCE_SAMPLES_PER_CALL` samples, each call
+        seeded by (seed, round, chunk): the same calls in the same order, whatever ``count`` is.
+        """
+        found: list[str] = []
+        seen: set[str] = set()
+        chunks = [texts.TOPICS[i:i + TOPICS_PER_CALL] for i in range(0, len(texts.TOPICS), TOPICS_PER_CALL)]
+        for round_index in range(64):
+            for chunk_index, topics in enumerate(chunks):
+                if len(found) >= count:
+                    return found[:count]
+                for sentence in self._samples(topics, f"sentences|{seed}|{round_index}|{chunk_index}"):
+                    if sentence not in seen:
+                        seen.add(sentence)
+                        found.append(sentence)
+        raise ValueError(f"the backbone wrote only {len(found)} distinct usable sentences; asked for {count}")
+
+    def _samples(self, topics: Sequence[str], key: str) -> list[str]:
+        if key not in self.cache:
+            import torch
+
+            model, tokenizer = self._load()
+            prompts = [self._prompt_ids(texts.SENTENCE_PROMPT.format(topic=topic)) for topic in topics]
+            width = max(map(len, prompts))
+            pad = tokenizer.pad_token_id
+            # left padding, so every row's sampled continuation starts right after its prompt
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts])
+            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
+            torch.manual_seed(zlib.crc32(key.encode()))
+            with torch.no_grad():
+                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                                           temperature=0.8, top_p=0.95, max_new_tokens=40,
+                                           num_return_sequences=SENTENCE_SAMPLES_PER_CALL)
+            raw = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            self.cache[key] = [s for s in (_clean_sentence(text) for text in raw) if s]
+            self._save()
+        return list(self.cache[key])
+
+
+_SENTENCE_CHARS = re.compile(r"^[A-Za-z0-9 ,.'!?;:-]+$")
+
+
+def _clean_sentence(text: str) -> str | None:
+    """The first sentence of a generated text if it is plain, speakable and 5 to 25 words long."""
+    line = text.strip().split("\n")[0].strip().strip('"*').strip()
+    match = re.match(r"^(.+?[.!?])(\s|$)", line)
+    if not match:
+        return None
+    sentence = match.group(1).replace("\u2019", "'")
+    if not 5 <= len(sentence.split()) <= 25 or not _SENTENCE_CHARS.match(sentence) or not sentence[0].isupper():
+        return None
+    return sentence
+
+
+def _clean_answer(text: str, complete: bool) -> str:
+    """The answer as generated; cut back to its last full sentence when generation hit the length limit."""
+    text = text.strip()
+    if complete:
+        return text
+    ends = [m.end() for m in re.finditer(r"[.!?](\s|$)", text)]
+    return text[:ends[-1]].strip() if ends else text
+
