@@ -47,7 +47,7 @@ class EvalSettings:
     batch_size: int = field(default=8, metadata={"help": "items per generate / scoring call"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest text response"})
     asr_prompt: str = field(default="Transcribe the audio.", metadata={"help": "instruction beside the clip"})
-    asr_follow_transcript: float = field(default=2.0, metadata={
+    asr_follow_transcript: float = field(default=5.0, metadata={
         "help": "asr, a model with a reader: log-odds the next token of the reader's transcript gains (0: the LM "
                 "alone)"})
     tts_prompt: str = field(default="Say this out loud: {text}", metadata={"help": "the tts request; {text}"})
