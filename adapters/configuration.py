@@ -169,9 +169,11 @@ class SpeechLMConfig(PreTrainedConfig):
         train_audio_encoder: also train the Whisper encoder (it is frozen by default).
         speech_units_per_character: the speaking rate of the speech the model learned to produce (speech units
             per character of the text spoken, fit on its training pairs by the recipe); generation keeps a
-            speech span within ``speech_length_tolerance`` of the length it implies. None: the LM alone
-            decides where speech ends.
-        speech_length_tolerance: how far a span may stray from that length (0.25: within +-25%).
+            speech span between ``1 - speech_length_tolerance`` and ``speech_length_ceiling`` times the length
+            it implies. None: the LM alone decides where speech ends.
+        speech_length_tolerance: how much shorter than that length a span may end (0.25: from 75% of it).
+        speech_length_ceiling: where a span ends at the latest, times that length (1.0: at the length itself;
+            a model trained on a few hours rarely ends a span on its own, so most end here).
         text_model_name_or_path / audio_model_name_or_path: where the base weights come from. When set
             and the backbone is not fully tuned, checkpoints hold only what was trained.
     """
@@ -201,6 +203,7 @@ class SpeechLMConfig(PreTrainedConfig):
     train_audio_encoder: bool = False
     speech_units_per_character: float | None = None
     speech_length_tolerance: float = 0.25
+    speech_length_ceiling: float = 1.0
     text_model_name_or_path: str | None = None
     audio_model_name_or_path: str | None = None
     tie_word_embeddings: bool = False
@@ -251,6 +254,9 @@ class SpeechLMConfig(PreTrainedConfig):
             problems.append(f"speech_units_per_character={self.speech_units_per_character}: must be > 0 (or null)")
         if not 0.0 <= self.speech_length_tolerance < 1.0:
             problems.append(f"speech_length_tolerance={self.speech_length_tolerance}: must be in [0, 1)")
+        if not self.speech_length_ceiling > 1.0 - self.speech_length_tolerance:
+            problems.append(f"speech_length_ceiling={self.speech_length_ceiling}: must be above 1 - "
+                            f"speech_length_tolerance = {1.0 - self.speech_length_tolerance:g}")
         if self.lora_r < 1:
             problems.append(f"lora_r={self.lora_r}: must be >= 1")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         # What the frozen encoder and reader made of each clip, for training's epochs and evaluations: off
         # here (a served model sees each clip once, and would keep them all), on in the training recipe.
         self.reading_cache = ReadingCache(max_bytes=0)
+        self._call_readings = ReadingCache()  # `keeping_readings`' (emptied after each call; the weights'
+                                              # fingerprint, a hash of every parameter, is kept)
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         elif language_model.config._attn_implementation is None:
@@ -176,6 +179,30 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         order, padding dropped (``L_i = audio_lengths(mel frames of clip i)``); with CTC compression, the
         frames it drops are zero, with a reader the transcript slots it leaves empty."""
         return self._audio_embeddings(input_features, input_features_mask)[0]
+
+    @torch.no_grad()
+    def audio_transcripts(self, input_features: torch.Tensor,
+                          input_features_mask: torch.Tensor | None = None) -> list[list[int]]:
+        """``N, n_mels, T`` log-mel of N clips -> each clip's transcript by the reader, in the backbone's token
+        ids (what the LM gets in the clip's transcript slots)."""
+        if self.audio_reader is None:
+            raise ValueError("audio_transcripts needs a reader (projector_config.reader: whisper); this model has "
+                             f"reader={self.config.projector_config.reader!r}")
+        return self._encode_and_read(input_features, self._mel_lengths(input_features, input_features_mask))[1]
+
+    @contextmanager
+    def keeping_readings(self) -> Iterator[None]:
+        """While inside, what the frozen encoder and reader make of each clip is kept (when the model keeps
+        nothing otherwise), so reading a clip's transcript and then generating from it reads it once."""
+        if self.reading_cache.max_bytes > 0 or self.config.train_audio_encoder:
+            yield
+            return
+        own, self.reading_cache = self.reading_cache, self._call_readings
+        try:
+            yield
+        finally:
+            self._call_readings.clear()
+            self.reading_cache = own
 
     def _audio_embeddings(self, input_features: torch.Tensor,
                           input_features_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -257,10 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
+    p.add_argument("--follow-transcript", type=float,
+                   help="a model with a reader, asked to transcribe: log-odds the next token of the reader's "
+                        "transcript gains (e.g. 2; default: the LM alone)")
     p.set_defaults(run=lambda a: generate(
         a.model, a.audio, a.text, a.output, a.out_audio, a.max_new_tokens, a.max_speech_units,
         {key: value for key, value in (("do_sample", a.do_sample or None), ("temperature", a.temperature),
-                                       ("top_p", a.top_p), ("top_k", a.top_k)) if value is not None}))
+                                       ("top_p", a.top_p), ("top_k", a.top_k),
+                                       ("follow_transcript", a.follow_transcript)) if value is not None}))
 
     p = commands.add_parser("merge", help="a standalone checkpoint: LoRA merged, base weights included")
     p.add_argument("checkpoint", help="a saved SpeechLM directory")
@@ -289,9 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperatures", type=temperature_list, default=evaluation.temperatures,
                    help="text answers: temperatures tried in turn where the answer loops, as openai-whisper "
                         "transcribes (e.g. 0,0.2,0.4,0.6,0.8,1; default 0: greedy only)")
+    p.add_argument("--asr-follow-transcript", type=float, default=evaluation.asr_follow_transcript,
+                   help="asr, a model with a reader: log-odds the next token of the reader's transcript gains "
+                        "(0: the LM alone)")
     p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, dict(
         batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, max_speech_units=a.max_speech_units,
-        judge=a.judge, output=a.output, temperatures=a.temperatures)))
+        judge=a.judge, output=a.output, temperatures=a.temperatures, asr_follow_transcript=a.asr_follow_transcript)))
 
     p = commands.add_parser("prepare", help="check audio and extract codec units for training")
     p.add_argument("manifest", help="JSONL manifest, saved dataset directory, or audiofolder directory")

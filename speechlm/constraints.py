@@ -2,8 +2,10 @@
 
 A response is text, a speech span ``<|speech_start|> <|s_k|>... <|speech_end|>``, or text then a span
 (chain-of-modality). `SpeechSpanLogitsProcessor` keeps every response well formed; `OutputModeLogitsProcessor`
-steers it into the mode the caller asked for. Both read the state of each row from the tokens generated
-so far (after ``prompt_length``), so they need no per-row bookkeeping and work for batches.
+steers it into the mode the caller asked for; `SpeechLengthLogitsProcessor` keeps speech as long as its
+text, and `TranscriptFollowingLogitsProcessor` keeps a transcription to the reader's transcript. They read
+the state of each row from the tokens generated so far (after ``prompt_length``), so they need no per-row
+bookkeeping and work for batches and beams.
 """
 
 from __future__ import annotations
@@ -150,8 +152,9 @@ class SpeechLengthLogitsProcessor(LogitsProcessor):
     """A speech span about as long as the text it speaks, whatever the LM would do: the speaking rate the
     model was trained on (``units_per_character``, fit on its training pairs) times the characters spoken
     gives the span's expected units; ``<|speech_end|>`` is barred below ``1 - tolerance`` of them and forced
-    at ``1 + tolerance``, and in between the model chooses (a duration model as TTS systems use one: an LM
-    that has to count ~200 units to stop does not, BENCHMARKS.md).
+    at ``ceiling`` times them (``1 + tolerance`` when not given), and in between the model chooses (a
+    duration model as TTS systems use one: an LM that has to count ~200 units to stop does not,
+    BENCHMARKS.md).
 
     The characters are ``spoken_characters`` where the caller knows the text (a TTS request), else those
     of the text the response generated before its span (chain-of-modality: the span speaks that text),
@@ -160,13 +163,16 @@ class SpeechLengthLogitsProcessor(LogitsProcessor):
 
     def __init__(self, ids: SpeechTokenIds, prompt_length: int, units_per_character: float,
                  token_characters: torch.Tensor, spoken_characters: torch.Tensor | None = None,
-                 tolerance: float = 0.25):
+                 tolerance: float = 0.25, ceiling: float | None = None):
         if units_per_character <= 0:
             raise ValueError(f"units_per_character={units_per_character}: must be > 0")
         if not 0.0 <= tolerance < 1.0:
             raise ValueError(f"tolerance={tolerance}: must be in [0, 1)")
+        ceiling = 1.0 + tolerance if ceiling is None else ceiling
+        if not ceiling > 1.0 - tolerance:
+            raise ValueError(f"ceiling={ceiling}: must be above 1 - tolerance = {1.0 - tolerance:g}")
         self.ids, self.prompt_length = ids, prompt_length
-        self.units_per_character, self.tolerance = units_per_character, tolerance
+        self.units_per_character, self.tolerance, self.ceiling = units_per_character, tolerance, ceiling
         self.token_characters, self.spoken_characters = token_characters, spoken_characters
 
     def expected_units(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -193,7 +199,48 @@ class SpeechLengthLogitsProcessor(LogitsProcessor):
             return scores
         scores = scores.clone()
         lower = torch.floor(expected * (1 - self.tolerance)).clamp(min=1)
-        upper = torch.ceil(expected * (1 + self.tolerance)).clamp(min=lower + 1)
+        upper = torch.ceil(expected * self.ceiling).clamp(min=lower + 1)
         _restrict(scores, known & (state.span_units < lower), _unit_tokens(ids, scores))  # no end yet
         _force(scores, known & (state.span_units >= upper), ids.speech_end)
+        return scores
+
+
+class TranscriptFollowingLogitsProcessor(LogitsProcessor):
+    """A transcription that keeps to the reader's transcript unless the LM prefers another token by more than
+    ``bias``: each row's next transcript token gains ``bias`` (log-odds), and once the transcript is spent,
+    ``eos_token_id`` does. The LM may still leave the transcript (a correction it is sure of); where the
+    tokens generated so far have got to in the transcript is read again at each step, a token matching one
+    of the next ``lookahead`` transcript tokens skipping the ones before it. A row whose transcript is empty
+    is left to the model. ``bias`` 0 is the model alone; a large one, the transcript verbatim.
+
+    The LM alone paraphrases what it has not heard in training (a 135M backbone repeats even text only
+    loosely); the reader's transcript carries what Whisper's decoder learned from 680k hours."""
+
+    def __init__(self, transcripts: Sequence[Sequence[int]], prompt_length: int, bias: float, eos_token_id: int,
+                 lookahead: int = 3):
+        if bias < 0:
+            raise ValueError(f"bias={bias}: must be >= 0 (0 leaves the model alone)")
+        self.transcripts = [list(ids) for ids in transcripts]
+        self.prompt_length, self.bias, self.eos_token_id, self.lookahead = prompt_length, bias, eos_token_id, lookahead
+
+    def position(self, generated: Sequence[int], transcript: Sequence[int]) -> int:
+        """How many of ``transcript``'s tokens ``generated`` has covered."""
+        covered = 0
+        for token in generated:
+            ahead = transcript[covered: covered + self.lookahead + 1]
+            if token in ahead:
+                covered += ahead.index(token) + 1
+        return covered
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = input_ids.shape[0]
+        if rows % len(self.transcripts):
+            raise ValueError(f"transcripts for {len(self.transcripts)} rows, and the batch has {rows}")
+        beams = rows // len(self.transcripts)
+        scores = scores.clone()
+        for row, generated in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            transcript = self.transcripts[row // beams]
+            if transcript:
+                covered = self.position(generated, transcript)
+                scores[row, transcript[covered] if covered < len(transcript) else self.eos_token_id] += self.bias
         return scores

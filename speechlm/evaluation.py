@@ -2,7 +2,8 @@
 
 Manifests are JSONL, one item per line, audio paths relative to the manifest:
 
-- ``asr``: ``{"id", "audio", "text"}`` -> WER and CER (Whisper's English normalizer), with S/D/I counts.
+- ``asr``: ``{"id", "audio", "text"}`` -> WER and CER (Whisper's English normalizer), with S/D/I counts; a
+  model with a reader keeps to its reader's transcript unless sure of a correction (``asr_follow_transcript``).
 - ``qa``: ``{"id", "audio", "question", "answers": [...]}`` -> spoken-question accuracy beside the same
   model's accuracy on the question as text; their ratio is the modality gap.
 - ``tts``: ``{"id", "text", "units": [...]}`` (or ``"audio"`` to encode with the model's codec) -> the
@@ -56,6 +57,9 @@ class EvalSettings:
     batch_size: int = field(default=8, metadata={"help": "items per generate / scoring call"})
     max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "longest text response"})
     asr_prompt: str = field(default="Transcribe the audio.", metadata={"help": "instruction beside the clip"})
+    asr_follow_transcript: float = field(default=5.0, metadata={
+        "help": "asr, a model with a reader: log-odds the next token of the reader's transcript gains (0: the LM "
+                "alone)"})
     tts_prompt: str = field(default="Say this out loud: {text}", metadata={"help": "the tts request; {text}"})
     max_speech_units: int = field(default=DEFAULT_MAX_SPEECH_UNITS, metadata={
         "help": "longest spoken response (50 units a second)"})
@@ -71,6 +75,9 @@ class EvalSettings:
     def __post_init__(self):
         if not self.temperatures or any(t < 0 for t in self.temperatures):
             raise ValueError(f"EvalSettings.temperatures: expected one or more temperatures >= 0, got {self.temperatures}")
+        if self.asr_follow_transcript < 0:
+            raise ValueError(f"EvalSettings.asr_follow_transcript: expected >= 0 (0: the LM alone), got "
+                             f"{self.asr_follow_transcript}")
 
 
 @dataclass
@@ -133,7 +140,7 @@ def file_sha256(path: str | Path) -> str:
 
 # -- model calls --------------------------------------------------------------------------------------
 def generate_text(model, processor, conversations: Sequence[list[dict]], settings: EvalSettings,
-                  temperatures_used: list[float] | None = None) -> list[str]:
+                  temperatures_used: list[float] | None = None, **generate_kwargs) -> list[str]:
     """Text answers, ``settings.batch_size`` conversations per ``generate`` call: at the first of
     ``settings.temperatures`` (0: greedy), then, for the answers that loop, at the next one, and so on (the
     last try stands). Sampling is seeded, so a run repeats. ``temperatures_used`` gets each answer's."""
@@ -152,7 +159,7 @@ def generate_text(model, processor, conversations: Sequence[list[dict]], setting
             for start in range(0, len(pending), settings.batch_size):
                 chosen = pending[start: start + settings.batch_size]
                 replies = respond(model, processor, [conversations[i] for i in chosen], output="text",
-                                  max_new_tokens=settings.max_new_tokens, **sampling)
+                                  max_new_tokens=settings.max_new_tokens, **sampling, **generate_kwargs)
                 for index, reply in zip(chosen, replies, strict=True):
                     answers[index], used[index] = reply.text.strip(), temperature
         pending = [i for i in pending if compression_ratio(answers[i]) > settings.compression_ratio_threshold]
@@ -196,7 +203,9 @@ def evaluate_asr(model, processor, items: list[EvalItem], settings: EvalSettings
                                                    {"type": "text", "text": settings.asr_prompt}]}]
                      for item in items]
     temperatures: list[float] = []
-    hypotheses = generate_text(model, processor, conversations, settings, temperatures)
+    # with a reader, the transcript keeps to the reader's unless the LM is sure of a correction
+    following = settings.asr_follow_transcript if getattr(model, "audio_reader", None) is not None else 0.0
+    hypotheses = generate_text(model, processor, conversations, settings, temperatures, follow_transcript=following)
     results = []
     for item, hypothesis, temperature in zip(items, hypotheses, temperatures, strict=True):
         words = word_errors([item.fields["text"]], [hypothesis])

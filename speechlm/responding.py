@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from speechlm.constraints import (
     SpeechLengthLogitsProcessor,
     SpeechSpanLogitsProcessor,
     SpeechTokenIds,
+    TranscriptFollowingLogitsProcessor,
 )
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.processor import as_conversations
@@ -64,6 +66,7 @@ ResponseEvent = TextDelta | AudioChunk
 def generation_settings(model, processor, prompt_length: int, *, output: str = "text",
                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                         max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS, spoken_text: Sequence[str] | None = None,
+                        follow_transcript: float = 0.0, transcripts: Sequence[Sequence[int]] | None = None,
                         **generate_kwargs) -> dict[str, Any]:
     """``generate`` keyword arguments for a response in ``output`` mode to prompts of ``prompt_length``.
 
@@ -71,6 +74,9 @@ def generation_settings(model, processor, prompt_length: int, *, output: str = "
     (``do_sample``, ``temperature``, ``top_p``, ...) pass through. A model that knows its speaking rate
     (``config.speech_units_per_character``) keeps each span about as long as the text it speaks: each row's
     ``spoken_text`` where given (a TTS request), else the text generated before the span.
+    ``follow_transcript`` > 0 (a transcription request to a model with a reader) keeps the text to each row's
+    reader transcript (``transcripts``, from `reader_transcripts`) unless the LM prefers another token by
+    more than that many log-odds (`TranscriptFollowingLogitsProcessor`).
     """
     if output not in OUTPUT_MODES:
         raise ValueError(f"output={output!r}: choose one of {list(OUTPUT_MODES)}")
@@ -87,7 +93,13 @@ def generation_settings(model, processor, prompt_length: int, *, output: str = "
     if rate is not None and output != "text":
         spoken = None if spoken_text is None else torch.tensor([len(text.strip()) for text in spoken_text])
         processors.append(SpeechLengthLogitsProcessor(ids, prompt_length, rate, processor.token_characters(),
-                                                      spoken, model.config.speech_length_tolerance))
+                                                      spoken, model.config.speech_length_tolerance,
+                                                      model.config.speech_length_ceiling))
+    if follow_transcript:
+        if transcripts is None:
+            raise ValueError("follow_transcript needs each row's reader transcript (transcripts=, from "
+                             "reader_transcripts)")
+        processors.append(TranscriptFollowingLogitsProcessor(transcripts, prompt_length, follow_transcript, eos[0]))
     # Room for the text, the span and its two markers, and the closing EOS.
     budget = {"text": max_new_tokens, "speech": max_speech_units + 3,
               "text+speech": max_new_tokens + max_speech_units + 3}[output]
@@ -116,10 +128,46 @@ def respond(model, processor, conversations=None, *, audio=None, text: str | Non
 def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor], **settings) -> torch.Tensor:
     """``B, G`` new token ids for a batch of processor inputs (left-padded, as the processor makes them)."""
     prompt_length = inputs["input_ids"].shape[1]
-    kwargs = generation_settings(model, processor, prompt_length, **settings)
-    with torch.inference_mode():
+    with torch.inference_mode(), _reading_once(model, settings):
+        kwargs = generation_settings(model, processor, prompt_length, **_with_transcripts(model, processor, inputs, settings))
         generated = model.generate(**inputs, **kwargs)
     return generated[:, prompt_length:]
+
+
+def reader_transcripts(model, processor, inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
+    """Each row's transcript by the model's reader (its clips' transcripts in order), in token ids as the
+    row's answer would begin (no leading space): what `TranscriptFollowingLogitsProcessor` follows."""
+    if getattr(model, "audio_reader", None) is None:
+        raise ValueError("follow_transcript needs a model with a reader (projector_config.reader: whisper)")
+    audio_rows = (inputs["input_ids"] == model.config.audio_token_id).sum(1).tolist()
+    if "input_features" not in inputs:
+        clips, positions = [], []
+    else:
+        features, mask = inputs["input_features"], inputs.get("input_features_mask")
+        clips = model.audio_transcripts(features, mask)
+        mel_lengths = torch.full(features.shape[:1], features.shape[-1]) if mask is None else mask.sum(-1)
+        positions = model.audio_lengths(mel_lengths).tolist()
+    transcripts, clip = [], 0
+    for placeholders in audio_rows:  # a row's clips fill its placeholders, in order
+        texts = []
+        while placeholders > 0:
+            texts.append(processor.tokenizer.decode(clips[clip]).strip())
+            placeholders -= positions[clip]
+            clip += 1
+        text = " ".join(t for t in texts if t)
+        transcripts.append(processor.tokenizer(text, add_special_tokens=False).input_ids if text else [])
+    return transcripts
+
+
+def _with_transcripts(model, processor, inputs, settings: dict) -> dict:
+    if not settings.get("follow_transcript"):
+        return settings
+    return {**settings, "transcripts": reader_transcripts(model, processor, inputs)}
+
+
+def _reading_once(model, settings: dict):
+    """Following a transcript reads each clip twice (for the transcript, then in ``generate``): once kept."""
+    return model.keeping_readings() if settings.get("follow_transcript") else nullcontext()
 
 
 def replies_from_tokens(processor, new_tokens: torch.Tensor) -> list[SpeechLMReply]:
@@ -146,29 +194,31 @@ def stream_response(model, processor, conversation=None, *, audio=None, text: st
         raise ValueError("stream_response streams one conversation; use respond for a batch")
     inputs = processor(batch)
     prompt_length = inputs["input_ids"].shape[1]
-    settings = generation_settings(model, processor, prompt_length, output=output, max_new_tokens=max_new_tokens,
-                                   max_speech_units=max_speech_units, **generate_kwargs)
-    tokens = _TokenQueue()
-    stop = threading.Event()
-    stopping = StoppingCriteriaList(settings.pop("stopping_criteria", None) or [])
-    stopping.append(_StopWhenSet(stop))
+    with _reading_once(model, generate_kwargs):  # until the worker is joined
+        settings = generation_settings(model, processor, prompt_length, output=output, max_new_tokens=max_new_tokens,
+                                       max_speech_units=max_speech_units,
+                                       **_with_transcripts(model, processor, inputs, generate_kwargs))
+        tokens = _TokenQueue()
+        stop = threading.Event()
+        stopping = StoppingCriteriaList(settings.pop("stopping_criteria", None) or [])
+        stopping.append(_StopWhenSet(stop))
 
-    def work() -> None:
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    model.generate(**inputs, **settings, streamer=tokens, stopping_criteria=stopping)
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                tokens.fail(error)
+            finally:
+                tokens.end()
+
+        worker = threading.Thread(target=work, name="speechlm-generate", daemon=True)
+        worker.start()
         try:
-            with torch.inference_mode():
-                model.generate(**inputs, **settings, streamer=tokens, stopping_criteria=stopping)
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            tokens.fail(error)
+            yield from response_events(processor, tokens, chunk_frames)
         finally:
-            tokens.end()
-
-    worker = threading.Thread(target=work, name="speechlm-generate", daemon=True)
-    worker.start()
-    try:
-        yield from response_events(processor, tokens, chunk_frames)
-    finally:
-        stop.set()
-        worker.join()
+            stop.set()
+            worker.join()
 
 
 class _TokenQueue(BaseStreamer):

@@ -38,11 +38,12 @@ def test_round_trip_through_auto_config(tmp_path):
 
 def test_every_bad_value_is_reported_at_once():
     with pytest.raises(ConfigError) as error:
-        make_config(mode="half", num_speech_units=0, lora_dropout=1.5)
+        make_config(mode="half", num_speech_units=0, lora_dropout=1.5, speech_length_ceiling=0.7)
     message = str(error.value)
     assert "mode='half'" in message and "frozen" in message
     assert "num_speech_units=0" in message
     assert "lora_dropout=1.5" in message
+    assert "speech_length_ceiling=0.7: must be above 1 - speech_length_tolerance = 0.75" in message
 
 
 def test_recorded_ids_must_agree_with_the_layout():

@@ -211,3 +211,48 @@ def test_the_cache_keeps_within_its_bytes():
         cache.put("weights", str(index), (torch.zeros(10, 10), [index]))  # 400 bytes each
     assert len(cache) == 3 and cache.bytes == 1200
     assert cache.get("weights", "0") is None and cache.get("weights", "4")[1] == [4]
+
+
+def _transcription_requests(seed: int, lengths=(14000, 23000)):
+    rng = np.random.default_rng(seed)
+    return [[{"role": "user", "content": [
+        {"type": "audio", "audio": (rng.standard_normal(samples) * 0.1).astype(np.float32), "sampling_rate": 16000},
+        {"type": "text", "text": "Transcribe the audio."}]}] for samples in lengths]
+
+
+def test_a_strong_follow_writes_the_readers_transcript_and_reads_each_clip_once(reading):
+    from speechlm.responding import reader_transcripts, respond
+
+    model, tokenizer = reading
+    model.reading_cache = ReadingCache(max_bytes=0)  # a loaded model's: it keeps nothing
+    processor = build_processor(tokenizer, model.config)
+    conversations = _transcription_requests(seed=2)
+    transcripts = reader_transcripts(model, processor, processor(conversations))
+    assert all(transcripts)  # this seed's random decoder writes something for each clip
+    model.audio_reader.transcribe = counting = _Counting(model.audio_reader.transcribe)
+    replies = respond(model, processor, conversations, max_new_tokens=24, follow_transcript=1e4)
+    assert counting.clips == 2  # read for the transcript; generate's forward found it kept
+    del model.audio_reader.transcribe
+    for reply, transcript in zip(replies, transcripts, strict=True):
+        assert reply.text == tokenizer.decode(transcript)
+    assert model.reading_cache.max_bytes == 0 and len(model._call_readings) == 0  # nothing kept after the call
+    alone = [respond(model, processor, c, max_new_tokens=24, follow_transcript=1e4).text for c in conversations]
+    assert alone == [reply.text for reply in replies]
+
+
+class _Counting:
+    def __init__(self, transcribe):
+        self.transcribe, self.clips = transcribe, 0
+
+    def __call__(self, frames, windows):
+        self.clips += len(frames)
+        return self.transcribe(frames, windows)
+
+
+def test_follow_transcript_needs_a_reader():
+    from speechlm.responding import respond
+
+    model, tokenizer = build_speechlm(tiny_spec())
+    processor = build_processor(tokenizer, model.config)
+    with pytest.raises(ValueError, match="needs a model with a reader"):
+        respond(model.eval(), processor, _transcription_requests(seed=2)[0], max_new_tokens=4, follow_transcript=2.0)

@@ -8,6 +8,7 @@ from speechlm.constraints import (
     SpeechLengthLogitsProcessor,
     SpeechSpanLogitsProcessor,
     SpeechTokenIds,
+    TranscriptFollowingLogitsProcessor,
 )
 
 # A 20-token vocabulary: text 0..9, <|audio|> 10, <|speech_start|> 11, <|speech_end|> 12, units 13..16, more text.
@@ -103,6 +104,18 @@ def test_a_known_text_sets_where_its_speech_may_end():
     assert long == [[12]]
 
 
+def test_a_ceiling_ends_the_span_at_the_expected_length():
+    # 8 characters at 1 unit each, ceiling 1.0: barred below 6, forced at 8 (a model that rarely ends a
+    # span itself ends at the length its text implies, not at the window's top).
+    length = SpeechLengthLogitsProcessor(IDS, len(PROMPT), 1.0, CHARACTERS, torch.tensor([8]), tolerance=0.25,
+                                         ceiling=1.0)
+    assert 12 not in finite(call(length, [11, *[13] * 5]))[0]
+    assert len(finite(call(length, [11, *[13] * 7]))[0]) == VOCAB
+    assert finite(call(length, [11, *[13] * 8])) == [[12]]
+    with pytest.raises(ValueError, match="ceiling=0.5: must be above 1 - tolerance = 0.75"):
+        SpeechLengthLogitsProcessor(IDS, 3, 1.0, CHARACTERS, tolerance=0.25, ceiling=0.5)
+
+
 def test_chain_of_modality_counts_the_text_before_its_span():
     # Two text tokens (4 characters) then the span; the prompt's tokens do not count.
     length = SpeechLengthLogitsProcessor(IDS, len(PROMPT), 1.0, CHARACTERS, tolerance=0.25)
@@ -119,3 +132,31 @@ def test_beams_repeat_each_rows_text_and_a_mismatch_is_named():
         length.expected_units(torch.tensor([PROMPT] * 3))
     with pytest.raises(ValueError, match="units_per_character=0"):
         SpeechLengthLogitsProcessor(IDS, 3, 0, CHARACTERS)
+
+
+def test_the_next_transcript_token_gains_the_bias_then_the_end():
+    follow = TranscriptFollowingLogitsProcessor([[4, 5, 6], []], len(PROMPT), bias=3.0, eos_token_id=EOS)
+    scores = call(follow, [4, 5], [4, 5])
+    assert scores[0].nonzero().flatten().tolist() == [6] and scores[0, 6] == 3.0
+    assert not scores[1].any()  # no transcript (a silent clip): the model alone
+    spent = call(follow, [4, 5, 6], [1, 2, 3])
+    assert spent[0].nonzero().flatten().tolist() == [EOS]
+
+
+def test_following_resumes_after_a_skipped_or_an_inserted_token():
+    follow = TranscriptFollowingLogitsProcessor([[4, 5, 6, 7]], len(PROMPT), bias=1.0, eos_token_id=EOS)
+    assert follow.position([4, 6], [4, 5, 6, 7]) == 3  # skipped 5: on to 7
+    assert follow.position([4, 8], [4, 5, 6, 7]) == 1  # inserted 8: 5 is still next
+    assert call(follow, [4, 8])[0].nonzero().flatten().tolist() == [5]
+    far = TranscriptFollowingLogitsProcessor([[1, 2, 3, 4, 5, 6]], 0, bias=1.0, eos_token_id=EOS, lookahead=1)
+    assert far.position([1, 4], [1, 2, 3, 4, 5, 6]) == 1  # 4 is beyond the lookahead: a new word
+
+
+def test_following_repeats_each_rows_transcript_for_its_beams_and_checks_its_settings():
+    follow = TranscriptFollowingLogitsProcessor([[4], [5]], len(PROMPT), bias=2.0, eos_token_id=EOS)
+    scores = call(follow, [], [], [], [])  # 2 rows x 2 beams
+    assert [row.nonzero().flatten().tolist() for row in scores] == [[4], [4], [5], [5]]
+    with pytest.raises(ValueError, match="transcripts for 2 rows, and the batch has 3"):
+        call(follow, [], [], [])
+    with pytest.raises(ValueError, match="bias=-1"):
+        TranscriptFollowingLogitsProcessor([[4]], 0, bias=-1.0, eos_token_id=EOS)

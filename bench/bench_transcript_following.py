@@ -1,0 +1,65 @@
+"""How far a trained SpeechLM with a reader should keep to its reader's transcript when asked to transcribe.
+
+On the ASR evaluation sets a quick-start job wrote (``OUT/eval-data``), with the job's trained model: the
+WER of the reader's own transcripts (what the LM gets in each clip's transcript slots), then the model's
+WER at each ``asr_follow_transcript`` (0: the LM alone), every clip of each split, as ``speechlm eval``
+computes it. Choose the bias on the held-out split; the ood split shows what it does to text never trained on.
+
+    python bench/bench_transcript_following.py --job /tmp/exp/reader6 --biases 0,2,5,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from speechlm.demo.job import load_trained
+from speechlm.finetune.evaluation import EvalSettings, evaluate, read_eval_manifest
+from speechlm.finetune.metrics import word_errors
+from speechlm.responding import reader_transcripts
+
+
+def reader_wer(model, processor, items, batch_size: int) -> dict:
+    """The reader's transcripts alone against the references."""
+    hypotheses = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start: start + batch_size]
+        inputs = processor([[{"role": "user", "content": [{"type": "audio", "audio": item.fields["audio"]}]}]
+                            for item in chunk])
+        with torch.inference_mode():
+            hypotheses += [processor.tokenizer.decode(ids) for ids in reader_transcripts(model, processor, inputs)]
+    return word_errors([item.fields["text"] for item in items], hypotheses).to_dict()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", required=True, help="a quick-start job's --out folder (model/ and eval-data/)")
+    parser.add_argument("--biases", default="0,2,5,8", help="asr_follow_transcript values, comma-separated")
+    parser.add_argument("--splits", default="heldout,ood", help="the job's ASR splits")
+    parser.add_argument("--batch-size", type=int, default=40)
+    parser.add_argument("--out", help="write the figures here (JSON)")
+    args = parser.parse_args()
+    model, processor = load_trained(Path(args.job) / "model")
+    figures: dict[str, dict] = {}
+    for split in args.splits.split(","):
+        items = read_eval_manifest(Path(args.job) / "eval-data" / f"asr-{split}.jsonl", "asr")
+        start = time.perf_counter()
+        figures[f"{split}/reader"] = reader_wer(model, processor, items, args.batch_size)
+        print(f"{split} reader alone: WER {figures[f'{split}/reader']['rate']:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        for bias in (float(b) for b in args.biases.split(",")):
+            start = time.perf_counter()
+            settings = EvalSettings(batch_size=args.batch_size, max_new_tokens=64, asr_follow_transcript=bias)
+            totals, _ = evaluate(model, processor, "asr", items, settings)
+            figures[f"{split}/follow={bias:g}"] = totals
+            print(f"{split} follow {bias:g}: WER {totals['wer']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
