@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from speechlm.demo.job import load_trained
-from speechlm.finetune.evaluation import EvalSettings, evaluate, read_eval_manifest
+from speechlm.evaluation import EvalSettings, evaluate, read_eval_manifest
 from speechlm.finetune.metrics import word_errors
 from speechlm.responding import reader_transcripts
 
