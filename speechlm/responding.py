@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,8 +128,8 @@ def respond(model, processor, conversations=None, *, audio=None, text: str | Non
 def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor], **settings) -> torch.Tensor:
     """``B, G`` new token ids for a batch of processor inputs (left-padded, as the processor makes them)."""
     prompt_length = inputs["input_ids"].shape[1]
-    with torch.inference_mode(), _reading_once(model, settings):
-        kwargs = generation_settings(model, processor, prompt_length, **_with_transcripts(model, processor, inputs, settings))
+    with torch.inference_mode(), _with_transcripts(model, processor, inputs, settings) as settings:
+        kwargs = generation_settings(model, processor, prompt_length, **settings)
         generated = model.generate(**inputs, **kwargs)
     return generated[:, prompt_length:]
 
@@ -159,15 +159,15 @@ def reader_transcripts(model, processor, inputs: Mapping[str, torch.Tensor]) -> 
     return transcripts
 
 
-def _with_transcripts(model, processor, inputs, settings: dict) -> dict:
+@contextmanager
+def _with_transcripts(model, processor, inputs, settings: dict) -> Iterator[dict]:
+    """``settings`` with each row's reader transcript where they ask to follow it; while inside, the model
+    keeps what it read of each clip, so ``generate`` does not decode the clips again."""
     if not settings.get("follow_transcript"):
-        return settings
-    return {**settings, "transcripts": reader_transcripts(model, processor, inputs)}
-
-
-def _reading_once(model, settings: dict):
-    """Following a transcript reads each clip twice (for the transcript, then in ``generate``): once kept."""
-    return model.keeping_readings() if settings.get("follow_transcript") else nullcontext()
+        yield settings
+        return
+    with model.keeping_readings():
+        yield {**settings, "transcripts": reader_transcripts(model, processor, inputs)}
 
 
 def replies_from_tokens(processor, new_tokens: torch.Tensor) -> list[SpeechLMReply]:
@@ -194,10 +194,9 @@ def stream_response(model, processor, conversation=None, *, audio=None, text: st
         raise ValueError("stream_response streams one conversation; use respond for a batch")
     inputs = processor(batch)
     prompt_length = inputs["input_ids"].shape[1]
-    with _reading_once(model, generate_kwargs):  # until the worker is joined
+    with _with_transcripts(model, processor, inputs, generate_kwargs) as generate_kwargs:  # until the worker is joined
         settings = generation_settings(model, processor, prompt_length, output=output, max_new_tokens=max_new_tokens,
-                                       max_speech_units=max_speech_units,
-                                       **_with_transcripts(model, processor, inputs, generate_kwargs))
+                                       max_speech_units=max_speech_units, **generate_kwargs)
         tokens = _TokenQueue()
         stop = threading.Event()
         stopping = StoppingCriteriaList(settings.pop("stopping_criteria", None) or [])
