@@ -98,7 +98,9 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
     ``reader="whisper"`` adds Whisper's own transcript of each clip after its frames
     (`speechlm.adapters.readers`): ``reader_tokens_per_second`` LM positions a second of audio for it, the
     clip followed by ``reader_silence_seconds`` of silence for Whisper's decoder (rounded up to whole 2 s
-    windows, at most 30 s; 30 gives every clip openai-whisper's own 30 s input), ``reader_beam_size`` 1 (greedy) or a beam, ``reader_language`` an ISO code or null (detected)."""
+    windows, at most 30 s; 30 gives every clip openai-whisper's own 30 s input), ``reader_beam_size`` 1 (greedy) or a beam, ``reader_language`` an ISO code or null (detected),
+    ``reader_prompt`` text Whisper's decoder reads as if it came before each clip (openai-whisper's
+    ``initial_prompt``: the names and terms of a domain, spelled as they should come out) or null."""
 
     model_type = "speechlm_projector"
 
@@ -111,6 +113,7 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
     reader_silence_seconds: float = 30.0
     reader_beam_size: int = 1
     reader_language: str | None = "en"
+    reader_prompt: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -139,6 +142,9 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
                             f"[0, 30] (Whisper's input is at most 30 s)")
         if self.reader_beam_size < 1:
             problems.append(f"projector_config.reader_beam_size={self.reader_beam_size}: must be >= 1 (1: greedy)")
+        if self.reader_prompt is not None and not (isinstance(self.reader_prompt, str) and self.reader_prompt.strip()):
+            problems.append(f"projector_config.reader_prompt={self.reader_prompt!r}: expected text (the words Whisper "
+                            f"should spell as given) or null")
         ConfigError.collect("SpeechLMProjectorConfig", problems)
 
     @property

@@ -266,7 +266,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         reader = self.audio_reader
         cacheable = not self.config.train_audio_encoder and self.reading_cache.max_bytes > 0
         parts = (self.audio_tower,) if reader is None else (self.audio_tower, reader)
-        fingerprint = self.reading_cache.fingerprint(*parts) if cacheable else None
+        settings = () if reader is None else reader.settings()
+        fingerprint = self.reading_cache.fingerprint(*parts, settings=settings) if cacheable else None
         keys = [self.reading_cache.clip_key(input_features[i, :, : int(mel_lengths[i])]) for i in range(len(mel_lengths))]
         results = [self.reading_cache.get(fingerprint, key) if cacheable else None for key in keys]
         missing = [i for i, result in enumerate(results) if result is None]

@@ -18,6 +18,7 @@ frames CTC compression drops.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from torch import nn
@@ -33,6 +34,8 @@ WINDOW_STEP = 200  # mel frames (2 s): windows are whole multiples of it
 # openai-whisper's rule in `transcribe`: a segment is silence when both hold
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
+# A transcript that writes one span again and again for this many words is Whisper looping, not speech
+REPEATED_WORDS_LIMIT = 4
 
 
 class WhisperView(Whisper):
@@ -64,12 +67,17 @@ class WhisperTranscriptReader(nn.Module):
         self.silence_frames = round(projector_config.reader_silence_seconds * 100)
         self.beam_size = projector_config.reader_beam_size
         self.language = projector_config.reader_language
+        self.prompt = projector_config.reader_prompt
         self.whisper_tokenizer = get_tokenizer(self.dims.n_vocab >= 51865, num_languages=self._num_languages(),
                                                language=self.language, task="transcribe")
         self.text_tokenizer = None  # the backbone's tokenizer: `set_text_tokenizer`
 
     def _num_languages(self) -> int:
         return WhisperView(self.dims, self.decoder).num_languages
+
+    def settings(self) -> tuple:
+        """What besides the weights decides a transcript (a reading cache's fingerprint includes it)."""
+        return (self.tokens_per_second, self.silence_frames, self.beam_size, self.language, self.prompt)
 
     def set_text_tokenizer(self, tokenizer) -> None:
         """The backbone's tokenizer, which the transcripts are re-tokenized with (its added speech tokens
@@ -115,12 +123,12 @@ class WhisperTranscriptReader(nn.Module):
         view = WhisperView(dataclasses.replace(self.dims, n_audio_ctx=frames.shape[1]), self.decoder)
         slots = reader_slot_count(2 * frames.shape[1], self.tokens_per_second)
         options = DecodingOptions(task="transcribe", language=self.language, without_timestamps=True, fp16=False,
-                                  beam_size=self.beam_size if self.beam_size > 1 else None,
+                                  beam_size=self.beam_size if self.beam_size > 1 else None, prompt=self.prompt,
                                   sample_len=min(int(slots), self.dims.n_text_ctx // 2))
         with torch.autocast(frames.device.type, enabled=False):
             results = DecodingTask(view, options).run(frames.float())
         return ["" if result.no_speech_prob > NO_SPEECH_THRESHOLD and result.avg_logprob < LOGPROB_THRESHOLD
-                else result.text for result in results]
+                else without_loop(result.text) for result in results]
 
     def token_ids(self, texts: list[str], mel_lengths: torch.Tensor) -> list[list[int]]:
         """Each transcript in the backbone's vocabulary (whole words re-tokenized, as the backbone would
@@ -133,3 +141,26 @@ class WhisperTranscriptReader(nn.Module):
                                       add_special_tokens=False)["input_ids"]
         return [ids[:count] for ids, count in zip(encoded, slots, strict=True)]
 
+
+def without_loop(text: str, limit: int = REPEATED_WORDS_LIMIT) -> str:
+    """``text`` cut where Whisper's decoder starts looping: the first place a span of words follows itself
+    and its copies (a last partial one included) come to ``limit`` words or more ("two top teams, Spain vs.
+    Spain vs. Spain vs. Spa" -> "two top teams, Spain vs."). openai-whisper's ``transcribe`` catches loops by
+    the text's gzip ratio and decodes again at a temperature; a reader reads a clip the same way every time
+    (in training and after), so it cuts instead. A word said twice ("very very") stays."""
+    words = text.split()
+    keys = [re.sub(r"\W", "", word.lower()) for word in words]
+    for start in range(1, len(words)):  # where a copy would begin
+        for span in range(1, start + 1):
+            unit = keys[start - span: start]
+            end = start
+            while keys[end: end + span] == unit:
+                end += span
+            if end == start:
+                continue
+            partial = 0
+            while end + partial < len(keys) and partial < span and keys[end + partial] == unit[partial]:
+                partial += 1
+            if end - start + partial >= limit:
+                return " ".join(words[:start])
+    return text

@@ -32,13 +32,14 @@ class ReadingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def fingerprint(self, *modules: nn.Module) -> str:
-        """A hash of the modules' parameters and buffers; rehashed only when one is replaced or modified
-        (its storage or torch's version counter changes)."""
+    def fingerprint(self, *modules: nn.Module, settings: tuple = ()) -> str:
+        """A hash of the modules' parameters and buffers and of ``settings`` (what else decides a reading:
+        a reader's silence or prompt); rehashed only when a tensor is replaced or modified (its storage or
+        torch's version counter changes)."""
         tensors = [t for module in modules for t in (*module.parameters(), *module.buffers())]
-        state = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
+        state = (repr(settings), *((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors))
         if state not in self._fingerprints:
-            digest = hashlib.sha1()
+            digest = hashlib.sha1(repr(settings).encode())
             for tensor in tensors:
                 digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
                 digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -6,6 +6,10 @@ WER at each ``asr_follow_transcript`` (0: the LM alone), every clip of each spli
 computes it. Choose the bias on the held-out split; the ood split shows what it does to text never trained on.
 
     python bench/bench_transcript_following.py --job /tmp/exp/reader6 --biases 0,2,5,8
+    python bench/bench_transcript_following.py --job /tmp/exp/reader6 --biases 5 --reader-prompt "Anna, Priya."
+
+``--reader-prompt`` gives the trained model's reader another prompt (``projector_config.reader_prompt``;
+"" for none) without training again: the reader is frozen Whisper, so only its transcripts change.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from speechlm.finetune.metrics import word_errors
 from speechlm.responding import reader_transcripts
 
 
-def reader_wer(model, processor, items, batch_size: int) -> dict:
-    """The reader's transcripts alone against the references."""
+def reader_wer(model, processor, items, batch_size: int) -> tuple[dict, list[str]]:
+    """The reader's transcripts alone against the references, and the transcripts."""
     hypotheses = []
     for start in range(0, len(items), batch_size):
         chunk = items[start: start + batch_size]
@@ -32,7 +36,7 @@ def reader_wer(model, processor, items, batch_size: int) -> dict:
                             for item in chunk])
         with torch.inference_mode():
             hypotheses += [processor.tokenizer.decode(ids) for ids in reader_transcripts(model, processor, inputs)]
-    return word_errors([item.fields["text"] for item in items], hypotheses).to_dict()
+    return word_errors([item.fields["text"] for item in items], hypotheses).to_dict(), hypotheses
 
 
 def main() -> None:
@@ -41,17 +45,22 @@ def main() -> None:
     parser.add_argument("--biases", default="0,2,5,8", help="asr_follow_transcript values, comma-separated")
     parser.add_argument("--splits", default="heldout,ood", help="the job's ASR splits")
     parser.add_argument("--batch-size", type=int, default=40)
+    parser.add_argument("--reader-prompt", help="the reader's prompt for this run (\"\": none; default: the model's)")
     parser.add_argument("--out", help="write the figures here (JSON)")
     args = parser.parse_args()
     model, processor = load_trained(Path(args.job) / "model")
+    if args.reader_prompt is not None:
+        model.config.projector_config.reader_prompt = model.audio_reader.prompt = args.reader_prompt or None
     figures: dict[str, dict] = {}
     for split in args.splits.split(","):
         items = read_eval_manifest(Path(args.job) / "eval-data" / f"asr-{split}.jsonl", "asr")
         start = time.perf_counter()
-        figures[f"{split}/reader"] = reader_wer(model, processor, items, args.batch_size)
-        print(f"{split} reader alone: WER {figures[f'{split}/reader']['rate']:.4f} "
+        figures[f"{split}/reader"], transcripts = reader_wer(model, processor, items, args.batch_size)
+        figures[f"{split}/reader"]["transcripts"] = [{"id": item.id, "reference": item.fields["text"],
+                                                      "transcript": text} for item, text in zip(items, transcripts)]
+        print(f"{split} reader alone: WER {figures[f'{split}/reader']['rate']:.4f} "  # noqa: E501
               f"({time.perf_counter() - start:.0f} s)", flush=True)
-        for bias in (float(b) for b in args.biases.split(",")):
+        for bias in (float(b) for b in args.biases.split(",") if b):
             start = time.perf_counter()
             settings = EvalSettings(batch_size=args.batch_size, max_new_tokens=64, asr_follow_transcript=bias)
             totals, _ = evaluate(model, processor, "asr", items, settings)

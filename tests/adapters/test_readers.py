@@ -11,7 +11,7 @@ from whisper.audio import log_mel_spectrogram
 import speechlm  # noqa: F401  (registers the Auto classes)
 from speechlm.adapters.building import build_processor, build_speechlm
 from speechlm.adapters.configuration import ConfigError
-from speechlm.adapters.readers import WhisperTranscriptReader
+from speechlm.adapters.readers import WhisperTranscriptReader, without_loop
 from speechlm.adapters.reading_cache import ReadingCache
 from speechlm.speech_io.constants import reader_slot_count
 from tests.adapters.conftest import audio_inputs
@@ -106,6 +106,19 @@ def test_the_whisper_text_is_retokenized_into_whole_backbone_words(reading):
     assert len(short) == reader_slot_count(100, 8)  # cut to the clip's slots
 
 
+@pytest.mark.parametrize(("text", "kept"), [
+    ("two top teams, Spain vs. Spain vs. Spain vs. Spa", "two top teams, Spain vs."),
+    ("Lucy painted the door red. Lucy painted the door red.", "Lucy painted the door red."),
+    ("Go home. go home, GO HOME go home", "Go home."),  # case and punctuation do not hide a loop
+    ("It was very very good.", "It was very very good."),  # a word said twice is speech
+    ("No, no, no, not that.", "No, no, no, not that."),
+    ("Spain vs. Spain vs.", "Spain vs. Spain vs."),
+    ("", ""),
+])
+def test_a_transcript_is_cut_where_whisper_loops(text, kept):
+    assert without_loop(text) == kept
+
+
 def test_silence_padding_is_what_whisper_computes_for_appended_silence():
     rng = np.random.default_rng(0)
     audio = (rng.standard_normal(16000) * 0.1).astype(np.float32)
@@ -158,6 +171,41 @@ def test_reader_settings_are_checked():
     with pytest.raises(ConfigError, match="n_text_state=48.*n_audio_state=32"):
         build_speechlm(tiny_spec(audio=dict(READER_AUDIO, n_text_state=48, n_text_head=2),
                                  projector=dict(READER_PROJECTOR)))
+
+
+def test_a_prompt_goes_before_each_clip_in_whispers_decoder():
+    model, tokenizer = build_speechlm(reader_spec(projector=dict(READER_PROJECTOR, reader_prompt="Priya, Elena")))
+    model.eval()
+    reader = model.audio_reader
+    seen = []
+    forward = reader.decoder.forward
+
+    def recording(tokens, audio_features, kv_cache=None):
+        seen.append(tokens[0].tolist())
+        return forward(tokens, audio_features, kv_cache=kv_cache)
+
+    reader.decoder.forward = recording
+    inputs = audio_inputs(model, tokenizer, [120])
+    model._audio_embeddings(inputs["input_features"], inputs["input_features_mask"])
+    whisper = reader.whisper_tokenizer
+    prompt = whisper.encode(" Priya, Elena")[-(reader.dims.n_text_ctx // 2 - 1):]  # Whisper keeps its last half-context
+    assert seen[0][: 1 + len(prompt)] == [whisper.sot_prev, *prompt]
+    assert seen[0][1 + len(prompt)] == whisper.sot
+
+
+def test_a_prompt_saves_with_the_model_and_keys_the_cache(tmp_path):
+    plain, tokenizer = build_speechlm(reader_spec())
+    prompted, _ = build_speechlm(reader_spec(projector=dict(READER_PROJECTOR, reader_prompt="Nora")))
+    prompted.load_state_dict(plain.state_dict())  # the same weights: only the prompt differs
+    cache = ReadingCache()
+    parts = (plain.audio_tower, plain.audio_reader)
+    assert (cache.fingerprint(*parts, settings=plain.audio_reader.settings())
+            != cache.fingerprint(*parts, settings=prompted.audio_reader.settings()))
+    prompted.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).audio_reader.prompt == "Nora"
+    with pytest.raises(ConfigError, match="reader_prompt=' '"):
+        build_speechlm(reader_spec(projector=dict(READER_PROJECTOR, reader_prompt=" ")))
 
 
 def test_a_model_without_its_tokenizer_says_so(reading):
