@@ -57,8 +57,8 @@ def main() -> None:
         start = time.perf_counter()
         figures[f"{split}/reader"], transcripts = reader_wer(model, processor, items, args.batch_size)
         figures[f"{split}/reader"]["transcripts"] = [{"id": item.id, "reference": item.fields["text"],
-                                                      "transcript": text} for item, text in zip(items, transcripts)]
-        print(f"{split} reader alone: WER {figures[f'{split}/reader']['rate']:.4f} "  # noqa: E501
+                                                      "transcript": text} for item, text in zip(items, transcripts, strict=True)]
+        print(f"{split} reader alone: WER {figures[f'{split}/reader']['rate']:.4f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         for bias in (float(b) for b in args.biases.split(",") if b):
             start = time.perf_counter()
