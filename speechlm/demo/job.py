@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 
 from speechlm.demo.assets import check_runtime_packages, sha256_of
 from speechlm.demo.build import DemoAssets, build_demo_assets
-from speechlm.demo.corpus_texts import ANSWER_SYSTEM_PROMPT
+from speechlm.demo.corpus_texts import ANSWER_SYSTEM_PROMPT, CORPUS_READER_PROMPT
 from speechlm.evaluation import EvalItem, EvalSettings, evaluate, read_eval_manifest, summarize
 from speechlm.finetune.examples import read_jsonl
 from speechlm.finetune.trainer import TrainingClock
@@ -252,7 +252,12 @@ def run_job(settings: JobSettings, progress=print) -> dict:
                  *([] if torch.cuda.is_available() else ["training.use_cpu=true"]),
                  *([] if settings.max_minutes is None else [f"training.max_minutes={settings.max_minutes}"]),
                  *settings.overrides]
-    config = build_dataclass(TrainConfig, apply_overrides(recipe_yaml, overrides))
+    resolved = apply_overrides(recipe_yaml, overrides)
+    projector = resolved.get("model", {}).get("projector") or {}
+    if projector.get("reader") == "whisper" and "reader_prompt" not in projector:
+        overrides.append(f"model.projector.reader_prompt={json.dumps(CORPUS_READER_PROMPT)}")
+        projector["reader_prompt"] = CORPUS_READER_PROMPT
+    config = build_dataclass(TrainConfig, resolved)
     model, tokenizer = recipe.build_model(config)
     processor = recipe.build_processor(config, model, tokenizer)
     eval_sets = write_eval_sets(corpus, reference_units, out / "eval-data")

@@ -35,6 +35,7 @@ def test_units_are_kept_per_manifest_and_codec(tmp_path):
 
 @needs_demo_packages
 def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
+    from speechlm.demo.corpus_texts import CORPUS_READER_PROMPT
     from speechlm.demo.job import HEADLINE, JobSettings, run_job
     from speechlm.evaluation import EvalSettings
     from speechlm.speech_io.audio import load_audio
@@ -62,6 +63,8 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert load_audio(out / "answer.wav").shape[0] > 0
     assert (out / "model" / "processor_config.json").is_file()
+    saved = json.loads((out / "model" / "config.json").read_text())["projector_config"]
+    assert saved["reader_prompt"] == CORPUS_READER_PROMPT  # the job tells the reader the corpus's names
 
 
 def test_a_missing_recipe_fails_before_the_assets(tmp_path, monkeypatch):
