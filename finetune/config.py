@@ -119,6 +119,10 @@ class TrainingConfig:
                 "run the learning-rate schedule by minutes as well as by steps: a step's progress is the larger of "
                 "step / max_steps and minutes / max_minutes, so the schedule ends when the time does on any machine "
                 f"(lr_scheduler_type one of {', '.join(MINUTE_SCHEDULES)}); null: steps alone"})
+    read_ahead: bool = field(default=False, metadata={
+        "help": "before the first step, read every training clip once with the frozen encoder (and reader), in "
+                "batches of similar length, into the model's reading cache; steps then only look them up (the "
+                "whisper reader's decoding is about half of a CPU step otherwise). Not counted in max_minutes"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the final model to hub_model_id"})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id, e.g. user/speechlm-tiny"})
     hub_private_repo: bool = field(default=True, metadata={"help": "create the Hub repo as private"})

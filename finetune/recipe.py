@@ -1,5 +1,6 @@
-"""The training recipe, top to bottom: build the model and the processor; load the examples; pre-align the
-projector (CTC, if asked); build the datasets and the trainer; train; save (and push).
+"""The training recipe, top to bottom: build the model and the processor; load the examples; read the
+training clips ahead and pre-align the projector (CTC), if asked; build the datasets and the trainer;
+train; save (and push).
 ``speechlm train CONFIG.yaml [key.sub=value ...]`` runs `run`; so do ``accelerate launch``, ``torchrun``
 and ``deepspeed`` around that command.
 """
@@ -26,6 +27,8 @@ from speechlm.finetune.config import TrainConfig
 from speechlm.finetune.examples import Example
 from speechlm.finetune.hub import push
 from speechlm.finetune.mixture import TaskMixtureDataset
+from speechlm.finetune.read_ahead import ReadAhead
+from speechlm.finetune.read_ahead import read_ahead as read_training_clips
 from speechlm.finetune.sources import load_examples
 from speechlm.finetune.tasks import RenderSettings
 from speechlm.finetune.trainer import (
@@ -106,6 +109,14 @@ def fit_speaking_rate(config: TrainConfig, model: SpeechLMForCausalLM, examples:
         model.config.speech_units_per_character = round(rate, 4)
         logger.info("speaking rate %.3f units a character, from %d pairs", rate, len(pairs))
     return model.config.speech_units_per_character
+
+
+def read_ahead(config: TrainConfig, model: SpeechLMForCausalLM, processor: SpeechLMProcessor,
+               examples: Sequence[Example], progress: bool = True) -> ReadAhead | None:
+    """The training clips read once into the model's reading cache (``training.read_ahead``); None when off."""
+    if not config.training.read_ahead:
+        return None
+    return read_training_clips(model, processor, examples, progress=progress)
 
 
 def align(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer, examples: Sequence[Example],
@@ -204,6 +215,7 @@ def run(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     processor = build_processor(config, model, tokenizer)
     examples = load_training_examples(config)
     fit_speaking_rate(config, model, examples)
+    read_ahead(config, model, processor, examples)
     align(config, model, tokenizer, examples)
     dataset = build_datasets(config, processor, examples)
     trainer = build_trainer(config, model, processor, dataset, callbacks)

@@ -272,6 +272,10 @@ def run_job(settings: JobSettings, progress=print) -> dict:
                           clock=training_clock, progress=progress)
     examples = recipe.load_training_examples(config)
     recipe.fit_speaking_rate(config, model, examples)
+    ahead = recipe.read_ahead(config, model, processor, examples)
+    if ahead is not None:
+        lap("read_ahead")
+        progress(f"[demo] {ahead.summary()}")
     alignment = recipe.align(config, model, tokenizer, examples)
     if alignment is not None:  # its minutes are training minutes: the schedule and the stop count them
         training_clock.add(alignment.seconds)
@@ -294,6 +298,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     report = {
         "machine": machine(), "assets": asdict(assets), "recipe": settings.recipe, "overrides": overrides,
         "model": str(model_dir), "eval_sets": {name: str(path) for name, (_, path) in eval_sets.items()},
+        "read_ahead": None if ahead is None else {**asdict(ahead), "summary": ahead.summary()},
         "alignment": None if alignment is None else {**asdict(alignment), "summary": alignment.summary()},
         "training": {"steps": result.global_step, "minutes": round(curve.minutes, 2),
                      "first_loss": curve.losses[0]["loss"] if curve.losses else None,

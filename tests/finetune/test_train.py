@@ -25,6 +25,7 @@ from speechlm.finetune.recipe import (
     build_trainer,
     fit_speaking_rate,
     load_training_examples,
+    read_ahead,
     run,
     train,
 )
@@ -38,6 +39,9 @@ from tests.conftest import PUBLISHED_CODEC
 from tests.finetune.conftest import TINY_TRAIN_YAML
 
 TINY_SAMPLE = TINY_TRAIN_YAML.parent / "sample.flac"
+# The whisper reader on the tiny model: a one-layer decoder of 32 positions, 1 s of silence after a clip
+READER = ("model.projector.reader=whisper", "model.projector.reader_silence_seconds=1", "model.audio.n_text_layer=1",
+          "model.audio.n_text_ctx=32")
 
 # The smoke run's first losses (tiny default, seeds 0, CPU float32); log(64 units + 259 text + 3) ~ 5.8.
 PINNED_LOSSES = [5.8026, 5.7477]
@@ -113,9 +117,7 @@ def test_a_recipe_with_the_whisper_reader_trains_saves_and_transcribes(prepared,
     """CI-sized: the tiny recipe with Whisper's decoder reading each clip (random weights: what it reads is
     noise, but every step of the path runs, the reader's output is cached, and the model reloads)."""
     out = tmp_path / "run"
-    code = main(["train", str(TINY_TRAIN_YAML), *overrides(
-        prepared, out, "training.max_steps=2", "model.projector.reader=whisper",
-        "model.projector.reader_silence_seconds=1", "model.audio.n_text_layer=1", "model.audio.n_text_ctx=32")])
+    code = main(["train", str(TINY_TRAIN_YAML), *overrides(prepared, out, "training.max_steps=2", *READER)])
     assert code == 0, capsys.readouterr().err
     model = AutoModelForCausalLM.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
@@ -124,6 +126,23 @@ def test_a_recipe_with_the_whisper_reader_trains_saves_and_transcribes(prepared,
     inputs = processor([{"role": "user", "content": [audio, {"type": "text", "text": "Transcribe."}]}])
     assert model.generate(**inputs, max_new_tokens=3).shape[1] == inputs["input_ids"].shape[1] + 3
     assert model.reading_cache.max_bytes == 0 and len(model.reading_cache) == 0  # a loaded model keeps no clips
+
+
+def test_clips_read_ahead_are_the_ones_the_training_steps_read(prepared, tmp_path):
+    run_config = config(prepared, tmp_path / "run", "training.max_steps=2", "training.read_ahead=true", *READER)
+    model, tokenizer = build_model(run_config)
+    processor = build_processor(run_config, model, tokenizer)
+    examples = load_training_examples(run_config)
+    ahead = read_ahead(run_config, model, processor, examples, progress=False)
+    cache = model.reading_cache
+    clips = {example.audio for example in examples if example.has("audio")}
+    assert ahead.clips == len(cache) == len(clips) and ahead.cached_bytes == cache.bytes > 0
+    misses = cache.misses
+    train(run_config, build_trainer(run_config, model, processor, build_datasets(run_config, processor, examples)))
+    assert cache.hits > 0 and cache.misses == misses  # no step read a clip again
+    model.config.train_audio_encoder = True
+    with pytest.raises(ValueError, match="trains its encoder"):
+        read_ahead(run_config, model, processor, examples, progress=False)
 
 
 class StopAt(TrainerCallback):
