@@ -25,7 +25,7 @@ class ReadingCache:
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.evictions = 0
         self._entries: OrderedDict[tuple[str, str], tuple[torch.Tensor, list[int]]] = OrderedDict()
         self._fingerprints: dict[tuple, str] = {}
 
@@ -72,6 +72,7 @@ class ReadingCache:
         while self.bytes > self.max_bytes:
             _, (old, _) = self._entries.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
+            self.evictions += 1
 
     def clear(self) -> None:
         self._entries.clear()

@@ -56,6 +56,7 @@ def read_ahead(model, processor, examples: Sequence[Example], batch_size: int = 
         raise ValueError("training.read_ahead needs a model that keeps its readings (model.reading_cache has "
                          "max_bytes=0); the recipe's build_model gives it one")
     clips = clips_to_read(examples)
+    evictions = cache.evictions
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -70,4 +71,8 @@ def read_ahead(model, processor, examples: Sequence[Example], batch_size: int = 
         model.train(was_training)
     result = ReadAhead(clips=len(clips), seconds=time.perf_counter() - start, cached_bytes=cache.bytes)
     logger.info(result.summary())
+    if cache.evictions > evictions:
+        logger.warning("the reading cache (max_bytes %d) could not keep every clip read ahead: %d were dropped and "
+                       "will be read again in their steps; give it more bytes or turn training.read_ahead off",
+                       cache.max_bytes, cache.evictions - evictions)
     return result

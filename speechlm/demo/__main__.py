@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="clips of each held-out split the tts evaluation speaks")
     run.add_argument("--tts-train-clips", type=int, default=job.tts_train_clips,
                      help="training clips whose units are extracted for the tts task")
+    run.add_argument("--no-untrained-eval", dest="evaluate_untrained", action="store_false",
+                     help="skip the evaluation before training (variants of a recipe compared after training)")
     run.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value (e.g. training.max_steps=50)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             run_job(JobSettings(**recipe, out=args.out, size=args.size, cache=args.cache,
                                 overrides=args.overrides, max_minutes=args.max_minutes,
                                 curve_every_minutes=args.curve_every, curve_items=args.curve_items,
-                                tts_items=args.tts_items, tts_train_clips=args.tts_train_clips))
+                                tts_items=args.tts_items, tts_train_clips=args.tts_train_clips,
+                                evaluate_untrained=args.evaluate_untrained))
     except (DemoAssetError, ConfigFileError, PrepareError, ValueError, OSError) as error:
         if args.debug:
             raise

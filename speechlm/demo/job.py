@@ -68,6 +68,9 @@ class JobSettings:
     # Training clips whose speech units are extracted for the tts task: the published-size codec encodes
     # ~2 clips a second on 2 cores, so all ~2,000 would take a quarter of an hour.
     tts_train_clips: int = 400
+    # False: no evaluation of the untrained model (the report's "before" is empty), for variants of a recipe
+    # compared after training; their untrained models are the same backbone and encoder
+    evaluate_untrained: bool = True
     eval: EvalSettings = field(default_factory=lambda: EvalSettings(batch_size=40,
                                                                       max_speech_units=400))
 
@@ -262,8 +265,10 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     processor = recipe.build_processor(config, model, tokenizer)
     eval_sets = write_eval_sets(corpus, reference_units, out / "eval-data")
     progress(f"[demo] {model.parameter_counts()}")
-    progress("[demo] evaluating the untrained model")
-    before = evaluate_all(model, processor, eval_sets, settings.eval, progress)
+    before = {}
+    if settings.evaluate_untrained:
+        progress("[demo] evaluating the untrained model")
+        before = evaluate_all(model, processor, eval_sets, settings.eval, progress)
     lap("eval_before")
 
     curve_items = spread(read_eval_manifest(eval_sets["asr/heldout"][1], "asr"), settings.curve_items)
@@ -279,7 +284,8 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     alignment = recipe.align(config, model, tokenizer, examples)
     if alignment is not None:  # its minutes are training minutes: the schedule and the stop count them
         training_clock.add(alignment.seconds)
-        curve.start_from(before["asr/heldout"]["items"])
+        if before:
+            curve.start_from(before["asr/heldout"]["items"])
         progress(f"[demo] {alignment.summary()}")
     dataset = recipe.build_datasets(config, processor, examples)
     trainer = recipe.build_trainer(config, model, processor, dataset, callbacks=[curve], clock=training_clock)
@@ -380,7 +386,7 @@ def format_report(report: dict) -> str:
              "| eval set | metric | before | after |", "| --- | --- | --- | --- |"]
     for name, metric, _ in HEADLINE:
         if name in report["after"]:
-            before = report["before"][name].get(metric)
+            before = report["before"].get(name, {}).get(metric)
             after = report["after"][name].get(metric)
             lines.append(f"| {name} ({report['after'][name].get('items')} items) | {metric} | {_fmt(before)} | "
                          f"{_fmt(after)} |")

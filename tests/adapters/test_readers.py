@@ -257,7 +257,7 @@ def test_the_cache_keeps_within_its_bytes():
     cache = ReadingCache(max_bytes=3 * 400)
     for index in range(5):
         cache.put("weights", str(index), (torch.zeros(10, 10), [index]))  # 400 bytes each
-    assert len(cache) == 3 and cache.bytes == 1200
+    assert len(cache) == 3 and cache.bytes == 1200 and cache.evictions == 2
     assert cache.get("weights", "0") is None and cache.get("weights", "4")[1] == [4]
 
 

@@ -88,3 +88,27 @@ def test_the_default_recipe_is_found_from_any_working_directory(tmp_path, monkey
     edited.parent.mkdir(parents=True)
     edited.write_text("model: {}\n")
     assert job.JobSettings().recipe == job.QUICK_START_RECIPE
+
+
+def test_the_command_line_can_skip_the_untrained_evaluation(monkeypatch):
+    from speechlm.demo import __main__ as demo_main
+
+    settings = []
+    monkeypatch.setattr(demo_main, "run_job", settings.append)
+    assert demo_main.main(["run", "--out", "o", "--no-untrained-eval", "training.max_steps=5"]) == 0
+    assert demo_main.main(["run", "--out", "o"]) == 0
+    assert [s.evaluate_untrained for s in settings] == [False, True]
+    assert settings[0].overrides == ["training.max_steps=5"]
+
+
+def test_a_report_without_the_untrained_evaluation_says_so():
+    from speechlm.demo.job import format_report
+
+    after = {"asr/heldout": {"wer": 0.05, "items": 245}}
+    report = {"machine": {"cpus": 2, "processor": "x86_64", "torch": "2", "cuda": False}, "alignment": None,
+              "training": {"steps": 3, "minutes": 1.0, "first_loss": 5.0, "last_loss": 1.0, "curve_items": 4,
+                           "curve": []},
+              "before": {}, "after": after, "text_answers_unchanged": None,
+              "answer": {"question": "Is snow white?", "text": "Yes.", "units": 9, "wav": "answer.wav"},
+              "seconds": {"train": 60.0}}
+    assert "| asr/heldout (245 items) | wer | n/a | 0.0500 |" in format_report(report)
