@@ -208,10 +208,11 @@ class SpeechLengthLogitsProcessor(LogitsProcessor):
 class TranscriptFollowingLogitsProcessor(LogitsProcessor):
     """A transcription that keeps to the reader's transcript unless the LM prefers another token by more than
     ``bias``: each row's next transcript token gains ``bias`` (log-odds), and once the transcript is spent,
-    ``eos_token_id`` does. The LM may still leave the transcript (a correction it is sure of); where the
-    tokens generated so far have got to in the transcript is read again at each step, a token matching one
-    of the next ``lookahead`` transcript tokens skipping the ones before it. A row whose transcript is empty
-    is left to the model. ``bias`` 0 is the model alone; a large one, the transcript verbatim.
+    ``eos_token_id`` does, ``bias`` more for every token written past the transcript's length and
+    ``lookahead`` more. The LM may still leave the transcript (a correction it is sure of); where the tokens
+    generated so far have got to in the transcript is read again at each step, a token matching one of the
+    next ``lookahead`` transcript tokens skipping the ones before it. A row whose transcript is empty is left
+    to the model. ``bias`` 0 is the model alone; a large one, the transcript verbatim.
 
     The LM alone paraphrases what it has not heard in training (a 135M backbone repeats even text only
     loosely); the reader's transcript carries what Whisper's decoder learned from 680k hours."""
@@ -240,7 +241,14 @@ class TranscriptFollowingLogitsProcessor(LogitsProcessor):
         scores = scores.clone()
         for row, generated in enumerate(input_ids[:, self.prompt_length:].tolist()):
             transcript = self.transcripts[row // beams]
-            if transcript:
-                covered = self.position(generated, transcript)
-                scores[row, transcript[covered] if covered < len(transcript) else self.eos_token_id] += self.bias
+            if not transcript:
+                continue
+            covered = self.position(generated, transcript)
+            if covered < len(transcript):
+                scores[row, transcript[covered]] += self.bias
+            # The end gains the bias once the transcript is spent, and again for each token written past the
+            # transcript's length and ``lookahead`` more (room for a correction that takes more tokens): a
+            # run-on (a loop, an answer) stops within a few tokens
+            overrun = max(len(generated) - len(transcript) - self.lookahead, 0)
+            scores[row, self.eos_token_id] += self.bias * ((covered == len(transcript)) + overrun)
         return scores

@@ -143,6 +143,15 @@ def test_the_next_transcript_token_gains_the_bias_then_the_end():
     assert spent[0].nonzero().flatten().tolist() == [EOS]
 
 
+def test_the_end_gains_more_with_each_token_past_the_transcript():
+    follow = TranscriptFollowingLogitsProcessor([[4, 5]], len(PROMPT), bias=2.0, eos_token_id=EOS, lookahead=1)
+    assert call(follow, [4, 5])[0, EOS] == 2.0  # spent
+    assert call(follow, [4, 5, 8])[0, EOS] == 2.0  # one token of room (the lookahead): a correction
+    assert call(follow, [4, 5, 8, 4])[0, EOS] == 4.0  # then a run-on: more each token
+    assert call(follow, [4, 5, 8, 4, 5])[0, EOS] == 6.0
+    assert call(follow, [9, 9, 9, 9])[0, EOS] == 2.0  # off the transcript and past its length: the end too
+
+
 def test_following_resumes_after_a_skipped_or_an_inserted_token():
     follow = TranscriptFollowingLogitsProcessor([[4, 5, 6, 7]], len(PROMPT), bias=1.0, eos_token_id=EOS)
     assert follow.position([4, 6], [4, 5, 6, 7]) == 3  # skipped 5: on to 7
