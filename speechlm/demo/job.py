@@ -290,6 +290,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     dataset = recipe.build_datasets(config, processor, examples)
     trainer = recipe.build_trainer(config, model, processor, dataset, callbacks=[curve], clock=training_clock)
     result = recipe.train(config, trainer)
+    training_minutes = curve.minutes  # the clock runs on through the evaluation after
     model_dir = recipe.save(config, trainer)
     lap("train")
 
@@ -306,7 +307,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
         "model": str(model_dir), "eval_sets": {name: str(path) for name, (_, path) in eval_sets.items()},
         "read_ahead": None if ahead is None else {**asdict(ahead), "summary": ahead.summary()},
         "alignment": None if alignment is None else {**asdict(alignment), "summary": alignment.summary()},
-        "training": {"steps": result.global_step, "minutes": round(curve.minutes, 2),
+        "training": {"steps": result.global_step, "minutes": round(training_minutes, 2),
                      "first_loss": curve.losses[0]["loss"] if curve.losses else None,
                      "last_loss": curve.losses[-1]["loss"] if curve.losses else None,
                      "curve_items": len(curve_items), "curve": curve.points, "losses": curve.losses},

@@ -56,6 +56,7 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
     assert report["alignment"] is None  # the recipe's whisper reader needs no CTC pre-alignment
     curve = report["training"]["curve"]  # untrained, ..., after training
     assert curve[0]["step"] == 0 and curve[0]["minutes"] == 0 and curve[-1]["step"] == 16
+    assert report["training"]["minutes"] == pytest.approx(curve[-1]["minutes"], abs=0.05)  # not the evaluation's
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text())["after"] == report["after"]
     markdown = (out / "report.md").read_text()
