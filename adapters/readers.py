@@ -151,7 +151,7 @@ def without_loop(text: str, limit: int = REPEATED_WORDS_LIMIT) -> str:
     words = text.split()
     keys = [re.sub(r"\W", "", word.lower()) for word in words]
     for start in range(1, len(words)):  # where a copy would begin
-        for span in range(1, start + 1):
+        for span in range(1, min(start, len(words) - start) + 1):  # a whole copy must fit after start
             unit = keys[start - span: start]
             end = start
             while keys[end: end + span] == unit:
