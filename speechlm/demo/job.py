@@ -258,8 +258,9 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     resolved = apply_overrides(recipe_yaml, overrides)
     projector = resolved.get("model", {}).get("projector") or {}
     if projector.get("reader") == "whisper" and "reader_prompt" not in projector:
-        overrides.append(f"model.projector.reader_prompt={json.dumps(CORPUS_READER_PROMPT)}")
-        projector["reader_prompt"] = CORPUS_READER_PROMPT
+        prompt = [f"model.projector.reader_prompt={json.dumps(CORPUS_READER_PROMPT)}"]
+        overrides += prompt  # the report lists what was applied, as it was applied
+        apply_overrides(resolved, prompt)
     config = build_dataclass(TrainConfig, resolved)
     model, tokenizer = recipe.build_model(config)
     processor = recipe.build_processor(config, model, tokenizer)
