@@ -16,7 +16,6 @@ from speechlm.adapters.audio_encoder import read_whisper_checkpoint
 from speechlm.adapters.configuration import (
     LORA_KEYS,
     TRAINING_MODES,
-    ConfigError,
     SpeechLMAudioConfig,
     SpeechLMConfig,
     SpeechLMProjectorConfig,
@@ -26,6 +25,7 @@ from speechlm.adapters.loading import DTYPES, assemble_model, load_backbone
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.tiny import BYTE_VOCAB_SIZE, build_byte_tokenizer
 from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
+from speechlm.speech_io.config_errors import ConfigError, ConfigProblems
 from speechlm.speech_io.hub_files import missing_from_cache, not_cached_message
 from speechlm.speech_io.processor import SpeechLMProcessor
 from speechlm.speech_io.units import expand_tokenizer
@@ -63,7 +63,7 @@ class ModelSpec:
         for name in ("text", "audio", "projector", "lora"):
             if getattr(self, name) is None:
                 setattr(self, name, {})
-        problems = []
+        problems = ConfigProblems()
         if self.mode not in TRAINING_MODES:
             problems.append(f"mode={self.mode!r}: choose one of {list(TRAINING_MODES)}")
         if self.dtype not in DTYPES:
@@ -84,7 +84,9 @@ class ModelSpec:
                                 f"leave it out (it is read from num_speech_units)")
             try:
                 CodecConfig(**{**self.codec, "codebook_size": self.num_speech_units})
-            except (TypeError, ValueError) as error:
+            except ConfigError as error:
+                problems.extend(f"codec.{problem}" for problem in error.problems)
+            except TypeError as error:
                 problems.append(f"codec: {error}")
         for cls, kwargs in ((SpeechLMAudioConfig, self.audio), (SpeechLMProjectorConfig, self.projector)):
             try:
@@ -93,7 +95,7 @@ class ModelSpec:
                 problems.extend(error.problems)
             except (TypeError, ValueError) as error:
                 problems.append(f"{cls.__name__}: {error}")
-        ConfigError.collect("model spec", problems)
+        problems.raise_if_any("model spec")
 
 
 def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:

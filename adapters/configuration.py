@@ -11,6 +11,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.units import SPECIAL_SPEECH_TOKENS, speech_token_ids
 
 TRAINING_MODES = ("frozen", "lora", "qlora", "full")
@@ -24,19 +25,6 @@ LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "scope")
 def lora_attributes(lora: dict) -> dict:
     """A ``lora:`` section (``r``, ``alpha``, ...) as `SpeechLMConfig` attributes (``lora_r``, ``lora_alpha``, ...)."""
     return {f"lora_{key}": value for key, value in lora.items()}
-
-
-class ConfigError(ValueError):
-    """Configuration values a user set are invalid; the message names every bad field at once."""
-
-    def __init__(self, owner: str, problems: list[str]):
-        super().__init__(f"invalid {owner}:\n  - " + "\n  - ".join(problems))
-        self.problems = problems
-
-    @classmethod
-    def collect(cls, owner: str, problems: list[str]) -> None:
-        if problems:
-            raise cls(owner, problems)
 
 
 @strict
@@ -67,7 +55,7 @@ class SpeechLMAudioConfig(PreTrainedConfig):
             self.n_text_state = self.n_audio_state
         if self.n_text_head is None:
             self.n_text_head = self.n_audio_head
-        problems = []
+        problems = ConfigProblems()
         if self.n_mels not in (80, 128):
             problems.append(f"audio_config.n_mels={self.n_mels}: Whisper uses 80 or 128 mel bins")
         for name in ("n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer", "n_text_ctx", "n_text_state",
@@ -78,7 +66,7 @@ class SpeechLMAudioConfig(PreTrainedConfig):
             state, heads = getattr(self, f"n_{side}_state"), getattr(self, f"n_{side}_head")
             if heads >= 1 and state % heads:
                 problems.append(f"audio_config.n_{side}_state={state} is not divisible by n_{side}_head={heads}")
-        ConfigError.collect("SpeechLMAudioConfig", problems)
+        problems.raise_if_any("SpeechLMAudioConfig")
 
     @property
     def hidden_size(self) -> int:
@@ -119,7 +107,7 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         from speechlm.adapters.projectors import PROJECTORS  # the registry lives beside the modules
 
-        problems = []
+        problems = ConfigProblems()
         if self.projector_type not in PROJECTORS:
             problems.append(f"projector_config.projector_type={self.projector_type!r}: "
                             f"choose one of {sorted(PROJECTORS)}")
@@ -145,7 +133,7 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
         if self.reader_prompt is not None and not (isinstance(self.reader_prompt, str) and self.reader_prompt.strip()):
             problems.append(f"projector_config.reader_prompt={self.reader_prompt!r}: expected text (the words Whisper "
                             f"should spell as given) or null")
-        ConfigError.collect("SpeechLMProjectorConfig", problems)
+        problems.raise_if_any("SpeechLMProjectorConfig")
 
     @property
     def reader_slots_per_second(self) -> int:
@@ -232,15 +220,15 @@ class SpeechLMConfig(PreTrainedConfig):
             elif current != value:
                 problems.append(f"{name}={current} disagrees with text_vocab_size={self.text_vocab_size}, "
                                 f"which puts it at {value}")
-        ConfigError.collect("SpeechLMConfig", problems)
+        problems.raise_if_any("SpeechLMConfig")
 
     def check_settings(self) -> None:
         """Raise `ConfigError` naming every bad setting: for settings changed after the config was made
         (a stage that switches the training mode)."""
-        ConfigError.collect("SpeechLMConfig", self._setting_problems())
+        self._setting_problems().raise_if_any("SpeechLMConfig")
 
-    def _setting_problems(self) -> list[str]:
-        problems = []
+    def _setting_problems(self) -> ConfigProblems:
+        problems = ConfigProblems()
         if self.mode not in TRAINING_MODES:
             problems.append(f"mode={self.mode!r}: choose one of {list(TRAINING_MODES)}")
         if self.num_speech_units < 1:

@@ -39,6 +39,7 @@ from speechlm.speech_io.codec_batching import ExactLSTM, pad_rows, run_with_leng
 from speechlm.speech_io.codec_kmeans import kmeans, nearest
 from speechlm.speech_io.codec_streaming import StreamMargins, UnitStream
 from speechlm.speech_io.codec_upstream import upstream
+from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
 
@@ -68,7 +69,7 @@ class CodecConfig:
     sample_rate: int = field(default=SAMPLE_RATE, metadata={"help": f"audio rate; speechlm works at {SAMPLE_RATE} Hz"})
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = ConfigProblems()
         for name in ("n_filters", "dimension", "semantic_dimension", "dilation_base", "residual_kernel_size",
                      "n_residual_layers", "lstm_layers", "codebook_size", "n_q"):
             value = getattr(self, name)
@@ -85,8 +86,7 @@ class CodecConfig:
             problems.append(f"activation={self.activation!r} (expected one of {SUPPORTED_ACTIVATIONS})")
         if self.sample_rate != SAMPLE_RATE:
             problems.append(f"sample_rate={self.sample_rate!r} (expected {SAMPLE_RATE}: speechlm's audio is 16 kHz)")
-        if problems:
-            raise ValueError("invalid SpeechTokenizer codec config: " + "; ".join(problems))
+        problems.raise_if_any("SpeechTokenizer codec config")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "codec config") -> CodecConfig:

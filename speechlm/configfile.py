@@ -13,11 +13,21 @@ from typing import Any, TypeVar
 
 import yaml
 
+from speechlm.speech_io.config_errors import ConfigError
+
 T = TypeVar("T")
 
 
-class ConfigFileError(ValueError):
-    """A recipe file or override is malformed; the message names the file and every bad key."""
+class ConfigFileError(ConfigError):
+    """A recipe file or override is malformed (one problem, one line naming the file or the override), or
+    the settings it holds are invalid (every bad key at once)."""
+
+    def __init__(self, problems: str | list[str]):
+        if isinstance(problems, str):
+            ValueError.__init__(self, problems)
+            self.problems = [problems]
+        else:
+            super().__init__("config", problems)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -41,18 +51,31 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigFileError(f"override {override!r}: expected key.sub=value")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigFileError(f"override {override!r}: {part!r} is not a section")
         try:
-            node[leaf] = yaml.safe_load(raw) if raw else None
+            value = yaml.safe_load(raw) if raw else None
         except yaml.YAMLError as error:
             problem = str(error).splitlines()[0]
             raise ConfigFileError(f"override {override!r}: the value is not a YAML scalar or list ({problem})") from error
+        _set(data, key, value, f"override {override!r}")
     return data
+
+
+def set_values(data: dict, values: dict[str, Any]) -> dict:
+    """``{"model.mode": "lora"}`` -> nested updates, the values as they are (a program's settings: nothing
+    to parse)."""
+    for key, value in values.items():
+        _set(data, key, value, f"setting {key!r}")
+    return data
+
+
+def _set(data: dict, key: str, value: Any, what: str) -> None:
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigFileError(f"{what}: {part!r} is not a section")
+    node[leaf] = value
 
 
 def build_dataclass(cls: type[T], data: dict, *, where: str = "") -> T:
@@ -61,7 +84,7 @@ def build_dataclass(cls: type[T], data: dict, *, where: str = "") -> T:
     problems: list[str] = []
     result = _build(cls, data, where, problems)
     if problems:
-        raise ConfigFileError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigFileError(problems)
     return result
 
 

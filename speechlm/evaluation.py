@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.finetune.examples import ManifestError, jsonl_rows, raise_problems
 from speechlm.finetune.metrics import character_errors, match_answer, pair_accuracy, unit_errors, word_errors
 from speechlm.responding import (
@@ -73,11 +74,12 @@ class EvalSettings:
         "help": "an answer whose gzip compression ratio is above this loops"})
 
     def __post_init__(self):
-        if not self.temperatures or any(t < 0 for t in self.temperatures):
-            raise ValueError(f"EvalSettings.temperatures: expected one or more temperatures >= 0, got {self.temperatures}")
-        if self.asr_follow_transcript < 0:
-            raise ValueError(f"EvalSettings.asr_follow_transcript: expected >= 0 (0: the LM alone), got "
-                             f"{self.asr_follow_transcript}")
+        problems = ConfigProblems()
+        problems.check(bool(self.temperatures) and all(t >= 0 for t in self.temperatures),
+                       f"temperatures={self.temperatures}: expected one or more temperatures >= 0")
+        problems.check(self.asr_follow_transcript >= 0,
+                       f"asr_follow_transcript={self.asr_follow_transcript}: expected >= 0 (0: the LM alone)")
+        problems.raise_if_any("EvalSettings")
 
 
 @dataclass

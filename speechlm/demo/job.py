@@ -211,7 +211,7 @@ class LearningCurve(TrainerCallback):
 # -- the job ------------------------------------------------------------------------------------------------
 
 def run_job(settings: JobSettings, progress=print) -> dict:
-    from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
+    from speechlm.configfile import apply_overrides, build_dataclass, read_yaml, set_values
     from speechlm.finetune import recipe
     from speechlm.finetune.config import TrainConfig
     from speechlm.finetune.prepare import prepare
@@ -246,21 +246,19 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     train_sources = [prepared["train-units"], *([manifests["train-text"]] if "train-text" in manifests else [])]
     lap("prepare")
 
-    overrides = [f"model.text_model={assets.text_model}", f"model.audio_encoder={assets.audio_encoder}",
-                 f"data.train=[{','.join(map(str, train_sources))}]", f"data.codec={assets.codec}",
-                 "data.allow_extra_fields=true",  # train-text.jsonl's rows say how each text was made
-                 f"data.system_prompt={json.dumps(ANSWER_SYSTEM_PROMPT)}",  # what the answers were distilled with
-                 f"training.output_dir={out / 'model'}",
-                 # transformers refuses bf16 on a machine without a GPU unless told to use the CPU
-                 *([] if torch.cuda.is_available() else ["training.use_cpu=true"]),
-                 *([] if settings.max_minutes is None else [f"training.max_minutes={settings.max_minutes}"]),
-                 *settings.overrides]
-    resolved = apply_overrides(recipe_yaml, overrides)
+    job_values = {"model.text_model": assets.text_model, "model.audio_encoder": assets.audio_encoder,
+                  "data.train": [str(source) for source in train_sources], "data.codec": assets.codec,
+                  "data.allow_extra_fields": True,  # train-text.jsonl's rows say how each text was made
+                  "data.system_prompt": ANSWER_SYSTEM_PROMPT,  # what the answers were distilled with
+                  "training.output_dir": str(out / "model"),
+                  # transformers refuses bf16 on a machine without a GPU unless told to use the CPU
+                  **({} if torch.cuda.is_available() else {"training.use_cpu": True}),
+                  **({} if settings.max_minutes is None else {"training.max_minutes": settings.max_minutes})}
+    resolved = apply_overrides(set_values(recipe_yaml, job_values), settings.overrides)
     projector = resolved.get("model", {}).get("projector") or {}
     if projector.get("reader") == "whisper" and "reader_prompt" not in projector:
-        prompt = [f"model.projector.reader_prompt={json.dumps(CORPUS_READER_PROMPT)}"]
-        overrides += prompt  # the report lists what was applied, as it was applied
-        apply_overrides(resolved, prompt)
+        job_values["model.projector.reader_prompt"] = CORPUS_READER_PROMPT  # the report lists it
+        set_values(resolved, {"model.projector.reader_prompt": CORPUS_READER_PROMPT})
     config = build_dataclass(TrainConfig, resolved)
     model, tokenizer = recipe.build_model(config)
     processor = recipe.build_processor(config, model, tokenizer)
@@ -304,7 +302,8 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     lap("eval_after")
     answer = spoken_answer(model, processor, eval_sets, out / "answer.wav", settings.eval)
     report = {
-        "machine": machine(), "assets": asdict(assets), "recipe": settings.recipe, "overrides": overrides,
+        "machine": machine(), "assets": asdict(assets), "recipe": settings.recipe,
+        "job_settings": job_values, "overrides": settings.overrides,
         "model": str(model_dir), "eval_sets": {name: str(path) for name, (_, path) in eval_sets.items()},
         "read_ahead": None if ahead is None else {**asdict(ahead), "summary": ahead.summary()},
         "alignment": None if alignment is None else {**asdict(alignment), "summary": alignment.summary()},

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from speechlm.responding import DEFAULT_MAX_SPEECH_UNITS, STREAM_CHUNK_FRAMES
+from speechlm.speech_io.config_errors import ConfigProblems
 
 API_KEY_ENV = "SPEECHLM_API_KEY"
 
@@ -38,7 +39,7 @@ class ServeSettings:
     """Serve the voice chat page at ``/`` (`speechlm chat-ui`)."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = ConfigProblems()
         if not self.host:
             problems.append("host='': give an address to bind, e.g. 127.0.0.1")
         elif self.host != "localhost":
@@ -55,8 +56,7 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 problems.append(f"{name}={value!r}: expected an integer >= {low}")
-        if problems:
-            raise ValueError("serve settings: " + "; ".join(problems))
+        problems.raise_if_any("serve settings")
 
     @property
     def threads_needed(self) -> int:

@@ -5,7 +5,8 @@ from transformers import AutoConfig, LlamaConfig
 
 import speechlm  # noqa: F401  (registers the Auto classes)
 from speechlm import SpeechLMConfig
-from speechlm.adapters.configuration import ConfigError, SpeechLMAudioConfig
+from speechlm.adapters.configuration import SpeechLMAudioConfig
+from speechlm.speech_io.config_errors import ConfigError
 
 
 def make_config(**changes) -> SpeechLMConfig:

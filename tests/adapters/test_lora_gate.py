@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from speechlm.adapters.building import build_speechlm
-from speechlm.adapters.configuration import ConfigError
+from speechlm.speech_io.config_errors import ConfigError
 from speechlm.adapters.modes import merge_lora
 from tests.adapters.conftest import audio_inputs
 from tests.conftest import TINY_PROJECTOR, tiny_spec

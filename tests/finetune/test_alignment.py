@@ -79,7 +79,7 @@ def test_no_usable_clip_is_a_clear_error(prepared):
     ("max_minutes", 0, "max_minutes=0: must be > 0 or null"),
 ])
 def test_bad_alignment_settings_name_the_field(key, value, message):
-    with pytest.raises(ValueError, match=f"invalid alignment: {message}"):
+    with pytest.raises(ValueError, match=f"invalid alignment:\n  - {message}"):
         AlignmentConfig(**{key: value})
 
 

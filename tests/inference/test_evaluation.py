@@ -144,12 +144,13 @@ def test_looping_answers_are_decoded_again_at_the_next_temperature(model_dir):
 
 
 def test_temperatures_are_checked(tmp_path, capsys):
+    from speechlm.speech_io.config_errors import ConfigError
     from speechlm.evaluation import EvalSettings
 
-    with pytest.raises(ValueError, match="EvalSettings.temperatures: expected one or more temperatures >= 0"):
+    with pytest.raises(ConfigError, match=r"invalid EvalSettings:\n  - temperatures=\(0.0, -1.0\): expected one or more"):
         EvalSettings(temperatures=(0.0, -1.0))
     with pytest.raises(SystemExit):
         main(["eval", "--model", str(tmp_path), "--task", "asr", "--data", "x.jsonl", "--temperatures", "0,hot"])
     assert "--temperatures: expected comma-separated numbers, got '0,hot'" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--task", "asr", "--data", "x.jsonl", "--temperatures", "0,-1"]) == 2
-    assert "EvalSettings.temperatures: expected one or more temperatures >= 0" in capsys.readouterr().err
+    assert "temperatures=(0.0, -1.0): expected one or more temperatures >= 0" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def test_chat_ui_serves_the_page_and_a_given_key_wins(served, monkeypatch):
     (["--host", "example.com"], "host='example.com': not an IP address"),
     (["--api-key", " "], "api_key is empty"),
 ])
-def test_bad_settings_exit_2_with_one_line(served, capsys, args, message):
+def test_bad_settings_exit_2_naming_the_field(served, capsys, args, message):
     assert main(["serve", "out/model", *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("speechlm serve: error: serve settings: ") and message in err and not served
+    assert err.startswith("speechlm serve: error: invalid serve settings:") and message in err and not served

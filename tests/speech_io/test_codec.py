@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
+from speechlm.speech_io.config_errors import ConfigError
 
 from_config = SpeechTokenizerCodec.from_config
 
@@ -124,8 +125,10 @@ def test_load_errors(narrow_codec, tmp_path):
 
 
 def test_config_validation_names_fields():
-    with pytest.raises(ValueError, match=r"n_q=0 \(expected a positive integer\).*activation='ReLU'.*sample_rate=24000"):
+    with pytest.raises(ConfigError) as error:
         CodecConfig(n_q=0, activation="ReLU", sample_rate=24000)
+    assert [problem.split(" ")[0] for problem in error.value.problems] == ["n_q=0", "activation='ReLU'", "sample_rate=24000"]
+    assert str(error.value).startswith("invalid SpeechTokenizer codec config:\n  - n_q=0 (expected a positive integer)")
     with pytest.raises(ValueError, match=r"strides=\[8, 0\]"):
         CodecConfig(strides=[8, 0])
 

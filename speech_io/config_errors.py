@@ -1,0 +1,27 @@
+"""The one way settings report what is wrong with them: every settings class of the toolkit (the codec's,
+the model's, a recipe's sections, the evaluation's, the server's, a config file's) collects its problems in
+a `ConfigProblems` and raises them together as one `ConfigError`, each naming the field, its value and what
+would be valid. It lives in the bottom layer so that every layer can use it."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """Configuration values a user set are invalid; the message names every bad field at once, and
+    ``problems`` lists them (a caller that gathers several sections' problems extends its own with them)."""
+
+    def __init__(self, owner: str, problems: list[str]):
+        super().__init__(f"invalid {owner}:\n  - " + "\n  - ".join(problems))
+        self.problems = list(problems)
+
+
+class ConfigProblems(list):
+    """The problems found in one settings object, raised together as one `ConfigError`."""
+
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.append(message)
+
+    def raise_if_any(self, owner: str) -> None:
+        if self:
+            raise ConfigError(owner, self)
