@@ -17,8 +17,10 @@ frames CTC compression drops.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -46,6 +48,18 @@ class WhisperView(Whisper):
         nn.Module.__init__(self)  # Whisper.__init__ would allocate a whole new encoder and decoder
         self.dims = dims
         self.decoder = decoder
+
+
+class BatchDecodingTask(DecodingTask):
+    """openai-whisper's ``DecodingTask`` that also runs a beam over a batch of clips: it repeats each clip's
+    tokens by the beam but not the clip's frames (one clip broadcasts, a batch fails), so the frames are
+    repeated here; the language is detected once a clip."""
+
+    def _get_audio_features(self, mel: torch.Tensor) -> torch.Tensor:
+        return super()._get_audio_features(mel).repeat_interleave(self.n_group, dim=0)
+
+    def _detect_language(self, audio_features: torch.Tensor, tokens: torch.Tensor):
+        return super()._detect_language(audio_features[:: self.n_group], tokens)
 
 
 class WhisperTranscriptReader(nn.Module):
@@ -78,6 +92,17 @@ class WhisperTranscriptReader(nn.Module):
     def settings(self) -> tuple:
         """What besides the weights decides a transcript (a reading cache's fingerprint includes it)."""
         return (self.tokens_per_second, self.silence_frames, self.beam_size, self.language, self.prompt)
+
+    @contextlib.contextmanager
+    def beam(self, beam_size: int) -> Iterator[None]:
+        """Decode with ``beam_size`` (1: greedy) inside the block, then with the model's own beam again: a
+        recipe can read its training clips more cheaply than what a user hears. The reading cache's
+        fingerprint (`settings`) follows, so the two readings of a clip never mix."""
+        kept, self.beam_size = self.beam_size, beam_size
+        try:
+            yield
+        finally:
+            self.beam_size = kept
 
     def set_text_tokenizer(self, tokenizer) -> None:
         """The backbone's tokenizer, which the transcripts are re-tokenized with (its added speech tokens
@@ -126,7 +151,7 @@ class WhisperTranscriptReader(nn.Module):
                                   beam_size=self.beam_size if self.beam_size > 1 else None, prompt=self.prompt,
                                   sample_len=min(int(slots), self.dims.n_text_ctx // 2))
         with torch.autocast(frames.device.type, enabled=False):
-            results = DecodingTask(view, options).run(frames.float())
+            results = BatchDecodingTask(view, options).run(frames.float())
         return ["" if result.no_speech_prob > NO_SPEECH_THRESHOLD and result.avg_logprob < LOGPROB_THRESHOLD
                 else without_loop(result.text) for result in results]
 

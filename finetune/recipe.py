@@ -7,9 +7,10 @@ and ``deepspeed`` around that command.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -111,12 +112,28 @@ def fit_speaking_rate(config: TrainConfig, model: SpeechLMForCausalLM, examples:
     return model.config.speech_units_per_character
 
 
+@contextlib.contextmanager
+def training_reads(config: TrainConfig, model: SpeechLMForCausalLM) -> Iterator[None]:
+    """Inside the block the reader decodes with ``training.reader_beam_size`` (null: the model's own beam)."""
+    beam = config.training.reader_beam_size
+    if beam is None:
+        yield
+        return
+    if model.audio_reader is None:
+        raise ValueError(f"training.reader_beam_size={beam} sets the whisper reader's beam, and this model has no "
+                         f"reader (model.projector.reader: whisper); leave it out")
+    with model.audio_reader.beam(beam):
+        yield
+
+
 def read_ahead(config: TrainConfig, model: SpeechLMForCausalLM, processor: SpeechLMProcessor,
                examples: Sequence[Example], progress: bool = True) -> ReadAhead | None:
-    """The training clips read once into the model's reading cache (``training.read_ahead``); None when off."""
+    """The training clips read once into the model's reading cache (``training.read_ahead``), as the training
+    steps will read them; None when off."""
     if not config.training.read_ahead:
         return None
-    return read_training_clips(model, processor, examples, progress=progress)
+    with training_reads(config, model):
+        return read_training_clips(model, processor, examples, progress=progress)
 
 
 def align(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer, examples: Sequence[Example],
@@ -195,7 +212,8 @@ def train(config: TrainConfig, trainer: SpeechLMTrainer):
     checkpoint = newest_complete_checkpoint(config.training.output_dir) if config.training.resume else None
     if config.training.resume:
         logger.warning("resuming from %s", checkpoint or "nothing (no complete checkpoint): starting fresh")
-    return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with training_reads(config, trainer.model):
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
 
 def save(config: TrainConfig, trainer: SpeechLMTrainer) -> Path:

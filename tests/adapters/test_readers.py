@@ -10,7 +10,7 @@ from whisper.audio import log_mel_spectrogram
 
 import speechlm  # noqa: F401  (registers the Auto classes)
 from speechlm.adapters.building import build_processor, build_speechlm
-from speechlm.adapters.configuration import ConfigError
+from speechlm.speech_io.config_errors import ConfigError
 from speechlm.adapters.readers import WhisperTranscriptReader, without_loop
 from speechlm.adapters.reading_cache import ReadingCache
 from speechlm.speech_io.constants import reader_slot_count
@@ -76,6 +76,19 @@ def test_a_batch_reads_as_each_clip_alone(reading):
         assert torch.equal(kept[start:start + len(alone)], alone_kept)
         start += len(alone)
     assert start == len(embeddings)
+
+
+@pytest.mark.parametrize("language", ["en", None])  # None: Whisper detects each clip's language first
+def test_a_beam_reads_a_batch_as_each_clip_alone(language):
+    projector = dict(READER_PROJECTOR, reader_beam_size=3, reader_language=language)
+    model, tokenizer = build_speechlm(reader_spec(projector=projector))
+    model.eval()
+    inputs = audio_inputs(model, tokenizer, [90, 150, 120], seed=5)  # one 2 s window: they decode together
+    lengths = inputs["input_features_mask"].sum(-1)
+    _, batch = model._encode_and_read(inputs["input_features"], lengths)
+    for row, length in enumerate(lengths.tolist()):
+        _, (alone,) = model._encode_and_read(inputs["input_features"][row:row + 1, :, :length], lengths[row:row + 1])
+        assert batch[row] == alone
 
 
 def test_generate_batch_equals_one_at_a_time(reading):

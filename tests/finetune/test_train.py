@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, TrainerCallback
 import speechlm  # noqa: F401  (Auto classes)
 from speechlm.cli import main
 from speechlm.configfile import ConfigFileError, apply_overrides, build_dataclass, read_yaml
+from speechlm.speech_io.config_errors import ConfigError
 from speechlm.finetune.config import TrainConfig
 from speechlm.finetune.prepare import codec_hash
 from speechlm.finetune.recipe import (
@@ -143,6 +145,28 @@ def test_clips_read_ahead_are_the_ones_the_training_steps_read(prepared, tmp_pat
     model.config.train_audio_encoder = True
     with pytest.raises(ValueError, match="trains its encoder"):
         read_ahead(run_config, model, processor, examples, progress=False)
+
+
+def test_training_reads_with_its_own_beam_and_the_model_keeps_its_own(prepared, tmp_path):
+    run_config = config(prepared, tmp_path / "run", "training.max_steps=2", "training.read_ahead=true",
+                        "training.reader_beam_size=1", "model.projector.reader_beam_size=2", *READER)
+    model, tokenizer = build_model(run_config)
+    processor = build_processor(run_config, model, tokenizer)
+    examples = load_training_examples(run_config)
+    beams = []
+    transcribe = model.audio_reader.transcribe
+    model.audio_reader.transcribe = lambda *args: beams.append(model.audio_reader.beam_size) or transcribe(*args)
+    read_ahead(run_config, model, processor, examples, progress=False)
+    misses = model.reading_cache.misses
+    train(run_config, build_trainer(run_config, model, processor, build_datasets(run_config, processor, examples)))
+    assert model.reading_cache.misses == misses  # the steps read as the clips were read ahead: greedily
+    assert beams and set(beams) == {1}
+    assert model.audio_reader.beam_size == model.config.projector_config.reader_beam_size == 2  # what users get
+    without_reader = config(prepared, tmp_path / "plain", "training.reader_beam_size=1")
+    plain, _ = build_model(without_reader)
+    with pytest.raises(ValueError, match="training.reader_beam_size=1 sets the whisper reader's beam"):
+        read_ahead(dataclasses.replace(without_reader, training=dataclasses.replace(
+            without_reader.training, read_ahead=True)), plain, processor, examples, progress=False)
 
 
 class StopAt(TrainerCallback):
@@ -303,6 +327,20 @@ def test_a_run_by_minutes_stops_in_time_with_its_learning_rate_spent(prepared, t
 def test_minutes_need_a_schedule_that_can_follow_them(prepared, tmp_path):
     with pytest.raises(ConfigFileError, match="lr_scheduler_type='polynomial' does not run by minutes"):
         config(prepared, tmp_path, "training.max_minutes=1", "training.lr_scheduler_type=polynomial")
+
+
+def test_a_programs_settings_are_set_as_they_are_and_overrides_parsed():
+    from speechlm.configfile import set_values
+
+    data = set_values({"data": {"seed": 1}}, {"data.system_prompt": "answer: briefly [1, 2]", "training.max_steps": 3})
+    assert data == {"data": {"seed": 1, "system_prompt": "answer: briefly [1, 2]"}, "training": {"max_steps": 3}}
+    assert apply_overrides(data, ["data.train=[a, b]", "training.max_steps=4"])["data"]["train"] == ["a", "b"]
+    assert data["training"]["max_steps"] == 4
+    with pytest.raises(ConfigFileError, match="setting 'data.seed.x': 'seed' is not a section"):
+        set_values(data, {"data.seed.x": 1})
+    with pytest.raises(ConfigFileError) as error:
+        build_dataclass(TrainConfig, {"model": {"mode": "sing"}, "training": {"max_steps": -2, "colour": 1}})
+    assert isinstance(error.value, ConfigError) and len(error.value.problems) >= 3  # every problem, at once
 
 
 def test_the_clock_runs_with_training_even_without_a_budget(prepared, tmp_path):
