@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from speechlm.adapters.building import ModelSpec
-from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.finetune.examples import TASK_NAMES
 from speechlm.finetune.tasks import INTERLEAVE_LEVELS
+from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.processor import SPEECH_INPUT_MODES
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",

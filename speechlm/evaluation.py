@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.finetune.examples import ManifestError, jsonl_rows, raise_problems
 from speechlm.finetune.metrics import character_errors, match_answer, pair_accuracy, unit_errors, word_errors
 from speechlm.responding import (
@@ -45,6 +44,7 @@ from speechlm.responding import (
     stream_response,
 )
 from speechlm.speech_io.audio import load_audio
+from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.units import units_to_text
 

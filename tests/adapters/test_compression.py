@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 from speechlm.adapters.building import build_speechlm
 from speechlm.adapters.compression import CTCCompressor
 from speechlm.adapters.configuration import SpeechLMProjectorConfig
-from speechlm.speech_io.config_errors import ConfigError
 from speechlm.adapters.modeling import drop_masked_positions
+from speechlm.speech_io.config_errors import ConfigError
 from tests.adapters.conftest import audio_inputs
 from tests.conftest import TINY_PROJECTOR, tiny_spec
 

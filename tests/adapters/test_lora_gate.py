@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from speechlm.adapters.building import build_speechlm
-from speechlm.speech_io.config_errors import ConfigError
 from speechlm.adapters.modes import merge_lora
+from speechlm.speech_io.config_errors import ConfigError
 from tests.adapters.conftest import audio_inputs
 from tests.conftest import TINY_PROJECTOR, tiny_spec
 

@@ -10,9 +10,9 @@ from whisper.audio import log_mel_spectrogram
 
 import speechlm  # noqa: F401  (registers the Auto classes)
 from speechlm.adapters.building import build_processor, build_speechlm
-from speechlm.speech_io.config_errors import ConfigError
 from speechlm.adapters.readers import WhisperTranscriptReader, without_loop
 from speechlm.adapters.reading_cache import ReadingCache
+from speechlm.speech_io.config_errors import ConfigError
 from speechlm.speech_io.constants import reader_slot_count
 from tests.adapters.conftest import audio_inputs
 from tests.conftest import TINY_AUDIO, TINY_PROJECTOR, save_tiny_whisper, tiny_spec

@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM, AutoProcessor, TrainerCallback
 import speechlm  # noqa: F401  (Auto classes)
 from speechlm.cli import main
 from speechlm.configfile import ConfigFileError, apply_overrides, build_dataclass, read_yaml
-from speechlm.speech_io.config_errors import ConfigError
 from speechlm.finetune.config import TrainConfig
 from speechlm.finetune.prepare import codec_hash
 from speechlm.finetune.recipe import (
@@ -37,6 +36,7 @@ from speechlm.finetune.trainer import (
     minute_schedule,
     newest_complete_checkpoint,
 )
+from speechlm.speech_io.config_errors import ConfigError
 from tests.conftest import PUBLISHED_CODEC
 from tests.finetune.conftest import TINY_TRAIN_YAML
 

@@ -144,8 +144,8 @@ def test_looping_answers_are_decoded_again_at_the_next_temperature(model_dir):
 
 
 def test_temperatures_are_checked(tmp_path, capsys):
-    from speechlm.speech_io.config_errors import ConfigError
     from speechlm.evaluation import EvalSettings
+    from speechlm.speech_io.config_errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"invalid EvalSettings:\n  - temperatures=\(0.0, -1.0\): expected one or more"):
         EvalSettings(temperatures=(0.0, -1.0))
