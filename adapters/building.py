@@ -14,15 +14,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from speechlm.adapters.audio_encoder import read_whisper_checkpoint
 from speechlm.adapters.configuration import (
-    LORA_KEYS,
     TRAINING_MODES,
     SpeechLMAudioConfig,
     SpeechLMConfig,
     SpeechLMProjectorConfig,
-    lora_attributes,
+    lora_problems,
 )
 from speechlm.adapters.loading import DTYPES, assemble_model, load_backbone
 from speechlm.adapters.modeling import SpeechLMForCausalLM
+from speechlm.adapters.modes import unknown_lora_keys
 from speechlm.adapters.tiny import BYTE_VOCAB_SIZE, build_byte_tokenizer
 from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
 from speechlm.speech_io.config_errors import ConfigError, ConfigProblems
@@ -53,8 +53,11 @@ class ModelSpec:
                 "filled from `seed`); null: no codec (the model answers in text only)"})
     mode: str = field(default="frozen", metadata={"help": f"backbone training mode: {'|'.join(TRAINING_MODES)}"})
     lora: dict | None = field(default_factory=dict, metadata={
-        "help": "r, alpha, dropout, target_modules, scope (all|audio: only rows that hear audio|speech: those and "
-                "speech tokens)"})
+        "help": "peft LoraConfig settings for mode lora/qlora: r, lora_alpha, lora_dropout, target_modules, use_rslora, "
+                "use_dora, ... (unset: r 16, lora_alpha 32, lora_dropout 0.05, all-linear)"})
+    lora_scope: str | None = field(default=None, metadata={
+        "help": "where LoRA acts: all | audio (only rows that hear audio; text runs the base weights exactly) | "
+                "speech (those and speech tokens); null: all, or the saved model's own with init_from"})
     train_audio_encoder: bool = field(default=False, metadata={"help": "also train the Whisper encoder"})
     dtype: str = field(default="float32", metadata={"help": f"weights dtype: {'|'.join(DTYPES)}"})
     seed: int = field(default=0, metadata={"help": "seed of random components and new vocabulary rows"})
@@ -70,9 +73,9 @@ class ModelSpec:
             problems.append(f"dtype={self.dtype!r}: choose one of {list(DTYPES)}")
         if self.mode == "qlora" and self.text_model is None:
             problems.append("mode='qlora' needs text_model (a path or Hub id) to load in 4 bits")
-        unknown_lora = set(self.lora) - set(LORA_KEYS)
-        if unknown_lora:
-            problems.append(f"lora has unknown keys {sorted(unknown_lora)}: use {', '.join(LORA_KEYS)}")
+        problems.extend(lora_problems(self.lora, where="lora"))
+        if self.lora and self.mode in ("lora", "qlora"):
+            problems.extend(unknown_lora_keys(self.lora, where="lora"))
         if self.audio_encoder is not None and self.audio:
             problems.append("give audio_encoder (a checkpoint) or audio (random dims), not both")
         if self.text_model is not None and self.text:
@@ -132,7 +135,7 @@ def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:
         text_config=text_config, audio_config=audio_config, projector_config=dict(spec.projector),
         num_speech_units=spec.num_speech_units, text_vocab_size=text_vocab_size, mode=spec.mode,
         train_audio_encoder=spec.train_audio_encoder, text_model_name_or_path=spec.text_model,
-        audio_model_name_or_path=spec.audio_encoder, **lora_attributes(spec.lora))
+        audio_model_name_or_path=spec.audio_encoder, lora_config=dict(spec.lora), lora_scope=spec.lora_scope or "all")
     model = assemble_model(SpeechLMForCausalLM, config, dtype=dtype, language_model=language_model,
                            audio_state=audio_state)
     model.set_text_tokenizer(tokenizer)

@@ -18,13 +18,11 @@ TRAINING_MODES = ("frozen", "lora", "qlora", "full")
 # "all": LoRA acts everywhere; "audio": on rows that hear audio; "speech": also on the speech tokens of any
 # row. Gated, text runs the base weights.
 LORA_SCOPES = ("all", "audio", "speech")
-# The keys of a recipe's ``lora:`` section; each is the config attribute ``lora_<key>``.
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "scope")
-
-
-def lora_attributes(lora: dict) -> dict:
-    """A ``lora:`` section (``r``, ``alpha``, ...) as `SpeechLMConfig` attributes (``lora_r``, ``lora_alpha``, ...)."""
-    return {f"lora_{key}": value for key, value in lora.items()}
+# peft ``LoraConfig`` settings a model gets where its recipe does not say (peft's own: lora_alpha 8, no dropout)
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+# where configs saved before `lora_config` kept those settings, and their key in it
+FLAT_LORA_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                  "lora_target_modules": "target_modules"}
 
 
 @strict
@@ -156,7 +154,9 @@ class SpeechLMConfig(PreTrainedConfig):
             ``<|audio|>``, ``<|speech_start|>``, ``<|speech_end|>`` and ``<|s_0|>``, derived from
             ``text_vocab_size`` and recorded so that a reload can check the tokenizer against them.
         mode: how the backbone trains: ``frozen``, ``lora``, ``qlora`` (4-bit NF4 + LoRA) or ``full``.
-        lora_r / lora_alpha / lora_dropout / lora_target_modules: peft LoRA settings (lora and qlora).
+        lora_config: peft ``LoraConfig`` settings for lora and qlora (``r``, ``lora_alpha``, ``lora_dropout``,
+            ``target_modules``, ``use_rslora``, ``use_dora``, ...; ``task_type`` is always CAUSAL_LM), over
+            ``LORA_DEFAULTS``. A config saved with the flat ``lora_r``/``lora_alpha``/... keys loads into it.
         lora_scope: LoRA acts on ``all`` positions, on every position of a row with ``<|audio|>``
             (``audio``), or on those and the speech tokens of any row (``speech``); gated, text runs the
             base backbone exactly (`speechlm.adapters.lora_gate`).
@@ -189,10 +189,7 @@ class SpeechLMConfig(PreTrainedConfig):
     speech_end_token_id: int | None = None
     speech_unit_start_id: int | None = None
     mode: str = "frozen"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | str = "all-linear"
+    lora_config: dict | None = None
     lora_scope: str = "all"
     train_audio_encoder: bool = False
     speech_units_per_character: float | None = None
@@ -208,6 +205,8 @@ class SpeechLMConfig(PreTrainedConfig):
             # transformers would fail on getattr(torch, ...) with an AttributeError that names no setting
             raise ValueError(f"dtype={self.dtype!r}: not a torch dtype; expected 'auto', a name such as "
                              f"'bfloat16' or 'float32', or a torch.dtype")
+        flat_lora = {FLAT_LORA_KEYS[name]: kwargs.pop(name) for name in list(kwargs) if name in FLAT_LORA_KEYS}
+        self.lora_config = {**LORA_DEFAULTS, **flat_lora, **(self.lora_config or {})}
         super().__post_init__(**kwargs)
         if self.text_vocab_size is None:
             self.text_vocab_size = self.text_config.vocab_size
@@ -251,10 +250,7 @@ class SpeechLMConfig(PreTrainedConfig):
         if not self.speech_length_ceiling > 1.0 - self.speech_length_tolerance:
             problems.append(f"speech_length_ceiling={self.speech_length_ceiling}: must be above 1 - "
                             f"speech_length_tolerance = {1.0 - self.speech_length_tolerance:g}")
-        if self.lora_r < 1:
-            problems.append(f"lora_r={self.lora_r}: must be >= 1")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            problems.append(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        problems.extend(lora_problems(self.lora_config))
         if self.lora_scope not in LORA_SCOPES:
             problems.append(f"lora_scope={self.lora_scope!r}: choose one of {list(LORA_SCOPES)}")
         elif self.lora_scope != "all" and self.mode not in ("lora", "qlora"):
@@ -283,3 +279,18 @@ class SpeechLMConfig(PreTrainedConfig):
     def saves_adapter_only(self) -> bool:
         """Checkpoints hold only trained weights when the backbone can be re-read from its source."""
         return self.text_model_name_or_path is not None and self.mode != "full"
+
+
+def lora_problems(lora: dict, where: str = "lora_config") -> list[str]:
+    """What is wrong with peft ``LoraConfig`` settings that can be told without peft (its own check of the
+    keys runs where the adapters are made: `speechlm.adapters.modes.lora_config`)."""
+    problems = []
+    rank = lora.get("r", 1)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        problems.append(f"{where}.r={rank!r}: must be an integer >= 1")
+    dropout = lora.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+        problems.append(f"{where}.lora_dropout={dropout!r}: must be in [0, 1)")
+    if "task_type" in lora:
+        problems.append(f"{where}.task_type: speechlm sets it (CAUSAL_LM); leave it out")
+    return problems

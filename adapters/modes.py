@@ -11,9 +11,11 @@ LoRA adapters act only on rows that hear audio, with ``"speech"`` also on speech
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from speechlm.adapters.lora_gate import SpeechGate
+from speechlm.speech_io.config_errors import ConfigProblems
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -27,11 +29,21 @@ def is_peft_model(module) -> bool:
 
 
 def lora_config(model: SpeechLMForCausalLM) -> LoraConfig:
+    """peft's ``LoraConfig`` from ``model.config.lora_config``."""
     from peft import LoraConfig
 
-    config = model.config
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+    ConfigProblems(unknown_lora_keys(model.config.lora_config)).raise_if_any("SpeechLMConfig")
+    return LoraConfig(**model.config.lora_config, task_type="CAUSAL_LM")
+
+
+def unknown_lora_keys(lora: dict, where: str = "lora_config") -> list[str]:
+    """Keys of ``lora`` that peft's ``LoraConfig`` does not take, as problems (imports peft)."""
+    from peft import LoraConfig
+
+    known = {field.name for field in dataclasses.fields(LoraConfig)}
+    unknown = sorted(set(lora) - known)
+    return [f"{where} has keys peft's LoraConfig does not take: {unknown} (it takes r, lora_alpha, lora_dropout, "
+            f"target_modules, use_rslora, use_dora, ...)"] if unknown else []
 
 
 def apply_training_mode(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:

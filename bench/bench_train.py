@@ -30,7 +30,7 @@ from speechlm.finetune.trainer import SpeechLMTrainer
 
 BACKBONE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
                 num_key_value_heads=8, max_position_embeddings=2048, vocab_size=32000, tie_word_embeddings=False)
-LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
 class StepTimer(TrainerCallback):
@@ -81,7 +81,7 @@ def time_ours(backbone_dir: str, dataset, steps: int, batch: int) -> list[float]
 
 def time_plain(backbone_dir: str, dataset, steps: int, batch: int) -> list[float]:
     model = AutoModelForCausalLM.from_pretrained(backbone_dir)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:

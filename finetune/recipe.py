@@ -18,7 +18,6 @@ from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 from speechlm.adapters.building import build_codec, build_speechlm
 from speechlm.adapters.building import build_processor as processor_for
-from speechlm.adapters.configuration import lora_attributes
 from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import apply_training_mode
 from speechlm.adapters.reading_cache import ReadingCache
@@ -57,20 +56,23 @@ def build_model(config: TrainConfig) -> tuple[SpeechLMForCausalLM, object]:
     else:
         model = SpeechLMForCausalLM.from_pretrained(config.init_from)
         tokenizer = AutoTokenizer.from_pretrained(config.init_from)
-        change_mode(model, config.model.mode, config.model.lora, config.model.train_audio_encoder)
+        change_mode(model, config.model.mode, config.model.lora, config.model.lora_scope,
+                    config.model.train_audio_encoder)
     model.reading_cache = ReadingCache()  # epochs and evaluations read the same clips with a frozen encoder
     logger.info("%s", model.parameter_counts())
     return model.train(), tokenizer
 
 
-def change_mode(model: SpeechLMForCausalLM, mode: str, lora: dict, train_audio_encoder: bool) -> None:
-    """Stage 2 starts from stage 1: e.g. a frozen-backbone checkpoint that now gets LoRA adapters."""
+def change_mode(model: SpeechLMForCausalLM, mode: str, lora: dict, lora_scope: str | None,
+                train_audio_encoder: bool) -> None:
+    """Stage 2 starts from stage 1: e.g. a frozen-backbone checkpoint that now gets LoRA adapters. ``lora``
+    changes the saved model's LoRA settings key by key; ``lora_scope`` None keeps its scope."""
     config = model.config
     if mode != config.mode and (config.mode, mode) not in MODE_CHANGES:
         raise ValueError(f"init_from: the saved model is in mode {config.mode!r} and cannot switch to {mode!r}; "
                          f"possible: {sorted(f'{a}->{b}' for a, b in MODE_CHANGES)} (merge LoRA with speechlm merge)")
-    changes = lora_attributes(lora)
-    changes.update(mode=mode, train_audio_encoder=train_audio_encoder)
+    changes = {"lora_config": {**config.lora_config, **lora}, "mode": mode, "train_audio_encoder": train_audio_encoder,
+               **({} if lora_scope is None else {"lora_scope": lora_scope})}
     before = {name: getattr(config, name) for name in changes}
     try:
         for name, value in changes.items():

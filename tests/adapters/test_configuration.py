@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import AutoConfig, LlamaConfig
 
@@ -26,25 +28,48 @@ def test_token_ids_follow_text_vocab_size():
 
 
 def test_round_trip_through_auto_config(tmp_path):
-    config = make_config(mode="lora", lora_r=4, text_model_name_or_path="some/llama")
+    config = make_config(mode="lora", lora_config={"r": 4, "use_dora": True}, text_model_name_or_path="some/llama")
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, SpeechLMConfig)
     assert isinstance(loaded.audio_config, SpeechLMAudioConfig)
     assert loaded.text_config.model_type == "llama" and loaded.text_config.hidden_size == 32
     assert loaded.projector_config.stack_factor == 4
-    assert (loaded.mode, loaded.lora_r, loaded.text_model_name_or_path) == ("lora", 4, "some/llama")
+    assert (loaded.mode, loaded.text_model_name_or_path) == ("lora", "some/llama")
+    assert loaded.lora_config == {"r": 4, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+                                  "use_dora": True}
     assert loaded.speech_unit_start_id == config.speech_unit_start_id
 
 
 def test_every_bad_value_is_reported_at_once():
     with pytest.raises(ConfigError) as error:
-        make_config(mode="half", num_speech_units=0, lora_dropout=1.5, speech_length_ceiling=0.7)
+        make_config(mode="half", num_speech_units=0, lora_config={"lora_dropout": 1.5}, speech_length_ceiling=0.7)
     message = str(error.value)
     assert "mode='half'" in message and "frozen" in message
     assert "num_speech_units=0" in message
-    assert "lora_dropout=1.5" in message
+    assert "lora_config.lora_dropout=1.5" in message
     assert "speech_length_ceiling=0.7: must be above 1 - speech_length_tolerance = 0.75" in message
+
+
+def test_a_config_saved_with_flat_lora_keys_loads_them_into_lora_config(tmp_path):
+    config = make_config(mode="lora")
+    saved = config.to_dict()
+    del saved["lora_config"]
+    saved.update(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["q_proj"])  # an older save
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.lora_config == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj"]}
+    assert not hasattr(loaded, "lora_r")
+
+
+def test_lora_settings_peft_does_not_take_are_named():
+    from speechlm.adapters.building import build_speechlm
+    from tests.conftest import tiny_spec
+
+    with pytest.raises(ConfigError, match=r"lora has keys peft's LoraConfig does not take: \['alpha', 'scope'\]"):
+        build_speechlm(tiny_spec(mode="lora", lora={"r": 4, "alpha": 8, "scope": "audio"}))
+    with pytest.raises(ConfigError, match=r"lora.r=0: must be an integer >= 1"):
+        build_speechlm(tiny_spec(mode="lora", lora={"r": 0}))
 
 
 def test_recorded_ids_must_agree_with_the_layout():

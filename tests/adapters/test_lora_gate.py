@@ -13,8 +13,8 @@ from tests.conftest import TINY_PROJECTOR, tiny_spec
 
 def gated_model(scope: str = "speech", **changes):
     """A tiny LoRA model gated to speech, its LoRA factors random (a fresh lora_B is zero: no effect)."""
-    model, tokenizer = build_speechlm(tiny_spec(mode="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0,
-                                                                   "scope": scope}, **changes))
+    model, tokenizer = build_speechlm(tiny_spec(mode="lora", lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+                                                lora_scope=scope, **changes))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.language_model.named_parameters():
@@ -161,9 +161,9 @@ def test_the_gate_needs_input_ids(gated):
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"mode": "frozen", "lora": {"scope": "speech"}}, "lora_scope='speech' gates LoRA"),
-    ({"mode": "full", "lora": {"scope": "audio"}}, "lora_scope='audio' gates LoRA"),
-    ({"mode": "lora", "lora": {"scope": "speech!"}}, r"lora_scope='speech!': choose one of \['all', 'audio', 'speech'\]"),
+    ({"mode": "frozen", "lora_scope": "speech"}, "lora_scope='speech' gates LoRA"),
+    ({"mode": "full", "lora_scope": "audio"}, "lora_scope='audio' gates LoRA"),
+    ({"mode": "lora", "lora_scope": "speech!"}, r"lora_scope='speech!': choose one of \['all', 'audio', 'speech'\]"),
 ])
 def test_bad_scopes_are_named(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -175,10 +175,11 @@ def test_a_stage_that_switches_mode_checks_the_scope_and_keeps_the_model_on_erro
 
     model, _ = build_speechlm(tiny_spec(mode="frozen"))
     with pytest.raises(ConfigError, match="lora_scope='audio' gates LoRA"):
-        change_mode(model, "full", {"scope": "audio"}, train_audio_encoder=False)
+        change_mode(model, "full", {}, "audio", train_audio_encoder=False)
     assert (model.config.mode, model.config.lora_scope, model.lora_gate) == ("frozen", "all", None)
-    change_mode(model, "lora", {"r": 4, "scope": "audio"}, train_audio_encoder=False)
+    change_mode(model, "lora", {"r": 4}, "audio", train_audio_encoder=False)
     assert model.lora_gate is not None and not model.lora_gate.speech_tokens
+    assert model.config.lora_config == {"r": 4, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
 
 def test_the_gate_follows_the_training_batch_cut_by_ctc_compression():

@@ -26,11 +26,12 @@ def test_train_audio_encoder_unfreezes_it():
 
 
 def test_lora_trains_adapters_but_not_base_weights():
-    model, _ = build_speechlm(tiny_spec(mode="lora", lora={"r": 4, "alpha": 8}))
+    model, _ = build_speechlm(tiny_spec(mode="lora", lora={"r": 4, "lora_alpha": 8, "use_rslora": True}))
     lm_trainable = [n for n, p in model.language_model.named_parameters() if p.requires_grad]
     assert lm_trainable and all("lora_" in n for n in lm_trainable)
     assert trainable_prefixes(model) == {"multi_modal_projector", "speech_vocab", "language_model"}
-    assert model.language_model.peft_config["default"].r == 4
+    peft_config = model.language_model.peft_config["default"]
+    assert (peft_config.r, peft_config.lora_alpha, peft_config.use_rslora) == (4, 8, True)  # any LoraConfig setting
 
 
 def test_full_trains_everything_but_the_encoder():

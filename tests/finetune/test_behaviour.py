@@ -93,7 +93,7 @@ def test_kl_is_zero_only_for_equal_distributions():
 
 
 def test_the_teacher_is_the_base_backbone_whatever_the_lora_scope(prepared, tmp_path):
-    _, model, processor = tiny(prepared, tmp_path, "model.mode=lora", "model.lora.scope=all")
+    _, model, processor = tiny(prepared, tmp_path, "model.mode=lora", "model.lora_scope=all")
     with torch.no_grad():
         for name, param in model.language_model.named_parameters():
             if "lora_B" in name:
@@ -116,7 +116,7 @@ def test_a_fully_tuned_backbone_has_no_teacher(prepared, tmp_path):
 
 
 def test_a_recipe_mixes_the_kl_task_with_the_others(prepared, tmp_path):
-    config, model, processor = tiny(prepared, tmp_path / "run", "model.mode=lora", "model.lora.scope=audio",
+    config, model, processor = tiny(prepared, tmp_path / "run", "model.mode=lora", "model.lora_scope=audio",
                                     "data.tasks={asr: 1, s2t_kl: 1}", "training.max_steps=2")
     dataset = recipe.build_datasets(config, processor)
     trainer = recipe.build_trainer(config, model, processor, dataset)
@@ -125,7 +125,7 @@ def test_a_recipe_mixes_the_kl_task_with_the_others(prepared, tmp_path):
 
 
 def test_each_task_logs_its_own_loss(prepared, tmp_path):
-    config, model, processor = tiny(prepared, tmp_path / "run", "model.mode=lora", "model.lora.scope=audio",
+    config, model, processor = tiny(prepared, tmp_path / "run", "model.mode=lora", "model.lora_scope=audio",
                                     "data.tasks={asr: 1, tts: 1, s2t_kl: 1}", "data.num_samples=12",
                                     "training.max_steps=3")
     trainer = recipe.build_trainer(config, model, processor, recipe.build_datasets(config, processor))

@@ -231,7 +231,7 @@ def test_frozen_backbone_with_activation_checkpointing_saves_adapters_and_pushes
     assert any("lora_" in key for key in saved) and not any(
         key.startswith("language_model.") and "lora_" not in key for key in saved)
     reloaded = AutoModelForCausalLM.from_pretrained(lora)
-    assert reloaded.config.mode == "lora" and reloaded.config.lora_r == 4
+    assert reloaded.config.mode == "lora" and reloaded.config.lora_config["r"] == 4
 
 
 def test_reentrant_checkpointing_reaches_lora_through_our_embeddings(llama_dir):

@@ -130,7 +130,7 @@ def gated_pipe(tmp_path_factory):
     from tests.inference.conftest import save_speaking_model
 
     directory = save_speaking_model(tmp_path_factory.mktemp("gated"), lora_b_std=0.5, mode="lora",
-                                    lora={"scope": "audio"})
+                                    lora_scope="audio")
     return pipeline("speechlm", model=str(directory))
 
 
