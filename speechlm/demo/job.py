@@ -211,11 +211,8 @@ class LearningCurve(TrainerCallback):
 # -- the job ------------------------------------------------------------------------------------------------
 
 def run_job(settings: JobSettings, progress=print) -> dict:
-    from speechlm.configfile import apply_overrides, build_dataclass, read_yaml, set_values
+    from speechlm.configfile import read_yaml
     from speechlm.finetune import recipe
-    from speechlm.finetune.config import TrainConfig
-    from speechlm.finetune.prepare import prepare
-    from speechlm.finetune.prepared import load_prepared
 
     check_runtime_packages()  # before hours of work, not at the plot
     recipe_yaml = read_yaml(settings.recipe)  # a wrong path fails now, not after the assets
@@ -233,33 +230,10 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     assets = build_demo_assets(settings.size, settings.cache, progress=progress)
     lap("assets")
     corpus = corpus_rows(assets)
-    manifests = split_for_units(corpus, Path(assets.cache) / f"demo-data-{settings.size}",
-                                settings.tts_train_clips, settings.tts_items)
-    prepared = {}
-    for name in ("train-units", "heldout-units", "ood-units"):
-        prepared[name] = units_dir(manifests[name], Path(assets.codec))
-        progress(f"[demo] speech units of {manifests[name]} -> {prepared[name]}")
-        # the corpus's rows also say how each clip was synthesized (source, synthesis): not training fields
-        prepare(manifests[name], assets.codec, prepared[name], allow_extra_fields=True)
-    reference_units = {example.id: list(example.units) for name in ("heldout-units", "ood-units")
-                       for example in load_prepared(prepared[name])}
-    train_sources = [prepared["train-units"], *([manifests["train-text"]] if "train-text" in manifests else [])]
+    train_sources, reference_units = prepare_corpus(corpus, assets, settings, progress)
     lap("prepare")
 
-    job_values = {"model.text_model": assets.text_model, "model.audio_encoder": assets.audio_encoder,
-                  "data.train": [str(source) for source in train_sources], "data.codec": assets.codec,
-                  "data.allow_extra_fields": True,  # train-text.jsonl's rows say how each text was made
-                  "data.system_prompt": ANSWER_SYSTEM_PROMPT,  # what the answers were distilled with
-                  "training.output_dir": str(out / "model"),
-                  # transformers refuses bf16 on a machine without a GPU unless told to use the CPU
-                  **({} if torch.cuda.is_available() else {"training.use_cpu": True}),
-                  **({} if settings.max_minutes is None else {"training.max_minutes": settings.max_minutes})}
-    resolved = apply_overrides(set_values(recipe_yaml, job_values), settings.overrides)
-    projector = resolved.get("model", {}).get("projector") or {}
-    if projector.get("reader") == "whisper" and "reader_prompt" not in projector:
-        job_values["model.projector.reader_prompt"] = CORPUS_READER_PROMPT  # the report lists it
-        set_values(resolved, {"model.projector.reader_prompt": CORPUS_READER_PROMPT})
-    config = build_dataclass(TrainConfig, resolved)
+    config, job_values = job_config(recipe_yaml, assets, train_sources, out, settings)
     model, tokenizer = recipe.build_model(config)
     processor = recipe.build_processor(config, model, tokenizer)
     eval_sets = write_eval_sets(corpus, reference_units, out / "eval-data")
@@ -307,10 +281,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
         "model": str(model_dir), "eval_sets": {name: str(path) for name, (_, path) in eval_sets.items()},
         "read_ahead": None if ahead is None else {**asdict(ahead), "summary": ahead.summary()},
         "alignment": None if alignment is None else {**asdict(alignment), "summary": alignment.summary()},
-        "training": {"steps": result.global_step, "minutes": round(training_minutes, 2),
-                     "first_loss": curve.losses[0]["loss"] if curve.losses else None,
-                     "last_loss": curve.losses[-1]["loss"] if curve.losses else None,
-                     "curve_items": len(curve_items), "curve": curve.points, "losses": curve.losses},
+        "training": training_summary(result.global_step, training_minutes, curve),
         "before": {name: _without_nan(r["totals"]) for name, r in before.items()},
         "after": {name: _without_nan(r["totals"]) for name, r in after.items()},
         "text_answers_unchanged": text_answers_unchanged(before, after),
@@ -320,6 +291,56 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     write_report(report, before, after, out, progress)
     progress(f"[demo] trained model: {model_dir}")
     return report
+
+
+def prepare_corpus(corpus: dict[str, list[dict]], assets: DemoAssets, settings: JobSettings, progress=print) -> tuple[list, dict]:
+    """The corpus's splits with their speech units (`speechlm prepare`, cached by content): the training
+    sources (units, and the text rows if any) and the held-out and ood clips' reference units."""
+    from speechlm.finetune.prepare import prepare
+    from speechlm.finetune.prepared import load_prepared
+
+    manifests = split_for_units(corpus, Path(assets.cache) / f"demo-data-{settings.size}",
+                                settings.tts_train_clips, settings.tts_items)
+    prepared = {}
+    for name in ("train-units", "heldout-units", "ood-units"):
+        prepared[name] = units_dir(manifests[name], Path(assets.codec))
+        progress(f"[demo] speech units of {manifests[name]} -> {prepared[name]}")
+        # the corpus's rows also say how each clip was synthesized (source, synthesis): not training fields
+        prepare(manifests[name], assets.codec, prepared[name], allow_extra_fields=True)
+    reference_units = {example.id: list(example.units) for name in ("heldout-units", "ood-units")
+                       for example in load_prepared(prepared[name])}
+    train_sources = [prepared["train-units"], *([manifests["train-text"]] if "train-text" in manifests else [])]
+    return train_sources, reference_units
+
+
+def job_config(recipe_yaml: dict, assets: DemoAssets, train_sources: list, out: Path, settings: JobSettings) -> tuple:
+    """The recipe as this job runs it: its own values (the cached assets, the prepared data, the output
+    folder), then the user's overrides; the whisper reader gets the corpus's names unless told otherwise.
+    Returns the `TrainConfig` and the job's own values (for the report)."""
+    from speechlm.configfile import apply_overrides, build_dataclass, set_values
+    from speechlm.finetune.config import TrainConfig
+
+    job_values = {"model.text_model": assets.text_model, "model.audio_encoder": assets.audio_encoder,
+                  "data.train": [str(source) for source in train_sources], "data.codec": assets.codec,
+                  "data.allow_extra_fields": True,  # train-text.jsonl's rows say how each text was made
+                  "data.system_prompt": ANSWER_SYSTEM_PROMPT,  # what the answers were distilled with
+                  "training.output_dir": str(out / "model"),
+                  # transformers refuses bf16 on a machine without a GPU unless told to use the CPU
+                  **({} if torch.cuda.is_available() else {"training.use_cpu": True}),
+                  **({} if settings.max_minutes is None else {"training.max_minutes": settings.max_minutes})}
+    resolved = apply_overrides(set_values(recipe_yaml, job_values), settings.overrides)
+    projector = resolved.get("model", {}).get("projector") or {}
+    if projector.get("reader") == "whisper" and "reader_prompt" not in projector:
+        job_values["model.projector.reader_prompt"] = CORPUS_READER_PROMPT  # the report lists it
+        set_values(resolved, {"model.projector.reader_prompt": CORPUS_READER_PROMPT})
+    return build_dataclass(TrainConfig, resolved), job_values
+
+
+def training_summary(steps: int, minutes: float, curve: LearningCurve) -> dict:
+    return {"steps": steps, "minutes": round(minutes, 2),
+            "first_loss": curve.losses[0]["loss"] if curve.losses else None,
+            "last_loss": curve.losses[-1]["loss"] if curve.losses else None,
+            "curve_items": len(curve.items), "curve": curve.points, "losses": curve.losses}
 
 
 def machine() -> dict:
