@@ -56,7 +56,8 @@ class BatchDecodingTask(DecodingTask):
     repeated here; the language is detected once a clip."""
 
     def _get_audio_features(self, mel: torch.Tensor) -> torch.Tensor:
-        return super()._get_audio_features(mel).repeat_interleave(self.n_group, dim=0)
+        features = super()._get_audio_features(mel)
+        return features if self.n_group == 1 else features.repeat_interleave(self.n_group, dim=0)  # greedy: no copy
 
     def _detect_language(self, audio_features: torch.Tensor, tokens: torch.Tensor):
         return super()._detect_language(audio_features[:: self.n_group], tokens)
