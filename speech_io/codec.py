@@ -42,9 +42,13 @@ from speechlm.speech_io.codec_upstream import upstream
 from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
+from speechlm.speech_io.vocoder import VOCODER_FOLDER_PATTERN, UnitVocoder, VocoderStream, vocoder_folder
 
 CHECKPOINT_NAME = "SpeechTokenizer.pt"
 CONFIG_NAME = "config.json"
+# Written into config.json (upstream ignores unknown keys) by a codec built from a config: its decoder is
+# random, so a vocoder trained for it (`vocoder.py`, kept in its folder) decodes its units instead.
+DECODER_TRAINED_KEY = "speechlm_decoder_trained"
 # Activations upstream can build: it calls act(alpha=1.0), which only ELU accepts, or Snake1d(channels).
 SUPPORTED_ACTIVATIONS = ("ELU", "Snake")
 
@@ -114,18 +118,32 @@ class SpeechTokenizerCodec:
     Build it with ``from_pretrained`` (a published or saved directory) or ``from_config`` (random
     weights, empty codebooks: call ``fill_codebooks`` before encoding). The model is always in eval
     mode: in training mode upstream's quantizer would start a k-means and update its codebooks.
+
+    Units decode with SpeechTokenizer's own decoder, unless that decoder is untrained (a codec built from
+    a config) and `UnitVocoder`s were trained for the codec (``vocoders``, by the RVQ layers each reads,
+    saved in its ``vocoder-rvq<k>/`` folders): then the vocoder for the units' layers decodes them
+    (``decodes_with``).
     """
 
-    def __init__(self, model: nn.Module, config: CodecConfig) -> None:
+    def __init__(self, model: nn.Module, config: CodecConfig, *, decoder_trained: bool = True,
+                 vocoders: Mapping[int, UnitVocoder] | None = None) -> None:
         self.model = model.eval()
         self.config = config
+        self.decoder_trained = decoder_trained
+        self.vocoders: dict[int, UnitVocoder] = {}
+        for vocoder in (vocoders or {}).values():
+            self.add_vocoder(vocoder)
         self._lstm_runners: dict[int, ExactLSTM] = {}
 
     # ---- construction -------------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, config: CodecConfig | Mapping[str, Any], *, seed: int | None = None) -> SpeechTokenizerCodec:
-        """A codec with random weights (seeded if ``seed`` is given) and empty codebooks."""
+        """A codec with random weights (seeded if ``seed`` is given) and empty codebooks.
+
+        The encoder's convolutions are re-drawn to keep the signal's scale (He-normal weights, zero biases):
+        with upstream's initialization each layer shrinks the signal until the biases dominate, and the
+        latents barely vary with the audio, so units carry little of it (BENCHMARKS.md, "Speech out")."""
         if not isinstance(config, CodecConfig):
             config = CodecConfig.from_dict(config)
         builder = upstream()["SpeechTokenizer"]
@@ -134,7 +152,9 @@ class SpeechTokenizerCodec:
             warnings.filterwarnings("ignore", message=".*weight_norm", category=FutureWarning)
             if seed is not None:
                 torch.manual_seed(seed)
-            return cls(builder(config.to_dict()), config)
+            model = builder(config.to_dict())
+            _keep_scale(model.encoder)
+            return cls(model, config, decoder_trained=False)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
@@ -165,6 +185,9 @@ class SpeechTokenizerCodec:
         if not isinstance(data, dict):
             raise ValueError(f"{config_path}: expected a JSON object of SpeechTokenizer settings")
         codec = cls.from_config(CodecConfig.from_dict(data, source=str(config_path)))
+        codec.decoder_trained = data.get(DECODER_TRAINED_KEY, True) is not False
+        for folder in sorted(config_path.parent.glob(VOCODER_FOLDER_PATTERN)):
+            codec.add_vocoder(UnitVocoder.from_pretrained(folder))
         try:
             state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises pickle, zip and runtime errors alike for a bad file
@@ -174,12 +197,23 @@ class SpeechTokenizerCodec:
         return codec
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``SpeechTokenizer.pt`` (plain tensors), the published layout."""
+        """Write ``config.json`` and ``SpeechTokenizer.pt`` (plain tensors), the published layout, and the
+        vocoder (if any) in ``vocoder/``."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        data = self.config.to_dict() | ({} if self.decoder_trained else {DECODER_TRAINED_KEY: False})
+        (out / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
         state = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
         torch.save(state, out / CHECKPOINT_NAME)
+        for layers, vocoder in self.vocoders.items():
+            vocoder.save_pretrained(out / vocoder_folder(layers))
+
+    def add_vocoder(self, vocoder: UnitVocoder) -> None:
+        """Decode units of ``vocoder.config.num_layers`` layers with ``vocoder`` while the decoder is untrained."""
+        if vocoder.config.codebook_size != self.codebook_size or vocoder.config.num_layers > self.n_q:
+            raise ValueError(f"a vocoder for {vocoder.config.num_layers} layers of {vocoder.config.codebook_size} "
+                             f"codes does not fit this codec ({self.n_q} layers of {self.codebook_size} codes)")
+        self.vocoders[vocoder.config.num_layers] = vocoder.eval()
 
     # ---- facts --------------------------------------------------------------------------------------
 
@@ -194,6 +228,11 @@ class SpeechTokenizerCodec:
     @property
     def frame_rate(self) -> int:
         return self.sample_rate // self.hop_length
+
+    def decodes_with(self, layers: int = 1) -> str:
+        """``"vocoder"`` where a trained vocoder reads units of ``layers`` layers and the decoder is untrained,
+        else ``"speechtokenizer"`` (a published checkpoint's decoder always decodes)."""
+        return "vocoder" if not self.decoder_trained and layers in self.vocoders else "speechtokenizer"
 
     @property
     def codebook_size(self) -> int:
@@ -305,6 +344,8 @@ class SpeechTokenizerCodec:
         layers = {c.shape[0] for c in codes}
         if len(layers) > 1:
             raise ValueError(f"decode_batch got unit arrays with {sorted(layers)} layers; expected one count")
+        if self.decodes_with(codes[0].shape[0]) == "vocoder":
+            return self.vocoders[codes[0].shape[0]].decode_batch(codes)
         pre, lstm, post = split_at_lstm(self.model.decoder.model)
         with torch.inference_mode():
             # RVQ lookup is per frame; one item at a time keeps each item's arithmetic its own.
@@ -328,11 +369,16 @@ class SpeechTokenizerCodec:
         if chunk < 1:
             raise ValueError(f"chunk={chunk}; expected a positive number of frames")
         self._require_codebooks("decode_stream")
+        if self.decodes_with(1) == "vocoder" or (self.vocoders and not self.decoder_trained):
+            return VocoderStream(self.vocoders, chunk, self._check_units).run(units)
         return UnitStream(self, chunk).run(units)
 
     @property
     def stream_lookahead(self) -> int:
-        """Units that must follow a frame before its audio is final (the decoder's right reach)."""
+        """Units that must follow a frame before its audio is final (the decoder's right reach; a vocoder's
+        when one decodes layer-1 units)."""
+        if self.decodes_with(1) == "vocoder":
+            return self.vocoders[1].lookahead
         margins = StreamMargins.of(self.model.decoder.model)
         return margins.pre_right + margins.post_right
 
@@ -388,6 +434,21 @@ class SpeechTokenizerCodec:
 
 
 # ---- loading ------------------------------------------------------------------------------------------
+
+
+def _keep_scale(encoder: nn.Module) -> None:
+    """He-normal convolution weights and zero biases, so a random encoder passes the signal's scale on."""
+    for module in encoder.modules():
+        if not isinstance(module, nn.Conv1d):
+            continue
+        weight = nn.init.kaiming_normal_(torch.empty_like(module.weight), nonlinearity="relu")
+        if hasattr(module, "weight_v"):  # upstream's (old-style) weight norm: weight = g * v / |v|
+            module.weight_v.data.copy_(weight)
+            module.weight_g.data.copy_(weight.norm(dim=(1, 2), keepdim=True))
+        else:
+            module.weight.data.copy_(weight)
+        if module.bias is not None:
+            module.bias.data.zero_()
 
 
 def _resolve_files(path: Path, checkpoint: Path | None) -> tuple[Path, Path]:

@@ -155,6 +155,22 @@ def train(config: str, overrides: list[str]) -> Path:
     return out_dir
 
 
+def train_vocoder(codec: str, manifests: list[str], layers: int, overrides: list[str]) -> Path:
+    """Train a vocoder for a codec's units (``layers`` RVQ layers) on the manifests' clips; saved in the codec's
+    folder, which then decodes with it while its own decoder is untrained."""
+    from speechlm.configfile import apply_overrides, build_dataclass
+    from speechlm.finetune.vocoder_training import VocoderTraining, train_codec_vocoder
+    from speechlm.speech_io.vocoder import VocoderConfig
+
+    values = apply_overrides({"vocoder": {"num_layers": layers}, "training": {}}, overrides)
+    config = build_dataclass(VocoderConfig, values["vocoder"], where="vocoder")
+    settings = build_dataclass(VocoderTraining, values["training"], where="training")
+    out, report = train_codec_vocoder(codec, manifests, config, settings)
+    print(f"{report.steps} steps on {report.clips} clips in {report.minutes:.1f} min, L1 log-mel "
+          f"{report.losses[0]:.3f} -> {report.losses[-1]:.3f}; saved to {out}")
+    return out
+
+
 def convert_whisper_ct2(src: list[str], out: str, dtype: str) -> Path:
     """Convert a CTranslate2 (faster-whisper) Whisper model to openai-whisper's ``.pt``."""
     from speechlm.adapters.whisper_ct2 import convert_whisper_ct2 as convert
@@ -317,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="run a training recipe (YAML + key.sub=value overrides)")
     p.add_argument("config", help="training recipe YAML, e.g. configs/tiny/train.yaml")
     p.set_defaults(run=lambda a: train(a.config, a.overrides), takes_overrides=True)
+
+    p = commands.add_parser("train-vocoder", help="train a vocoder for a codec whose decoder is untrained")
+    p.add_argument("manifests", nargs="+", help="JSONL manifests whose 'audio' clips it trains on")
+    p.add_argument("--codec", required=True, help="the codec's directory; the vocoder is saved in it")
+    p.add_argument("--layers", type=int, default=1, help="RVQ layers it reads (1: the LM's units; 8: all)")
+    p.set_defaults(run=lambda a: train_vocoder(a.codec, a.manifests, a.layers, a.overrides), takes_overrides=True)
 
     for name, chat_page, text in (("serve", False, "serve a SpeechLM over an OpenAI-compatible HTTP API"),
                                   ("chat-ui", True, "serve a SpeechLM with a voice chat page (and the same API)")):

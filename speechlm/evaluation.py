@@ -245,20 +245,23 @@ def evaluate_tts(model, processor, items: list[EvalItem], settings: EvalSettings
                                           spoken_text=[item.fields["text"] for item in items])
     responses = [processor.parse_response(row) for row in new_tokens]
     judge = _load_judge(settings.judge) if settings.judge else None
-    # The codec's decoder runs only for the judge: unit error rates need the units alone.
-    spoken = [i for i, response in enumerate(responses) if response.units]
-    waves = dict(zip(spoken, processor.codec.decode_batch([responses[i].units for i in spoken]), strict=True)
-                 ) if judge is not None and spoken else {}
+    references = [item.fields["units"] if item.fields.get("units") is not None
+                  else _encode_units(processor, item.fields["audio"]) for item in items]
     results = []
-    for index, (item, response) in enumerate(zip(items, responses, strict=True)):
-        reference = item.fields.get("units")
-        if reference is None:
-            reference = _encode_units(processor, item.fields["audio"])
-        result = {"id": item.id, "text": item.fields["text"], "reference_units": list(reference),
-                  "units": response.units, "unit_errors": unit_errors([reference], [response.units]).to_dict()}
-        if judge is not None:
-            result["judge_transcript"] = transcribe(judge, waves[index]) if index in waves else ""
-        results.append(result)
+    for item, response, reference in zip(items, responses, references, strict=True):
+        results.append({"id": item.id, "text": item.fields["text"], "reference_units": list(reference),
+                        "units": response.units, "unit_errors": unit_errors([reference], [response.units]).to_dict()})
+    if judge is not None:
+        # The judge hears the answers and the references decoded by the same decoder (the codec's, or the
+        # vocoder trained for it): the references' WER is the most the answers' can reach.
+        codec = processor.codec
+        spoken = [i for i, response in enumerate(responses) if response.units]
+        answers = dict(zip(spoken, codec.decode_batch([responses[i].units for i in spoken]), strict=True)
+                       ) if spoken else {}
+        for index, (result, wave) in enumerate(zip(results, codec.decode_batch(references), strict=True)):
+            result["judge_transcript"] = transcribe(judge, answers[index]) if index in answers else ""
+            result["reference_judge_transcript"] = transcribe(judge, wave)
+            result["decoder"] = codec.decodes_with(1)
     return results
 
 
@@ -334,8 +337,11 @@ def summarize(task: str, results: list[dict]) -> dict[str, float]:
                   "length_ratio_median": statistics.median(ratios) if ratios else math.nan,
                   "length_within_20_percent": sum(abs(r - 1) <= 0.2 for r in ratios) / len(ratios) if ratios else math.nan}
         if results and "judge_transcript" in results[0]:
-            totals["judge_wer"] = word_errors([r["text"] for r in results],
-                                              [r["judge_transcript"] for r in results]).rate
+            texts = [r["text"] for r in results]
+            totals["judge_wer"] = word_errors(texts, [r["judge_transcript"] for r in results]).rate
+            if "reference_judge_transcript" in results[0]:
+                totals["reference_judge_wer"] = word_errors(texts, [r["reference_judge_transcript"]
+                                                                    for r in results]).rate
         return totals
     if task == "latency":
         totals = {"items": len(results)}

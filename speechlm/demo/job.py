@@ -103,7 +103,8 @@ def split_for_units(rows: dict[str, list[dict]], out: Path, train_units: int, he
 def units_dir(manifest: Path, codec: Path) -> Path:
     """Where `prepare` puts the units of ``manifest``: beside it, named by its content and the codec's
     files, so that another selection, corpus or codec (a new corpus rebuilds the codec) gets its own."""
-    codec_files = "".join(f"{path.name}={sha256_of(path)}" for path in sorted(codec.iterdir()))
+    # The codec's own files: its vocoders (folders) decode, they do not change what the encoder gives.
+    codec_files = "".join(f"{path.name}={sha256_of(path)}" for path in sorted(codec.iterdir()) if path.is_file())
     digest = hashlib.sha256(manifest.read_bytes() + codec_files.encode()).hexdigest()[:12]
     return manifest.with_name(f"{manifest.stem}-{digest}")
 

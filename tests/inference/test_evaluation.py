@@ -119,7 +119,8 @@ def test_tts_judge_transcribes_the_generated_speech(model_dir, tmp_path):
     settings = EvalSettings(judge=judge, max_speech_units=20, max_new_tokens=8)
     report = run_evaluation(str(model_dir), "tts", str(EVAL_DATA / "tts.jsonl"), settings)
     assert all("judge_transcript" in item for item in report["items"])
-    assert "judge_wer" in report["totals"]
+    assert "judge_wer" in report["totals"] and "reference_judge_wer" in report["totals"]
+    assert all("reference_judge_transcript" in item and item["decoder"] == "speechtokenizer" for item in report["items"])
     assert all(len(item["units"]) <= 20 for item in report["items"])
 
 

@@ -1,0 +1,166 @@
+"""Training a `UnitVocoder` for a codec (`speechlm train-vocoder`): the codec encodes each clip, the clip's
+log-mel is the target, and the vocoder learns units -> log-mel by L1 over random crops, for a number of
+minutes (or steps), then joins the codec's folder (``vocoder-rvq<k>/``) so that every decode of the
+codec's units (responder, pipeline, stream, evaluation) uses it while the codec's decoder is untrained.
+
+No GAN and no neural waveform stage: on 2 CPU cores a log-mel regressor trains in minutes and Griffin-Lim
+turns it into audio Whisper can follow (BENCHMARKS.md, "Speech out").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speechlm.speech_io.audio import load_audio
+from speechlm.speech_io.codec import SpeechTokenizerCodec
+from speechlm.speech_io.config_errors import ConfigProblems
+from speechlm.speech_io.spectrogram import LOG_FLOOR
+from speechlm.speech_io.vocoder import UnitVocoder, VocoderConfig, vocoder_folder
+
+
+@dataclass
+class VocoderTraining:
+    """How long and on what the vocoder trains."""
+
+    max_minutes: float = field(default=15.0, metadata={"help": "stop after this many minutes of steps"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (first of the two)"})
+    max_clips: int | None = field(default=800, metadata={"help": "clips of the manifests to train on (null: all)"})
+    batch_size: int = field(default=16, metadata={"help": "crops per step"})
+    crop_units: int = field(default=100, metadata={"help": "units per crop (2 s at 50 Hz)"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate (cosine decay by minutes)"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    seed: int = field(default=0, metadata={"help": "crop order and initialization"})
+
+    def __post_init__(self) -> None:
+        problems = ConfigProblems()
+        problems.check(isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0,
+                       f"max_minutes={self.max_minutes!r} (expected a positive number)")
+        for name in ("batch_size", "crop_units"):
+            value = getattr(self, name)
+            problems.check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                           f"{name}={value!r} (expected a positive integer)")
+        for name in ("max_steps", "max_clips"):
+            value = getattr(self, name)
+            problems.check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+                           f"{name}={value!r} (expected a positive integer or null)")
+        problems.check(isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0,
+                       f"learning_rate={self.learning_rate!r} (expected a positive number)")
+        problems.check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+                       f"warmup_steps={self.warmup_steps!r} (expected a non-negative integer)")
+        problems.raise_if_any("vocoder training settings")
+
+
+@dataclass
+class VocoderExample:
+    units: torch.Tensor  # long (k, T)
+    log_mel: torch.Tensor  # (n_mels, T * upsample)
+
+
+@dataclass
+class VocoderReport:
+    steps: int
+    minutes: float
+    clips: int
+    losses: list[float]  # the mean training loss of every 10 steps
+
+
+def manifest_clips(manifests: Sequence[str | Path], max_clips: int | None) -> list[Path]:
+    """The audio files of JSONL manifests (rows with ``audio``, relative to the manifest), in order."""
+    from speechlm.finetune.examples import read_jsonl
+
+    clips: list[Path] = []
+    for manifest in manifests:
+        path = Path(manifest)
+        rows = read_jsonl(path)
+        clips += [path.parent / row["audio"] for row in rows if isinstance(row, dict) and row.get("audio")]
+    if not clips:
+        raise ValueError(f"{', '.join(map(str, manifests))}: no rows with 'audio'; the vocoder trains on clips")
+    if max_clips is not None and len(clips) > max_clips:
+        # An even spread over the manifests, not their first rows (those are often one source).
+        clips = [clips[round(i * len(clips) / max_clips)] for i in range(max_clips)]
+    return clips
+
+
+def vocoder_examples(codec: SpeechTokenizerCodec, waveforms: Sequence[np.ndarray], config: VocoderConfig
+                     ) -> list[VocoderExample]:
+    """Each clip's first ``config.num_layers`` units and its log-mel, cut or padded to the units' frames."""
+    from speechlm.speech_io.spectrogram import MelSpectrogram
+
+    spectrogram = MelSpectrogram(config.spectrogram)
+    examples = []
+    for units, wave in zip(codec.encode(waveforms, n_q=config.num_layers), waveforms, strict=True):
+        frames = units.shape[1] * config.upsample
+        log_mel = spectrogram.log_mel(wave)[:, :frames]
+        log_mel = torch.nn.functional.pad(log_mel, (0, frames - log_mel.shape[1]), value=math.log(LOG_FLOOR))
+        examples.append(VocoderExample(torch.from_numpy(units), log_mel))
+    return examples
+
+
+def _batch(examples: list[VocoderExample], rng: np.random.Generator, settings: VocoderTraining, upsample: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crops of ``crop_units``; shorter clips are padded with silence (unit 0 is as good as any: the
+    target is the log floor there, and the network learns what padding sounds like)."""
+    crop = settings.crop_units
+    units, targets = [], []
+    for index in rng.integers(0, len(examples), settings.batch_size):
+        example = examples[index]
+        start = int(rng.integers(0, max(1, example.units.shape[1] - crop + 1)))
+        piece = example.units[:, start:start + crop]
+        target = example.log_mel[:, start * upsample:(start + crop) * upsample]
+        units.append(torch.nn.functional.pad(piece, (0, crop - piece.shape[1])))
+        targets.append(torch.nn.functional.pad(target, (0, crop * upsample - target.shape[1]),
+                                               value=math.log(LOG_FLOOR)))
+    return torch.stack(units), torch.stack(targets)
+
+
+def train_vocoder(examples: list[VocoderExample], config: VocoderConfig, settings: VocoderTraining
+                  ) -> tuple[UnitVocoder, VocoderReport]:
+    """A vocoder trained on ``examples`` until ``max_minutes`` or ``max_steps``."""
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    vocoder = UnitVocoder(config).train()
+    optimizer = torch.optim.AdamW(vocoder.parameters(), lr=settings.learning_rate, weight_decay=0.01)
+    limit, started, step, losses, window = settings.max_minutes * 60, time.monotonic(), 0, [], []
+    while time.monotonic() - started < limit and (settings.max_steps is None or step < settings.max_steps):
+        # Cosine decay over the minutes (or steps): the schedule ends where training does on any machine.
+        progress = (time.monotonic() - started) / limit
+        if settings.max_steps is not None:
+            progress = max(progress, step / settings.max_steps)
+        warmup = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = settings.learning_rate * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        units, target = _batch(examples, rng, settings, config.upsample)
+        loss = (vocoder(units) - target).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        window.append(loss.item())
+        if len(window) == 10:
+            losses.append(float(np.mean(window)))
+            window = []
+    if window:
+        losses.append(float(np.mean(window)))
+    minutes = (time.monotonic() - started) / 60
+    return vocoder.eval(), VocoderReport(step, minutes, len(examples), losses)
+
+
+def train_codec_vocoder(codec_dir: str | Path, manifests: Sequence[str | Path], config: VocoderConfig,
+                        settings: VocoderTraining) -> tuple[Path, VocoderReport]:
+    """Train a vocoder for the codec in ``codec_dir`` on the manifests' clips and save it into that folder."""
+    codec = SpeechTokenizerCodec.from_pretrained(codec_dir)
+    if config.codebook_size != codec.codebook_size or config.num_layers > codec.n_q:
+        raise ValueError(f"vocoder config: {config.num_layers} layers of {config.codebook_size} codes; the codec in "
+                         f"{codec_dir} has {codec.n_q} layers of {codec.codebook_size}")
+    waves = [load_audio(clip) for clip in manifest_clips(manifests, settings.max_clips)]
+    vocoder, report = train_vocoder(vocoder_examples(codec, waves, config), config, settings)
+    out = Path(codec_dir) / vocoder_folder(config.num_layers)
+    vocoder.save_pretrained(out)
+    return out, report

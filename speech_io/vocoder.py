@@ -1,0 +1,235 @@
+"""A vocoder for the codec's units, trained by the toolkit: units -> log-mel (a small convolutional network)
+-> waveform (Griffin-Lim, `spectrogram.py`).
+
+It decodes a codec whose own decoder is untrained: the quick start's SpeechTokenizer has random weights
+(no published checkpoint installs offline), so its decoder's audio is noise, while its units still follow
+the speech (the encoder is random but keeps the waveform's information, see `codec.py`'s initialization).
+The codec keeps the vocoder in its folder (``vocoder/``) and decodes with it when its decoder is untrained;
+a published checkpoint's decoder stays the one that decodes.
+
+Shapes: units ``(B, k, T)`` at 50 Hz, k = ``num_layers`` RVQ layers -> summed embeddings ``(B, H, T)`` ->
+upsampled to the spectrogram's frame rate ``(B, H, T * 320 / hop)`` -> dilated residual convolutions
+-> log-mel ``(B, n_mels, T * 320 / hop)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from speechlm.speech_io.config_errors import ConfigProblems
+from speechlm.speech_io.spectrogram import MelSpectrogram, SpectrogramConfig
+
+VOCODER_FOLDER_PATTERN = "vocoder-rvq*"  # a codec's folder keeps one vocoder per layer count it reads
+VOCODER_CONFIG_NAME = "vocoder_config.json"
+VOCODER_WEIGHTS_NAME = "model.safetensors"
+CODEC_HOP = 320  # samples per unit: SpeechTokenizer's 50 Hz at 16 kHz
+STREAM_CROSSFADE = 160  # samples over which a streamed chunk fades into the next (their phases differ)
+
+
+def vocoder_folder(num_layers: int) -> str:
+    """The folder, inside a codec's, of the vocoder that reads ``num_layers`` RVQ layers."""
+    return f"vocoder-rvq{num_layers}"
+
+
+@dataclass
+class VocoderConfig:
+    """The vocoder's architecture and its spectrogram; saved as ``vocoder_config.json``."""
+
+    num_layers: int = field(default=8, metadata={"help": "RVQ layers it reads (1: layer 1 alone, the LM's units)"})
+    codebook_size: int = field(default=1024, metadata={"help": "codes per RVQ layer (the codec's)"})
+    hidden_size: int = field(default=256, metadata={"help": "channels of the network"})
+    num_blocks: int = field(default=8, metadata={"help": "residual blocks; dilations cycle 1, 2, 4, 8"})
+    kernel_size: int = field(default=5, metadata={"help": "odd kernel of the dilated convolutions"})
+    spectrogram: SpectrogramConfig = field(default_factory=SpectrogramConfig,
+                                           metadata={"help": "the log-mel it predicts and its inversion"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.spectrogram, dict):
+            self.spectrogram = SpectrogramConfig(**self.spectrogram)
+        problems = ConfigProblems()
+        for name in ("num_layers", "codebook_size", "hidden_size", "num_blocks", "kernel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name}={value!r} (expected a positive integer)")
+        if isinstance(self.kernel_size, int) and self.kernel_size % 2 == 0:
+            problems.append(f"kernel_size={self.kernel_size} (expected an odd number: the network is centred)")
+        if CODEC_HOP % self.spectrogram.hop_length:
+            problems.append(f"spectrogram.hop_length={self.spectrogram.hop_length} (expected a divisor of "
+                            f"{CODEC_HOP}, the codec's samples per unit)")
+        problems.raise_if_any("vocoder config")
+
+    @property
+    def upsample(self) -> int:
+        """Spectrogram frames per unit."""
+        return CODEC_HOP // self.spectrogram.hop_length
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "vocoder config") -> VocoderConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}; expected some of {sorted(names)}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _ResidualBlock(nn.Module):
+    """A dilated convolution, a norm and a pointwise feed-forward, added to its input."""
+
+    def __init__(self, hidden: int, kernel: int, dilation: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(hidden, hidden, kernel, padding=dilation * (kernel // 2), dilation=dilation)
+        self.norm = nn.GroupNorm(1, hidden)
+        self.feed_forward = nn.Sequential(nn.Conv1d(hidden, 2 * hidden, 1), nn.GELU(), nn.Conv1d(2 * hidden, hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.feed_forward(self.norm(self.conv(x)))
+
+
+class UnitVocoder(nn.Module):
+    """Codec units -> log-mel -> 16 kHz audio of ``T * 320`` samples, as the codec's own decoder gives."""
+
+    def __init__(self, config: VocoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        h, up = config.hidden_size, config.upsample
+        # One table for all layers: layer l's code c is row l * codebook_size + c; a frame sums its layers.
+        self.unit_embedding = nn.Embedding(config.num_layers * config.codebook_size, h)
+        self.upsample = nn.ConvTranspose1d(h, h, 2 * up, stride=up, padding=up // 2) if up > 1 else nn.Identity()
+        self.blocks = nn.Sequential(*[_ResidualBlock(h, config.kernel_size, 2 ** (i % 4))
+                                      for i in range(config.num_blocks)])
+        self.to_mel = nn.Conv1d(h, config.spectrogram.n_mels, 1)
+        self.spectrogram = MelSpectrogram(config.spectrogram)
+
+    def forward(self, units: torch.Tensor) -> torch.Tensor:
+        """``units`` long ``(B, k, T)``, k = num_layers -> log-mel ``(B, n_mels, T * upsample)``."""
+        offsets = torch.arange(units.shape[1], device=units.device)[None, :, None] * self.config.codebook_size
+        x = self.unit_embedding(units + offsets).sum(dim=1).transpose(1, 2)  # B, H, T
+        return self.to_mel(self.blocks(self.upsample(x)))
+
+    @property
+    def lookahead(self) -> int:
+        """Units after a frame that its log-mel depends on (the network's right reach, and the spectrogram
+        window's): a stream decodes a chunk once this many more units are in."""
+        c = self.config
+        mel_frames = sum(2 ** (i % 4) for i in range(c.num_blocks)) * (c.kernel_size // 2)
+        mel_frames += c.spectrogram.n_fft // c.spectrogram.hop_length
+        return -(-mel_frames // c.upsample) + 1  # + 1: the transposed convolution's overlap
+
+    # ---- decoding -------------------------------------------------------------------------------------
+
+    def decode(self, units: torch.Tensor) -> np.ndarray:
+        """Audio of ``(k, T)`` units, k >= num_layers (the first ``num_layers`` are read)."""
+        return self.decode_batch([units])[0]
+
+    @torch.inference_mode()
+    def decode_batch(self, units: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """``decode`` of each item; one at a time, so an item's audio never depends on its batch (on a CPU
+        the convolutions gain nothing from batching)."""
+        waves = []
+        for codes in units:
+            codes = self.check_units(codes)
+            log_mel = self(codes[None])[0]
+            waves.append(self.spectrogram.waveform(log_mel, codes.shape[1] * CODEC_HOP))
+        return waves
+
+    def check_units(self, units: torch.Tensor) -> torch.Tensor:
+        """The layers it reads of ``(k, T)`` units, or an error that says how many it needs."""
+        if units.ndim != 2 or units.shape[0] < self.config.num_layers:
+            raise ValueError(f"the vocoder reads {self.config.num_layers} RVQ layers; got units of shape "
+                             f"{tuple(units.shape)} (expected ({self.config.num_layers} or more, T)); train one "
+                             f"with --layers {units.shape[0] if units.ndim == 2 else 1} for these units")
+        return units[: self.config.num_layers].long()
+
+    # ---- saving ---------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / VOCODER_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(out / VOCODER_WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> UnitVocoder:
+        folder = Path(directory)
+        config_path, weights_path = folder / VOCODER_CONFIG_NAME, folder / VOCODER_WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; a saved vocoder has {VOCODER_CONFIG_NAME} and "
+                                        f"{VOCODER_WEIGHTS_NAME}")
+        try:
+            data = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{config_path}: not a readable JSON config ({err})") from err
+        vocoder = cls(VocoderConfig.from_dict(data, source=str(config_path)))
+        state = load_file(str(weights_path))
+        expected = vocoder.state_dict()
+        wrong = sorted(set(state) ^ set(expected)) + [
+            f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+            if k in state and state[k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"{weights_path}: does not fit {config_path.name} (first differences: {wrong[:5]})")
+        vocoder.load_state_dict(state)
+        return vocoder.eval()
+
+
+class VocoderStream:
+    """A streamed vocoder decode: each chunk of ``chunk`` units is vocoded with ``lookahead`` units of context
+    on each side, and fades into the next over `STREAM_CROSSFADE` samples (each window's Griffin-Lim phase is
+    its own, so the chunks are not sample-exact to the whole decode, unlike the SpeechTokenizer decoder's)."""
+
+    def __init__(self, vocoders: dict[int, UnitVocoder], chunk: int, check_units) -> None:
+        self.vocoders, self.chunk, self.check_units = vocoders, chunk, check_units
+        self.units: torch.Tensor | None = None  # k, N
+        self.emitted = 0  # units whose audio has been yielded
+        self.tail: np.ndarray | None = None  # the last window's audio past its chunk, to fade from
+
+    def run(self, source) -> Iterator[np.ndarray]:
+        for index, item in enumerate(source):
+            if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+                item = [int(item)]
+            units = self.check_units(item, f"streamed units item {index}")
+            if self.units is None:
+                if units.shape[0] not in self.vocoders:
+                    raise ValueError(f"streamed units have {units.shape[0]} layers; the codec's vocoders read "
+                                     f"{sorted(self.vocoders)}")
+                self.units = units
+            elif units.shape[0] != self.units.shape[0]:
+                raise ValueError(f"streamed units item {index} has {units.shape[0]} layers but the stream began "
+                                 f"with {self.units.shape[0]}; expected the same number throughout")
+            else:
+                self.units = torch.cat([self.units, units], dim=1)
+            vocoder = self.vocoders[self.units.shape[0]]
+            while self.units.shape[1] - self.emitted >= self.chunk + vocoder.lookahead:
+                yield self._advance(vocoder, self.emitted + self.chunk)
+        if self.units is not None and self.units.shape[1] > self.emitted:
+            yield self._advance(self.vocoders[self.units.shape[0]], self.units.shape[1])
+
+    def _advance(self, vocoder: UnitVocoder, end: int) -> np.ndarray:
+        total = self.units.shape[1]
+        start = max(0, self.emitted - vocoder.lookahead)
+        stop = min(total, end + vocoder.lookahead)
+        audio = vocoder.decode(self.units[:, start:stop])
+        fade = STREAM_CROSSFADE if end < total else 0
+        piece = audio[(self.emitted - start) * CODEC_HOP: (end - start) * CODEC_HOP + fade].copy()
+        if self.tail is not None:
+            ramp = np.linspace(0.0, 1.0, len(self.tail), endpoint=False, dtype=np.float32)
+            piece[: len(self.tail)] = self.tail * (1.0 - ramp) + piece[: len(self.tail)] * ramp
+        self.tail = piece[len(piece) - fade:] if fade else None
+        self.emitted = end
+        return piece[: len(piece) - fade]

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from speechlm.speech_io.codec import DECODER_TRAINED_KEY, SpeechTokenizerCodec
+from speechlm.speech_io.config_errors import ConfigError
+from speechlm.speech_io.spectrogram import MelSpectrogram, SpectrogramConfig, mel_filterbank
+from speechlm.speech_io.vocoder import UnitVocoder, VocoderConfig, vocoder_folder
+
+TINY = dict(codebook_size=64, hidden_size=16, num_blocks=2, kernel_size=3,
+            spectrogram=dict(n_fft=256, win_length=256, hop_length=160, n_mels=20, griffin_lim_iters=4))
+
+
+def tiny_vocoder(num_layers: int = 1, seed: int = 0) -> UnitVocoder:
+    torch.manual_seed(seed)
+    return UnitVocoder(VocoderConfig(num_layers=num_layers, **TINY)).eval()
+
+
+def test_mel_filterbank_covers_the_band():
+    filters = mel_filterbank(1024, 80)
+    assert filters.shape == (80, 513)
+    assert (filters >= 0).all() and (filters.sum(dim=1) > 0).all()  # no empty band
+    assert filters[:, 1:-1].sum(dim=0).gt(0).all()  # every bin inside the band is heard
+
+
+def test_griffin_lim_rebuilds_the_log_mel(make_speech):
+    spectrogram = MelSpectrogram(SpectrogramConfig(griffin_lim_iters=32))
+    wave = make_speech(1.0)
+    log_mel = spectrogram.log_mel(wave)
+    assert log_mel.shape == (80, 16000 // 160 + 1)
+    rebuilt = spectrogram.waveform(log_mel, len(wave))
+    assert rebuilt.shape == wave.shape and rebuilt.dtype == np.float32
+    error = (spectrogram.log_mel(rebuilt) - log_mel).abs().mean().item()
+    silence = (torch.full_like(log_mel, log_mel.mean()) - log_mel).abs().mean().item()
+    assert error < 0.25 * silence
+    assert np.array_equal(rebuilt, spectrogram.waveform(log_mel, len(wave)))  # seeded phase: reproducible
+
+
+def test_vocoder_shapes_batch_and_round_trip(tmp_path):
+    vocoder = tiny_vocoder(num_layers=2)
+    units = [torch.randint(0, 64, (2, length)) for length in (7, 12, 3)]
+    assert vocoder(units[1][None]).shape == (1, 20, 24)  # two mel frames a unit at hop 160
+    waves = vocoder.decode_batch(units)
+    assert [w.shape for w in waves] == [(7 * 320,), (12 * 320,), (3 * 320,)]
+    assert all(np.array_equal(w, vocoder.decode(u)) for w, u in zip(waves, units, strict=True))
+    vocoder.save_pretrained(tmp_path)
+    loaded = UnitVocoder.from_pretrained(tmp_path)
+    assert loaded.config == vocoder.config
+    assert np.array_equal(loaded.decode(units[0]), waves[0])
+
+
+def test_vocoder_errors(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        VocoderConfig(num_layers=0, kernel_size=4, spectrogram=dict(hop_length=100))
+    assert [p.split("=")[0] for p in caught.value.problems] == ["num_layers", "kernel_size", "spectrogram.hop_length"]
+    with pytest.raises(ValueError, match=r"reads 2 RVQ layers; got units of shape \(1, 5\)"):
+        tiny_vocoder(num_layers=2).decode(torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(FileNotFoundError, match="vocoder_config.json: missing"):
+        UnitVocoder.from_pretrained(tmp_path)
+    tiny_vocoder().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "vocoder_config.json").read_text())
+    (tmp_path / "vocoder_config.json").write_text(json.dumps({**data, "hidden_size": 8}))
+    with pytest.raises(ValueError, match="model.safetensors: does not fit vocoder_config.json"):
+        UnitVocoder.from_pretrained(tmp_path)
+
+
+def test_codec_decodes_with_its_vocoder_while_its_decoder_is_untrained(narrow_codec, tmp_path):
+    vocoder = tiny_vocoder()
+    units = np.arange(9) % 64
+    codec = SpeechTokenizerCodec(narrow_codec.model, narrow_codec.config, decoder_trained=False)
+    assert codec.decodes_with(1) == "speechtokenizer"  # no vocoder yet
+    codec.add_vocoder(vocoder)
+    assert codec.decodes_with(1) == "vocoder" and codec.decodes_with(2) == "speechtokenizer"
+    assert np.array_equal(codec.decode(units), vocoder.decode(torch.from_numpy(units)[None]))
+    assert codec.decode(np.stack([units, units])).shape == (9 * 320,)  # two layers: the codec's decoder
+
+    codec.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())[DECODER_TRAINED_KEY] is False
+    assert (tmp_path / vocoder_folder(1) / "model.safetensors").is_file()
+    loaded = SpeechTokenizerCodec.from_pretrained(tmp_path)
+    assert loaded.decodes_with(1) == "vocoder"
+    assert np.array_equal(loaded.decode(units), codec.decode(units))
+
+    # A published checkpoint's config has no such key: its decoder decodes, whatever vocoder sits beside it.
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data[DECODER_TRAINED_KEY]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    published = SpeechTokenizerCodec.from_pretrained(tmp_path)
+    assert published.decoder_trained and published.decodes_with(1) == "speechtokenizer"
+    assert np.array_equal(published.decode(units), narrow_codec.decode(units))
+
+
+def test_vocoder_stream_yields_early_and_matches_the_length(narrow_codec):
+    codec = SpeechTokenizerCodec(narrow_codec.model, narrow_codec.config, decoder_trained=False)
+    codec.add_vocoder(tiny_vocoder())
+    assert codec.stream_lookahead == codec.vocoders[1].lookahead
+    consumed = []
+
+    def generating():
+        for step in range(60):
+            consumed.append(step)
+            yield step % 64
+
+    stream = codec.decode_stream(generating(), chunk=5)
+    first = next(stream)
+    assert len(first) == 5 * 320
+    assert len(consumed) == 5 + codec.stream_lookahead < 60
+    whole = np.concatenate([first, *stream])
+    assert whole.shape == (60 * 320,) and np.isfinite(whole).all()
+    with pytest.raises(ValueError, match="streamed units have 2 layers; the codec's vocoders read \\[1\\]"):
+        list(codec.decode_stream([np.zeros((2, 3), dtype=np.int64)]))
+
+
+def test_add_vocoder_refuses_another_codebook(narrow_codec):
+    codec = SpeechTokenizerCodec(narrow_codec.model, narrow_codec.config, decoder_trained=False)
+    with pytest.raises(ValueError, match="does not fit this codec"):
+        codec.add_vocoder(UnitVocoder(VocoderConfig(**{**TINY, "codebook_size": 32})))
