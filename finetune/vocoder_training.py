@@ -120,12 +120,18 @@ def _batch(examples: list[VocoderExample], rng: np.random.Generator, settings: V
     return torch.stack(units), torch.stack(targets)
 
 
-def train_vocoder(examples: list[VocoderExample], config: VocoderConfig, settings: VocoderTraining
-                  ) -> tuple[UnitVocoder, VocoderReport]:
-    """A vocoder trained on ``examples`` until ``max_minutes`` or ``max_steps``."""
+def vocoder_config(codec: SpeechTokenizerCodec, num_layers: int, **settings) -> VocoderConfig:
+    """A vocoder config that fits ``codec`` (its codebooks' size and width), with ``settings`` over the defaults."""
+    return VocoderConfig(num_layers=num_layers, codebook_size=codec.codebook_size,
+                         codebook_dimension=codec.config.dimension, **settings)
+
+
+def train_vocoder(codec: SpeechTokenizerCodec, examples: list[VocoderExample], config: VocoderConfig,
+                  settings: VocoderTraining) -> tuple[UnitVocoder, VocoderReport]:
+    """A vocoder for ``codec``'s units trained on ``examples`` until ``max_minutes`` or ``max_steps``."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    vocoder = UnitVocoder(config).train()
+    vocoder = UnitVocoder(config, codec.codebook_vectors(config.num_layers)).train()
     optimizer = torch.optim.AdamW(vocoder.parameters(), lr=settings.learning_rate, weight_decay=0.01)
     limit, started, step, losses, window = settings.max_minutes * 60, time.monotonic(), 0, [], []
     while time.monotonic() - started < limit and (settings.max_steps is None or step < settings.max_steps):
@@ -156,11 +162,13 @@ def train_codec_vocoder(codec_dir: str | Path, manifests: Sequence[str | Path], 
                         settings: VocoderTraining) -> tuple[Path, VocoderReport]:
     """Train a vocoder for the codec in ``codec_dir`` on the manifests' clips and save it into that folder."""
     codec = SpeechTokenizerCodec.from_pretrained(codec_dir)
-    if config.codebook_size != codec.codebook_size or config.num_layers > codec.n_q:
-        raise ValueError(f"vocoder config: {config.num_layers} layers of {config.codebook_size} codes; the codec in "
-                         f"{codec_dir} has {codec.n_q} layers of {codec.codebook_size}")
+    fits = (config.codebook_size, config.codebook_dimension) == (codec.codebook_size, codec.config.dimension)
+    if not fits or config.num_layers > codec.n_q:
+        raise ValueError(f"vocoder config: {config.num_layers} layers of {config.codebook_size} codes of width "
+                         f"{config.codebook_dimension}; the codec in {codec_dir} has {codec.n_q} layers of "
+                         f"{codec.codebook_size} codes of width {codec.config.dimension}")
     waves = [load_audio(clip) for clip in manifest_clips(manifests, settings.max_clips)]
-    vocoder, report = train_vocoder(vocoder_examples(codec, waves, config), config, settings)
+    vocoder, report = train_vocoder(codec, vocoder_examples(codec, waves, config), config, settings)
     out = Path(codec_dir) / vocoder_folder(config.num_layers)
     vocoder.save_pretrained(out)
     return out, report

@@ -173,7 +173,8 @@ class SpeechTokenizerCodec:
         if hub_name(path) is not None:
             checkpoint_name = Path(checkpoint).name if checkpoint is not None else None
             path = download_repo_folder("SpeechTokenizer codec", str(path), subfolder=subfolder,
-                                        patterns=(CONFIG_NAME, checkpoint_name or "*.pt"), **hub_kwargs)
+                                        patterns=(CONFIG_NAME, checkpoint_name or "*.pt", f"{VOCODER_FOLDER_PATTERN}/*"),
+                                        **hub_kwargs)
             checkpoint = None if checkpoint_name is None else path / checkpoint_name
         else:
             path = Path(path) / subfolder
@@ -186,14 +187,17 @@ class SpeechTokenizerCodec:
             raise ValueError(f"{config_path}: expected a JSON object of SpeechTokenizer settings")
         codec = cls.from_config(CodecConfig.from_dict(data, source=str(config_path)))
         codec.decoder_trained = data.get(DECODER_TRAINED_KEY, True) is not False
-        for folder in sorted(config_path.parent.glob(VOCODER_FOLDER_PATTERN)):
-            codec.add_vocoder(UnitVocoder.from_pretrained(folder))
         try:
             state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises pickle, zip and runtime errors alike for a bad file
             raise ValueError(f"{checkpoint_path}: not a loadable torch state dict ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
         _load_state(codec.model, state, checkpoint_path)
+        for folder in sorted(config_path.parent.glob(VOCODER_FOLDER_PATTERN)):
+            try:
+                codec.add_vocoder(UnitVocoder.from_pretrained(folder))
+            except ValueError as err:
+                raise ValueError(f"{folder}: {err}") from None
         return codec
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -210,10 +214,21 @@ class SpeechTokenizerCodec:
 
     def add_vocoder(self, vocoder: UnitVocoder) -> None:
         """Decode units of ``vocoder.config.num_layers`` layers with ``vocoder`` while the decoder is untrained."""
-        if vocoder.config.codebook_size != self.codebook_size or vocoder.config.num_layers > self.n_q:
-            raise ValueError(f"a vocoder for {vocoder.config.num_layers} layers of {vocoder.config.codebook_size} "
-                             f"codes does not fit this codec ({self.n_q} layers of {self.codebook_size} codes)")
-        self.vocoders[vocoder.config.num_layers] = vocoder.eval()
+        c = vocoder.config
+        if (c.codebook_size, c.codebook_dimension) != (self.codebook_size, self.config.dimension) or c.num_layers > self.n_q:
+            raise ValueError(f"a vocoder for {c.num_layers} layers of {c.codebook_size} codes of width "
+                             f"{c.codebook_dimension} does not fit this codec ({self.n_q} layers of "
+                             f"{self.codebook_size} codes of width {self.config.dimension})")
+        if self.codebooks_filled and not torch.equal(vocoder.codebooks, self.codebook_vectors(c.num_layers).reshape(
+                -1, c.codebook_dimension)):
+            raise ValueError(f"the vocoder for {c.num_layers} layers was trained on other codebooks than this codec's "
+                             f"(a codec rebuilt or refilled since); train it again with speechlm train-vocoder")
+        self.vocoders[c.num_layers] = vocoder.eval()
+
+    def codebook_vectors(self, num_layers: int) -> torch.Tensor:
+        """The first ``num_layers`` layers' codebooks ``(num_layers, codebook_size, dimension)``: a unit's vector
+        in the latent space the decoder reads (a frame's latent is the sum over its layers)."""
+        return torch.stack([layer._codebook.embed.detach().clone() for layer in self._rvq_layers()[:num_layers]])
 
     # ---- facts --------------------------------------------------------------------------------------
 

@@ -162,14 +162,15 @@ class SpeechLMProcessor:
         root, hub_kwargs = self._loaded_from
         if Path(root).is_dir():
             return Path(root) / (hub_kwargs.get("subfolder") or "") / path
-        from transformers.utils import cached_file
-
         from speechlm.speech_io.codec import CHECKPOINT_NAME, CONFIG_NAME
+        from speechlm.speech_io.hub_files import download_repo_folder
+        from speechlm.speech_io.vocoder import VOCODER_FOLDER_PATTERN
 
-        # A Hub repo: fetch the codec's two files; they land side by side in the snapshot.
-        for name in (CONFIG_NAME, CHECKPOINT_NAME):
-            local = cached_file(root, f"{path.as_posix()}/{name}", **hub_kwargs)
-        return Path(local).parent
+        # A Hub repo: fetch the codec's two files and its vocoders, if any (a folder of the snapshot).
+        kwargs = dict(hub_kwargs)
+        folder = "/".join(part for part in (kwargs.pop("subfolder", None), path.as_posix()) if part)
+        return download_repo_folder("codec", root, subfolder=folder,
+                                    patterns=(CONFIG_NAME, CHECKPOINT_NAME, f"{VOCODER_FOLDER_PATTERN}/*"), **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return {"processor_class": type(self).__name__, "n_mels": self.n_mels, "stack_factor": self.stack_factor,

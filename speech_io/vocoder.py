@@ -3,12 +3,17 @@
 
 It decodes a codec whose own decoder is untrained: the quick start's SpeechTokenizer has random weights
 (no published checkpoint installs offline), so its decoder's audio is noise, while its units still follow
-the speech (the encoder is random but keeps the waveform's information, see `codec.py`'s initialization).
-The codec keeps the vocoder in its folder (``vocoder/``) and decodes with it when its decoder is untrained;
-a published checkpoint's decoder stays the one that decodes.
+the speech (its encoder keeps the signal's scale, see `codec.py`'s `from_config`). The codec keeps its
+vocoders in its folder (``vocoder-rvq<k>/``) and decodes with them while its decoder is untrained; a published
+checkpoint's decoder stays the one that decodes.
 
-Shapes: units ``(B, k, T)`` at 50 Hz, k = ``num_layers`` RVQ layers -> summed embeddings ``(B, H, T)`` ->
-upsampled to the spectrogram's frame rate ``(B, H, T * 320 / hop)`` -> dilated residual convolutions
+A unit enters as its codebook vector (the vocoder keeps a frozen copy of the codec's codebooks for the layers
+it reads): codes near in the codec's latent space start near here, no row has to be learned for a code rare
+in training, and a codec refilled since is refused. Learned embeddings of the same codes reached the same
+held-out log-mel error in the same minutes (BENCHMARKS.md, "Speech out").
+
+Shapes: units ``(B, k, T)`` at 50 Hz, k = ``num_layers`` -> summed codebook vectors ``(B, D, T)`` -> ``(B, H, T)``
+-> upsampled to the spectrogram's frame rate ``(B, H, T * 320 / hop)`` -> dilated residual convolutions
 -> log-mel ``(B, n_mels, T * 320 / hop)``.
 """
 
@@ -47,6 +52,7 @@ class VocoderConfig:
 
     num_layers: int = field(default=8, metadata={"help": "RVQ layers it reads (1: layer 1 alone, the LM's units)"})
     codebook_size: int = field(default=1024, metadata={"help": "codes per RVQ layer (the codec's)"})
+    codebook_dimension: int = field(default=1024, metadata={"help": "width of the codec's codebook vectors"})
     hidden_size: int = field(default=256, metadata={"help": "channels of the network"})
     num_blocks: int = field(default=8, metadata={"help": "residual blocks; dilations cycle 1, 2, 4, 8"})
     kernel_size: int = field(default=5, metadata={"help": "odd kernel of the dilated convolutions"})
@@ -57,7 +63,7 @@ class VocoderConfig:
         if isinstance(self.spectrogram, dict):
             self.spectrogram = SpectrogramConfig(**self.spectrogram)
         problems = ConfigProblems()
-        for name in ("num_layers", "codebook_size", "hidden_size", "num_blocks", "kernel_size"):
+        for name in ("num_layers", "codebook_size", "codebook_dimension", "hidden_size", "num_blocks", "kernel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name}={value!r} (expected a positive integer)")
@@ -104,12 +110,24 @@ class _ResidualBlock(nn.Module):
 class UnitVocoder(nn.Module):
     """Codec units -> log-mel -> 16 kHz audio of ``T * 320`` samples, as the codec's own decoder gives."""
 
-    def __init__(self, config: VocoderConfig) -> None:
+    def __init__(self, config: VocoderConfig, codebooks: torch.Tensor | None = None) -> None:
+        """``codebooks``: the codec's ``(num_layers, codebook_size, codebook_dimension)`` vectors (`codec_codebooks`);
+        None leaves zeros, for a vocoder whose saved state is loaded next."""
         super().__init__()
         self.config = config
-        h, up = config.hidden_size, config.upsample
-        # One table for all layers: layer l's code c is row l * codebook_size + c; a frame sums its layers.
-        self.unit_embedding = nn.Embedding(config.num_layers * config.codebook_size, h)
+        h, up, d = config.hidden_size, config.upsample, config.codebook_dimension
+        shape = (config.num_layers, config.codebook_size, d)
+        if codebooks is None:
+            codebooks = torch.zeros(shape)
+        elif tuple(codebooks.shape) != shape:
+            raise ValueError(f"codebooks of shape {tuple(codebooks.shape)}; the vocoder config expects {shape} "
+                             f"(num_layers, codebook_size, codebook_dimension)")
+        # Frozen: layer l's code c is row l * codebook_size + c; a frame sums its layers' vectors.
+        self.register_buffer("codebooks", codebooks.reshape(-1, d).clone().float())
+        self.register_buffer("input_scale", torch.ones(()))
+        if codebooks.abs().sum() > 0:  # the codec's latents are tiny or large: bring them to unit scale
+            self.input_scale.fill_(1.0 / codebooks[0].std().clamp(min=1e-8).item())
+        self.from_codebooks = nn.Conv1d(d, h, 3, padding=1)
         self.upsample = nn.ConvTranspose1d(h, h, 2 * up, stride=up, padding=up // 2) if up > 1 else nn.Identity()
         self.blocks = nn.Sequential(*[_ResidualBlock(h, config.kernel_size, 2 ** (i % 4))
                                       for i in range(config.num_blocks)])
@@ -119,7 +137,8 @@ class UnitVocoder(nn.Module):
     def forward(self, units: torch.Tensor) -> torch.Tensor:
         """``units`` long ``(B, k, T)``, k = num_layers -> log-mel ``(B, n_mels, T * upsample)``."""
         offsets = torch.arange(units.shape[1], device=units.device)[None, :, None] * self.config.codebook_size
-        x = self.unit_embedding(units + offsets).sum(dim=1).transpose(1, 2)  # B, H, T
+        vectors = nn.functional.embedding(units + offsets, self.codebooks).sum(dim=1)  # B, T, D
+        x = self.from_codebooks(vectors.transpose(1, 2) * self.input_scale)  # B, H, T
         return self.to_mel(self.blocks(self.upsample(x)))
 
     @property
@@ -176,7 +195,7 @@ class UnitVocoder(nn.Module):
             data = json.loads(config_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{config_path}: not a readable JSON config ({err})") from err
-        vocoder = cls(VocoderConfig.from_dict(data, source=str(config_path)))
+        vocoder = cls(VocoderConfig.from_dict(data, source=str(config_path)))  # codebooks come with the state
         state = load_file(str(weights_path))
         expected = vocoder.state_dict()
         wrong = sorted(set(state) ^ set(expected)) + [

@@ -160,9 +160,12 @@ def train_vocoder(codec: str, manifests: list[str], layers: int, overrides: list
     folder, which then decodes with it while its own decoder is untrained."""
     from speechlm.configfile import apply_overrides, build_dataclass
     from speechlm.finetune.vocoder_training import VocoderTraining, train_codec_vocoder
+    from speechlm.speech_io.codec import SpeechTokenizerCodec
     from speechlm.speech_io.vocoder import VocoderConfig
 
-    values = apply_overrides({"vocoder": {"num_layers": layers}, "training": {}}, overrides)
+    found = SpeechTokenizerCodec.from_pretrained(codec).config  # the codebooks' size and width are the codec's
+    values = apply_overrides({"vocoder": {"num_layers": layers, "codebook_size": found.codebook_size,
+                                          "codebook_dimension": found.dimension}, "training": {}}, overrides)
     config = build_dataclass(VocoderConfig, values["vocoder"], where="vocoder")
     settings = build_dataclass(VocoderTraining, values["training"], where="training")
     out, report = train_codec_vocoder(codec, manifests, config, settings)

@@ -244,7 +244,7 @@ def evaluate_tts(model, processor, items: list[EvalItem], settings: EvalSettings
                                           max_speech_units=settings.max_speech_units, do_sample=False,
                                           spoken_text=[item.fields["text"] for item in items])
     responses = [processor.parse_response(row) for row in new_tokens]
-    judge = _load_judge(settings.judge) if settings.judge else None
+    judge = load_judge(settings.judge) if settings.judge else None
     references = [item.fields["units"] if item.fields.get("units") is not None
                   else _encode_units(processor, item.fields["audio"]) for item in items]
     results = []
@@ -265,7 +265,7 @@ def evaluate_tts(model, processor, items: list[EvalItem], settings: EvalSettings
     return results
 
 
-def _load_judge(path: str):
+def load_judge(path: str):
     import whisper
 
     if not Path(path).is_file():

@@ -103,3 +103,27 @@ def test_a_revision_the_cache_lacks_and_the_cli_say_so(offline_hub, speech_repo,
     assert main(["generate", "--model", "owner/absent", "--text", "hi", "--output", "text"]) == 2
     assert capsys.readouterr().err.startswith("speechlm generate: error: --model 'owner/absent': no such local "
                                               "path, and the Hub repo owner/absent (revision main) is not in")
+
+
+def test_a_codec_and_a_processor_bring_their_vocoders_from_the_hub(offline_hub, speech_repo, tmp_path):
+    from speechlm.speech_io.codec import CodecConfig
+    from speechlm.speech_io.vocoder import UnitVocoder, VocoderConfig
+
+    codec = SpeechTokenizerCodec.from_config(CodecConfig(n_filters=8, dimension=32, semantic_dimension=32,
+                                                         codebook_size=64, n_q=2, lstm_layers=1), seed=0)
+    codec.fill_codebooks(None)
+    codec.add_vocoder(UnitVocoder(VocoderConfig(num_layers=1, codebook_size=64, codebook_dimension=32, hidden_size=8,
+                                                num_blocks=1), codec.codebook_vectors(1)))
+    codec.save_pretrained(tmp_path / "voiced" / "codec")
+    cache_repo(offline_hub, "owner/voiced-codec", tmp_path / "voiced")
+    loaded = SpeechTokenizerCodec.from_pretrained("owner/voiced-codec/codec")
+    assert list(loaded.vocoders) == [1] and loaded.decodes_with(1) == "vocoder"
+
+    model = tmp_path / "model"
+    shutil.copytree(speech_repo, model)
+    shutil.rmtree(model / "codec")
+    shutil.copytree(tmp_path / "voiced" / "codec", model / "codec")
+    cache_repo(offline_hub, "owner/voiced-llama", model)
+    processor = AutoProcessor.from_pretrained("owner/voiced-llama")
+    assert processor.codec.decodes_with(1) == "vocoder"
+    assert processor.codec.decode([1, 2, 3]).shape == (3 * 320,)

@@ -256,7 +256,9 @@ def build_codec(corpus_manifest: str | os.PathLike, cache: str | os.PathLike | N
     if not clips:
         raise DemoAssetError(f"{manifest}: no rows with 'audio' to fill the codec's codebooks from")
     out = cache_dir(cache) / f"codec-{manifest.parent.name}"
-    sources = {"manifest": hashlib.sha256(manifest.read_bytes()).hexdigest(), "clips": len(clips), "seed": seed}
+    # encoder_init: a cache built before the encoder kept the signal's scale holds units that carry little of it
+    sources = {"manifest": hashlib.sha256(manifest.read_bytes()).hexdigest(), "clips": len(clips), "seed": seed,
+               "encoder_init": "keep-scale"}
     if _stamp_matches(out, sources):
         return out
     codec = SpeechTokenizerCodec.from_config(CodecConfig(), seed=seed)  # the published architecture
@@ -268,7 +270,9 @@ def build_codec(corpus_manifest: str | os.PathLike, cache: str | os.PathLike | N
         "The published SpeechTokenizer architecture (16 kHz, 8 RVQ layers of 1024 codes, 50 Hz) with random\n"
         f"weights; its codebooks were k-means-filled from {len(clips)} clips of `{manifest}`, so different\n"
         "audio gets different units. **Its decoder output is not speech**: it lets the speech-output path\n"
-        "train and run mechanically. Use a published SpeechTokenizer checkpoint for audible speech.\n")
+        "train and run mechanically. Use a published SpeechTokenizer checkpoint for audible speech\n"
+        "(`speechlm train-vocoder` trains a vocoder for these units; BENCHMARKS.md, \"Speech out\", says how\n"
+        "far it gets).\n")
     _write_stamp(staging, sources)
     _replace(staging, out)
     return out

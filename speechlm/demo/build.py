@@ -13,8 +13,21 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from speechlm.demo.assets import build_backbone, build_codec, build_whisper, cache_dir, verified
+from speechlm.demo.assets import (
+    build_backbone,
+    build_codec,
+    build_whisper,
+    cache_dir,
+    verified,
+)
 from speechlm.demo.corpus import CorpusPaths, CorpusSize, Voice, build_corpus, corpus_size
+from speechlm.finetune.vocoder_training import VocoderTraining
+
+# The vocoder that makes the random codec's layer-1 units (the LM's) audible: a few steps on the CI corpus,
+# VOCODER_MINUTES on the quick start's (BENCHMARKS.md, "Speech out": what more minutes and clips buy).
+VOCODER_MINUTES = 10.0
+VOCODER_TRAINING = {"ci": VocoderTraining(max_steps=4, max_clips=8, batch_size=4),
+                    "full": VocoderTraining(max_minutes=VOCODER_MINUTES, max_clips=800)}
 
 
 @dataclass

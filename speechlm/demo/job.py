@@ -27,7 +27,15 @@ from transformers import TrainerCallback
 from speechlm.demo.assets import check_runtime_packages, sha256_of
 from speechlm.demo.build import DemoAssets, build_demo_assets
 from speechlm.demo.corpus_texts import ANSWER_SYSTEM_PROMPT, CORPUS_READER_PROMPT
-from speechlm.evaluation import EvalItem, EvalSettings, evaluate, read_eval_manifest, summarize
+from speechlm.evaluation import (
+    EvalItem,
+    EvalSettings,
+    evaluate,
+    load_judge,
+    read_eval_manifest,
+    summarize,
+    transcribe,
+)
 from speechlm.finetune.examples import read_jsonl
 from speechlm.finetune.trainer import TrainingClock
 
@@ -275,7 +283,9 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     progress("[demo] evaluating the trained model")
     after = evaluate_all(model, processor, eval_sets, settings.eval, progress)
     lap("eval_after")
-    answer = spoken_answer(model, processor, eval_sets, out / "answer.wav", settings.eval)
+    # Whisper base (the judge) says what answer.wav sounds like; `eval.judge` judges every tts answer too.
+    answer = spoken_answer(model, processor, eval_sets, out / "answer.wav", settings.eval,
+                           judge=settings.eval.judge or assets.audio_encoder)
     report = {
         "machine": machine(), "assets": asdict(assets), "recipe": settings.recipe,
         "job_settings": job_values, "overrides": settings.overrides,
@@ -381,7 +391,8 @@ def text_answers_unchanged(before: dict, after: dict) -> bool | None:
     return all(b == a for b, a in pairs) if pairs else None
 
 
-def spoken_answer(model, processor, eval_sets: dict, wav: Path, settings: EvalSettings) -> dict:
+def spoken_answer(model, processor, eval_sets: dict, wav: Path, settings: EvalSettings, *,
+                  judge: str | None = None) -> dict:
     """The trained model's text-and-speech answer to the first held-out spoken question, saved as a wav."""
     from speechlm.responding import respond
     from speechlm.speech_io.audio import save_wav
@@ -391,13 +402,25 @@ def spoken_answer(model, processor, eval_sets: dict, wav: Path, settings: EvalSe
     model.eval()
     reply = respond(model, processor, audio=row["audio"], output="text+speech", max_new_tokens=settings.max_new_tokens,
                     max_speech_units=settings.max_speech_units, do_sample=False)
+    heard = None
     if reply.audio is not None:
         save_wav(wav, reply.audio)
+        if judge:
+            heard = transcribe(load_judge(judge), reply.audio)
     return {"question_audio": row["audio"], "question": row.get("question", row.get("text")), "text": reply.text,
-            "units": len(reply.units), "wav": str(wav) if reply.audio is not None else None}
+            "units": len(reply.units), "wav": str(wav) if reply.audio is not None else None,
+            "decoder": processor.codec.decodes_with(1), "judge_heard": heard}
 
 
 # -- report ---------------------------------------------------------------------------------------------
+
+def answer_audio_note(answer: dict) -> str:
+    heard = f" Whisper base hears: {answer['judge_heard']!r}." if answer.get("judge_heard") is not None else ""
+    if answer.get("decoder") == "vocoder":
+        return ("The codec has random weights; its units are decoded by the vocoder trained for them "
+                f"(`vocoder-rvq1/` in the codec's folder: log-mel and Griffin-Lim).{heard}")
+    return f"The codec has random weights and no vocoder: its audio is not speech.{heard}"
+
 
 def format_report(report: dict) -> str:
     lines = ["# speechlm quick start: report", "",
@@ -420,7 +443,7 @@ def format_report(report: dict) -> str:
     lines += [f"| {p['minutes']:.1f} | {p['step']} | {p['wer']:.4f} |" for p in report["training"]["curve"]]
     answer = report["answer"]
     lines += ["", f"Spoken question: {answer['question']!r}; answer: {answer['text']!r} ({answer['units']} speech "
-              f"units, {answer['wav']}). The codec has random weights: its audio is not speech.", "",
+              f"units, {answer['wav']}). " + answer_audio_note(answer), "",
               "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)
 

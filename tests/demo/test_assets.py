@@ -107,6 +107,7 @@ def test_codec_has_the_published_architecture_and_filled_codebooks(tmp_path, dem
     assert codec.codebooks_filled and (codec.codebook_size, codec.n_q, codec.hop_length) == (1024, 8, 320)
     units = codec.encode([audio])[0]
     assert len(set(units[0].tolist())) > 1  # different frames get different codes
+    assert codec.decodes_with(1) == "speechtokenizer" and not codec.decoder_trained  # no vocoder: its own decoder
 
 
 @pytest.mark.parametrize("size", ["nope"])

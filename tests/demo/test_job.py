@@ -26,6 +26,8 @@ def test_units_are_kept_per_manifest_and_codec(tmp_path):
     manifest.write_text('{"id": "a"}\n')
     (codec / "SpeechTokenizer.pt").write_bytes(b"weights")
     first = units_dir(manifest, codec)
+    (codec / "vocoder-rvq1").mkdir()  # a vocoder decodes: the units stay the encoder's
+    assert units_dir(manifest, codec) == first
     assert first.parent == tmp_path and first.name.startswith("train-units-") and units_dir(manifest, codec) == first
     (codec / "SpeechTokenizer.pt").write_bytes(b"weights of a codec rebuilt from another corpus")
     second = units_dir(manifest, codec)
@@ -63,6 +65,8 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
     assert "asr/ood" in markdown and "unit_error_rate" in markdown
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert load_audio(out / "answer.wav").shape[0] > 0
+    assert report["answer"]["decoder"] == "speechtokenizer"  # the CI codec has no vocoder
+    assert isinstance(report["answer"]["judge_heard"], str) and "Whisper base hears" in markdown
     assert (out / "model" / "processor_config.json").is_file()
     saved = json.loads((out / "model" / "config.json").read_text())["projector_config"]
     assert saved["reader_prompt"] == CORPUS_READER_PROMPT  # the job tells the reader the corpus's names

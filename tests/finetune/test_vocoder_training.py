@@ -18,7 +18,7 @@ from speechlm.speech_io.codec import SpeechTokenizerCodec
 from speechlm.speech_io.config_errors import ConfigError
 from speechlm.speech_io.vocoder import VocoderConfig, vocoder_folder
 
-TINY = dict(codebook_size=64, hidden_size=16, num_blocks=2, kernel_size=3,
+TINY = dict(codebook_size=64, codebook_dimension=32, hidden_size=16, num_blocks=2, kernel_size=3,
             spectrogram=dict(n_fft=256, win_length=256, hop_length=160, n_mels=20, griffin_lim_iters=4))
 
 
@@ -37,7 +37,7 @@ def test_a_tiny_vocoder_learns(demo_corpus, demo_codec):
     config = VocoderConfig(num_layers=1, **TINY)
     examples = vocoder_examples(demo_codec, waves, config)
     settings = VocoderTraining(max_steps=40, batch_size=4, crop_units=20, learning_rate=1e-2, warmup_steps=5)
-    vocoder, report = train_vocoder(examples, config, settings)
+    vocoder, report = train_vocoder(demo_codec, examples, config, settings)
     assert report.steps == 40 and report.clips == 4 and len(report.losses) == 4
     assert report.losses[-1] < 0.7 * report.losses[0]
     assert not vocoder.training
@@ -46,7 +46,8 @@ def test_a_tiny_vocoder_learns(demo_corpus, demo_codec):
 def test_train_vocoder_command_saves_into_the_codec(demo_corpus, tmp_path):
     codec_dir = tmp_path / "codec"
     shutil.copytree(demo_corpus.parent / "codec", codec_dir)
-    overrides = [f"vocoder.{key}={value}" for key, value in TINY.items() if key != "spectrogram"]
+    overrides = [f"vocoder.{key}={value}" for key, value in TINY.items() if key not in ("spectrogram", "codebook_size",
+                                                                                         "codebook_dimension")]
     overrides += ["vocoder.spectrogram.n_fft=256", "vocoder.spectrogram.win_length=256",
                   "training.max_steps=3", "training.batch_size=2", "training.max_clips=2"]
     assert main(["train-vocoder", str(demo_corpus), "--codec", str(codec_dir), "--layers", "1", *overrides]) == 0
@@ -64,6 +65,6 @@ def test_training_errors(demo_corpus, tmp_path):
     empty.write_text('{"text": "no audio here"}\n')
     with pytest.raises(ValueError, match="no rows with 'audio'"):
         manifest_clips([empty], max_clips=None)
-    with pytest.raises(ValueError, match="the codec in .* has 2 layers of 64"):
+    with pytest.raises(ValueError, match="the codec in .* has 2 layers of 64 codes of width 32"):
         train_codec_vocoder(demo_corpus.parent / "codec", [demo_corpus], VocoderConfig(num_layers=3, **TINY),
                             VocoderTraining(max_steps=1))
