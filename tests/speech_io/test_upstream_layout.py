@@ -37,14 +37,14 @@ def test_codebook_buffers(narrow_codec):
 def test_matches_upstream_forward(narrow_codec, clips):
     """Our layer-by-layer batched path computes what upstream's own forward does, item by item.
 
-    Compared as floats: a random narrow codec's latents barely vary between frames, so RVQ decisions
-    are ill-conditioned there, and upstream's one-row LSTM rounds differently from our batches.
+    Compared as floats, to a millionth of the latents' size: upstream's one-row LSTM rounds differently
+    from our batches.
     """
     latents = narrow_codec._latents(clips, batch_size=8)
     with torch.inference_mode():
         for clip, latent in zip(clips, latents, strict=True):
             upstream = narrow_codec.model.encoder(torch.from_numpy(clip)[None, None])[0]
-            assert torch.allclose(upstream, latent, atol=1e-6, rtol=0)
+            assert torch.allclose(upstream, latent, atol=1e-6 * upstream.abs().max().item(), rtol=0)
         for codes in narrow_codec.encode(clips):
             wav = narrow_codec.model.decode(torch.from_numpy(codes)[:, None])[0, 0].numpy()
             assert np.allclose(wav, narrow_codec.decode(codes), atol=1e-6)
