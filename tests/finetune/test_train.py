@@ -46,7 +46,7 @@ READER = ("model.projector.reader=whisper", "model.projector.reader_silence_seco
           "model.audio.n_text_ctx=32")
 
 # The smoke run's first losses (tiny default, seeds 0, CPU float32); log(64 units + 259 text + 3) ~ 5.8.
-PINNED_LOSSES = [5.8026, 5.7477]
+PINNED_LOSSES = [5.8003, 5.7673]  # the narrow codec's encoder keeps the signal's scale: its units changed
 
 
 def overrides(prepared, out, *extra) -> list[str]:
@@ -69,7 +69,7 @@ def test_smoke_run_from_the_cli_learns_and_saves_a_loadable_model(prepared, tmp_
     assert code == 0, capsys.readouterr().err
     logged = losses(out / "checkpoint-2")
     # The second loss follows Adam's first, sign-like step, which flips with the last bits of gradients near
-    # zero; those differ between CPUs' float32 kernels (5.7477 pinned on one machine, 5.7525 on another).
+    # zero; those differ between CPUs' float32 kernels (by 5e-3 between two machines, with the earlier codec).
     assert logged[0] == pytest.approx(PINNED_LOSSES[0], abs=2e-3) and logged[1] < logged[0]
     assert logged[1] == pytest.approx(PINNED_LOSSES[1], abs=1e-2)
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
