@@ -71,6 +71,20 @@ def reach(module: nn.Module, frames_per_sample: float) -> tuple[float, float, fl
                     f"layout changed (expected 1.0.1: {INSTALL_HINT})")
 
 
+def appended_units(units: torch.Tensor | None, item: Any, index: int, check_units) -> torch.Tensor:
+    """A stream's units ``(k, N)`` so far (None or empty at its start) with ``item`` appended: an int (one
+    layer-1 unit), a 1-D array or a ``(k, t)`` array, checked by ``check_units``; k is fixed for the stream."""
+    if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+        item = [int(item)]
+    new = check_units(item, f"streamed units item {index}")
+    if units is None or units.shape[1] == 0:
+        return new
+    if new.shape[0] != units.shape[0]:
+        raise ValueError(f"streamed units item {index} has {new.shape[0]} layers but the stream began "
+                         f"with {units.shape[0]}; expected the same number throughout")
+    return torch.cat([units, new], dim=1)
+
+
 class UnitStream:
     """State of one streamed decode: units so far, the LSTM's carried state, frames already emitted."""
 
@@ -97,16 +111,7 @@ class UnitStream:
             yield self._advance(final=True)
 
     def _append(self, item: Any, index: int) -> None:
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            item = [int(item)]
-        units = self.codec._check_units(item, f"streamed units item {index}")
-        if self.units.shape[1] == 0:
-            self.units = units
-        elif units.shape[0] != self.units.shape[0]:
-            raise ValueError(f"streamed units item {index} has {units.shape[0]} layers but the stream began "
-                             f"with {self.units.shape[0]}; expected the same number throughout")
-        else:
-            self.units = torch.cat([self.units, units], dim=1)
+        self.units = appended_units(self.units, item, index, self.codec._check_units)
 
     @torch.inference_mode()
     def _advance(self, *, final: bool) -> np.ndarray:

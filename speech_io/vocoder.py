@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from speechlm.speech_io.codec_streaming import appended_units
 from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.spectrogram import MelSpectrogram, SpectrogramConfig
 
@@ -220,19 +221,10 @@ class VocoderStream:
 
     def run(self, source) -> Iterator[np.ndarray]:
         for index, item in enumerate(source):
-            if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-                item = [int(item)]
-            units = self.check_units(item, f"streamed units item {index}")
-            if self.units is None:
-                if units.shape[0] not in self.vocoders:
-                    raise ValueError(f"streamed units have {units.shape[0]} layers; the codec's vocoders read "
-                                     f"{sorted(self.vocoders)}")
-                self.units = units
-            elif units.shape[0] != self.units.shape[0]:
-                raise ValueError(f"streamed units item {index} has {units.shape[0]} layers but the stream began "
-                                 f"with {self.units.shape[0]}; expected the same number throughout")
-            else:
-                self.units = torch.cat([self.units, units], dim=1)
+            self.units = appended_units(self.units, item, index, self.check_units)
+            if self.units.shape[0] not in self.vocoders:
+                raise ValueError(f"streamed units have {self.units.shape[0]} layers; the codec's vocoders read "
+                                 f"{sorted(self.vocoders)}")
             vocoder = self.vocoders[self.units.shape[0]]
             while self.units.shape[1] - self.emitted >= self.chunk + vocoder.lookahead:
                 yield self._advance(vocoder, self.emitted + self.chunk)
