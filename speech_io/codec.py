@@ -22,6 +22,7 @@ package as we import it `codec_upstream`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -384,9 +385,17 @@ class SpeechTokenizerCodec:
         if chunk < 1:
             raise ValueError(f"chunk={chunk}; expected a positive number of frames")
         self._require_codebooks("decode_stream")
-        if self.decodes_with(1) == "vocoder" or (self.vocoders and not self.decoder_trained):
-            return VocoderStream(self.vocoders, chunk, self._check_units).run(units)
-        return UnitStream(self, chunk).run(units)
+        return self._stream(iter(units), chunk)
+
+    def _stream(self, items: Iterator, chunk: int) -> Iterator[np.ndarray]:
+        # The first item's layers choose the decoder, as `decode_batch` chooses by its units' layers.
+        first = next(items, None)
+        if first is None:
+            return
+        layers = self._check_units(first, "units[0]").shape[0] if np.ndim(first) == 2 else 1
+        stream = VocoderStream(self.vocoders, chunk, self._check_units) if self.decodes_with(layers) == "vocoder" \
+            else UnitStream(self, chunk)
+        yield from stream.run(itertools.chain([first], items))
 
     @property
     def stream_lookahead(self) -> int:
