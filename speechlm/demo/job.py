@@ -298,6 +298,9 @@ def run_job(settings: JobSettings, progress=print) -> dict:
         "text_answers_unchanged": text_answers_unchanged(before, after),
         "answer": answer,
         "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
+        # where the evaluations' minutes go, set by set
+        "eval_seconds": {"before": {name: r["seconds"] for name, r in before.items()},
+                         "after": {name: r["seconds"] for name, r in after.items()}},
     }
     write_report(report, before, after, out, progress)
     progress(f"[demo] trained model: {model_dir}")
@@ -445,6 +448,10 @@ def format_report(report: dict) -> str:
     lines += ["", f"Spoken question: {answer['question']!r}; answer: {answer['text']!r} ({answer['units']} speech "
               f"units, {answer['wav']}). " + answer_audio_note(answer), "",
               "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
+    for when, sets in report.get("eval_seconds", {}).items():
+        if sets:
+            lines += [f"Evaluation {when} training, seconds per set: "
+                      + ", ".join(f"{name} {seconds}" for name, seconds in sets.items()), ""]
     return "\n".join(lines)
 
 

@@ -115,5 +115,8 @@ def test_a_report_without_the_untrained_evaluation_says_so():
                            "curve": []},
               "before": {}, "after": after, "text_answers_unchanged": None,
               "answer": {"question": "Is snow white?", "text": "Yes.", "units": 9, "wav": "answer.wav"},
-              "seconds": {"train": 60.0}}
-    assert "| asr/heldout (245 items) | wer | n/a | 0.0500 |" in format_report(report)
+              "seconds": {"train": 60.0}, "eval_seconds": {"before": {}, "after": {"asr/heldout": 41.5}}}
+    text = format_report(report)
+    assert "| asr/heldout (245 items) | wer | n/a | 0.0500 |" in text
+    assert "Evaluation after training, seconds per set: asr/heldout 41.5" in text
+    assert "Evaluation before" not in text
