@@ -42,14 +42,8 @@ class VocoderTraining:
         problems = ConfigProblems()
         problems.check(isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0,
                        f"max_minutes={self.max_minutes!r} (expected a positive number)")
-        for name in ("batch_size", "crop_units"):
-            value = getattr(self, name)
-            problems.check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                           f"{name}={value!r} (expected a positive integer)")
-        for name in ("max_steps", "max_clips"):
-            value = getattr(self, name)
-            problems.check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
-                           f"{name}={value!r} (expected a positive integer or null)")
+        problems.positive_integers(self, "batch_size", "crop_units")
+        problems.positive_integers(self, "max_steps", "max_clips", optional=True)
         problems.check(isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0,
                        f"learning_rate={self.learning_rate!r} (expected a positive number)")
         problems.check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
@@ -159,9 +153,11 @@ def train_vocoder(codec: SpeechTokenizerCodec, examples: list[VocoderExample], c
 
 
 def train_codec_vocoder(codec_dir: str | Path, manifests: Sequence[str | Path], config: VocoderConfig,
-                        settings: VocoderTraining) -> tuple[Path, VocoderReport]:
-    """Train a vocoder for the codec in ``codec_dir`` on the manifests' clips and save it into that folder."""
-    codec = SpeechTokenizerCodec.from_pretrained(codec_dir)
+                        settings: VocoderTraining, *, codec: SpeechTokenizerCodec | None = None
+                        ) -> tuple[Path, VocoderReport]:
+    """Train a vocoder for the codec in ``codec_dir`` on the manifests' clips and save it into that folder.
+    ``codec``: that folder's codec, where the caller has loaded it already."""
+    codec = SpeechTokenizerCodec.from_pretrained(codec_dir) if codec is None else codec
     fits = (config.codebook_size, config.codebook_dimension) == (codec.codebook_size, codec.config.dimension)
     if not fits or config.num_layers > codec.n_q:
         raise ValueError(f"vocoder config: {config.num_layers} layers of {config.codebook_size} codes of width "

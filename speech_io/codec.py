@@ -75,11 +75,8 @@ class CodecConfig:
 
     def __post_init__(self) -> None:
         problems = ConfigProblems()
-        for name in ("n_filters", "dimension", "semantic_dimension", "dilation_base", "residual_kernel_size",
-                     "n_residual_layers", "lstm_layers", "codebook_size", "n_q"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name}={value!r} (expected a positive integer)")
+        problems.positive_integers(self, "n_filters", "dimension", "semantic_dimension", "dilation_base",
+                                   "residual_kernel_size", "n_residual_layers", "lstm_layers", "codebook_size", "n_q")
         if (not isinstance(self.strides, (list, tuple)) or not self.strides
                 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.strides)):
             problems.append(f"strides={self.strides!r} (expected a non-empty list of positive integers)")

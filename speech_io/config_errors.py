@@ -22,6 +22,15 @@ class ConfigProblems(list):
         if not ok:
             self.append(message)
 
+    def positive_integers(self, settings: object, *names: str, optional: bool = False) -> None:
+        """Each named field of ``settings`` must be an int >= 1 (bools are not); ``optional``: or None."""
+        for name in names:
+            value = getattr(settings, name)
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                self.append(f"{name}={value!r} (expected a positive integer{' or null' if optional else ''})")
+
     def raise_if_any(self, owner: str) -> None:
         if self:
             raise ConfigError(owner, self)

@@ -34,10 +34,7 @@ class SpectrogramConfig:
 
     def problems(self) -> ConfigProblems:
         problems = ConfigProblems()
-        for name in ("n_fft", "win_length", "hop_length", "n_mels", "griffin_lim_iters"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name}={value!r} (expected a positive integer)")
+        problems.positive_integers(self, "n_fft", "win_length", "hop_length", "n_mels", "griffin_lim_iters")
         if not problems and self.win_length > self.n_fft:
             problems.append(f"win_length={self.win_length} (expected at most n_fft={self.n_fft})")
         return problems

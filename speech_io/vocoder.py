@@ -64,10 +64,8 @@ class VocoderConfig:
         if isinstance(self.spectrogram, dict):
             self.spectrogram = SpectrogramConfig(**self.spectrogram)
         problems = ConfigProblems()
-        for name in ("num_layers", "codebook_size", "codebook_dimension", "hidden_size", "num_blocks", "kernel_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name}={value!r} (expected a positive integer)")
+        problems.positive_integers(self, "num_layers", "codebook_size", "codebook_dimension", "hidden_size",
+                                   "num_blocks", "kernel_size")
         if isinstance(self.kernel_size, int) and self.kernel_size % 2 == 0:
             problems.append(f"kernel_size={self.kernel_size} (expected an odd number: the network is centred)")
         if CODEC_HOP % self.spectrogram.hop_length:
