@@ -163,12 +163,12 @@ def train_vocoder(codec: str, manifests: list[str], layers: int, overrides: list
     from speechlm.speech_io.codec import SpeechTokenizerCodec
     from speechlm.speech_io.vocoder import VocoderConfig
 
-    found = SpeechTokenizerCodec.from_pretrained(codec).config  # the codebooks' size and width are the codec's
-    values = apply_overrides({"vocoder": {"num_layers": layers, "codebook_size": found.codebook_size,
-                                          "codebook_dimension": found.dimension}, "training": {}}, overrides)
+    loaded = SpeechTokenizerCodec.from_pretrained(codec)  # the codebooks' size and width are the codec's
+    values = apply_overrides({"vocoder": {"num_layers": layers, "codebook_size": loaded.codebook_size,
+                                          "codebook_dimension": loaded.config.dimension}, "training": {}}, overrides)
     config = build_dataclass(VocoderConfig, values["vocoder"], where="vocoder")
     settings = build_dataclass(VocoderTraining, values["training"], where="training")
-    out, report = train_codec_vocoder(codec, manifests, config, settings)
+    out, report = train_codec_vocoder(codec, manifests, config, settings, codec=loaded)
     print(f"{report.steps} steps on {report.clips} clips in {report.minutes:.1f} min, L1 log-mel "
           f"{report.losses[0]:.3f} -> {report.losses[-1]:.3f}; saved to {out}")
     return out
