@@ -91,16 +91,26 @@ def _loose(text: str) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
 
 
+# A prediction within this word error rate of the question says the question again (a SpeechLM that
+# transcribes a spoken question instead of answering it): "Which is colder, ice or fire?" contains "ice".
+RESTATED_QUESTION_WER = 0.25
+
+
 @dataclass(frozen=True)
 class AnswerMatch:
     exact: bool       # the prediction is one of the answers, character for character after trimming
     normalized: bool  # equal after lower-casing and removing punctuation and extra spaces
     contains: bool    # an answer appears, normalized, as whole words inside the normalized prediction
+    restates_question: bool = False  # the prediction is the question again: no level matches
 
 
-def match_answer(prediction: str, answers: Sequence[str]) -> AnswerMatch:
+def match_answer(prediction: str, answers: Sequence[str], question: str | None = None) -> AnswerMatch:
+    """How ``prediction`` matches any of ``answers``; given the ``question``, a prediction that restates it
+    (`RESTATED_QUESTION_WER`) matches nothing, even where the question holds the answer (a choice)."""
     if not answers:
         raise ValueError("an item needs at least one reference answer")
+    if question is not None and _loose(prediction) and word_errors([question], [prediction]).rate < RESTATED_QUESTION_WER:
+        return AnswerMatch(exact=False, normalized=False, contains=False, restates_question=True)
     loose_prediction = f" {_loose(prediction)} "
     return AnswerMatch(
         exact=any(prediction.strip() == a.strip() for a in answers),

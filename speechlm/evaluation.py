@@ -5,7 +5,8 @@ Manifests are JSONL, one item per line, audio paths relative to the manifest:
 - ``asr``: ``{"id", "audio", "text"}`` -> WER and CER (Whisper's English normalizer), with S/D/I counts; a
   model with a reader keeps to its reader's transcript unless sure of a correction (``asr_follow_transcript``).
 - ``qa``: ``{"id", "audio", "question", "answers": [...]}`` -> spoken-question accuracy beside the same
-  model's accuracy on the question as text; their ratio is the modality gap.
+  model's accuracy on the question as text; their ratio is the modality gap. An answer that says the
+  question again matches nothing (a choice question holds its answer) and is counted apart.
 - ``tts``: ``{"id", "text", "units": [...]}`` (or ``"audio"`` to encode with the model's codec) -> the
   unit error rate of the spoken response against the reference units and, given an openai-whisper
   checkpoint as judge, the WER of the judge's transcript of the generated audio.
@@ -226,8 +227,8 @@ def evaluate_qa(model, processor, items: list[EvalItem], settings: EvalSettings)
         answers = item.fields["answers"]
         results.append({"id": item.id, "question": item.fields["question"], "answers": answers,
                         "speech_answer": from_speech, "text_answer": from_text,
-                        "speech": vars(match_answer(from_speech, answers)),
-                        "text": vars(match_answer(from_text, answers))})
+                        "speech": vars(match_answer(from_speech, answers, item.fields["question"])),
+                        "text": vars(match_answer(from_text, answers, item.fields["question"]))})
     return results
 
 
@@ -328,6 +329,9 @@ def summarize(task: str, results: list[dict]) -> dict[str, float]:
             text = sum(r["text"][level] for r in results) / len(results)
             totals[f"speech_{level}"], totals[f"text_{level}"] = speech, text
             totals[f"speech_to_text_{level}"] = speech / text if text else math.nan
+        # spoken questions answered by saying them again: the task overfitting of a model drilled on ASR
+        totals["speech_restates_question"] = sum(r["speech"].get("restates_question", False)
+                                                 for r in results) / len(results)
         return totals
     if task == "tts":
         units = unit_errors([r["reference_units"] for r in results], [r["units"] for r in results])

@@ -58,5 +58,15 @@ def test_answer_matching_levels():
     assert not match_answer("Parisian food", ["Paris"]).contains  # whole words only
 
 
+def test_an_answer_that_restates_the_question_matches_nothing():
+    question = "Which is colder, ice or fire?"
+    echoed = match_answer("Which is colder, ice were fire?", ["ice"], question)  # one word misheard
+    assert echoed.restates_question and not (echoed.exact or echoed.normalized or echoed.contains)
+    assert match_answer("Which is colder, ice were fire?", ["ice"]).contains  # without the question: it would count
+    answered = match_answer("Ice is colder than fire.", ["ice"], question)
+    assert answered.contains and not answered.restates_question
+    assert not match_answer("", ["ice"], question).restates_question  # no answer is not a restatement
+
+
 def test_pair_accuracy():
     assert pair_accuracy([1.0, 2.0, 0.5], [0.0, 3.0, 0.5]) == pytest.approx(1 / 3)
