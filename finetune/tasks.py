@@ -9,7 +9,7 @@ by a seeded ``random.Random`` so that a sample renders the same every time.
 | ``asr`` | speech + instruction | transcript |
 | ``tts`` | instruction + text | units of the speech |
 | ``continuation`` | instruction + first units | the remaining units |
-| ``s2t_instruct`` | spoken instruction (or the row's own ``messages``) | text answer |
+| ``s2t_instruct`` | the spoken request alone, as a user asks (or the row's own ``messages``) | text answer |
 | ``s2s_chain`` | spoken instruction | text answer, then units of the spoken answer (SpeechGPT) |
 | ``interleaved`` | first span | the rest: text and unit spans alternating at word/sentence boundaries (SpiRit-LM) |
 | ``text`` | first part of a text (or the row's text-only ``messages``) | the rest |
@@ -33,7 +33,10 @@ PROMPTS: dict[str, tuple[str, ...]] = {
     "tts": ("Say this out loud: {text}", "Read the following aloud: {text}", "Speak: {text}",
             "Turn this text into speech: {text}"),
     "continuation": ("Continue this speech.", "Keep talking from here.", "What comes next?"),
-    "s2t_instruct": ("", "Answer the spoken request.", "Listen and respond."),
+    # the spoken request alone, as a user asks: with "Answer the spoken request." beside 2 of 3, a model drilled
+    # on ASR answered fewer spoken questions (BENCHMARKS.md, bench_spoken_questions.py); a row's own
+    # `messages` may still say more
+    "s2t_instruct": ("",),
     "s2s_chain": ("Answer in text, then say the answer.", "Respond in writing and in speech.",
                   "Listen, answer, then speak your answer."),
     "interleaved": ("Continue, switching between text and speech.", "Go on, mixing speech and text."),
