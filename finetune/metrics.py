@@ -109,7 +109,8 @@ def match_answer(prediction: str, answers: Sequence[str], question: str | None =
     (`RESTATED_QUESTION_WER`) matches nothing, even where the question holds the answer (a choice)."""
     if not answers:
         raise ValueError("an item needs at least one reference answer")
-    if question is not None and _loose(prediction) and word_errors([question], [prediction]).rate < RESTATED_QUESTION_WER:
+    if (question is not None and _loose(prediction) and normalize_text(question).split()
+            and word_errors([question], [prediction]).rate < RESTATED_QUESTION_WER):
         return AnswerMatch(exact=False, normalized=False, contains=False, restates_question=True)
     loose_prediction = f" {_loose(prediction)} "
     return AnswerMatch(

@@ -66,6 +66,7 @@ def test_an_answer_that_restates_the_question_matches_nothing():
     answered = match_answer("Ice is colder than fire.", ["ice"], question)
     assert answered.contains and not answered.restates_question
     assert not match_answer("", ["ice"], question).restates_question  # no answer is not a restatement
+    assert match_answer("ice", ["ice"], "?").contains  # a question with no words: nothing to restate
 
 
 def test_pair_accuracy():
