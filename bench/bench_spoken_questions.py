@@ -27,6 +27,7 @@ speech alone).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from dataclasses import replace
@@ -133,7 +134,8 @@ def main() -> None:
         try:
             run = replace(settings, out=str(out / name),
                           overrides=[f"training.max_steps={args.steps}", "training.max_minutes=null", *overrides])
-            config, _ = job_config(recipe_yaml, assets, train_sources, out / name, run)
+            # job_config sets values in the dict it is given: each variant starts from its own copy
+            config, _ = job_config(copy.deepcopy(recipe_yaml), assets, train_sources, out / name, run)
             model, tokenizer = recipe.build_model(config)
             processor = recipe.build_processor(config, model, tokenizer)
             if shared_readings is not None:
