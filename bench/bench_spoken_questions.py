@@ -47,7 +47,6 @@ from speechlm.demo.job import (
 from speechlm.evaluation import EvalSettings, evaluate, generate_text, read_eval_manifest
 from speechlm.finetune import recipe, tasks
 from speechlm.finetune.metrics import match_answer
-from speechlm.finetune.trainer import TrainingClock
 
 
 def parse_variant(text: str) -> tuple[str, list[str], dict[str, tuple[str, ...]]]:
@@ -78,12 +77,12 @@ def answer_questions(model, processor, questions: list[dict], settings: EvalSett
 def scored(questions: list[dict], speech_answers: list[str], text_answers: list[str]) -> dict:
     items, figures = [], {}
     for q, from_speech, from_text in zip(questions, speech_answers, text_answers, strict=True):
-        # any answer list will do to ask whether the answer restates the question
-        restated = match_answer(from_speech, q.get("expected") or [q["text"]], q["text"]).restates_question
+        # without known answers, any list will do: only whether the answer restates the question counts
+        speech = match_answer(from_speech, q.get("expected") or [q["text"]], q["text"])
         item = {"id": q["id"], "split": q["split"], "question": q["text"], "speech_answer": from_speech,
-                "text_answer": from_text, "transcribed": restated}
+                "text_answer": from_text, "transcribed": speech.restates_question}
         if q.get("expected"):  # a restated question answers nothing, even a choice it holds the answer to
-            item["speech_contains"] = match_answer(from_speech, q["expected"], q["text"]).contains
+            item["speech_contains"] = speech.contains
             item["text_contains"] = match_answer(from_text, q["expected"], q["text"]).contains
         items.append(item)
     for split in ("heldout", "ood"):
@@ -147,8 +146,7 @@ def main() -> None:
             read_seconds = time.perf_counter() - start
             shared_readings = model.reading_cache
             dataset = recipe.build_datasets(config, processor, examples)
-            clock = TrainingClock()
-            trainer = recipe.build_trainer(config, model, processor, dataset, clock=clock)
+            trainer = recipe.build_trainer(config, model, processor, dataset)
             start = time.perf_counter()
             result = recipe.train(config, trainer)
             train_minutes = (time.perf_counter() - start) / 60

@@ -389,7 +389,7 @@ class SpeechTokenizerCodec:
         first = next(items, None)
         if first is None:
             return
-        layers = self._check_units(first, "units[0]").shape[0] if np.ndim(first) == 2 else 1
+        layers = np.shape(first)[0] if np.ndim(first) == 2 else 1  # the stream checks every item as it comes
         stream = VocoderStream(self.vocoders, chunk, self._check_units) if self.decodes_with(layers) == "vocoder" \
             else UnitStream(self, chunk)
         yield from stream.run(itertools.chain([first], items))
