@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from whisper.decoding import DecodingOptions, DecodingTask
+from whisper.decoding import DecodingOptions, DecodingTask, PyTorchInference
 from whisper.model import ModelDimensions, TextDecoder, Whisper
 from whisper.tokenizer import get_tokenizer
 
@@ -53,7 +53,8 @@ class WhisperView(Whisper):
 class BatchDecodingTask(DecodingTask):
     """openai-whisper's ``DecodingTask`` that also runs a beam over a batch of clips: it repeats each clip's
     tokens by the beam but not the clip's frames (one clip broadcasts, a batch fails), so the frames are
-    repeated here; the language is detected once a clip."""
+    repeated here; the language is detected once a clip. Its first step (the prompt) runs once a clip, not
+    once a beam (`SharedPromptInference`)."""
 
     def _get_audio_features(self, mel: torch.Tensor) -> torch.Tensor:
         features = super()._get_audio_features(mel)
@@ -61,6 +62,49 @@ class BatchDecodingTask(DecodingTask):
 
     def _detect_language(self, audio_features: torch.Tensor, tokens: torch.Tensor):
         return super()._detect_language(audio_features[:: self.n_group], tokens)
+
+    def __init__(self, model: Whisper, options: DecodingOptions):
+        super().__init__(model, options)
+        self.inference = SharedPromptInference(model, len(self.initial_tokens), self.n_group, self.sot_index)
+        if hasattr(self.decoder, "inference"):  # the beam search rearranges the caches through its own reference
+            self.decoder.inference = self.inference
+
+    def _main_loop(self, audio_features: torch.Tensor, tokens: torch.Tensor):
+        # The first step's logits come back at (start of transcript, last prompt token) only, so the loop
+        # reads the start-of-transcript position (the no-speech probability) at index 0.
+        sot_index, self.sot_index = self.sot_index, 0
+        try:
+            return super()._main_loop(audio_features, tokens)
+        finally:
+            self.sot_index = sot_index
+
+
+class SharedPromptInference(PyTorchInference):
+    """openai-whisper's inference with a cheaper first step. That step reads the whole prompt (the reader's
+    prompt, ~45 tokens, and the start of transcript) for every beam of every clip and projects every
+    position onto the 51,865-token vocabulary, where the loop needs two positions: ~half of a beam-5
+    reading. Here it runs once a clip (a clip's beams begin equal; their key/value caches are copied
+    after it) and projects the start-of-transcript and last positions only."""
+
+    def __init__(self, model: Whisper, initial_token_length: int, n_group: int, sot_index: int):
+        super().__init__(model, initial_token_length)
+        self.n_group, self.sot_index = n_group, sot_index
+
+    def logits(self, tokens: torch.Tensor, audio_features: torch.Tensor) -> torch.Tensor:
+        if self.kv_cache:
+            return super().logits(tokens, audio_features)
+        self.kv_cache, self.hooks = self.model.install_kv_cache_hooks()
+        decoder = self.model.decoder
+        x = decoder.token_embedding(tokens[:: self.n_group]) + decoder.positional_embedding[: tokens.shape[-1]]
+        audio = audio_features[:: self.n_group]
+        x = x.to(audio.dtype)
+        for block in decoder.blocks:  # as TextDecoder.forward, without its projection of every position
+            x = block(x, audio, mask=decoder.mask, kv_cache=self.kv_cache)
+        x = decoder.ln(x[:, [self.sot_index, -1]])
+        logits = (x @ decoder.token_embedding.weight.to(x.dtype).T).float()
+        for module, cached in self.kv_cache.items():
+            self.kv_cache[module] = cached.repeat_interleave(self.n_group, dim=0)
+        return logits.repeat_interleave(self.n_group, dim=0)
 
 
 class WhisperTranscriptReader(nn.Module):
@@ -77,6 +121,9 @@ class WhisperTranscriptReader(nn.Module):
             n_text_head=audio_config.n_text_head, n_text_layer=audio_config.n_text_layer)
         self.decoder = TextDecoder(self.dims.n_vocab, self.dims.n_text_ctx, self.dims.n_text_state,
                                    self.dims.n_text_head, self.dims.n_text_layer)
+        # openai-whisper leaves the learned positions uninitialized (torch.empty: a checkpoint fills them); a
+        # random reader (the tiny default, tests) would read with whatever memory held
+        nn.init.normal_(self.decoder.positional_embedding, std=0.02)
         use_float_layer_norms(self.decoder)
         self.tokens_per_second = projector_config.reader_tokens_per_second
         self.silence_frames = round(projector_config.reader_silence_seconds * 100)
@@ -145,14 +192,18 @@ class WhisperTranscriptReader(nn.Module):
                 texts[row] = text
         return texts
 
-    def _decode(self, frames: torch.Tensor) -> list[str]:
-        view = WhisperView(dataclasses.replace(self.dims, n_audio_ctx=frames.shape[1]), self.decoder)
-        slots = reader_slot_count(2 * frames.shape[1], self.tokens_per_second)
+    def decoding_task(self, encoded_frames: int) -> BatchDecodingTask:
+        """Whisper's decoding of clips encoded into ``encoded_frames`` frames, with this reader's settings."""
+        view = WhisperView(dataclasses.replace(self.dims, n_audio_ctx=encoded_frames), self.decoder)
+        slots = reader_slot_count(2 * encoded_frames, self.tokens_per_second)
         options = DecodingOptions(task="transcribe", language=self.language, without_timestamps=True, fp16=False,
                                   beam_size=self.beam_size if self.beam_size > 1 else None, prompt=self.prompt,
                                   sample_len=min(int(slots), self.dims.n_text_ctx // 2))
+        return BatchDecodingTask(view, options)
+
+    def _decode(self, frames: torch.Tensor) -> list[str]:
         with torch.autocast(frames.device.type, enabled=False):
-            results = BatchDecodingTask(view, options).run(frames.float())
+            results = self.decoding_task(frames.shape[1]).run(frames.float())
         return ["" if result.no_speech_prob > NO_SPEECH_THRESHOLD and result.avg_logprob < LOGPROB_THRESHOLD
                 else without_loop(result.text) for result in results]
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from whisper.audio import log_mel_spectrogram
+from whisper.decoding import DecodingTask, PyTorchInference
 
 import speechlm  # noqa: F401  (registers the Auto classes)
+from speechlm.adapters import readers
 from speechlm.adapters.building import build_processor, build_speechlm
 from speechlm.adapters.readers import WhisperTranscriptReader, without_loop
 from speechlm.adapters.reading_cache import ReadingCache
@@ -89,6 +91,37 @@ def test_a_beam_reads_a_batch_as_each_clip_alone(language):
     for row, length in enumerate(lengths.tolist()):
         _, (alone,) = model._encode_and_read(inputs["input_features"][row:row + 1, :, :length], lengths[row:row + 1])
         assert batch[row] == alone
+
+
+def test_a_random_reader_starts_from_finite_weights(reading):
+    model, _ = reading  # openai-whisper's decoder leaves its learned positions to a checkpoint (torch.empty)
+    assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in model.audio_reader.parameters())
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_the_prompt_read_once_a_clip_decodes_as_openai_whisper(monkeypatch, beam_size):
+    projector = dict(READER_PROJECTOR, reader_beam_size=beam_size, reader_prompt="Priya, Elena")
+    model, tokenizer = build_speechlm(reader_spec(projector=projector))
+    model.eval()
+    inputs = audio_inputs(model, tokenizer, [90, 150, 120], seed=5)
+    reader, lengths = model.audio_reader, inputs["input_features_mask"].sum(-1)
+    windows = reader.windows(lengths)
+    with torch.no_grad():
+        frames = model.audio_tower(reader.pad_with_silence(inputs["input_features"], lengths, windows), windows)
+    shared = reader.decoding_task(frames.shape[1]).run(frames)
+
+    class OpenAIWhisperInference(readers.SharedPromptInference):
+        def logits(self, tokens, audio_features):  # the prompt for every beam, every position projected
+            return PyTorchInference.logits(self, tokens, audio_features)
+
+    monkeypatch.setattr(readers, "SharedPromptInference", OpenAIWhisperInference)
+    monkeypatch.setattr(readers.BatchDecodingTask, "_main_loop", DecodingTask._main_loop)
+    plain = reader.decoding_task(frames.shape[1]).run(frames)
+    assert any(result.tokens for result in plain)  # the tiny decoder writes something to compare
+    for ours, theirs in zip(shared, plain, strict=True):
+        assert ours.tokens == theirs.tokens
+        assert ours.avg_logprob == pytest.approx(theirs.avg_logprob, abs=1e-5, nan_ok=True)
+        assert ours.no_speech_prob == pytest.approx(theirs.no_speech_prob, abs=1e-6)
 
 
 def test_generate_batch_equals_one_at_a_time(reading):
@@ -191,13 +224,7 @@ def test_a_prompt_goes_before_each_clip_in_whispers_decoder():
     model.eval()
     reader = model.audio_reader
     seen = []
-    forward = reader.decoder.forward
-
-    def recording(tokens, audio_features, kv_cache=None):
-        seen.append(tokens[0].tolist())
-        return forward(tokens, audio_features, kv_cache=kv_cache)
-
-    reader.decoder.forward = recording
+    reader.decoder.token_embedding.register_forward_pre_hook(lambda _, args: seen.append(args[0][0].tolist()))
     inputs = audio_inputs(model, tokenizer, [120])
     model._audio_embeddings(inputs["input_features"], inputs["input_features_mask"])
     whisper = reader.whisper_tokenizer
