@@ -9,6 +9,7 @@ the weights' dtype (as openai-whisper's do on a GPU), so a model loaded in bfloa
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -30,6 +31,29 @@ class FloatLayerNorm(nn.LayerNorm):
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
+
+
+logger = logging.getLogger(__name__)
+
+
+def native_bfloat16(device_type: str) -> bool:
+    """Whether ``device_type`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX-512
+    BF16 or AMX (elsewhere torch's CPU bf16 matmuls fall back to a single-threaded GEMM, ~15x slower than
+    float32)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def encoder_precision(dtype: str, device_type: str):
+    """The context the Whisper encoder runs in for ``audio_encoder_dtype``: bfloat16 autocast where the device
+    has native bfloat16 (a CPU's encoding takes half the time), else float32 (with a warning)."""
+    if dtype == "bfloat16":
+        if native_bfloat16(device_type):
+            return torch.autocast(device_type, dtype=torch.bfloat16)
+        logger.warning("audio_encoder_dtype=bfloat16: this %s has no native bfloat16, so the encoder runs in "
+                       "float32", device_type)
+    return torch.autocast(device_type, enabled=False)
 
 
 def use_float_layer_norms(module: nn.Module) -> None:

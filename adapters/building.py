@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from speechlm.adapters.audio_encoder import read_whisper_checkpoint
 from speechlm.adapters.configuration import (
+    ENCODER_DTYPES,
     TRAINING_MODES,
     SpeechLMAudioConfig,
     SpeechLMConfig,
@@ -59,6 +60,9 @@ class ModelSpec:
         "help": "where LoRA acts: all | audio (only rows that hear audio; text runs the base weights exactly) | "
                 "speech (those and speech tokens); null: all, or the saved model's own with init_from"})
     train_audio_encoder: bool = field(default=False, metadata={"help": "also train the Whisper encoder"})
+    audio_encoder_dtype: str = field(default="float32", metadata={
+        "help": f"what the Whisper encoder computes in: {'|'.join(ENCODER_DTYPES)} (bfloat16: autocast where the "
+                "device has it natively, half a CPU's encoding time)"})
     dtype: str = field(default="float32", metadata={"help": f"weights dtype: {'|'.join(DTYPES)}"})
     seed: int = field(default=0, metadata={"help": "seed of random components and new vocabulary rows"})
 
@@ -71,6 +75,8 @@ class ModelSpec:
             problems.append(f"mode={self.mode!r}: choose one of {list(TRAINING_MODES)}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype={self.dtype!r}: choose one of {list(DTYPES)}")
+        if self.audio_encoder_dtype not in ENCODER_DTYPES:
+            problems.append(f"audio_encoder_dtype={self.audio_encoder_dtype!r}: choose one of {list(ENCODER_DTYPES)}")
         if self.mode == "qlora" and self.text_model is None:
             problems.append("mode='qlora' needs text_model (a path or Hub id) to load in 4 bits")
         problems.extend(lora_problems(self.lora, where="lora"))
@@ -134,7 +140,8 @@ def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:
     config = SpeechLMConfig(
         text_config=text_config, audio_config=audio_config, projector_config=dict(spec.projector),
         num_speech_units=spec.num_speech_units, text_vocab_size=text_vocab_size, mode=spec.mode,
-        train_audio_encoder=spec.train_audio_encoder, text_model_name_or_path=spec.text_model,
+        train_audio_encoder=spec.train_audio_encoder, audio_encoder_dtype=spec.audio_encoder_dtype,
+        text_model_name_or_path=spec.text_model,
         audio_model_name_or_path=spec.audio_encoder, lora_config=dict(spec.lora), lora_scope=spec.lora_scope or "all")
     model = assemble_model(SpeechLMForCausalLM, config, dtype=dtype, language_model=language_model,
                            audio_state=audio_state)

@@ -18,6 +18,7 @@ TRAINING_MODES = ("frozen", "lora", "qlora", "full")
 # "all": LoRA acts everywhere; "audio": on rows that hear audio; "speech": also on the speech tokens of any
 # row. Gated, text runs the base weights.
 LORA_SCOPES = ("all", "audio", "speech")
+ENCODER_DTYPES = ("float32", "bfloat16")  # audio_encoder_dtype
 # peft ``LoraConfig`` settings a model gets where its recipe does not say (peft's own: lora_alpha 8, no dropout)
 LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 # where configs saved before `lora_config` kept those settings, and their key in it
@@ -161,6 +162,10 @@ class SpeechLMConfig(PreTrainedConfig):
             (``audio``), or on those and the speech tokens of any row (``speech``); gated, text runs the
             base backbone exactly (`speechlm.adapters.lora_gate`).
         train_audio_encoder: also train the Whisper encoder (it is frozen by default).
+        audio_encoder_dtype: what the Whisper encoder computes in: ``float32``, or ``bfloat16`` (autocast, where the
+            device has native bfloat16; float32 elsewhere): half a CPU's encoding time, and Whisper's transcripts
+            of 241 of the quick start's 245 held-out clips the same (BENCHMARKS.md). Saved with the model, so a
+            clip reads the same in training and after.
         speech_units_per_character: the speaking rate of the speech the model learned to produce (speech units
             per character of the text spoken, fit on its training pairs by the recipe); generation keeps a
             speech span between ``1 - speech_length_tolerance`` and ``speech_length_ceiling`` times the length
@@ -192,6 +197,7 @@ class SpeechLMConfig(PreTrainedConfig):
     lora_config: dict | None = None
     lora_scope: str = "all"
     train_audio_encoder: bool = False
+    audio_encoder_dtype: str = "float32"
     speech_units_per_character: float | None = None
     speech_length_tolerance: float = 0.25
     speech_length_ceiling: float = 1.0
@@ -243,6 +249,8 @@ class SpeechLMConfig(PreTrainedConfig):
             if audio.n_vocab < 51864:
                 problems.append(f"audio_config.n_vocab={audio.n_vocab}: the whisper reader decodes with Whisper's "
                                 f"tokenizer, which has 51864 (English) or >= 51865 (multilingual) tokens")
+        if self.audio_encoder_dtype not in ENCODER_DTYPES:
+            problems.append(f"audio_encoder_dtype={self.audio_encoder_dtype!r}: choose one of {list(ENCODER_DTYPES)}")
         if self.speech_units_per_character is not None and not self.speech_units_per_character > 0:
             problems.append(f"speech_units_per_character={self.speech_units_per_character}: must be > 0 (or null)")
         if not 0.0 <= self.speech_length_tolerance < 1.0:

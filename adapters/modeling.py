@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from speechlm.adapters.audio_encoder import WhisperAudioEncoder
+from speechlm.adapters.audio_encoder import WhisperAudioEncoder, encoder_precision
 from speechlm.adapters.compression import CTCCompressor
 from speechlm.adapters.configuration import SpeechLMConfig
 from speechlm.adapters.loading import load_speechlm
@@ -261,12 +261,12 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         """One encoder pass per clip -> each clip's own encoder frames (``T'_i, C``) and, with a reader, its
         transcript in the backbone's vocabulary (the clip padded with silence to the reader's window). A
         frozen encoder's results come from `reading_cache` when the same clip was read before with the same
-        weights; it runs in float32 whatever the autocast, so that a clip reads the same in training (bf16
-        autocast) as at inference (and bf16 convolutions are slow on a CPU)."""
+        weights; it runs in ``config.audio_encoder_dtype`` whatever the autocast, and the reader in float32, so
+        that a clip reads the same in training (bf16 autocast) as at inference."""
         reader = self.audio_reader
         cacheable = not self.config.train_audio_encoder and self.reading_cache.max_bytes > 0
         parts = (self.audio_tower,) if reader is None else (self.audio_tower, reader)
-        settings = () if reader is None else reader.settings()
+        settings = (self.config.audio_encoder_dtype, *(() if reader is None else reader.settings()))
         fingerprint = self.reading_cache.fingerprint(*parts, settings=settings) if cacheable else None
         keys = [self.reading_cache.clip_key(input_features[i, :, : int(mel_lengths[i])]) for i in range(len(mel_lengths))]
         results = [self.reading_cache.get(fingerprint, key) if cacheable else None for key in keys]
@@ -277,7 +277,9 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             padded = (input_features[missing] if reader is None
                       else reader.pad_with_silence(input_features[missing], lengths, windows))
             with (torch.no_grad() if cacheable else nullcontext()), torch.autocast(padded.device.type, enabled=False):
-                frames = self.audio_tower(self._audio_input(padded), windows)
+                with encoder_precision(self.config.audio_encoder_dtype, padded.device.type):
+                    frames = self.audio_tower(self._audio_input(padded), windows)
+                frames = frames.to(self.audio_tower.conv1.weight.dtype)  # the weights' dtype, as without autocast
                 # the transcript too, in float32: under training's bf16 autocast it could differ from inference's
                 token_ids = [[] for _ in missing] if reader is None else reader.token_ids(
                     reader.transcribe(frames.detach(), windows), lengths)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
+from speechlm.adapters.audio_encoder import native_bfloat16
 from speechlm.adapters.building import build_codec, build_speechlm
 from speechlm.adapters.building import build_processor as processor_for
 from speechlm.adapters.modeling import SpeechLMForCausalLM
@@ -165,7 +166,7 @@ def mixed_precision_bf16(training) -> bool:
     if not training.bf16:
         return False
     on_cpu = training.use_cpu or not torch.cuda.is_available()
-    if on_cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if on_cpu and not native_bfloat16("cpu"):
         logger.warning("training.bf16: this CPU has no native bfloat16 (AVX-512 BF16/AMX); bf16 matmuls would "
                        "run ~15x slower than float32 here, so training runs in float32")
         return False

@@ -185,3 +185,50 @@ def test_a_model_cast_to_bfloat16_whole_hears():
     with torch.no_grad():
         logits = model.eval()(**audio_inputs(model, tokenizer, [40, 23])).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_an_encoder_in_bfloat16_hears_close_to_float32_and_saves_with_the_model(tmp_path):
+    plain, tokenizer = build_speechlm(tiny_spec())
+    fast, _ = build_speechlm(tiny_spec(audio_encoder_dtype="bfloat16"))  # the same seed: the same weights
+    inputs = audio_inputs(plain, tokenizer, [40, 23])
+    with torch.no_grad():
+        ours, theirs = (model.eval().get_audio_features(inputs["input_features"], inputs["input_features_mask"])
+                        for model in (fast, plain))
+    assert ours.dtype == torch.float32 and not torch.equal(ours, theirs)
+    assert torch.allclose(ours, theirs, atol=0.05, rtol=0.05)
+    fast.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.audio_encoder_dtype == "bfloat16"
+
+
+def test_an_encoder_in_bfloat16_runs_in_float32_where_the_device_lacks_it(monkeypatch, caplog):
+    from speechlm.adapters import audio_encoder
+
+    monkeypatch.setattr(audio_encoder, "native_bfloat16", lambda device_type: False)
+    plain, tokenizer = build_speechlm(tiny_spec())
+    fast, _ = build_speechlm(tiny_spec(audio_encoder_dtype="bfloat16"))
+    inputs = audio_inputs(plain, tokenizer, [40, 23])
+    with torch.no_grad():
+        ours, theirs = (model.eval().get_audio_features(inputs["input_features"], inputs["input_features_mask"])
+                        for model in (fast, plain))
+    assert torch.equal(ours, theirs)
+    assert "no native bfloat16" in caplog.text
+
+
+def test_a_bfloat16_reading_is_not_taken_for_a_float32_one():
+    from speechlm.adapters.reading_cache import ReadingCache
+
+    plain, tokenizer = build_speechlm(tiny_spec())
+    fast, _ = build_speechlm(tiny_spec(audio_encoder_dtype="bfloat16"))
+    inputs = audio_inputs(plain, tokenizer, [40])
+    plain.reading_cache = fast.reading_cache = ReadingCache()  # one cache handed between them
+    with torch.no_grad():
+        theirs = plain.eval().get_audio_features(inputs["input_features"], inputs["input_features_mask"])
+        ours = fast.eval().get_audio_features(inputs["input_features"], inputs["input_features_mask"])
+    assert len(plain.reading_cache) == 2 and not torch.equal(ours, theirs)
+
+
+def test_an_unknown_encoder_dtype_is_named():
+    from speechlm.speech_io.config_errors import ConfigError
+
+    with pytest.raises(ConfigError, match="audio_encoder_dtype='float16'"):
+        tiny_spec(audio_encoder_dtype="float16")
