@@ -8,6 +8,10 @@ import torch
 
 from speechlm.cli import main
 from speechlm.evaluation import (
+    EvalItem,
+    EvalSettings,
+    batch_order,
+    evaluate,
     read_eval_manifest,
     run_evaluation,
     sequence_log_likelihoods,
@@ -40,6 +44,24 @@ def test_report_has_every_item_and_total(model_dir, tmp_path, task, capsys):
                 "latency": {"mean_first_text_s", "mean_first_audio_s", "mean_total_s", "mean_real_time_factor"}}[task]
     assert expected <= report["totals"].keys()
     assert "| metric | value |" in capsys.readouterr().out
+
+
+def test_items_batch_by_length_and_come_back_in_the_manifests_order(model_dir):
+    from speechlm.demo.job import load_trained
+
+    texts = ["a much longer sentence to say", "hi", "a medium one", "ok"]
+    items = [EvalItem(f"item-{i}", {"text": text, "units": [1, 2, 3]}) for i, text in enumerate(texts)]
+    assert batch_order("tts", items) == [1, 3, 2, 0]
+    assert batch_order("latency", items) == [0, 1, 2, 3]  # as a user's requests come
+    clips = read_eval_manifest(EVAL_DATA / "asr.jsonl", "asr")
+    sizes = [Path(item.fields["audio"]).stat().st_size for item in clips]
+    assert [sizes[i] for i in batch_order("asr", clips)] == sorted(sizes)
+    model, processor = load_trained(model_dir)
+    settings = EvalSettings(batch_size=2, max_speech_units=20)
+    _, results = evaluate(model, processor, "tts", items, settings, progress=False)
+    assert [result["id"] for result in results] == [item.id for item in items]
+    alone = [evaluate(model, processor, "tts", [item], settings, progress=False)[1][0] for item in items]
+    assert [result["units"] for result in results] == [result["units"] for result in alone]
 
 
 def test_asr_totals_recount_the_items(model_dir):
