@@ -1,0 +1,123 @@
+"""Where a quick-start evaluation's minutes go, and what each saving costs in transcripts.
+
+On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``), side by side in one process:
+
+- **reading** (the frozen Whisper encoder and the reader's beam over every clip of an ASR split): openai-whisper's
+  own first decoding step (the prompt for every beam, every position projected onto the vocabulary) against
+  the reader's (`SharedPromptInference`: once a clip, two positions), and the encoder in float32 against
+  bfloat16 autocast (``audio_encoder_dtype``); seconds, the reader's WER, and how many transcripts are the
+  same as the first row's;
+- **batching** (``speechlm eval``'s ASR and TTS tasks): items in the manifest's order against batched by
+  length (`batch_order`), seconds and the task's figures.
+
+    python bench/bench_eval_speed.py --job /tmp/exp/reader9 --out /tmp/exp/eval-speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from whisper.decoding import DecodingTask, PyTorchInference
+
+from speechlm.adapters import readers
+from speechlm.demo.job import load_trained
+from speechlm.evaluation import BATCH_LENGTH_FIELDS, EvalSettings, evaluate, read_eval_manifest
+from speechlm.finetune.metrics import word_errors
+
+
+class OpenAIWhisperInference(readers.SharedPromptInference):
+    def logits(self, tokens, audio_features):  # openai-whisper's: every beam, every prompt position
+        return PyTorchInference.logits(self, tokens, audio_features)
+
+
+@contextmanager
+def openai_whisper_first_step():
+    kept = readers.SharedPromptInference, readers.BatchDecodingTask._main_loop
+    readers.SharedPromptInference, readers.BatchDecodingTask._main_loop = OpenAIWhisperInference, DecodingTask._main_loop
+    try:
+        yield
+    finally:
+        readers.SharedPromptInference, readers.BatchDecodingTask._main_loop = kept
+
+
+@contextmanager
+def nothing():
+    yield
+
+
+def read_split(model, processor, items, batch_size: int) -> tuple[float, list[str]]:
+    """Seconds to read every clip (encoder + reader, nothing kept between calls) and the transcripts."""
+    texts, start = [], time.perf_counter()
+    for first in range(0, len(items), batch_size):
+        inputs = processor([[{"role": "user", "content": [{"type": "audio", "audio": item.fields["audio"]}]}]
+                            for item in items[first: first + batch_size]])
+        with torch.inference_mode():
+            ids = model.audio_transcripts(inputs["input_features"], inputs["input_features_mask"])
+        texts += [processor.tokenizer.decode(row).strip() for row in ids]
+    return time.perf_counter() - start, texts
+
+
+def reading_rows(model, processor, items, batch_size: int) -> list[dict]:
+    references = [item.fields["text"] for item in items]
+    variants = [("openai-whisper first step, encoder float32", openai_whisper_first_step, "float32"),
+                ("first step once a clip, encoder float32", nothing, "float32"),
+                ("first step once a clip, encoder bfloat16", nothing, "bfloat16")]
+    rows, first_texts = [], None
+    for name, context, dtype in variants:
+        model.config.audio_encoder_dtype = dtype
+        with context():
+            seconds, texts = read_split(model, processor, items, batch_size)
+        first_texts = first_texts or texts
+        rows.append({"variant": name, "seconds": round(seconds, 1),
+                     "reader_wer": round(word_errors(references, texts).rate, 4),
+                     "same_as_first": sum(a == b for a, b in zip(texts, first_texts, strict=True)), "clips": len(items)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def batching_rows(model, processor, task: str, items, batch_sizes: list[int], settings: EvalSettings) -> list[dict]:
+    rows = []
+    for batch_size in batch_sizes:
+        for ordered in (False, True):
+            kept = BATCH_LENGTH_FIELDS[task]
+            BATCH_LENGTH_FIELDS[task] = kept if ordered else None
+            try:
+                start = time.perf_counter()
+                totals, _ = evaluate(model, processor, task, items, EvalSettings(**{**vars(settings), "batch_size": batch_size}),
+                                     progress=False)
+            finally:
+                BATCH_LENGTH_FIELDS[task] = kept
+            rows.append({"task": task, "batch_size": batch_size, "order": "by length" if ordered else "manifest",
+                         "seconds": round(time.perf_counter() - start, 1), "totals": totals})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", required=True, help="a quick-start job's --out folder (model/ and eval-data/)")
+    parser.add_argument("--batch-size", type=int, default=40)
+    parser.add_argument("--out", help="write the figures here (JSON)")
+    args = parser.parse_args()
+    job = Path(args.job)
+    model, processor = load_trained(job / "model")
+    heldout = read_eval_manifest(job / "eval-data" / "asr-heldout.jsonl", "asr")
+    figures = {"reading asr/heldout": reading_rows(model, processor, heldout, args.batch_size)}
+    model.config.audio_encoder_dtype = "bfloat16"
+    figures["batching asr/ood"] = batching_rows(
+        model, processor, "asr", read_eval_manifest(job / "eval-data" / "asr-ood.jsonl", "asr"), [args.batch_size],
+        EvalSettings())
+    figures["batching tts/heldout"] = batching_rows(
+        model, processor, "tts", read_eval_manifest(job / "eval-data" / "tts-heldout.jsonl", "tts"),
+        [args.batch_size, args.batch_size // 2], EvalSettings(max_speech_units=400))
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
