@@ -9,6 +9,7 @@ the weights' dtype (as openai-whisper's do on a GPU), so a model loaded in bfloa
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -51,9 +52,14 @@ def encoder_precision(dtype: str, device_type: str):
     if dtype == "bfloat16":
         if native_bfloat16(device_type):
             return torch.autocast(device_type, dtype=torch.bfloat16)
-        logger.warning("audio_encoder_dtype=bfloat16: this %s has no native bfloat16, so the encoder runs in "
-                       "float32", device_type)
+        _warn_float32_encoder(device_type)
     return torch.autocast(device_type, enabled=False)
+
+
+@functools.cache
+def _warn_float32_encoder(device_type: str) -> None:  # once, not at every batch
+    logger.warning("audio_encoder_dtype=bfloat16: this %s has no native bfloat16, so the encoder runs in float32",
+                   device_type)
 
 
 def use_float_layer_norms(module: nn.Module) -> None:

@@ -204,6 +204,7 @@ def test_an_encoder_in_bfloat16_runs_in_float32_where_the_device_lacks_it(monkey
     from speechlm.adapters import audio_encoder
 
     monkeypatch.setattr(audio_encoder, "native_bfloat16", lambda device_type: False)
+    audio_encoder._warn_float32_encoder.cache_clear()  # it warns once a process
     plain, tokenizer = build_speechlm(tiny_spec())
     fast, _ = build_speechlm(tiny_spec(audio_encoder_dtype="bfloat16"))
     inputs = audio_inputs(plain, tokenizer, [40, 23])
