@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,11 +46,6 @@ def openai_whisper_first_step():
         readers.SharedPromptInference, readers.BatchDecodingTask._main_loop = kept
 
 
-@contextmanager
-def nothing():
-    yield
-
-
 def read_split(model, processor, items, batch_size: int) -> tuple[float, list[str]]:
     """Seconds to read every clip (encoder + reader, nothing kept between calls) and the transcripts."""
     texts, start = [], time.perf_counter()
@@ -65,8 +61,8 @@ def read_split(model, processor, items, batch_size: int) -> tuple[float, list[st
 def reading_rows(model, processor, items, batch_size: int) -> list[dict]:
     references = [item.fields["text"] for item in items]
     variants = [("openai-whisper first step, encoder float32", openai_whisper_first_step, "float32"),
-                ("first step once a clip, encoder float32", nothing, "float32"),
-                ("first step once a clip, encoder bfloat16", nothing, "bfloat16")]
+                ("first step once a clip, encoder float32", nullcontext, "float32"),
+                ("first step once a clip, encoder bfloat16", nullcontext, "bfloat16")]
     rows, first_texts = [], None
     for name, context, dtype in variants:
         model.config.audio_encoder_dtype = dtype
@@ -88,7 +84,7 @@ def batching_rows(model, processor, task: str, items, batch_sizes: list[int], se
             BATCH_LENGTH_FIELDS[task] = kept if ordered else None
             try:
                 start = time.perf_counter()
-                totals, _ = evaluate(model, processor, task, items, EvalSettings(**{**vars(settings), "batch_size": batch_size}),
+                totals, _ = evaluate(model, processor, task, items, replace(settings, batch_size=batch_size),
                                      progress=False)
             finally:
                 BATCH_LENGTH_FIELDS[task] = kept
