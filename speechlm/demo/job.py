@@ -247,6 +247,11 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     processor = recipe.build_processor(config, model, tokenizer)
     eval_sets = write_eval_sets(corpus, reference_units, out / "eval-data")
     progress(f"[demo] {model.parameter_counts()}")
+    # The speaking rate is the training pairs' statistic, not something learned: fitted before the untrained
+    # model speaks, its responses keep to the same length window as the trained model's (and do not all run
+    # to the unit cap), so the comparison is of what training taught
+    examples = recipe.load_training_examples(config)
+    recipe.fit_speaking_rate(config, model, examples)
     before = {}
     if settings.evaluate_untrained:
         progress("[demo] evaluating the untrained model")
@@ -257,8 +262,6 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     training_clock = TrainingClock()
     curve = LearningCurve(model, processor, curve_items, settings.eval, every_minutes=settings.curve_every_minutes,
                           clock=training_clock, progress=progress)
-    examples = recipe.load_training_examples(config)
-    recipe.fit_speaking_rate(config, model, examples)
     ahead = recipe.read_ahead(config, model, processor, examples)
     if ahead is not None:
         lap("read_ahead")
