@@ -36,11 +36,21 @@ def test_units_are_kept_per_manifest_and_codec(tmp_path):
 
 
 @needs_demo_packages
-def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
+def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypatch):
+    from speechlm.demo import job
     from speechlm.demo.corpus_texts import CORPUS_READER_PROMPT
     from speechlm.demo.job import HEADLINE, JobSettings, run_job
     from speechlm.evaluation import EvalSettings
     from speechlm.speech_io.audio import load_audio
+
+    rates = []  # the speaking rate each evaluation's model speaks at
+    evaluate_all = job.evaluate_all
+
+    def recording(model, *args, **kwargs):
+        rates.append(model.config.speech_units_per_character)
+        return evaluate_all(model, *args, **kwargs)
+
+    monkeypatch.setattr(job, "evaluate_all", recording)
 
     settings = JobSettings(out=str(tmp_path / "out"), size="ci", cache=str(demo_cache), max_minutes=None,
                            curve_every_minutes=0.5, curve_items=4, tts_items=4, tts_train_clips=16,
@@ -56,6 +66,8 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache):
         assert metric in report["before"][name] and metric in report["after"][name], (name, metric)
     assert report["text_answers_unchanged"] is True  # LoRA acts on audio rows only: text answers stay
     assert report["alignment"] is None  # the recipe's whisper reader needs no CTC pre-alignment
+    # the untrained model speaks in the same length window as the trained one (the rate is the data's, not learned)
+    assert len(rates) == 2 and rates[0] is not None and rates[0] == rates[1]
     curve = report["training"]["curve"]  # untrained, ..., after training
     assert curve[0]["step"] == 0 and curve[0]["minutes"] == 0 and curve[-1]["step"] == 16
     assert report["training"]["minutes"] == pytest.approx(curve[-1]["minutes"], abs=0.05)  # not the evaluation's
