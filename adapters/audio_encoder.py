@@ -52,14 +52,13 @@ def encoder_precision(dtype: str, device_type: str):
     if dtype == "bfloat16":
         if native_bfloat16(device_type):
             return torch.autocast(device_type, dtype=torch.bfloat16)
-        _warn_float32_encoder(device_type)
+        warn_float32_fallback("audio_encoder_dtype=bfloat16", "the encoder", device_type)
     return torch.autocast(device_type, enabled=False)
 
 
 @functools.cache
-def _warn_float32_encoder(device_type: str) -> None:  # once, not at every batch
-    logger.warning("audio_encoder_dtype=bfloat16: this %s has no native bfloat16, so the encoder runs in float32",
-                   device_type)
+def warn_float32_fallback(setting: str, part: str, device_type: str) -> None:  # once, not at every batch
+    logger.warning("%s: this %s has no native bfloat16, so %s runs in float32", setting, device_type, part)
 
 
 def use_float_layer_norms(module: nn.Module) -> None:

@@ -11,7 +11,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from speechlm.adapters.audio_encoder import WhisperAudioEncoder, encoder_precision
+from speechlm.adapters.audio_encoder import (
+    WhisperAudioEncoder,
+    encoder_precision,
+    native_bfloat16,
+    warn_float32_fallback,
+)
 from speechlm.adapters.compression import CTCCompressor
 from speechlm.adapters.configuration import SpeechLMConfig
 from speechlm.adapters.loading import load_speechlm
@@ -141,6 +146,33 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
 
     def get_decoder(self) -> nn.Module:
         return self.text_model.get_decoder()
+
+    @contextmanager
+    def language_model_in(self, dtype: torch.dtype | str | None) -> Iterator[None]:
+        """While inside, the LM's weights (the backbone, its LoRA and the speech-unit rows) are ``dtype``;
+        after, the very tensors they were. bfloat16 halves the bytes a decoding step reads: generating, a
+        small LM is bound by them (BENCHMARKS.md). The audio side keeps its dtype, and so do buffers (the
+        rotary frequencies lose positions in bfloat16). None changes nothing, and so does bfloat16 on a
+        device without native bfloat16 (slower there than float32; it warns)."""
+        asked = dtype
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if asked is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"language_model_in({asked!r}): expected a floating torch dtype or its name "
+                             "(bfloat16, float16, float32)")
+        if dtype == torch.bfloat16 and not native_bfloat16(self.device.type):
+            warn_float32_fallback("the language model in bfloat16", "it", self.device.type)
+            dtype = None
+        parameters = [p for part in (self.language_model, self.speech_vocab) for p in part.parameters()
+                      if p.is_floating_point() and p.dtype != dtype]
+        originals = [p.data for p in parameters]
+        try:
+            if dtype is not None:
+                for parameter in parameters:
+                    parameter.data = parameter.data.to(dtype)
+            yield
+        finally:
+            for parameter, original in zip(parameters, originals, strict=True):
+                parameter.data = original
 
     def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
         try:

@@ -65,6 +65,9 @@ class EvalSettings:
     tts_prompt: str = field(default="Say this out loud: {text}", metadata={"help": "the tts request; {text}"})
     max_speech_units: int = field(default=DEFAULT_MAX_SPEECH_UNITS, metadata={
         "help": "longest spoken response (50 units a second)"})
+    lm_dtype: str | None = field(default=None, metadata={
+        "help": "the language model's weights while evaluating (bfloat16: a decoding step reads half the bytes; "
+                "the audio side keeps its dtype); none: as loaded"})
     judge: str | None = field(default=None, metadata={"help": "openai-whisper .pt that transcribes tts audio"})
     output: str = field(default="text+speech", metadata={"help": "latency: the response mode to time"})
     # openai-whisper's transcribe: decode greedily, and where the text loops (compresses too well), decode it
@@ -80,6 +83,8 @@ class EvalSettings:
                        f"temperatures={self.temperatures}: expected one or more temperatures >= 0")
         problems.check(self.asr_follow_transcript >= 0,
                        f"asr_follow_transcript={self.asr_follow_transcript}: expected >= 0 (0: the LM alone)")
+        problems.check(self.lm_dtype in (None, "bfloat16", "float16", "float32"),
+                       f"lm_dtype={self.lm_dtype!r}: expected bfloat16, float16, float32 or none")
         problems.raise_if_any("EvalSettings")
 
 
@@ -388,9 +393,11 @@ def evaluate(model, processor, task: str, items: Sequence[EvalItem], settings: E
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(items), settings.batch_size), desc=f"eval {task}", disable=not progress):
-            batch = [items[i] for i in order[start: start + settings.batch_size]]
-            ordered += runner(model, processor, batch, settings)
+        with model.language_model_in(settings.lm_dtype):
+            for start in tqdm(range(0, len(items), settings.batch_size), desc=f"eval {task}",
+                              disable=not progress):
+                batch = [items[i] for i in order[start: start + settings.batch_size]]
+                ordered += runner(model, processor, batch, settings)
     finally:
         model.train(was_training)
     results: list[dict] = [{}] * len(items)

@@ -204,7 +204,7 @@ def test_an_encoder_in_bfloat16_runs_in_float32_where_the_device_lacks_it(monkey
     from speechlm.adapters import audio_encoder
 
     monkeypatch.setattr(audio_encoder, "native_bfloat16", lambda device_type: False)
-    audio_encoder._warn_float32_encoder.cache_clear()  # it warns once a process
+    audio_encoder.warn_float32_fallback.cache_clear()  # it warns once a process
     plain, tokenizer = build_speechlm(tiny_spec())
     fast, _ = build_speechlm(tiny_spec(audio_encoder_dtype="bfloat16"))
     inputs = audio_inputs(plain, tokenizer, [40, 23])
@@ -233,3 +233,43 @@ def test_an_unknown_encoder_dtype_is_named():
 
     with pytest.raises(ConfigError, match="audio_encoder_dtype='float16'"):
         tiny_spec(audio_encoder_dtype="float16")
+
+
+def test_the_language_model_runs_in_bfloat16_inside_and_gets_its_own_tensors_back(monkeypatch):
+    from speechlm.adapters import modeling
+
+    monkeypatch.setattr(modeling, "native_bfloat16", lambda device_type: True)
+    model, tokenizer = build_speechlm(tiny_spec(mode="lora"))
+    model.eval()
+    inputs = audio_inputs(model, tokenizer, [40, 23])
+    lm_parameters = [*model.language_model.parameters(), *model.speech_vocab.parameters()]
+    before = {id(p): (p.data_ptr(), p.data.clone()) for p in model.parameters()}
+    buffers = [b.dtype for b in model.language_model.buffers()]
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with model.language_model_in("bfloat16"):
+            assert {p.dtype for p in lm_parameters} == {torch.bfloat16}
+            assert any("lora_A" in name for name, p in model.language_model.named_parameters()
+                       if p.dtype == torch.bfloat16)
+            assert {p.dtype for p in model.audio_tower.parameters()} == {torch.float32}  # the audio side keeps its
+            assert [b.dtype for b in model.language_model.buffers()] == buffers  # rotary frequencies too
+            fast = model(**inputs).logits
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), reference, atol=0.05, rtol=0.05)
+    for p in model.parameters():  # the very tensors, not a float32 copy of the rounded ones
+        storage, values = before[id(p)]
+        assert p.data_ptr() == storage and torch.equal(p.data, values)
+
+
+def test_the_language_model_dtype_is_checked_and_kept_where_the_device_lacks_bfloat16(monkeypatch, caplog):
+    from speechlm.adapters import audio_encoder, modeling
+
+    model, _ = build_speechlm(tiny_spec())
+    with pytest.raises(ValueError, match="'int8'.*expected a floating torch dtype"):
+        with model.language_model_in("int8"):
+            pass
+    monkeypatch.setattr(modeling, "native_bfloat16", lambda device_type: False)
+    audio_encoder.warn_float32_fallback.cache_clear()
+    with model.language_model_in(torch.bfloat16):
+        assert {p.dtype for p in model.language_model.parameters()} == {torch.float32}
+    assert "no native bfloat16" in caplog.text

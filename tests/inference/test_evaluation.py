@@ -177,3 +177,21 @@ def test_temperatures_are_checked(tmp_path, capsys):
     assert "--temperatures: expected comma-separated numbers, got '0,hot'" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--task", "asr", "--data", "x.jsonl", "--temperatures", "0,-1"]) == 2
     assert "temperatures=(0.0, -1.0): expected one or more temperatures >= 0" in capsys.readouterr().err
+
+
+def test_evaluation_in_bfloat16_restores_the_weights_and_checks_the_dtype(model_dir, monkeypatch):
+    from speechlm.adapters import modeling
+    from speechlm.demo.job import load_trained
+
+    monkeypatch.setattr(modeling, "native_bfloat16", lambda device_type: True)
+    model, processor = load_trained(model_dir)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.language_model.dtype))
+    items = [EvalItem("a", {"text": "hello there", "units": [1, 2, 3]})]
+    totals, _ = evaluate(model, processor, "tts", items, EvalSettings(max_speech_units=8, lm_dtype="bfloat16"),
+                         progress=False)
+    assert seen and set(seen) == {torch.bfloat16} and totals["items"] == 1
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    with pytest.raises(ValueError, match="lm_dtype='int8'"):
+        EvalSettings(lm_dtype="int8")
