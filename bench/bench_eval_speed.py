@@ -8,9 +8,13 @@ On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``),
   bfloat16 autocast (``audio_encoder_dtype``); seconds, the reader's WER, and how many transcripts are the
   same as the first row's;
 - **batching** (``speechlm eval``'s ASR and TTS tasks): items in the manifest's order against batched by
-  length (`batch_order`), seconds and the task's figures.
+  length (`batch_order`), seconds and the task's figures;
+- **the LM's dtype** (every evaluation set of the job, with the job's settings): the language model's weights
+  in float32 against bfloat16 (``EvalSettings.lm_dtype``), the clips' readings cached first (as the job's
+  evaluation after training finds them), seconds, the figures, and how many outputs are the same.
 
     python bench/bench_eval_speed.py --job /tmp/exp/reader9 --out /tmp/exp/eval-speed.json
+    python bench/bench_eval_speed.py --job /tmp/exp/full33 --sections lm-dtype --out /tmp/exp/lm-dtype.json
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 from whisper.decoding import DecodingTask, PyTorchInference
 
 from speechlm.adapters import readers
-from speechlm.demo.job import load_trained
+from speechlm.adapters.reading_cache import ReadingCache
+from speechlm.demo.job import JobSettings, load_trained
 from speechlm.evaluation import BATCH_LENGTH_FIELDS, EvalSettings, evaluate, read_eval_manifest
 from speechlm.finetune.metrics import word_errors
 
@@ -94,23 +99,61 @@ def batching_rows(model, processor, task: str, items, batch_sizes: list[int], se
     return rows
 
 
+def lm_dtype_rows(model, processor, task: str, items, settings: EvalSettings) -> list[dict]:
+    """float32, bfloat16, float32 again: the first run reads the clips into the cache (its seconds include
+    the reading), the other two time the LM alone."""
+    model.reading_cache = ReadingCache()
+    output = {"asr": "hypothesis", "qa": "speech_answer", "tts": "units"}[task]
+    rows, outputs = [], {}
+    for dtype in (["float32"] if task in ("asr", "qa") else []) + ["bfloat16", "float32"]:
+        start = time.perf_counter()
+        totals, results = evaluate(model, processor, task, items, replace(settings, lm_dtype=dtype), progress=False)
+        row = {"task": task, "lm_dtype": dtype, "readings_cached": bool(rows) or task == "tts",
+               "seconds": round(time.perf_counter() - start, 1), "totals": totals}
+        outputs[dtype] = results
+        if dtype == "float32" and "bfloat16" in outputs:
+            pairs = list(zip(outputs["bfloat16"], results, strict=True))
+            row["same_outputs_as_bfloat16"] = sum(a[output] == b[output] for a, b in pairs)
+            if task == "qa":
+                row["same_typed_answers_as_bfloat16"] = sum(a["text_answer"] == b["text_answer"] for a, b in pairs)
+        rows.append(row)
+        print(rows[-1], flush=True)
+    return rows
+
+
+SECTIONS = ("reading", "batching", "lm-dtype")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", required=True, help="a quick-start job's --out folder (model/ and eval-data/)")
     parser.add_argument("--batch-size", type=int, default=40)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {list(SECTIONS)}")
     parser.add_argument("--out", help="write the figures here (JSON)")
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    if not set(sections) <= set(SECTIONS):
+        parser.error(f"--sections {args.sections}: choose from {list(SECTIONS)}")
     job = Path(args.job)
     model, processor = load_trained(job / "model")
-    heldout = read_eval_manifest(job / "eval-data" / "asr-heldout.jsonl", "asr")
-    figures = {"reading asr/heldout": reading_rows(model, processor, heldout, args.batch_size)}
-    model.config.audio_encoder_dtype = "bfloat16"
-    figures["batching asr/ood"] = batching_rows(
-        model, processor, "asr", read_eval_manifest(job / "eval-data" / "asr-ood.jsonl", "asr"), [args.batch_size],
-        EvalSettings())
-    figures["batching tts/heldout"] = batching_rows(
-        model, processor, "tts", read_eval_manifest(job / "eval-data" / "tts-heldout.jsonl", "tts"),
-        [args.batch_size, args.batch_size // 2], EvalSettings(max_speech_units=400))
+    figures = {}
+    if "reading" in sections:
+        heldout = read_eval_manifest(job / "eval-data" / "asr-heldout.jsonl", "asr")
+        figures["reading asr/heldout"] = reading_rows(model, processor, heldout, args.batch_size)
+        model.config.audio_encoder_dtype = "bfloat16"
+    if "batching" in sections:
+        figures["batching asr/ood"] = batching_rows(
+            model, processor, "asr", read_eval_manifest(job / "eval-data" / "asr-ood.jsonl", "asr"),
+            [args.batch_size], EvalSettings())
+        figures["batching tts/heldout"] = batching_rows(
+            model, processor, "tts", read_eval_manifest(job / "eval-data" / "tts-heldout.jsonl", "tts"),
+            [args.batch_size, args.batch_size // 2], EvalSettings(max_speech_units=400))
+    if "lm-dtype" in sections:
+        settings = replace(JobSettings().eval, batch_size=args.batch_size)
+        for path in sorted((job / "eval-data").glob("*.jsonl")):  # asr-heldout.jsonl: the job's asr/heldout
+            task = path.stem.split("-")[0]
+            figures[f"lm dtype {path.stem}"] = lm_dtype_rows(model, processor, task, read_eval_manifest(path, task),
+                                                             settings)
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
 

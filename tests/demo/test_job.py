@@ -46,9 +46,12 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypa
     rates = []  # the speaking rate each evaluation's model speaks at
     evaluate_all = job.evaluate_all
 
-    def recording(model, *args, **kwargs):
+    dtypes = []  # the LM's dtype each evaluation gives each task
+
+    def recording(model, processor, eval_sets, settings_of, *args, **kwargs):
         rates.append(model.config.speech_units_per_character)
-        return evaluate_all(model, *args, **kwargs)
+        dtypes.append({task: settings_of(task).lm_dtype for task, _ in eval_sets.values()})
+        return evaluate_all(model, processor, eval_sets, settings_of, *args, **kwargs)
 
     monkeypatch.setattr(job, "evaluate_all", recording)
 
@@ -68,6 +71,9 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypa
     assert report["alignment"] is None  # the recipe's whisper reader needs no CTC pre-alignment
     # the untrained model speaks in the same length window as the trained one (the rate is the data's, not learned)
     assert len(rates) == 2 and rates[0] is not None and rates[0] == rates[1]
+    # transcripts and speech with the LM in bfloat16, free answers (and the typed answers' check) as trained
+    assert dtypes == [{"asr": "bfloat16", "qa": None, "tts": "bfloat16"}] * 2
+    assert report["eval_bfloat16_tasks"] == ["asr", "tts"]
     curve = report["training"]["curve"]  # untrained, ..., after training
     assert curve[0]["step"] == 0 and curve[0]["minutes"] == 0 and curve[-1]["step"] == 16
     assert report["training"]["minutes"] == pytest.approx(curve[-1]["minutes"], abs=0.05)  # not the evaluation's
