@@ -37,14 +37,15 @@ def test_codebook_buffers(narrow_codec):
 def test_matches_upstream_forward(narrow_codec, clips):
     """Our layer-by-layer batched path computes what upstream's own forward does, item by item.
 
-    Compared as floats, to a millionth of the latents' size: upstream's one-row LSTM rounds differently
-    from our batches.
+    Compared as floats, to 1e-5 of the latents' size: upstream's one-row LSTM and convolutions round
+    differently from our batches, by a few float32 ulps per layer (up to 1.2e-6 on one CPU's kernels, under
+    3e-7 on another's); a layout that moved would be off by the latents' own size.
     """
     latents = narrow_codec._latents(clips, batch_size=8)
     with torch.inference_mode():
         for clip, latent in zip(clips, latents, strict=True):
             upstream = narrow_codec.model.encoder(torch.from_numpy(clip)[None, None])[0]
-            assert torch.allclose(upstream, latent, atol=1e-6 * upstream.abs().max().item(), rtol=0)
+            assert torch.allclose(upstream, latent, atol=1e-5 * upstream.abs().max().item(), rtol=0)
         for codes in narrow_codec.encode(clips):
             wav = narrow_codec.model.decode(torch.from_numpy(codes)[:, None])[0, 0].numpy()
             assert np.allclose(wav, narrow_codec.decode(codes), atol=1e-6)
