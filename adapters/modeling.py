@@ -162,13 +162,15 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         if dtype == torch.bfloat16 and not native_bfloat16(self.device.type):
             warn_float32_fallback("the language model in bfloat16", "it", self.device.type)
             dtype = None
+        if dtype is None:
+            yield
+            return
         parameters = [p for part in (self.language_model, self.speech_vocab) for p in part.parameters()
                       if p.is_floating_point() and p.dtype != dtype]
         originals = [p.data for p in parameters]
         try:
-            if dtype is not None:
-                for parameter in parameters:
-                    parameter.data = parameter.data.to(dtype)
+            for parameter in parameters:
+                parameter.data = parameter.data.to(dtype)
             yield
         finally:
             for parameter, original in zip(parameters, originals, strict=True):

@@ -247,7 +247,7 @@ def serve_options(a: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from speechlm.constraints import OUTPUT_MODES
-    from speechlm.evaluation import EVAL_TASKS, EvalSettings
+    from speechlm.evaluation import EVAL_TASKS, LM_DTYPES, EvalSettings
     from speechlm.responding import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SPEECH_UNITS
 
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr-follow-transcript", type=float, default=evaluation.asr_follow_transcript,
                    help="asr, a model with a reader: log-odds the next token of the reader's transcript gains "
                         "(0: the LM alone)")
-    p.add_argument("--lm-dtype", choices=["bfloat16", "float16", "float32"],
+    p.add_argument("--lm-dtype", choices=LM_DTYPES,
                    help="the language model's weights while evaluating (bfloat16: ~0.7x the time of a spoken "
                         "answer on a CPU with AVX-512 BF16; the audio side keeps its dtype; default: as saved)")
     p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, dict(

@@ -50,6 +50,7 @@ from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.units import units_to_text
 
 EVAL_TASKS = ("asr", "qa", "tts", "slm", "latency")
+LM_DTYPES = ("bfloat16", "float16", "float32")  # what `EvalSettings.lm_dtype` may name
 REQUIRED_FIELDS = {"asr": ("audio", "text"), "qa": ("audio", "question", "answers"), "tts": ("text",),
                    "slm": ("real", "fake"), "latency": ()}
 
@@ -83,8 +84,8 @@ class EvalSettings:
                        f"temperatures={self.temperatures}: expected one or more temperatures >= 0")
         problems.check(self.asr_follow_transcript >= 0,
                        f"asr_follow_transcript={self.asr_follow_transcript}: expected >= 0 (0: the LM alone)")
-        problems.check(self.lm_dtype in (None, "bfloat16", "float16", "float32"),
-                       f"lm_dtype={self.lm_dtype!r}: expected bfloat16, float16, float32 or none")
+        problems.check(self.lm_dtype is None or self.lm_dtype in LM_DTYPES,
+                       f"lm_dtype={self.lm_dtype!r}: expected one of {', '.join(LM_DTYPES)} or none")
         problems.raise_if_any("EvalSettings")
 
 

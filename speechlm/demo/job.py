@@ -269,8 +269,8 @@ def run_job(settings: JobSettings, progress=print) -> dict:
 
     curve_items = spread(read_eval_manifest(eval_sets["asr/heldout"][1], "asr"), settings.curve_items)
     training_clock = TrainingClock()
-    curve = LearningCurve(model, processor, curve_items, settings.eval_settings("asr"), every_minutes=settings.curve_every_minutes,
-                          clock=training_clock, progress=progress)
+    curve = LearningCurve(model, processor, curve_items, settings.eval_settings("asr"),
+                          every_minutes=settings.curve_every_minutes, clock=training_clock, progress=progress)
     ahead = recipe.read_ahead(config, model, processor, examples)
     if ahead is not None:
         lap("read_ahead")

@@ -44,9 +44,8 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypa
     from speechlm.speech_io.audio import load_audio
 
     rates = []  # the speaking rate each evaluation's model speaks at
-    evaluate_all = job.evaluate_all
-
     dtypes = []  # the LM's dtype each evaluation gives each task
+    evaluate_all = job.evaluate_all
 
     def recording(model, processor, eval_sets, settings_of, *args, **kwargs):
         rates.append(model.config.speech_units_per_character)
