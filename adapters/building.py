@@ -7,8 +7,11 @@ one is `speechlm.adapters.loading`.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -26,10 +29,12 @@ from speechlm.adapters.modeling import SpeechLMForCausalLM
 from speechlm.adapters.modes import unknown_lora_keys
 from speechlm.adapters.tiny import BYTE_VOCAB_SIZE, build_byte_tokenizer
 from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
+from speechlm.speech_io.codec_loading import Codec, load_codec
 from speechlm.speech_io.config_errors import ConfigError, ConfigProblems
 from speechlm.speech_io.hub_files import missing_from_cache, not_cached_message
 from speechlm.speech_io.processor import SpeechLMProcessor
 from speechlm.speech_io.units import expand_tokenizer
+from speechlm.speech_io.whisper_units import WhisperUnitCodec
 
 
 @dataclass
@@ -152,13 +157,13 @@ def build_speechlm(spec: ModelSpec) -> tuple[SpeechLMForCausalLM, object]:
     return model, tokenizer
 
 
-def build_codec(spec: ModelSpec) -> SpeechTokenizerCodec | None:
+def build_codec(spec: ModelSpec) -> Codec | None:
     """The codec a speaking model decodes its units with: loaded from ``spec.codec`` (a directory or Hub repo), or
     random at the given dims with seeded codebooks (so that a fresh model's speech is reproducible)."""
     if spec.codec is None:
         return None
     if isinstance(spec.codec, str):
-        codec = SpeechTokenizerCodec.from_pretrained(spec.codec)
+        codec = load_codec(spec.codec)
         if codec.codebook_size != spec.num_speech_units:
             raise ValueError(f"codec {spec.codec!r} has {codec.codebook_size} codes per layer but "
                              f"num_speech_units={spec.num_speech_units}; set num_speech_units to match the codec")
@@ -166,6 +171,17 @@ def build_codec(spec: ModelSpec) -> SpeechTokenizerCodec | None:
     codec = SpeechTokenizerCodec.from_config(CodecConfig(**{**spec.codec, "codebook_size": spec.num_speech_units}),
                                              seed=spec.seed)
     codec.fill_codebooks(None, seed=spec.seed)
+    return codec
+
+
+def build_whisper_unit_codec(whisper_checkpoint: str | os.PathLike, clips: Sequence[np.ndarray], *,
+                             encoder_blocks: int = 4, codebook_size: int = 1024, seed: int = 0) -> WhisperUnitCodec:
+    """A `WhisperUnitCodec` cut from an openai-whisper ``.pt`` (its first ``encoder_blocks`` encoder blocks), its
+    codebook a seeded k-means of ``clips``' frames. It decodes once a vocoder is trained for it."""
+    dims, state = read_whisper_checkpoint(whisper_checkpoint)
+    codec = WhisperUnitCodec.from_whisper(dims, state, source=os.fspath(whisper_checkpoint),
+                                          encoder_blocks=encoder_blocks, codebook_size=codebook_size)
+    codec.fill_codebooks(clips, seed=seed)
     return codec
 
 

@@ -5,9 +5,12 @@ Griffin-Lim from the clips' true log-mel (the floor of any log-mel vocoder).
 Rows: each ``--layers`` value, a vocoder trained here for ``--minutes`` on ``--clips`` training clips (the
 codec encodes them) with `speechlm.finetune.vocoder_training`, then decoding the held-out clips' units; and
 the codec's own (random) decoder on all its layers. ``--codec`` is the demo cache's codec by default; a codec
-built before the encoder kept the signal's scale (upstream's random initialization) shows what that does.
+built before the encoder kept the signal's scale (upstream's random initialization) shows what that does, and a
+whisper-units codec (``speechlm whisper-units``, one layer, no decoder of its own) what semantic units give.
 
     python bench/bench_vocoder.py --cache /tmp/democache --layers 1,8 --minutes 8 --clips 800 --heldout 60
+    speechlm whisper-units /tmp/democache/whisper-base.pt /tmp/democache/corpus-full/train.jsonl --out units
+    python bench/bench_vocoder.py --cache /tmp/democache --codec units --layers 1 --minutes 8 --clips 800
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from speechlm.finetune.vocoder_training import (
     vocoder_examples,
 )
 from speechlm.speech_io.audio import load_audio
-from speechlm.speech_io.codec import SpeechTokenizerCodec
+from speechlm.speech_io.codec_loading import load_codec
 from speechlm.speech_io.spectrogram import MelSpectrogram
 
 
@@ -53,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     assets = json.loads((Path(args.cache) / "assets-full.json").read_text())
-    codec = SpeechTokenizerCodec.from_pretrained(args.codec or assets["codec"])
+    codec = load_codec(args.codec or assets["codec"])
     judge = load_judge(assets["audio_encoder"])
     rows = [row for row in read_jsonl(assets["heldout"]) if row.get("audio")][: args.heldout]
     texts = [row["text"] for row in rows]
@@ -62,8 +65,9 @@ def main() -> None:
     spectrogram = MelSpectrogram()
     results["Griffin-Lim from the true log-mel"] = judged(
         judge, texts, [spectrogram.waveform(spectrogram.log_mel(wave), len(wave)) for wave in heldout])
-    units = codec.encode(heldout)
-    results["the codec's own decoder, all layers"] = judged(judge, texts, codec.decode_batch(units))
+    if codec.decodes_with(codec.n_q) == "speechtokenizer":  # a whisper-units codec has no decoder of its own
+        units = codec.encode(heldout)
+        results["the codec's own decoder, all layers"] = judged(judge, texts, codec.decode_batch(units))
 
     clips = [load_audio(clip) for clip in manifest_clips([assets["train"]], args.clips)]
     for layers in (int(value) for value in args.layers.split(",")):

@@ -75,7 +75,7 @@ def prepare(source: Any, codec: Any, out: str | os.PathLike, *, layers: str = "1
             progress: bool = True) -> PrepareReport:
     """Check the audio of every example of ``source`` and extract its codec units into ``out``.
 
-    ``codec``: a `SpeechTokenizerCodec` or the directory it loads from. ``layers``: ``"1"`` keeps the
+    ``codec``: a codec (`SpeechTokenizerCodec`, `WhisperUnitCodec`) or the directory it loads from. ``layers``: ``"1"`` keeps the
     first (semantic) RVQ layer, which is what the LM's unit tokens are; ``"all"`` also keeps every layer.
     Raises `PrepareError` when more than ``max_bad_fraction`` of the examples are bad (after writing
     the report that lists them).
@@ -267,10 +267,10 @@ def _write_atomic(path: Path, text: str, *, exists_ok: bool = False) -> None:
 
 def _load_codec(codec):
     if isinstance(codec, (str, os.PathLike)):
-        from speechlm.speech_io.codec import SpeechTokenizerCodec
+        from speechlm.speech_io.codec_loading import load_codec
 
         try:
-            return SpeechTokenizerCodec.from_pretrained(codec)
+            return load_codec(codec)
         except FileNotFoundError as error:
             raise PrepareError(f"--codec {codec}: {error}") from error
     return codec

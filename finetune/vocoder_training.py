@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from speechlm.speech_io.audio import load_audio
-from speechlm.speech_io.codec import SpeechTokenizerCodec
+from speechlm.speech_io.codec_loading import Codec, load_codec
 from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.spectrogram import LOG_FLOOR
 from speechlm.speech_io.vocoder import UnitVocoder, VocoderConfig, vocoder_folder
@@ -82,7 +82,7 @@ def manifest_clips(manifests: Sequence[str | Path], max_clips: int | None) -> li
     return clips
 
 
-def vocoder_examples(codec: SpeechTokenizerCodec, waveforms: Sequence[np.ndarray], config: VocoderConfig
+def vocoder_examples(codec: Codec, waveforms: Sequence[np.ndarray], config: VocoderConfig
                      ) -> list[VocoderExample]:
     """Each clip's first ``config.num_layers`` units and its log-mel, cut or padded to the units' frames."""
     from speechlm.speech_io.spectrogram import MelSpectrogram
@@ -114,13 +114,13 @@ def _batch(examples: list[VocoderExample], rng: np.random.Generator, settings: V
     return torch.stack(units), torch.stack(targets)
 
 
-def vocoder_config(codec: SpeechTokenizerCodec, num_layers: int, **settings) -> VocoderConfig:
+def vocoder_config(codec: Codec, num_layers: int, **settings) -> VocoderConfig:
     """A vocoder config that fits ``codec`` (its codebooks' size and width), with ``settings`` over the defaults."""
     return VocoderConfig(num_layers=num_layers, codebook_size=codec.codebook_size,
-                         codebook_dimension=codec.config.dimension, **settings)
+                         codebook_dimension=codec.codebook_dimension, **settings)
 
 
-def train_vocoder(codec: SpeechTokenizerCodec, examples: list[VocoderExample], config: VocoderConfig,
+def train_vocoder(codec: Codec, examples: list[VocoderExample], config: VocoderConfig,
                   settings: VocoderTraining) -> tuple[UnitVocoder, VocoderReport]:
     """A vocoder for ``codec``'s units trained on ``examples`` until ``max_minutes`` or ``max_steps``."""
     torch.manual_seed(settings.seed)
@@ -153,16 +153,16 @@ def train_vocoder(codec: SpeechTokenizerCodec, examples: list[VocoderExample], c
 
 
 def train_codec_vocoder(codec_dir: str | Path, manifests: Sequence[str | Path], config: VocoderConfig,
-                        settings: VocoderTraining, *, codec: SpeechTokenizerCodec | None = None
+                        settings: VocoderTraining, *, codec: Codec | None = None
                         ) -> tuple[Path, VocoderReport]:
     """Train a vocoder for the codec in ``codec_dir`` on the manifests' clips and save it into that folder.
     ``codec``: that folder's codec, where the caller has loaded it already."""
-    codec = SpeechTokenizerCodec.from_pretrained(codec_dir) if codec is None else codec
-    fits = (config.codebook_size, config.codebook_dimension) == (codec.codebook_size, codec.config.dimension)
+    codec = load_codec(codec_dir) if codec is None else codec
+    fits = (config.codebook_size, config.codebook_dimension) == (codec.codebook_size, codec.codebook_dimension)
     if not fits or config.num_layers > codec.n_q:
         raise ValueError(f"vocoder config: {config.num_layers} layers of {config.codebook_size} codes of width "
                          f"{config.codebook_dimension}; the codec in {codec_dir} has {codec.n_q} layers of "
-                         f"{codec.codebook_size} codes of width {codec.config.dimension}")
+                         f"{codec.codebook_size} codes of width {codec.codebook_dimension}")
     waves = [load_audio(clip) for clip in manifest_clips(manifests, settings.max_clips)]
     vocoder, report = train_vocoder(codec, vocoder_examples(codec, waves, config), config, settings)
     out = Path(codec_dir) / vocoder_folder(config.num_layers)

@@ -43,6 +43,7 @@ from speechlm.speech_io.codec_upstream import upstream
 from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
+from speechlm.speech_io.unit_checks import checked_units, checked_waveform
 from speechlm.speech_io.vocoder import VOCODER_FOLDER_PATTERN, UnitVocoder, VocoderStream, vocoder_folder
 
 CHECKPOINT_NAME = "SpeechTokenizer.pt"
@@ -255,6 +256,10 @@ class SpeechTokenizerCodec:
     def n_q(self) -> int:
         return self.config.n_q
 
+    @property
+    def codebook_dimension(self) -> int:
+        return self.config.dimension
+
     def num_frames(self, num_samples: int) -> int:
         """Units per layer for ``num_samples`` of audio: every started hop gets a frame."""
         return math.ceil(num_samples / self.hop_length)
@@ -421,37 +426,11 @@ class SpeechTokenizerCodec:
         return n_q
 
     def _check_waveform(self, waveform: Any, index: int) -> np.ndarray:
-        array = np.asarray(waveform)
-        if array.ndim != 1 or array.shape[0] == 0:
-            raise ValueError(f"waveform {index} has shape {array.shape}; expected a non-empty mono (samples,) "
-                             f"array at {self.sample_rate} Hz (load it with speech_io.audio.load_audio)")
-        if not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"waveform {index} has dtype {array.dtype}; expected float samples in [-1, 1]")
-        if not np.isfinite(array).all():
-            raise ValueError(f"waveform {index} holds NaN or infinite samples; expected finite values")
-        return np.ascontiguousarray(array, dtype=np.float32)
+        return checked_waveform(waveform, index, self.sample_rate)
 
     def _check_units(self, units: Any, what: str) -> torch.Tensor:
         """Units as a long tensor ``(k, T)``; 1-D input is layer 1."""
-        array = units.detach().cpu().numpy() if isinstance(units, torch.Tensor) else np.asarray(units)
-        if array.ndim == 1:
-            array = array[None, :]
-        if array.ndim != 2:
-            raise ValueError(f"{what} has shape {array.shape}; expected (T,) layer-1 units or (k, T) with "
-                             f"k <= {self.n_q} layers")
-        if array.shape[0] < 1 or array.shape[0] > self.n_q:
-            raise ValueError(f"{what} has shape {array.shape}: {array.shape[0]} layers, but the codec has "
-                             f"{self.n_q}; expected (k, T) with 1 <= k <= {self.n_q}")
-        if array.shape[1] == 0:
-            raise ValueError(f"{what} has shape {array.shape}: no frames; expected at least one unit")
-        if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"{what} has dtype {array.dtype}; expected integer units")
-        bad = (array < 0) | (array >= self.codebook_size)
-        if bad.any():
-            layer, frame = (int(i[0]) for i in np.nonzero(bad))
-            raise ValueError(f"{what}: unit {int(array[layer, frame])} at layer {layer}, frame {frame} is outside "
-                             f"the codebook [0, {self.codebook_size})")
-        return torch.from_numpy(array.astype(np.int64))
+        return checked_units(units, what, self.n_q, self.codebook_size)
 
 
 # ---- loading ------------------------------------------------------------------------------------------

@@ -150,9 +150,9 @@ class SpeechLMProcessor:
             if self.codec_name_or_path is None:
                 raise ValueError("discrete speech needs a codec: pass codec= or codec_name_or_path= to the "
                                  "processor (a SpeechTokenizer directory with config.json and a .pt)")
-            from speechlm.speech_io.codec import SpeechTokenizerCodec
+            from speechlm.speech_io.codec_loading import load_codec
 
-            self._codec = SpeechTokenizerCodec.from_pretrained(self._codec_location())
+            self._codec = load_codec(self._codec_location())
         return self._codec
 
     def _codec_location(self) -> Path:
@@ -162,15 +162,14 @@ class SpeechLMProcessor:
         root, hub_kwargs = self._loaded_from
         if Path(root).is_dir():
             return Path(root) / (hub_kwargs.get("subfolder") or "") / path
-        from speechlm.speech_io.codec import CHECKPOINT_NAME, CONFIG_NAME
+        from speechlm.speech_io.codec_loading import CODEC_FILE_PATTERNS
         from speechlm.speech_io.hub_files import download_repo_folder
-        from speechlm.speech_io.vocoder import VOCODER_FOLDER_PATTERN
 
-        # A Hub repo: fetch the codec's two files and its vocoders, if any (a folder of the snapshot).
+        # A Hub repo: fetch the codec's files and its vocoders, if any (a folder of the snapshot).
         kwargs = dict(hub_kwargs)
         folder = "/".join(part for part in (kwargs.pop("subfolder", None), path.as_posix()) if part)
         return download_repo_folder("codec", root, subfolder=folder,
-                                    patterns=(CONFIG_NAME, CHECKPOINT_NAME, f"{VOCODER_FOLDER_PATTERN}/*"), **kwargs)
+                                    patterns=CODEC_FILE_PATTERNS, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return {"processor_class": type(self).__name__, "n_mels": self.n_mels, "stack_factor": self.stack_factor,

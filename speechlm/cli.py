@@ -155,17 +155,32 @@ def train(config: str, overrides: list[str]) -> Path:
     return out_dir
 
 
+def whisper_units(checkpoint: str, manifests: list[str], out: str, blocks: int, size: int, max_clips: int,
+                  seed: int) -> Path:
+    """Cut a Whisper encoder into a unit codec, its codebook k-means-filled from the manifests' clips."""
+    from speechlm.adapters.building import build_whisper_unit_codec
+    from speechlm.finetune.vocoder_training import manifest_clips
+    from speechlm.speech_io.audio import load_audio
+
+    clips = [load_audio(clip) for clip in manifest_clips(manifests, max_clips)]
+    codec = build_whisper_unit_codec(checkpoint, clips, encoder_blocks=blocks, codebook_size=size, seed=seed)
+    codec.save_pretrained(out)
+    print(f"saved a whisper-units codec ({size} units from block {blocks}, {len(clips)} clips) to {out}; "
+          f"train its vocoder with: speechlm train-vocoder --codec {out} --layers 1 MANIFEST")
+    return Path(out)
+
+
 def train_vocoder(codec: str, manifests: list[str], layers: int, overrides: list[str]) -> Path:
     """Train a vocoder for a codec's units (``layers`` RVQ layers) on the manifests' clips; saved in the codec's
     folder, which then decodes with it while its own decoder is untrained."""
     from speechlm.configfile import apply_overrides, build_dataclass
     from speechlm.finetune.vocoder_training import VocoderTraining, train_codec_vocoder
-    from speechlm.speech_io.codec import SpeechTokenizerCodec
+    from speechlm.speech_io.codec_loading import load_codec
     from speechlm.speech_io.vocoder import VocoderConfig
 
-    loaded = SpeechTokenizerCodec.from_pretrained(codec)  # the codebooks' size and width are the codec's
+    loaded = load_codec(codec)  # the codebooks' size and width are the codec's
     values = apply_overrides({"vocoder": {"num_layers": layers, "codebook_size": loaded.codebook_size,
-                                          "codebook_dimension": loaded.config.dimension}, "training": {}}, overrides)
+                                          "codebook_dimension": loaded.codebook_dimension}, "training": {}}, overrides)
     config = build_dataclass(VocoderConfig, values["vocoder"], where="vocoder")
     settings = build_dataclass(VocoderTraining, values["training"], where="training")
     out, report = train_codec_vocoder(codec, manifests, config, settings, codec=loaded)
@@ -340,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="run a training recipe (YAML + key.sub=value overrides)")
     p.add_argument("config", help="training recipe YAML, e.g. configs/tiny/train.yaml")
     p.set_defaults(run=lambda a: train(a.config, a.overrides), takes_overrides=True)
+
+    p = commands.add_parser("whisper-units", help="a unit codec from a Whisper encoder's first blocks and k-means")
+    p.add_argument("checkpoint", help="an openai-whisper checkpoint (.pt)")
+    p.add_argument("manifests", nargs="+", help="JSONL manifests whose 'audio' clips fill the codebook")
+    p.add_argument("--out", required=True, help="the codec's directory")
+    p.add_argument("--blocks", type=int, default=4, help="encoder blocks kept; units are read after the last")
+    p.add_argument("--size", type=int, default=1024, help="units (k-means codes); the model's num_speech_units")
+    p.add_argument("--max-clips", type=int, default=400, help="clips the k-means reads (an even spread)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=lambda a: whisper_units(a.checkpoint, a.manifests, a.out, a.blocks, a.size, a.max_clips,
+                                               a.seed))
 
     p = commands.add_parser("train-vocoder", help="train a vocoder for a codec whose decoder is untrained")
     p.add_argument("manifests", nargs="+", help="JSONL manifests whose 'audio' clips it trains on")

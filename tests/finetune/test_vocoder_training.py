@@ -68,3 +68,26 @@ def test_training_errors(demo_corpus, tmp_path):
     with pytest.raises(ValueError, match="the codec in .* has 2 layers of 64 codes of width 32"):
         train_codec_vocoder(demo_corpus.parent / "codec", [demo_corpus], VocoderConfig(num_layers=3, **TINY),
                             VocoderTraining(max_steps=1))
+
+
+def test_whisper_units_codec_and_its_vocoder_from_the_command_line(demo_corpus, tmp_path):
+    from speechlm.speech_io.codec_loading import load_codec
+    from speechlm.speech_io.whisper_units import WhisperUnitCodec
+    from tests.conftest import save_tiny_whisper
+
+    checkpoint = save_tiny_whisper(tmp_path / "tiny.pt")
+    codec_dir = tmp_path / "units"
+    assert main(["whisper-units", checkpoint, str(demo_corpus), "--out", str(codec_dir), "--blocks", "1",
+                 "--size", "64", "--max-clips", "4"]) == 0
+    codec = load_codec(codec_dir)
+    assert isinstance(codec, WhisperUnitCodec) and codec.decodes_with(1) == "none"
+    overrides = [f"vocoder.{key}={value}" for key, value in TINY.items() if key not in ("spectrogram", "codebook_size",
+                                                                                         "codebook_dimension")]
+    overrides += ["vocoder.spectrogram.n_fft=256", "vocoder.spectrogram.win_length=256",
+                  "training.max_steps=3", "training.batch_size=2", "training.max_clips=2"]
+    assert main(["train-vocoder", str(demo_corpus), "--codec", str(codec_dir), "--layers", "1", *overrides]) == 0
+    codec = load_codec(codec_dir)
+    assert codec.decodes_with(1) == "vocoder"
+    assert codec.decode(np.arange(6)).shape == (6 * 320,)
+    with pytest.raises(ValueError, match="the codec in .* has 1 layers of 64 codes of width 32"):
+        train_codec_vocoder(codec_dir, [demo_corpus], VocoderConfig(num_layers=2, **TINY), VocoderTraining(max_steps=1))
