@@ -64,6 +64,10 @@ class VocoderReport:
     clips: int
     losses: list[float]  # the mean training loss of every 10 steps
 
+    def summary(self) -> str:
+        return (f"{self.steps} steps on {self.clips} clips in {self.minutes:.1f} min, L1 log-mel "
+                f"{self.losses[0]:.3f} -> {self.losses[-1]:.3f}")
+
 
 def manifest_clips(manifests: Sequence[str | Path], max_clips: int | None) -> list[Path]:
     """The audio files of JSONL manifests (rows with ``audio``, relative to the manifest), in order."""

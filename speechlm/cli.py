@@ -184,8 +184,7 @@ def train_vocoder(codec: str, manifests: list[str], layers: int, overrides: list
     config = build_dataclass(VocoderConfig, values["vocoder"], where="vocoder")
     settings = build_dataclass(VocoderTraining, values["training"], where="training")
     out, report = train_codec_vocoder(codec, manifests, config, settings, codec=loaded)
-    print(f"{report.steps} steps on {report.clips} clips in {report.minutes:.1f} min, L1 log-mel "
-          f"{report.losses[0]:.3f} -> {report.losses[-1]:.3f}; saved to {out}")
+    print(f"{report.summary()}; saved to {out}")
     return out
 
 

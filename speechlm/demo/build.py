@@ -1,4 +1,4 @@
-"""Build every asset of the quick start into the cache: backbone, Whisper, corpus, codec.
+"""Build every asset of the quick start into the cache: backbone, Whisper, corpus, codec (units and vocoder).
 
     python -m speechlm.demo assets --size ci     # a few dozen clips (CI)
     python -m speechlm.demo assets --size full   # ~2,300 clips (the quick start)
@@ -23,7 +23,7 @@ from speechlm.demo.assets import (
 from speechlm.demo.corpus import CorpusPaths, CorpusSize, Voice, build_corpus, corpus_size
 from speechlm.finetune.vocoder_training import VocoderTraining
 
-# The vocoder that makes the random codec's layer-1 units (the LM's) audible: a few steps on the CI corpus,
+# The vocoder that makes the codec's units (the LM's speech) audible: a few steps on the CI corpus,
 # VOCODER_MINUTES on the quick start's (BENCHMARKS.md, "Speech out": what more minutes and clips buy).
 VOCODER_MINUTES = 10.0
 VOCODER_TRAINING = {"ci": VocoderTraining(max_steps=4, max_clips=8, batch_size=4),
@@ -67,7 +67,9 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
     corpus = step("corpus", lambda: build_corpus(root / f"corpus-{name}", backbone, voice, size=corpus_size(size),
                                                  seed=seed, text_cache=root / "backbone-texts.json",
                                                  progress=progress))
-    codec = step("codec", lambda: build_codec(corpus.manifests["train"], root, seed=seed))
+    codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed,
+                                              vocoder=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"]),
+                                              progress=progress))
     assets = DemoAssets(cache=str(root), text_model=str(backbone), audio_encoder=str(whisper), codec=str(codec),
                         corpus=str(corpus.directory), train=str(corpus.manifests["train"]),
                         heldout=str(corpus.manifests["heldout"]), ood=str(corpus.manifests["ood"]),

@@ -86,28 +86,39 @@ def test_a_tiny_corpus_builds_with_every_split_and_is_reused(tmp_path, backbone_
     assert again.manifests["train"].read_text() == corpus.manifests["train"].read_text()
 
 
-def test_codec_has_the_published_architecture_and_filled_codebooks(tmp_path, demo_cache, voice):
+def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_cache, voice):
     import soundfile as sf
 
-    from speechlm.demo.assets import build_codec
+    from speechlm.demo.assets import UNIT_CODES, build_codec, build_whisper
     from speechlm.demo.corpus_audio import PiperSynthesizer
-    from speechlm.speech_io.codec import SpeechTokenizerCodec
+    from speechlm.finetune.vocoder_training import VocoderTraining
+    from speechlm.speech_io.codec_loading import load_codec
+    from speechlm.speech_io.whisper_units import WhisperUnitCodec
 
     synthesize = PiperSynthesizer(voice)
     (tmp_path / "audio").mkdir()
     lines = []
-    for index, text in enumerate(["A short sentence for the codebooks.", "Another one, a little longer."]):
+    texts = ["A short sentence for the codebook, spoken slowly enough to fill it.",
+             "Another one, a little longer, with more words and more sounds in it than the first.",
+             "The third clip: numbers like seventeen and names like Priya, so the units vary."]
+    for index, text in enumerate(texts * 3):
         audio = synthesize(text, length_scale=1.0, noise_scale=0.5, noise_w_scale=0.6, snr_db=None)
         sf.write(tmp_path / "audio" / f"{index}.flac", audio, 16000)
         lines.append(json.dumps({"id": str(index), "audio": f"audio/{index}.flac", "text": text}))
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    directory = build_codec(tmp_path / "train.jsonl", demo_cache, max_clips=2)
-    assert "not speech" in (directory / "README.md").read_text()
-    codec = SpeechTokenizerCodec.from_pretrained(directory)
-    assert codec.codebooks_filled and (codec.codebook_size, codec.n_q, codec.hop_length) == (1024, 8, 320)
+    whisper = build_whisper(demo_cache)
+    training = VocoderTraining(max_steps=2, max_clips=2, batch_size=2)
+    directory = build_codec(tmp_path / "train.jsonl", whisper, demo_cache, vocoder=training, progress=lambda _: None)
+    assert "Whisper units" in (directory / "README.md").read_text()
+    codec = load_codec(directory)
+    assert isinstance(codec, WhisperUnitCodec) and codec.codebooks_filled
+    assert (codec.codebook_size, codec.n_q, codec.hop_length, codec.config.encoder_blocks) == (UNIT_CODES, 1, 320, 4)
     units = codec.encode([audio])[0]
-    assert len(set(units[0].tolist())) > 1  # different frames get different codes
-    assert codec.decodes_with(1) == "speechtokenizer" and not codec.decoder_trained  # no vocoder: its own decoder
+    assert len(set(units[0].tolist())) > 10  # different frames get different codes
+    assert codec.decodes_with(1) == "vocoder" and codec.decode(units).shape == (units.shape[1] * 320,)
+    start = time.perf_counter()
+    assert build_codec(tmp_path / "train.jsonl", whisper, demo_cache, vocoder=training) == directory
+    assert time.perf_counter() - start < 5.0  # reused, not rebuilt
 
 
 @pytest.mark.parametrize("size", ["nope"])
