@@ -53,7 +53,8 @@ class ModelSpec:
                 "(none|whisper) and its reader_* settings"})
     num_speech_units: int = field(default=1024, metadata={"help": "codec codebook size (SpeechTokenizer: 1024)"})
     codec: str | dict | None = field(default=None, metadata={
-        "help": "the speech-output codec: a SpeechTokenizer directory (config.json + .pt) or Hub repo id and folder "
+        "help": "the speech-output codec: a codec folder (a SpeechTokenizer's config.json + .pt, or whisper units' "
+                "from speechlm whisper-units) or Hub repo id and folder "
                 "(fnlp/SpeechTokenizer/speechtokenizer_hubert_avg), or SpeechTokenizer "
                 "dims of a random codec ({} = the published ones; codebook_size is num_speech_units; codebooks "
                 "filled from `seed`); null: no codec (the model answers in text only)"})

@@ -2,15 +2,15 @@
 clips decoded from their *reference* units, side by side with the original audio and with audio rebuilt by
 Griffin-Lim from the clips' true log-mel (the floor of any log-mel vocoder).
 
-Rows: each ``--layers`` value, a vocoder trained here for ``--minutes`` on ``--clips`` training clips (the
-codec encodes them) with `speechlm.finetune.vocoder_training`, then decoding the held-out clips' units; and
-the codec's own (random) decoder on all its layers. ``--codec`` is the demo cache's codec by default; a codec
-built before the encoder kept the signal's scale (upstream's random initialization) shows what that does, and a
-whisper-units codec (``speechlm whisper-units``, one layer, no decoder of its own) what semantic units give.
+Rows: each ``--layers`` value up to the codec's layers, a vocoder trained here for ``--minutes`` on ``--clips``
+training clips (the codec encodes them) with `speechlm.finetune.vocoder_training`, then decoding the held-out
+clips' units; and a SpeechTokenizer codec's own decoder on all its layers (random in a codec built from a config).
+``--codec`` is the demo cache's (whisper units, one layer) by default; a SpeechTokenizer built from a config shows
+what a random codec's layers give.
 
-    python bench/bench_vocoder.py --cache /tmp/democache --layers 1,8 --minutes 8 --clips 800 --heldout 60
     speechlm whisper-units /tmp/democache/whisper-base.pt /tmp/democache/corpus-full/train.jsonl --out units
     python bench/bench_vocoder.py --cache /tmp/democache --codec units --layers 1 --minutes 8 --clips 800
+    python bench/bench_vocoder.py --cache /tmp/democache --codec RANDOM_SPEECHTOKENIZER --layers 1,8 --minutes 8
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ def main() -> None:
 
     clips = [load_audio(clip) for clip in manifest_clips([assets["train"]], args.clips)]
     for layers in (int(value) for value in args.layers.split(",")):
+        if layers > codec.n_q:
+            print(f"--layers {layers}: the codec has {codec.n_q}; skipped")
+            continue
         config = vocoder_config(codec, layers)
         start = time.perf_counter()
         examples = vocoder_examples(codec, clips, config)

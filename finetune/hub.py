@@ -25,6 +25,9 @@ RECIPE_FILE = "training_recipe.yaml"
 EVAL_FILE_PATTERN = "eval*.json"
 CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a model's speech units are, by its codec folder's kind (`speech_io.codec_loading.codec_type`).
+UNIT_KINDS = {"speechtokenizer": "SpeechTokenizer layer 1, 50 Hz",
+              "whisper-units": "k-means codes of Whisper encoder frames, 50 Hz, decoded by a vocoder trained for them"}
 
 
 def merge_checkpoint(source: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -60,9 +63,10 @@ def model_card(directory: str | os.PathLike, repo_id: str, *, base_model: str | 
     base_model = base_model or config.get("text_model_name_or_path")
     adapter_only = config.get("text_model_name_or_path") is not None and config.get("mode") != "full"
     speaks = processor.get("codec_name_or_path") is not None
+    codec_kind = _codec_kind(directory / processor["codec_name_or_path"]) if speaks else None
     text_type = config.get("text_config", {}).get("model_type", "llama")
     tags = ["speechlm", "speech-language-model", "audio", text_type, "whisper"]
-    tags += ["speechtokenizer", "text-to-speech"] if speaks else []
+    tags += [codec_kind, "text-to-speech"] if speaks else []
     tags += [config.get("mode", "frozen"), "adapter" if adapter_only else "merged" if base_model else "standalone"]
     metadata = {"library_name": "speechlm", "pipeline_tag": "any-to-any" if speaks else "audio-text-to-text",
                 "tags": tags}
@@ -84,7 +88,7 @@ def model_card(directory: str | os.PathLike, repo_id: str, *, base_model: str | 
         "| | |", "| --- | --- |",
         f"| backbone training | {config.get('mode')} |",
         f"| weights in this repo | {'adapters only (projector, new vocabulary rows, LoRA); the backbone loads from ' + str(base_model) if adapter_only else 'everything (standalone)'} |",  # noqa: E501
-        f"| speech units | {config.get('num_speech_units')} (SpeechTokenizer layer 1, 50 Hz) |",
+        f"| speech units | {config.get('num_speech_units')} ({UNIT_KINDS[codec_kind] if speaks else 'none'}) |",
         f"| speech output codec | {'`' + processor['codec_name_or_path'] + '/` in this repo' if speaks else 'none'} |",
         "",
     ]
@@ -127,6 +131,12 @@ def _eval_table(path: Path) -> list[str]:
     return [f"**{heading}**", "", "| metric | value |", "| --- | --- |",
             *(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
               for key, value in rows), ""]
+
+
+def _codec_kind(folder: Path) -> str:
+    from speechlm.speech_io.codec_loading import codec_type
+
+    return codec_type(folder) if folder.is_dir() else "speechtokenizer"  # a Hub codec: the published kind
 
 
 def _read_json(path: Path):

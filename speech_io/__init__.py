@@ -1,4 +1,5 @@
-"""Audio in and out: loading, validation, Whisper features, the SpeechTokenizer codec, speech units.
+"""Audio in and out: loading, validation, Whisper features, the codecs (SpeechTokenizer, whisper units) and the
+vocoder, speech units.
 
 Its modules import nothing of speechlm's outside this package (`tests/test_imports.py` checks it), so the
 model stack depends on it and never the other way. Python still runs ``speechlm/__init__`` first, which

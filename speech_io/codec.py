@@ -300,6 +300,7 @@ class SpeechTokenizerCodec:
             book.embed_avg.copy_(embed)
             book.cluster_size.copy_(counts)
             book.inited.fill_(1.0)
+        self.vocoders.clear()  # trained for the codebooks that were
 
     # ---- encode -------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""K-means over latents: how `SpeechTokenizerCodec.fill_codebooks` seeds a fresh codec's RVQ codebooks."""
+"""K-means over frames: how `SpeechTokenizerCodec.fill_codebooks` seeds a fresh codec's RVQ codebooks and
+`WhisperUnitCodec.fill_codebooks` draws its units."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from speechlm.speech_io.whisper_units import (
     CODEC_FILES,
     CODEC_TYPE_KEY,
     CONFIG_NAME,
+    WEIGHTS_NAME,
     WHISPER_UNITS_TYPE,
     WhisperUnitCodec,
 )
@@ -44,7 +45,12 @@ def load_codec(path: str | os.PathLike, *, checkpoint: str | os.PathLike | None 
         path = download_repo_folder("codec", str(path), subfolder=subfolder, patterns=CODEC_FILE_PATTERNS,
                                     **hub_kwargs)
         subfolder, hub_kwargs = "", {}
-    folder = Path(path) / subfolder
+        checkpoint = None if checkpoint is None else path / Path(checkpoint).name  # a file of the download
+    location = Path(path) / subfolder
+    folder = location if location.is_dir() else location.parent  # a config or .pt file names its folder
     if folder.is_dir() and codec_type(folder) == WHISPER_UNITS_TYPE:
+        if checkpoint is not None:
+            raise ValueError(f"{folder}: a whisper-units codec has one weights file ({WEIGHTS_NAME}); "
+                             f"checkpoint={checkpoint} is for a SpeechTokenizer folder")
         return WhisperUnitCodec.from_pretrained(folder)
-    return SpeechTokenizerCodec.from_pretrained(folder, checkpoint=checkpoint, **hub_kwargs)
+    return SpeechTokenizerCodec.from_pretrained(location, checkpoint=checkpoint, **hub_kwargs)

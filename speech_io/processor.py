@@ -141,7 +141,8 @@ class SpeechLMProcessor:
 
     @property
     def codec(self):
-        """The SpeechTokenizer codec, loaded on first use from ``codec_name_or_path``.
+        """The codec (SpeechTokenizer or whisper units, `codec_loading.load_codec`), loaded on first use from
+        ``codec_name_or_path``.
 
         A relative ``codec_name_or_path`` (``speechlm init`` writes `CODEC_FOLDER`) names a folder inside the
         directory or Hub repo the processor was loaded from, so that a model directory can move or be pushed.
@@ -149,7 +150,7 @@ class SpeechLMProcessor:
         if self._codec is None:
             if self.codec_name_or_path is None:
                 raise ValueError("discrete speech needs a codec: pass codec= or codec_name_or_path= to the "
-                                 "processor (a SpeechTokenizer directory with config.json and a .pt)")
+                                 "processor (a codec folder: SpeechTokenizer's config.json and .pt, or whisper units')")
             from speechlm.speech_io.codec_loading import load_codec
 
             self._codec = load_codec(self._codec_location())

@@ -1,11 +1,10 @@
 """A vocoder for the codec's units, trained by the toolkit: units -> log-mel (a small convolutional network)
 -> waveform (Griffin-Lim, `spectrogram.py`).
 
-It decodes a codec whose own decoder is untrained: the quick start's SpeechTokenizer has random weights
-(no published checkpoint installs offline), so its decoder's audio is noise, while its units still follow
-the speech (its encoder keeps the signal's scale, see `codec.py`'s `from_config`). The codec keeps its
-vocoders in its folder (``vocoder-rvq<k>/``) and decodes with them while its decoder is untrained; a published
-checkpoint's decoder stays the one that decodes.
+It decodes a codec without a trained decoder: whisper units (`whisper_units.py`, the quick start's: no decoder
+at all) or a SpeechTokenizer built from a config (random weights: no published checkpoint installs offline).
+The codec keeps its vocoders in its folder (``vocoder-rvq<k>/``) and decodes with them; a published
+SpeechTokenizer checkpoint's decoder stays the one that decodes.
 
 A unit enters as its codebook vector (the vocoder keeps a frozen copy of the codec's codebooks for the layers
 it reads): codes near in the codec's latent space start near here, no row has to be learned for a code rare

@@ -21,7 +21,6 @@ nearest codebook row ``(1, T)``. Clips over 30 s (Whisper's positional embedding
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from whisper.model import ResidualAttentionBlock, sinusoids
 from speechlm.speech_io.codec_kmeans import kmeans, nearest
 from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.constants import SAMPLE_RATE
+from speechlm.speech_io.features import SUPPORTED_N_MELS
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
 from speechlm.speech_io.unit_checks import checked_units, checked_waveform
 from speechlm.speech_io.vocoder import VOCODER_FOLDER_PATTERN, UnitVocoder, VocoderStream, vocoder_folder
@@ -65,7 +65,8 @@ class WhisperUnitConfig:
 
     def __post_init__(self) -> None:
         problems = ConfigProblems()
-        problems.positive_integers(self, "n_mels", "n_audio_state", "n_audio_head", "encoder_blocks", "codebook_size")
+        problems.positive_integers(self, "n_audio_state", "n_audio_head", "encoder_blocks", "codebook_size")
+        problems.check(self.n_mels in SUPPORTED_N_MELS, f"n_mels={self.n_mels!r} (expected one of {SUPPORTED_N_MELS})")
         if not problems and self.n_audio_state % self.n_audio_head:
             problems.append(f"n_audio_state={self.n_audio_state} is not a multiple of n_audio_head={self.n_audio_head}")
         problems.raise_if_any("whisper-units codec config")
@@ -114,8 +115,6 @@ class WhisperUnitCodec:
     one layer. Build it with ``from_whisper`` (blocks cut from a Whisper checkpoint, then ``fill_codebooks``),
     ``from_config`` (random weights, for tests) or ``from_pretrained`` (a saved folder)."""
 
-    decoder_trained = False  # no decoder of its own: a vocoder trained for its codebook decodes
-
     def __init__(self, encoder: WhisperUnitEncoder, config: WhisperUnitConfig, *,
                  vocoders: Mapping[int, UnitVocoder] | None = None) -> None:
         self.model = encoder.eval()
@@ -142,6 +141,9 @@ class WhisperUnitCodec:
         """The first ``encoder_blocks`` blocks of a Whisper encoder, from its dims (``n_mels``, ``n_audio_state``,
         ``n_audio_head``, ``n_audio_layer``) and its ``encoder.*`` state with the prefix removed (as
         `speechlm.adapters.audio_encoder.read_whisper_checkpoint` gives them); the codebook is still empty."""
+        if dims.get("n_audio_ctx", WINDOW_FRAMES) != WINDOW_FRAMES:
+            raise ValueError(f"the Whisper encoder{f' in {source}' if source else ''} has n_audio_ctx="
+                             f"{dims['n_audio_ctx']}; whisper units read Whisper's {WINDOW_FRAMES} frames (30 s)")
         if encoder_blocks > dims["n_audio_layer"]:
             raise ValueError(f"encoder_blocks={encoder_blocks}, but the Whisper encoder{f' in {source}' if source else ''} "
                              f"has {dims['n_audio_layer']} blocks")
@@ -282,6 +284,7 @@ class WhisperUnitCodec:
         means, _ = kmeans(samples, self.codebook_size, kmeans_iters, torch.Generator().manual_seed(seed))
         self.model.codebook.copy_(means)
         self.model.codebook_filled.fill_(1.0)
+        self.vocoders.clear()  # trained for the codebook that was
 
     def encode(self, waveforms: Sequence[np.ndarray], *, n_q: int | None = None, batch_size: int = 8
                ) -> list[np.ndarray]:
@@ -290,8 +293,10 @@ class WhisperUnitCodec:
         codec interface and not needed."""
         self._check_n_q(1 if n_q is None else n_q)
         if not self.codebooks_filled:
-            raise RuntimeError("this whisper-units codec has an empty codebook; call fill_codebooks(waveforms) "
-                               "before encode")
+            raise ValueError("encode: this whisper-units codec has an empty codebook; call "
+                             "fill_codebooks(waveforms) first")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; expected a positive integer")
         arrays = [checked_waveform(w, i, self.sample_rate) for i, w in enumerate(waveforms)]
         codebook = self.model.codebook
         return [nearest(self.frames(array), codebook)[None].numpy().astype(np.int64) for array in arrays]
@@ -313,7 +318,7 @@ class WhisperUnitCodec:
         if chunk < 1:
             raise ValueError(f"chunk={chunk}; expected a positive number of frames")
         self._require_vocoder("decode_stream")
-        return VocoderStream(self.vocoders, chunk, self._check_units).run(itertools.chain(units))
+        return VocoderStream(self.vocoders, chunk, self._check_units).run(iter(units))
 
     @property
     def stream_lookahead(self) -> int:
@@ -324,8 +329,8 @@ class WhisperUnitCodec:
 
     def _require_vocoder(self, what: str) -> None:
         if 1 not in self.vocoders:
-            raise RuntimeError(f"cannot {what}: this whisper-units codec has no vocoder yet (it has no decoder of "
-                               f"its own); train one with `speechlm train-vocoder MANIFEST --codec CODEC_DIR --layers 1`")
+            raise ValueError(f"cannot {what}: this whisper-units codec has no vocoder yet (it has no decoder of "
+                             f"its own); train one with `speechlm train-vocoder MANIFEST --codec CODEC_DIR --layers 1`")
 
     def _check_n_q(self, n_q: int) -> None:
         if n_q != 1:

@@ -172,7 +172,7 @@ def whisper_units(checkpoint: str, manifests: list[str], out: str, blocks: int, 
 
 def train_vocoder(codec: str, manifests: list[str], layers: int, overrides: list[str]) -> Path:
     """Train a vocoder for a codec's units (``layers`` RVQ layers) on the manifests' clips; saved in the codec's
-    folder, which then decodes with it while its own decoder is untrained."""
+    folder, which then decodes with it (a whisper-units codec, or a SpeechTokenizer whose decoder is untrained)."""
     from speechlm.configfile import apply_overrides, build_dataclass
     from speechlm.finetune.vocoder_training import VocoderTraining, train_codec_vocoder
     from speechlm.speech_io.codec_loading import load_codec
@@ -339,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("prepare", help="check audio and extract codec units for training")
     p.add_argument("manifest", help="JSONL manifest, saved dataset directory, or audiofolder directory")
-    p.add_argument("--codec", required=True, help="SpeechTokenizer directory (config.json + .pt), or a Hub repo id "
-                                                  "and folder: fnlp/SpeechTokenizer/speechtokenizer_hubert_avg")
+    p.add_argument("--codec", required=True, help="a codec folder (SpeechTokenizer's config.json + .pt, or whisper "
+                                                  "units'), or a Hub repo id and folder: "
+                                                  "fnlp/SpeechTokenizer/speechtokenizer_hubert_avg")
     p.add_argument("--out", required=True, help="output directory; a re-run resumes there")
     p.add_argument("--layers", choices=["1", "all"], default="1", help="RVQ layers to keep (1: semantic)")
     p.add_argument("--batch-size", type=int, default=8, help="clips encoded together")
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: whisper_units(a.checkpoint, a.manifests, a.out, a.blocks, a.size, a.max_clips,
                                                a.seed))
 
-    p = commands.add_parser("train-vocoder", help="train a vocoder for a codec whose decoder is untrained")
+    p = commands.add_parser("train-vocoder", help="train a vocoder for a codec without a trained decoder")
     p.add_argument("manifests", nargs="+", help="JSONL manifests whose 'audio' clips it trains on")
     p.add_argument("--codec", required=True, help="the codec's directory; the vocoder is saved in it")
     p.add_argument("--layers", type=int, default=1, help="RVQ layers it reads (1: the LM's units; 8: all)")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from speechlm.demo.assets import check_runtime_packages, sha256_of
+from speechlm.demo.assets import STAMP, check_runtime_packages, sha256_of
 from speechlm.demo.build import DemoAssets, build_demo_assets
 from speechlm.demo.corpus_texts import ANSWER_SYSTEM_PROMPT, CORPUS_READER_PROMPT
 from speechlm.evaluation import (
@@ -122,8 +122,10 @@ def split_for_units(rows: dict[str, list[dict]], out: Path, train_units: int, he
 def units_dir(manifest: Path, codec: Path) -> Path:
     """Where `prepare` puts the units of ``manifest``: beside it, named by its content and the codec's
     files, so that another selection, corpus or codec (a new corpus rebuilds the codec) gets its own."""
-    # The codec's own files: its vocoders (folders) decode, they do not change what the encoder gives.
-    codec_files = "".join(f"{path.name}={sha256_of(path)}" for path in sorted(codec.iterdir()) if path.is_file())
+    # The codec's weights and config: its vocoders (folders) decode, and its README and build stamp describe
+    # (the vocoder's training minutes among them); none changes what the encoder gives.
+    codec_files = "".join(f"{path.name}={sha256_of(path)}" for path in sorted(codec.iterdir())
+                          if path.is_file() and path.name not in ("README.md", STAMP))
     digest = hashlib.sha256(manifest.read_bytes() + codec_files.encode()).hexdigest()[:12]
     return manifest.with_name(f"{manifest.stem}-{digest}")
 
@@ -428,7 +430,8 @@ def spoken_answer(model, processor, eval_sets: dict, wav: Path, settings: EvalSe
             heard = transcribe(load_judge(judge), reply.audio)
     return {"question_audio": row["audio"], "question": row.get("question", row.get("text")), "text": reply.text,
             "units": len(reply.units), "wav": str(wav) if reply.audio is not None else None,
-            "decoder": processor.codec.decodes_with(1), "judge_heard": heard}
+            "decoder": processor.codec.decodes_with(1), "decoder_trained": getattr(processor.codec, "decoder_trained", None),
+            "judge_heard": heard}
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -438,6 +441,8 @@ def answer_audio_note(answer: dict) -> str:
     if answer.get("decoder") == "vocoder":
         return ("Its units are decoded by the vocoder trained for the codec (`vocoder-rvq1/` in the codec's folder: "
                 f"log-mel and Griffin-Lim).{heard}")
+    if answer.get("decoder_trained") is False:
+        return f"The codec's SpeechTokenizer decoder has random weights and no vocoder: its audio is not speech.{heard}"
     return f"Its units are decoded by the codec's SpeechTokenizer decoder.{heard}"
 
 

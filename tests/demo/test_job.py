@@ -27,6 +27,7 @@ def test_units_are_kept_per_manifest_and_codec(tmp_path):
     (codec / "SpeechTokenizer.pt").write_bytes(b"weights")
     first = units_dir(manifest, codec)
     (codec / "vocoder-rvq1").mkdir()  # a vocoder decodes: the units stay the encoder's
+    (codec / "README.md").write_text("a vocoder trained for 9.8 minutes")  # describes, does not encode
     assert units_dir(manifest, codec) == first
     assert first.parent == tmp_path and first.name.startswith("train-units-") and units_dir(manifest, codec) == first
     (codec / "SpeechTokenizer.pt").write_bytes(b"weights of a codec rebuilt from another corpus")

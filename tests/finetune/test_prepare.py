@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from speechlm.finetune.prepare import PrepareError, prepare
@@ -163,3 +164,31 @@ def test_cli_prepare(prepared, demo_corpus, tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "none.jsonl"), "--codec", codec, "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"speechlm prepare: error: {tmp_path / 'none.jsonl'}: no such manifest "
                                                f"file or dataset directory")
+
+
+def test_prepare_and_processor_with_a_whisper_units_codec(demo_corpus, tmp_path):
+    from speechlm.adapters.building import build_whisper_unit_codec
+    from speechlm.adapters.tiny import build_byte_tokenizer
+    from speechlm.finetune.vocoder_training import manifest_clips
+    from speechlm.speech_io.audio import load_audio
+    from speechlm.speech_io.processor import SpeechLMProcessor
+    from speechlm.speech_io.units import expand_tokenizer
+    from speechlm.speech_io.whisper_units import WhisperUnitCodec
+    from tests.conftest import save_tiny_whisper
+
+    clips = [load_audio(clip) for clip in manifest_clips([demo_corpus], 4)]
+    codec = build_whisper_unit_codec(save_tiny_whisper(tmp_path / "tiny.pt"), clips, encoder_blocks=1,
+                                     codebook_size=32)
+    codec.save_pretrained(tmp_path / "units")
+    prepare(demo_corpus, tmp_path / "units", tmp_path / "prepared", progress=False)
+    example = load_prepared(tmp_path / "prepared")[0]
+    audio = demo_corpus.parent / json.loads(demo_corpus.read_text().splitlines()[0])["audio"]
+    assert example.units == codec.encode([load_audio(audio)])[0][0].tolist()
+    # A processor saved with the codec beside it loads it back as the same kind, with the same units.
+    tokenizer = build_byte_tokenizer()
+    expand_tokenizer(tokenizer, 32)
+    processor = SpeechLMProcessor(tokenizer, num_speech_units=32, codec=codec)
+    processor.save_pretrained(tmp_path / "model")
+    loaded = SpeechLMProcessor.from_pretrained(tmp_path / "model")
+    assert isinstance(loaded.codec, WhisperUnitCodec)
+    assert np.array_equal(loaded.codec.encode(clips[:1])[0], codec.encode(clips[:1])[0])

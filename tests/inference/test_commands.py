@@ -106,6 +106,7 @@ def test_push_uploads_a_small_adapter_with_a_card(hub_adapter, hub_calls, capsys
     front = card.split("---")[1]
     assert f"base_model: {HUB_BASE}" in front and "library_name: speechlm" in front
     assert "pipeline_tag: any-to-any" in front and "- lora" in front and "- adapter" in front
+    assert "- speechtokenizer" in front and "(SpeechTokenizer layer 1, 50 Hz)" in card  # the codec's kind
     assert "max_steps: 2" in card and "| wer | 0.25 |" in card and "asr" in card
     assert 'pipeline("speechlm", model="me/tiny-speechlm")' in card
     out = capsys.readouterr()

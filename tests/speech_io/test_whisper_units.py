@@ -64,8 +64,10 @@ def test_clips_over_thirty_seconds_run_in_windows(unit_codec, make_speech):
     wave = make_speech(31.0, seed=2)
     units = unit_codec.encode([wave])[0]
     assert units.shape == (1, unit_codec.num_frames(len(wave)))
-    # the first window is the first 30 s on its own
-    assert np.array_equal(units[0, :1500], unit_codec.encode([wave[: 30 * 16000]])[0][0])
+    # The first window is the first 30 s on its own, to the log-mel's edge: its last STFT window reads samples
+    # past the cut, and the clip's loudest frame (which sets the log-mel's floor) may lie in either.
+    alone = unit_codec.encode([wave[: 30 * 16000]])[0][0]
+    assert (units[0, :1500] == alone).mean() > 0.99
 
 
 def test_save_load_round_trip_with_its_vocoder(unit_codec, clips, tmp_path):
@@ -90,11 +92,11 @@ def test_save_load_round_trip_with_its_vocoder(unit_codec, clips, tmp_path):
 def test_errors(tiny_whisper, unit_codec, make_speech, tmp_path):
     fresh = WhisperUnitCodec.from_config(WhisperUnitConfig(n_audio_state=32, n_audio_head=2, encoder_blocks=1,
                                                            codebook_size=UNITS), seed=0)
-    with pytest.raises(RuntimeError, match="empty codebook; call fill_codebooks"):
+    with pytest.raises(ValueError, match="empty codebook; call fill_codebooks"):
         fresh.encode([make_speech(0.5)])
     with pytest.raises(ValueError, match="at least one frame a code"):
         fresh.fill_codebooks([make_speech(0.1)])
-    with pytest.raises(RuntimeError, match="no vocoder yet .*speechlm train-vocoder MANIFEST --codec"):
+    with pytest.raises(ValueError, match="no vocoder yet .*speechlm train-vocoder MANIFEST --codec"):
         unit_codec.decode(np.arange(5))
     with pytest.raises(ValueError, match="n_q=2; a whisper-units codec has one layer"):
         unit_codec.encode([make_speech(0.5)], n_q=2)
