@@ -66,7 +66,9 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypa
     assert report["training"]["steps"] == 16 and len(losses) == 16
     assert sum(losses[-4:]) < sum(losses[:4])  # the loss falls
     for name, metric, _ in HEADLINE:
-        assert metric in report["before"][name] and metric in report["after"][name], (name, metric)
+        assert metric in report["after"][name], (name, metric)
+        # Whisper base judges the trained model's speech only: the untrained one's is babble it loops on.
+        assert (metric in report["before"][name]) == ("judge" not in metric), (name, metric)
     assert report["text_answers_unchanged"] is True  # LoRA acts on audio rows only: text answers stay
     assert report["alignment"] is None  # the recipe's whisper reader needs no CTC pre-alignment
     # the untrained model speaks in the same length window as the trained one (the rate is the data's, not learned)
