@@ -44,7 +44,13 @@ from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
 from speechlm.speech_io.unit_checks import checked_units, checked_waveform
-from speechlm.speech_io.vocoder import VOCODER_FOLDER_PATTERN, UnitVocoder, VocoderStream, vocoder_folder
+from speechlm.speech_io.vocoder import (
+    VOCODER_FOLDER_PATTERN,
+    UnitVocoder,
+    VocoderStream,
+    add_saved_vocoders,
+    vocoder_folder,
+)
 
 CHECKPOINT_NAME = "SpeechTokenizer.pt"
 CONFIG_NAME = "config.json"
@@ -192,11 +198,7 @@ class SpeechTokenizerCodec:
             raise ValueError(f"{checkpoint_path}: not a loadable torch state dict ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
         _load_state(codec.model, state, checkpoint_path)
-        for folder in sorted(config_path.parent.glob(VOCODER_FOLDER_PATTERN)):
-            try:
-                codec.add_vocoder(UnitVocoder.from_pretrained(folder))
-            except ValueError as err:
-                raise ValueError(f"{folder}: {err}") from None
+        add_saved_vocoders(codec, config_path.parent)
         return codec
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -205,6 +205,16 @@ class UnitVocoder(nn.Module):
         return vocoder.eval()
 
 
+def add_saved_vocoders(codec, folder: Path) -> None:
+    """Give ``codec`` (either kind: its ``add_vocoder`` checks the fit) the vocoders saved in its ``folder``; an
+    error names the vocoder's folder."""
+    for vocoder_dir in sorted(folder.glob(VOCODER_FOLDER_PATTERN)):
+        try:
+            codec.add_vocoder(UnitVocoder.from_pretrained(vocoder_dir))
+        except ValueError as err:
+            raise ValueError(f"{vocoder_dir}: {err}") from None
+
+
 class VocoderStream:
     """A streamed vocoder decode: each chunk of ``chunk`` units is vocoded with ``lookahead`` units of context
     on each side, and fades into the next over `STREAM_CROSSFADE` samples (each window's Griffin-Lim phase is

@@ -42,7 +42,13 @@ from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.features import SUPPORTED_N_MELS
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
 from speechlm.speech_io.unit_checks import checked_units, checked_waveform
-from speechlm.speech_io.vocoder import VOCODER_FOLDER_PATTERN, UnitVocoder, VocoderStream, vocoder_folder
+from speechlm.speech_io.vocoder import (
+    VOCODER_FOLDER_PATTERN,
+    UnitVocoder,
+    VocoderStream,
+    add_saved_vocoders,
+    vocoder_folder,
+)
 
 WHISPER_UNITS_TYPE = "whisper-units"
 CODEC_TYPE_KEY = "codec_type"  # in config.json; a SpeechTokenizer config has none
@@ -201,11 +207,7 @@ class WhisperUnitCodec:
             raise ValueError(f"{weights_path}: does not fit {config_path.name} (first differences: {wrong[:5]})")
         encoder.load_state_dict(state)
         codec = cls(encoder, config)
-        for vocoder_dir in sorted(folder.glob(VOCODER_FOLDER_PATTERN)):
-            try:
-                codec.add_vocoder(UnitVocoder.from_pretrained(vocoder_dir))
-            except ValueError as err:
-                raise ValueError(f"{vocoder_dir}: {err}") from None
+        add_saved_vocoders(codec, folder)
         return codec
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
