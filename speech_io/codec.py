@@ -43,6 +43,7 @@ from speechlm.speech_io.codec_upstream import upstream
 from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
+from speechlm.speech_io.saved_files import read_json_object
 from speechlm.speech_io.unit_checks import checked_units, checked_waveform
 from speechlm.speech_io.vocoder import (
     VOCODER_FOLDER_PATTERN,
@@ -184,12 +185,7 @@ class SpeechTokenizerCodec:
         else:
             path = Path(path) / subfolder
         config_path, checkpoint_path = _resolve_files(Path(path), None if checkpoint is None else Path(checkpoint))
-        try:
-            data = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{config_path}: not a readable JSON config ({err})") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{config_path}: expected a JSON object of SpeechTokenizer settings")
+        data = read_json_object(config_path, "SpeechTokenizer settings")
         codec = cls.from_config(CodecConfig.from_dict(data, source=str(config_path)))
         codec.decoder_trained = data.get(DECODER_TRAINED_KEY, True) is not False
         try:

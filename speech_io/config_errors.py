@@ -5,6 +5,12 @@ would be valid. It lives in the bottom layer so that every layer can use it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any, TypeVar
+
+Settings = TypeVar("Settings")
+
 
 class ConfigError(ValueError):
     """Configuration values a user set are invalid; the message names every bad field at once, and
@@ -34,3 +40,16 @@ class ConfigProblems(list):
     def raise_if_any(self, owner: str) -> None:
         if self:
             raise ConfigError(owner, self)
+
+
+def settings_from_dict(cls: type[Settings], data: Mapping[str, Any], *, source: str) -> Settings:
+    """``cls(**data)`` for a settings dataclass read from a file: unknown keys, wrong types and bad values are
+    one ``ValueError`` that names ``source`` (the file or its role) and, for unknown keys, the known ones."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}; expected some of {sorted(names)}")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None

@@ -140,6 +140,17 @@ class SpeechLMProcessor:
         return self._codec is not None or self.codec_name_or_path is not None
 
     @property
+    def cannot_speak(self) -> str | None:
+        """Why speech units cannot become sound here (a reason to show a user), or None when they can.
+        Loads the codec: a whisper-units codec decodes only once a vocoder is trained for it."""
+        if not self.has_codec:
+            return "it has no codec to turn speech units into sound"
+        if self.codec.decodes_with(1) == "none":
+            return ("its codec has no vocoder for its units yet; train one with `speechlm train-vocoder MANIFEST "
+                    "--codec CODEC_DIR --layers 1`")
+        return None
+
+    @property
     def codec(self):
         """The codec (SpeechTokenizer or whisper units, `codec_loading.load_codec`), loaded on first use from
         ``codec_name_or_path``.

@@ -21,17 +21,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from speechlm.speech_io.codec_streaming import appended_units
-from speechlm.speech_io.config_errors import ConfigProblems
+from speechlm.speech_io.config_errors import ConfigProblems, settings_from_dict
+from speechlm.speech_io.saved_files import load_fitting_state, read_json_object
 from speechlm.speech_io.spectrogram import MelSpectrogram, SpectrogramConfig
 
 VOCODER_FOLDER_PATTERN = "vocoder-rvq*"  # a codec's folder keeps one vocoder per layer count it reads
@@ -79,14 +80,7 @@ class VocoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "vocoder config") -> VocoderConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown keys {unknown}; expected some of {sorted(names)}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: {err}") from None
+        return settings_from_dict(cls, data, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,19 +183,9 @@ class UnitVocoder(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing; a saved vocoder has {VOCODER_CONFIG_NAME} and "
                                         f"{VOCODER_WEIGHTS_NAME}")
-        try:
-            data = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{config_path}: not a readable JSON config ({err})") from err
+        data = read_json_object(config_path, "vocoder settings")
         vocoder = cls(VocoderConfig.from_dict(data, source=str(config_path)))  # codebooks come with the state
-        state = load_file(str(weights_path))
-        expected = vocoder.state_dict()
-        wrong = sorted(set(state) ^ set(expected)) + [
-            f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-            if k in state and state[k].shape != v.shape]
-        if wrong:
-            raise ValueError(f"{weights_path}: does not fit {config_path.name} (first differences: {wrong[:5]})")
-        vocoder.load_state_dict(state)
+        load_fitting_state(vocoder, weights_path, config_path)
         return vocoder.eval()
 
 

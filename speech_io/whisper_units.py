@@ -25,22 +25,23 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from whisper.audio import log_mel_spectrogram
 from whisper.model import ResidualAttentionBlock, sinusoids
 
 from speechlm.speech_io.codec_kmeans import kmeans, nearest
-from speechlm.speech_io.config_errors import ConfigProblems
+from speechlm.speech_io.config_errors import ConfigProblems, settings_from_dict
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.features import SUPPORTED_N_MELS
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
+from speechlm.speech_io.saved_files import load_fitting_state, read_json_object
 from speechlm.speech_io.unit_checks import checked_units, checked_waveform
 from speechlm.speech_io.vocoder import (
     VOCODER_FOLDER_PATTERN,
@@ -80,14 +81,7 @@ class WhisperUnitConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "whisper-units codec config") -> WhisperUnitConfig:
         values = {key: value for key, value in data.items() if key != CODEC_TYPE_KEY}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown keys {unknown}; expected some of {sorted(names)}")
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: {err}") from None
+        return settings_from_dict(cls, values, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return {CODEC_TYPE_KEY: WHISPER_UNITS_TYPE, **asdict(self)}
@@ -186,26 +180,13 @@ class WhisperUnitCodec:
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: missing; a whisper-units codec folder has {CONFIG_NAME} and "
                                         f"{WEIGHTS_NAME}")
-        try:
-            data = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{config_path}: not a readable JSON config ({err})") from err
-        if not isinstance(data, dict) or data.get(CODEC_TYPE_KEY) != WHISPER_UNITS_TYPE:
+        data = read_json_object(config_path, "whisper-units codec settings")
+        if data.get(CODEC_TYPE_KEY) != WHISPER_UNITS_TYPE:
             raise ValueError(f"{config_path}: not a whisper-units codec config (expected "
                              f"\"{CODEC_TYPE_KEY}\": \"{WHISPER_UNITS_TYPE}\")")
         config = WhisperUnitConfig.from_dict(data, source=str(config_path))
         encoder = WhisperUnitEncoder(config)
-        try:
-            state = load_file(str(weights_path))
-        except Exception as err:  # safetensors raises its own error type for a truncated or foreign file
-            raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
-        expected = encoder.state_dict()
-        wrong = sorted(set(state) ^ set(expected)) + [
-            f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
-            if key in state and state[key].shape != value.shape]
-        if wrong:
-            raise ValueError(f"{weights_path}: does not fit {config_path.name} (first differences: {wrong[:5]})")
-        encoder.load_state_dict(state)
+        load_fitting_state(encoder, weights_path, config_path)
         codec = cls(encoder, config)
         add_saved_vocoders(codec, folder)
         return codec

@@ -323,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", help="tts: an openai-whisper .pt that transcribes the generated speech")
     p.add_argument("--output", default=evaluation.output, choices=OUTPUT_MODES,
                    help="latency: the response mode to time")
+    p.add_argument("--tts-temperature", type=float, default=evaluation.tts_temperature,
+                   help="tts: the speech units' sampling temperature (default 0: greedy; sampling is seeded)")
     p.add_argument("--temperatures", type=temperature_list, default=evaluation.temperatures,
                    help="text answers: temperatures tried in turn where the answer loops, as openai-whisper "
                         "transcribes (e.g. 0,0.2,0.4,0.6,0.8,1; default 0: greedy only)")
@@ -334,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "answer on a CPU with AVX-512 BF16; the audio side keeps its dtype; default: as saved)")
     p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, dict(
         batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, max_speech_units=a.max_speech_units,
-        judge=a.judge, output=a.output, temperatures=a.temperatures, asr_follow_transcript=a.asr_follow_transcript,
+        judge=a.judge, output=a.output, tts_temperature=a.tts_temperature, temperatures=a.temperatures, asr_follow_transcript=a.asr_follow_transcript,
         lm_dtype=a.lm_dtype)))
 
     p = commands.add_parser("prepare", help="check audio and extract codec units for training")

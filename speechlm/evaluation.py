@@ -64,6 +64,8 @@ class EvalSettings:
         "help": "asr, a model with a reader: log-odds the next token of the reader's transcript gains (0: the LM "
                 "alone)"})
     tts_prompt: str = field(default="Say this out loud: {text}", metadata={"help": "the tts request; {text}"})
+    tts_temperature: float = field(default=0.0, metadata={
+        "help": "tts: the speech units' sampling temperature (0: greedy; sampling is seeded)"})
     max_speech_units: int = field(default=DEFAULT_MAX_SPEECH_UNITS, metadata={
         "help": "longest spoken response (50 units a second)"})
     lm_dtype: str | None = field(default=None, metadata={
@@ -82,6 +84,7 @@ class EvalSettings:
         problems = ConfigProblems()
         problems.check(bool(self.temperatures) and all(t >= 0 for t in self.temperatures),
                        f"temperatures={self.temperatures}: expected one or more temperatures >= 0")
+        problems.check(self.tts_temperature >= 0, f"tts_temperature={self.tts_temperature}: expected >= 0 (0: greedy)")
         problems.check(self.asr_follow_transcript >= 0,
                        f"asr_follow_transcript={self.asr_follow_transcript}: expected >= 0 (0: the LM alone)")
         problems.check(self.lm_dtype is None or self.lm_dtype in LM_DTYPES,
@@ -148,6 +151,13 @@ def file_sha256(path: str | Path) -> str:
 
 
 # -- model calls --------------------------------------------------------------------------------------
+def sampling_options(temperature: float) -> dict:
+    """``generate`` options for ``temperature``: 0 is greedy, else plain sampling (no top-k or top-p cut)."""
+    if temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+
+
 def generate_text(model, processor, conversations: Sequence[list[dict]], settings: EvalSettings,
                   temperatures_used: list[float] | None = None, **generate_kwargs) -> list[str]:
     """Text answers, ``settings.batch_size`` conversations per ``generate`` call: at the first of
@@ -161,14 +171,13 @@ def generate_text(model, processor, conversations: Sequence[list[dict]], setting
     # seeded, and the caller's random state (CPU and this GPU) comes back afterwards
     forked_devices = [model.device] if model.device.type == "cuda" else []
     for attempt, temperature in enumerate(settings.temperatures):
-        sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature,
-                                                                   "top_k": 0, "top_p": 1.0}
         with torch.random.fork_rng(devices=forked_devices):
             torch.manual_seed(attempt)
             for start in range(0, len(pending), settings.batch_size):
                 chosen = pending[start: start + settings.batch_size]
                 replies = respond(model, processor, [conversations[i] for i in chosen], output="text",
-                                  max_new_tokens=settings.max_new_tokens, **sampling, **generate_kwargs)
+                                  max_new_tokens=settings.max_new_tokens, **sampling_options(temperature),
+                                  **generate_kwargs)
                 for index, reply in zip(chosen, replies, strict=True):
                     answers[index], used[index] = reply.text.strip(), temperature
         pending = [i for i in pending if compression_ratio(answers[i]) > settings.compression_ratio_threshold]
@@ -247,9 +256,12 @@ def evaluate_slm(model, processor, items: list[EvalItem], settings: EvalSettings
 
 def evaluate_tts(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
     requests = [[{"role": "user", "content": settings.tts_prompt.format(text=item.fields["text"])}] for item in items]
-    new_tokens = generate_response_tokens(model, processor, processor(requests), output="speech",
-                                          max_speech_units=settings.max_speech_units, do_sample=False,
-                                          spoken_text=[item.fields["text"] for item in items])
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        new_tokens = generate_response_tokens(model, processor, processor(requests), output="speech",
+                                              max_speech_units=settings.max_speech_units,
+                                              spoken_text=[item.fields["text"] for item in items],
+                                              **sampling_options(settings.tts_temperature))
     responses = [processor.parse_response(row) for row in new_tokens]
     judge = load_judge(settings.judge) if settings.judge else None
     references = [item.fields["units"] if item.fields.get("units") is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -32,6 +33,8 @@ from speechlm.serving.errors import APIError, bad_request, validation_error
 from speechlm.serving.schema import ChatCall, ChatCompletionRequest, parse_chat_request
 from speechlm.serving.settings import ServeSettings
 
+logger = logging.getLogger(__name__)
+
 CHAT_PAGE = "chat_page.html"
 PUBLIC_PATHS = ("/",)  # the chat page: static HTML holding no data and no key (it asks for the key itself)
 
@@ -43,8 +46,11 @@ def build_app(model, processor, settings: ServeSettings, *, model_name: str) -> 
     replies = RecentReplies()
     started = int(time.time())
     max_positions = getattr(model.config.text_config, "max_position_embeddings", None)
-    if processor.has_codec:
-        processor.codec  # noqa: B018  (loaded now, once: a broken codec fails at startup, not in a request)
+    # The codec loaded now, once: a broken one fails at startup, not in a request; a codec that cannot decode
+    # yet (whisper units before their vocoder) leaves a server that answers in text and says why it cannot speak.
+    cannot_speak = processor.cannot_speak
+    if cannot_speak is not None and processor.has_codec:
+        logger.warning("%s cannot answer in audio: %s", model_name, cannot_speak)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,7 +123,7 @@ def build_app(model, processor, settings: ServeSettings, *, model_name: str) -> 
 
     def accept(body: ChatCompletionRequest) -> ChatCall:
         """The request checked against the model: fields, audio, and the prompt's room in the context."""
-        call = parse_chat_request(body, served_model=model_name, can_speak=processor.has_codec,
+        call = parse_chat_request(body, served_model=model_name, cannot_speak=cannot_speak,
                                   max_audio_seconds=processor.max_audio_seconds, settings=settings, replies=replies)
         try:
             prompt_tokens = int(processor([call.conversation])["input_ids"].shape[1])

@@ -106,9 +106,10 @@ class ChatCall:
         return self.audio_format is not None
 
 
-def parse_chat_request(request: ChatCompletionRequest, *, served_model: str, can_speak: bool,
+def parse_chat_request(request: ChatCompletionRequest, *, served_model: str, cannot_speak: str | None,
                        max_audio_seconds: float, settings: ServeSettings, replies: RecentReplies) -> ChatCall:
-    """A `ChatCall`, or an `APIError` (400, 404 for another model's name) that names the field at fault."""
+    """A `ChatCall`, or an `APIError` (400, 404 for another model's name) that names the field at fault.
+    ``cannot_speak``: why the model cannot answer in audio (`SpeechLMProcessor.cannot_speak`), None if it can."""
     if request.model != served_model:
         raise APIError(404, f"The model '{request.model}' does not exist: this server serves '{served_model}' "
                             f"(GET /v1/models)", param="model", code="model_not_found")
@@ -120,7 +121,7 @@ def parse_chat_request(request: ChatCompletionRequest, *, served_model: str, can
     if request.response_format not in (None, {"type": "text"}):
         raise bad_request("response_format: only {'type': 'text'} is supported", param="response_format",
                           code="unsupported_parameter")
-    output = _output_mode(request, can_speak)
+    output = _output_mode(request, cannot_speak)
     max_tokens = request.max_completion_tokens or request.max_tokens or settings.default_max_tokens
     max_speech_units = request.max_speech_units or settings.max_speech_units
     if max_speech_units > settings.max_speech_units:
@@ -139,7 +140,7 @@ def parse_chat_request(request: ChatCompletionRequest, *, served_model: str, can
                     audio_format=request.audio.format if output != "text" else None)
 
 
-def _output_mode(request: ChatCompletionRequest, can_speak: bool) -> str:
+def _output_mode(request: ChatCompletionRequest, cannot_speak: str | None) -> str:
     modalities = request.modalities or ["text"]
     output = OUTPUT_OF_MODALITIES.get(frozenset(modalities))
     if output is None or len(set(modalities)) != len(modalities):
@@ -150,9 +151,9 @@ def _output_mode(request: ChatCompletionRequest, can_speak: bool) -> str:
             raise bad_request("'audio' sets the spoken answer's format, but modalities does not ask for audio: "
                               "add 'audio' to modalities or leave 'audio' out", param="audio", code="invalid_value")
         return output
-    if not can_speak:
-        raise bad_request("this model cannot speak (it has no codec to turn speech units into sound): ask for "
-                          "modalities ['text']", param="modalities", code="unsupported_modality")
+    if cannot_speak is not None:
+        raise bad_request(f"this model cannot speak ({cannot_speak}): ask for modalities ['text']",
+                          param="modalities", code="unsupported_modality")
     if request.audio is None:
         raise bad_request("modalities asks for audio: give audio: {\"format\": \"wav\"} (or \"pcm16\")",
                           param="audio", code="missing_required_parameter")

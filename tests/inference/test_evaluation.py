@@ -166,6 +166,18 @@ def test_looping_answers_are_decoded_again_at_the_next_temperature(model_dir):
     assert [item["hypothesis"] for item in again["items"]] == [item["hypothesis"] for item in fallback["items"]]
 
 
+def test_tts_units_can_be_sampled_and_a_seeded_run_repeats(model_dir):
+    manifest = str(EVAL_DATA / "tts.jsonl")
+    greedy = run_evaluation(str(model_dir), "tts", manifest, EvalSettings(max_speech_units=20))
+    settings = EvalSettings(max_speech_units=20, tts_temperature=1.0)
+    sampled = run_evaluation(str(model_dir), "tts", manifest, settings)
+    again = run_evaluation(str(model_dir), "tts", manifest, settings)
+    assert [item["units"] for item in again["items"]] == [item["units"] for item in sampled["items"]]
+    assert [item["units"] for item in sampled["items"]] != [item["units"] for item in greedy["items"]]
+    with pytest.raises(ValueError, match=r"tts_temperature=-0.5: expected >= 0"):
+        EvalSettings(tts_temperature=-0.5)
+
+
 def test_temperatures_are_checked(tmp_path, capsys):
     from speechlm.evaluation import EvalSettings
     from speechlm.speech_io.config_errors import ConfigError

@@ -17,6 +17,7 @@ import soundfile as sf
 from speechlm.pipeline import model_lock
 from speechlm.responding import respond
 from speechlm.serving import ServeSettings, start_server
+from speechlm.speech_io.whisper_units import WhisperUnitCodec, WhisperUnitConfig
 from tests.serving.conftest import API_KEY, MODEL_NAME, wav_base64
 
 
@@ -199,13 +200,22 @@ def test_a_wrong_or_missing_key_is_a_401_on_every_route(server, key):
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_audio_from_a_model_that_cannot_speak_is_a_400(speaking):
+@pytest.mark.parametrize("codec, reason", [
+    (None, "it has no codec"),
+    ("whisper-units", "its codec has no vocoder .*speechlm train-vocoder"),  # whisper units decode with one only
+])
+def test_audio_from_a_model_that_cannot_speak_is_a_400_saying_why(speaking, codec, reason):
     model, processor = speaking
-    mute = type(processor).from_pretrained(processor._loaded_from[0], codec_name_or_path=None)
+    if codec is None:
+        mute = type(processor).from_pretrained(processor._loaded_from[0], codec_name_or_path=None)
+    else:
+        units = WhisperUnitCodec.from_config(WhisperUnitConfig(n_audio_state=32, n_audio_head=2, encoder_blocks=1,
+                                                               codebook_size=model.config.num_speech_units))
+        mute = type(processor).from_pretrained(processor._loaded_from[0], codec=units, codec_name_or_path=None)
     running = start_server(model, mute, ServeSettings(port=0), model_name="mute")
     try:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
-        with pytest.raises(openai.BadRequestError, match="this model cannot speak") as caught:
+        with pytest.raises(openai.BadRequestError, match=f"this model cannot speak \\({reason}") as caught:
             client.chat.completions.create(model="mute", messages=[{"role": "user", "content": "hi"}],
                                            modalities=["text", "audio"], audio={"format": "wav", "voice": "alloy"})
         assert caught.value.body["param"] == "modalities"
