@@ -75,8 +75,11 @@ def generate(model: str, audio: str | None, text: str | None, output: str, out_a
 def check_model_source(model: str) -> None:
     """A Hub repo id that offline loading cannot find is named as such: transformers' Auto classes, which
     load it next, say only that they could not connect."""
-    from speechlm.speech_io.hub_files import missing_from_cache, not_cached_message
+    from speechlm.speech_io.hub_files import hub_name, missing_from_cache, not_cached_message
 
+    if hub_name(model) is None and not Path(model).exists():  # a path: transformers would call it a bad repo id
+        raise FileNotFoundError(f"--model {model}: no such directory (expected a saved SpeechLM directory or a Hub "
+                                f"repo id, owner/name)")
     if missing_from_cache(model):
         raise FileNotFoundError(not_cached_message("--model", model))
 

@@ -292,15 +292,30 @@ def load_judge(path: str):
     return whisper.load_model(path, device="cpu")
 
 
+# openai-whisper's transcribe: greedy, and where the text loops (gzip ratio above 2.4), sampled again at the next
+# temperature. Unclear speech makes a greedy Whisper repeat a word hundreds of times, which would count as
+# hundreds of insertions against a ten-word sentence.
+JUDGE_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+JUDGE_COMPRESSION_RATIO = 2.4
+
+
 def transcribe(judge, waveform) -> str:
-    """The judge's greedy English transcript; audio is padded to 30 s, as Whisper's decoder repeats
-    itself on short un-padded input."""
+    """The judge's English transcript, decoded as openai-whisper's ``transcribe`` decodes a window (greedy, then
+    the temperature fallback where it loops; seeded, so a run repeats); audio is padded to 30 s, as Whisper's
+    decoder repeats itself on short un-padded input."""
     import whisper
 
     audio = whisper.pad_or_trim(torch.as_tensor(waveform, dtype=torch.float32))
     mel = whisper.log_mel_spectrogram(audio, n_mels=judge.dims.n_mels)
-    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, temperature=0.0)
-    return whisper.decode(judge, mel, options).text.strip()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for temperature in JUDGE_TEMPERATURES:
+            options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False,
+                                              temperature=temperature)
+            result = whisper.decode(judge, mel, options)
+            if result.compression_ratio <= JUDGE_COMPRESSION_RATIO:
+                break
+    return result.text.strip()
 
 
 def evaluate_latency(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:

@@ -55,6 +55,9 @@ def save_tiny_whisper(path, *, seed: int = 0, n_vocab: int = 64, n_text_ctx: int
                                                n_text_head=audio["n_audio_head"], n_text_layer=1)
     torch.manual_seed(seed)
     model = whisper.model.Whisper(model_dims)
+    # openai-whisper leaves the decoder's positional embedding as torch.empty (a checkpoint fills it): uninitialised
+    # memory, NaN at times, which greedy decoding hides and sampling does not
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)
     torch.save({"dims": model_dims.__dict__, "model_state_dict": model.state_dict()}, path)
     return str(path)
 

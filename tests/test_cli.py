@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 import speechlm  # noqa: F401
@@ -36,6 +37,14 @@ def test_missing_config_file_is_one_line(tmp_path, capsys):
     assert main(["init", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"speechlm init: error: {tmp_path / 'nope.yaml'}: no such config file"
+
+
+@pytest.mark.parametrize("command", [["eval", "--task", "asr", "--data", "x.jsonl"], ["generate", "--text", "hi"]])
+def test_a_model_path_that_does_not_exist_is_named(tmp_path, capsys, command):
+    assert main([command[0], "--model", str(tmp_path / "gone"), *command[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"speechlm {command[0]}: error: --model {tmp_path / 'gone'}: no such directory (expected a saved "
+                   f"SpeechLM directory or a Hub repo id, owner/name)")
 
 
 def test_console_script_is_installed(tmp_path):

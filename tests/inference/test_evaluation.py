@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -144,6 +145,28 @@ def test_tts_judge_transcribes_the_generated_speech(model_dir, tmp_path):
     assert "judge_wer" in report["totals"] and "reference_judge_wer" in report["totals"]
     assert all("reference_judge_transcript" in item and item["decoder"] == "speechtokenizer" for item in report["items"])
     assert all(len(item["units"]) <= 20 for item in report["items"])
+
+
+def test_the_judge_decodes_a_looping_transcript_again_at_the_next_temperature(tmp_path, monkeypatch):
+    import whisper
+
+    from speechlm.evaluation import load_judge, transcribe
+    from tests.conftest import save_tiny_whisper
+
+    judge = load_judge(save_tiny_whisper(tmp_path / "judge.pt", n_vocab=51864, n_text_ctx=64))
+    decode, tried = whisper.decode, []
+
+    def looping_when_greedy(model, mel, options):
+        tried.append(options.temperature)
+        result = decode(model, mel, options)
+        if options.temperature == 0:
+            return dataclasses.replace(result, text="that " * 50, compression_ratio=9.0)
+        return result
+
+    monkeypatch.setattr(whisper, "decode", looping_when_greedy)
+    heard = transcribe(judge, torch.zeros(16000).numpy())
+    assert tried[:2] == [0.0, 0.2] and heard != ("that " * 50).strip()
+    assert transcribe(judge, torch.zeros(16000).numpy()) == heard  # seeded
 
 
 def test_looping_answers_are_decoded_again_at_the_next_temperature(model_dir):
