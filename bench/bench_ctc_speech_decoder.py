@@ -155,7 +155,7 @@ def main() -> None:
     states = inputs([e.text for e in train])
     rate = sum(len(e.units) for e in train) / sum(len(e.text) for e in train)
     items = [(upsample(s, c, len(e.units)), torch.tensor(merged(list(e.units)))) for (s, c), e in zip(states, train, strict=True)]
-    print(f"{len(items)} training clips, backbone states in {time.perf_counter() - start:.0f} s, "
+    print(f"{len(items)} training clips, inputs ({args.input}) in {time.perf_counter() - start:.0f} s, "
           f"{rate:.2f} units a character", flush=True)
 
     decoder = CTCSpeechDecoder(backbone.config.hidden_size, codec.codebook_size, args.width, args.layers,

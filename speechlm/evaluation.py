@@ -55,6 +55,11 @@ REQUIRED_FIELDS = {"asr": ("audio", "text"), "qa": ("audio", "question", "answer
                    "slm": ("real", "fake"), "latency": ()}
 
 
+# openai-whisper's transcribe: a text whose gzip compression ratio is above this loops (the judge's and the
+# evaluation's text answers' fallback to the next temperature)
+LOOP_COMPRESSION_RATIO = 2.4
+
+
 @dataclass
 class EvalSettings:
     batch_size: int = field(default=8, metadata={"help": "items per generate / scoring call"})
@@ -77,7 +82,7 @@ class EvalSettings:
     # again at the next temperature; (0.0,) is greedy only
     temperatures: tuple[float, ...] = field(default=(0.0,), metadata={
         "help": "text decoding temperatures, tried in turn where the answer loops (0: greedy)"})
-    compression_ratio_threshold: float = field(default=2.4, metadata={
+    compression_ratio_threshold: float = field(default=LOOP_COMPRESSION_RATIO, metadata={
         "help": "an answer whose gzip compression ratio is above this loops"})
 
     def __post_init__(self):
@@ -292,11 +297,10 @@ def load_judge(path: str):
     return whisper.load_model(path, device="cpu")
 
 
-# openai-whisper's transcribe: greedy, and where the text loops (gzip ratio above 2.4), sampled again at the next
-# temperature. Unclear speech makes a greedy Whisper repeat a word hundreds of times, which would count as
-# hundreds of insertions against a ten-word sentence.
+# openai-whisper's transcribe: greedy, and where the text loops (gzip ratio above LOOP_COMPRESSION_RATIO), sampled
+# again at the next temperature. Unclear speech makes a greedy Whisper repeat a word hundreds of times, which would
+# count as hundreds of insertions against a ten-word sentence.
 JUDGE_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-JUDGE_COMPRESSION_RATIO = 2.4
 
 
 def transcribe(judge, waveform) -> str:
@@ -313,7 +317,7 @@ def transcribe(judge, waveform) -> str:
             options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False,
                                               temperature=temperature)
             result = whisper.decode(judge, mel, options)
-            if result.compression_ratio <= JUDGE_COMPRESSION_RATIO:
+            if result.compression_ratio <= LOOP_COMPRESSION_RATIO:
                 break
     return result.text.strip()
 
