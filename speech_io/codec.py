@@ -44,6 +44,7 @@ from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
 from speechlm.speech_io.saved_files import read_json_object
+from speechlm.speech_io.speech_decoder import SPEECH_DECODER_FOLDER, HoldsSpeechDecoder
 from speechlm.speech_io.unit_checks import checked_units, checked_waveform
 from speechlm.speech_io.vocoder import (
     VOCODER_FOLDER_PATTERN,
@@ -118,7 +119,7 @@ class CodecConfig:
         return math.prod(self.strides)
 
 
-class SpeechTokenizerCodec:
+class SpeechTokenizerCodec(HoldsSpeechDecoder):
     """SpeechTokenizer as speechlm uses it: 16 kHz waveforms <-> int64 units ``(n_q, frames)`` at 50 Hz.
 
     Build it with ``from_pretrained`` (a published or saved directory) or ``from_config`` (random
@@ -179,7 +180,8 @@ class SpeechTokenizerCodec:
         if hub_name(path) is not None:
             checkpoint_name = Path(checkpoint).name if checkpoint is not None else None
             path = download_repo_folder("SpeechTokenizer codec", str(path), subfolder=subfolder,
-                                        patterns=(CONFIG_NAME, checkpoint_name or "*.pt", f"{VOCODER_FOLDER_PATTERN}/*"),
+                                        patterns=(CONFIG_NAME, checkpoint_name or "*.pt", f"{VOCODER_FOLDER_PATTERN}/*",
+                                                  f"{SPEECH_DECODER_FOLDER}/*"),
                                         **hub_kwargs)
             checkpoint = None if checkpoint_name is None else path / checkpoint_name
         else:
@@ -195,6 +197,7 @@ class SpeechTokenizerCodec:
                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
         _load_state(codec.model, state, checkpoint_path)
         add_saved_vocoders(codec, config_path.parent)
+        codec._load_speech_decoder(config_path.parent)
         return codec
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -208,6 +211,7 @@ class SpeechTokenizerCodec:
         torch.save(state, out / CHECKPOINT_NAME)
         for layers, vocoder in self.vocoders.items():
             vocoder.save_pretrained(out / vocoder_folder(layers))
+        self._save_speech_decoder(out)
 
     def add_vocoder(self, vocoder: UnitVocoder) -> None:
         """Decode units of ``vocoder.config.num_layers`` layers with ``vocoder`` while the decoder is untrained."""
@@ -299,6 +303,7 @@ class SpeechTokenizerCodec:
             book.cluster_size.copy_(counts)
             book.inited.fill_(1.0)
         self.vocoders.clear()  # trained for the codebooks that were
+        self.speech_decoder = None  # likewise
 
     # ---- encode -------------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.features import SUPPORTED_N_MELS
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
 from speechlm.speech_io.saved_files import load_fitting_state, read_json_object
+from speechlm.speech_io.speech_decoder import SPEECH_DECODER_FOLDER, HoldsSpeechDecoder
 from speechlm.speech_io.unit_checks import checked_units, checked_waveform
 from speechlm.speech_io.vocoder import (
     VOCODER_FOLDER_PATTERN,
@@ -110,7 +111,7 @@ class WhisperUnitEncoder(nn.Module):
         return x[0]
 
 
-class WhisperUnitCodec:
+class WhisperUnitCodec(HoldsSpeechDecoder):
     """16 kHz waveforms <-> int64 units ``(1, frames)`` at 50 Hz; the interface of `SpeechTokenizerCodec` with
     one layer. Build it with ``from_whisper`` (blocks cut from a Whisper checkpoint, then ``fill_codebooks``),
     ``from_config`` (random weights, for tests) or ``from_pretrained`` (a saved folder)."""
@@ -189,6 +190,7 @@ class WhisperUnitCodec:
         load_fitting_state(encoder, weights_path, config_path)
         codec = cls(encoder, config)
         add_saved_vocoders(codec, folder)
+        codec._load_speech_decoder(folder)
         return codec
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -198,6 +200,7 @@ class WhisperUnitCodec:
         save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(out / WEIGHTS_NAME))
         for layers, vocoder in self.vocoders.items():
             vocoder.save_pretrained(out / vocoder_folder(layers))
+        self._save_speech_decoder(out)
 
     def add_vocoder(self, vocoder: UnitVocoder) -> None:
         """Decode units with ``vocoder``, trained for this codebook."""
@@ -268,6 +271,7 @@ class WhisperUnitCodec:
         self.model.codebook.copy_(means)
         self.model.codebook_filled.fill_(1.0)
         self.vocoders.clear()  # trained for the codebook that was
+        self.speech_decoder = None  # likewise
 
     def encode(self, waveforms: Sequence[np.ndarray], *, n_q: int | None = None, batch_size: int = 8
                ) -> list[np.ndarray]:
@@ -323,4 +327,4 @@ class WhisperUnitCodec:
         return checked_units(units, what, 1, self.codebook_size)
 
 
-CODEC_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"{VOCODER_FOLDER_PATTERN}/*")
+CODEC_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"{VOCODER_FOLDER_PATTERN}/*", f"{SPEECH_DECODER_FOLDER}/*")

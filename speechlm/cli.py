@@ -191,6 +191,23 @@ def train_vocoder(codec: str, manifests: list[str], layers: int, overrides: list
     return out
 
 
+def train_speech_decoder(codec: str, manifests: list[str], overrides: list[str]) -> Path:
+    """Train a speech decoder (text -> the codec's units) on the manifests' clips and texts; saved in the codec's
+    folder, whose models then speak through it: the LM writes the text, the decoder speaks it."""
+    from speechlm.configfile import apply_overrides, build_dataclass
+    from speechlm.finetune.speech_decoder_training import SpeechDecoderTraining, train_codec_speech_decoder
+    from speechlm.speech_io.codec_loading import load_codec
+    from speechlm.speech_io.speech_decoder import SpeechDecoderConfig
+
+    loaded = load_codec(codec)
+    values = apply_overrides({"speech_decoder": {"codebook_size": loaded.codebook_size}, "training": {}}, overrides)
+    config = build_dataclass(SpeechDecoderConfig, values["speech_decoder"], where="speech_decoder")
+    settings = build_dataclass(SpeechDecoderTraining, values["training"], where="training")
+    out, report = train_codec_speech_decoder(codec, manifests, config, settings, codec=loaded)
+    print(f"{report.summary()}; saved to {out}")
+    return out
+
+
 def convert_whisper_ct2(src: list[str], out: str, dtype: str) -> Path:
     """Convert a CTranslate2 (faster-whisper) Whisper model to openai-whisper's ``.pt``."""
     from speechlm.adapters.whisper_ct2 import convert_whisper_ct2 as convert
@@ -377,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", required=True, help="the codec's directory; the vocoder is saved in it")
     p.add_argument("--layers", type=int, default=1, help="RVQ layers it reads (1: the LM's units; 8: all)")
     p.set_defaults(run=lambda a: train_vocoder(a.codec, a.manifests, a.layers, a.overrides), takes_overrides=True)
+
+    p = commands.add_parser("train-speech-decoder", help="train a speech decoder (text -> the codec's units) that "
+                                                         "speaks for the LM")
+    p.add_argument("manifests", nargs="+", help="JSONL manifests whose 'audio' clips and 'text' it trains on")
+    p.add_argument("--codec", required=True, help="the codec's directory; the speech decoder is saved in it")
+    p.set_defaults(run=lambda a: train_speech_decoder(a.codec, a.manifests, a.overrides), takes_overrides=True)
 
     for name, chat_page, text in (("serve", False, "serve a SpeechLM over an OpenAI-compatible HTTP API"),
                                   ("chat-ui", True, "serve a SpeechLM with a voice chat page (and the same API)")):

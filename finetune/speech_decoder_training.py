@@ -1,0 +1,198 @@
+"""Training a `SpeechDecoder` for a codec (`speechlm train-speech-decoder`): the codec encodes each clip of the
+manifests, the clip's text becomes symbols, and the decoder learns text -> units by CTC, for a number of
+minutes (or steps); then it joins the codec's folder (``speech-decoder/``), and every response asked to speak
+(responder, pipeline, stream, server, evaluation) has the LM write the text and the decoder speak it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from speechlm.speech_io.audio import load_audio
+from speechlm.speech_io.codec_loading import Codec, load_codec
+from speechlm.speech_io.config_errors import ConfigProblems
+from speechlm.speech_io.speech_decoder import (
+    SPEECH_DECODER_FOLDER,
+    SpeechDecoder,
+    SpeechDecoderConfig,
+    codebook_fingerprint,
+    merged_units,
+    text_sentences,
+)
+
+
+@dataclass
+class SpeechDecoderTraining:
+    """How long and on what the speech decoder trains."""
+
+    max_minutes: float = field(default=15.0, metadata={"help": "stop after this many minutes of steps"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (first of the two)"})
+    max_clips: int | None = field(default=None, metadata={"help": "clips of the manifests to train on (null: all)"})
+    batch_size: int = field(default=16, metadata={"help": "clips per step (of similar length)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (cosine decay by minutes)"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    seed: int = field(default=0, metadata={"help": "batch order and initialization"})
+
+    def __post_init__(self) -> None:
+        problems = ConfigProblems()
+        problems.check(isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0,
+                       f"max_minutes={self.max_minutes!r} (expected a positive number)")
+        problems.positive_integers(self, "batch_size")
+        problems.positive_integers(self, "max_steps", "max_clips", optional=True)
+        problems.check(isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0,
+                       f"learning_rate={self.learning_rate!r} (expected a positive number)")
+        problems.check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+                       f"warmup_steps={self.warmup_steps!r} (expected a non-negative integer)")
+        problems.raise_if_any("speech decoder training settings")
+
+
+@dataclass
+class SpokenText:
+    """A clip's text and its units (the codec's layer 1, 50 Hz)."""
+
+    text: str
+    units: list[int]
+
+
+@dataclass
+class SpeechDecoderReport:
+    steps: int
+    minutes: float
+    clips: int
+    losses: list[float]  # the mean CTC loss of every 10 steps
+
+    def summary(self) -> str:
+        return (f"{self.steps} steps on {self.clips} clips in {self.minutes:.1f} min, CTC loss "
+                f"{self.losses[0]:.3f} -> {self.losses[-1]:.3f}")
+
+
+def manifest_spoken_texts(manifests: Sequence[str | Path], codec: Codec, max_clips: int | None) -> list[SpokenText]:
+    """The clips of JSONL manifests (rows with ``audio``, relative to the manifest, and ``text``) with their
+    units; with ``max_clips``, an even spread over the manifests."""
+    from speechlm.finetune.examples import read_jsonl
+
+    rows: list[tuple[Path, str]] = []
+    for manifest in manifests:
+        path = Path(manifest)
+        for index, row in enumerate(read_jsonl(path), start=1):
+            if not isinstance(row, dict) or not row.get("audio"):
+                continue
+            if not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise ValueError(f"{path}: row {index} has audio but no 'text'; the speech decoder learns the "
+                                 f"units of a clip's text")
+            rows.append((path.parent / row["audio"], row["text"]))
+    if not rows:
+        raise ValueError(f"{', '.join(map(str, manifests))}: no rows with 'audio' and 'text'; the speech decoder "
+                         f"trains on spoken texts")
+    if max_clips is not None and len(rows) > max_clips:
+        rows = [rows[round(i * len(rows) / max_clips)] for i in range(max_clips)]
+    spoken = []
+    for start in range(0, len(rows), 64):  # a bounded number of waveforms in memory at once
+        chunk = rows[start: start + 64]
+        units = codec.encode([load_audio(clip) for clip, _ in chunk], n_q=1)
+        spoken += [SpokenText(text, codes[0].tolist()) for (_, text), codes in zip(chunk, units, strict=True)]
+    return spoken
+
+
+def vocabulary_of(texts: Sequence[str], symbols: str, language: str) -> list[str]:
+    """Every symbol of ``texts``, sorted: the decoder's vocabulary."""
+    return sorted({s for text in texts for sentence in text_sentences(text, symbols, language) for s in sentence})
+
+
+def _examples(decoder: SpeechDecoder, spoken: Sequence[SpokenText]
+              ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+    """Each clip's symbols spread over its own unit count and its merged units (CTC's target), and the units a
+    symbol over them all (the speaking rate). A clip's sentences are read as one: where they part in the audio
+    is not known."""
+    examples, symbols, units = [], 0, 0
+    for item in spoken:
+        ids = torch.cat(decoder.encode_text(item.text) or [torch.zeros(0, dtype=torch.long)])
+        if len(ids) and item.units:
+            examples.append((decoder.frames(ids, len(item.units)), torch.tensor(merged_units(item.units))))
+            symbols, units = symbols + len(ids), units + len(item.units)
+    return examples, units / max(1, symbols)
+
+
+def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConfig, settings: SpeechDecoderTraining,
+                         *, codebook: torch.Tensor | None = None) -> tuple[SpeechDecoder, SpeechDecoderReport]:
+    """A speech decoder trained on ``spoken`` until ``max_minutes`` or ``max_steps``. Its vocabulary and
+    speaking rate come from ``spoken`` (``config``'s are replaced); ``codebook`` (the codec's layer 1) is
+    fingerprinted so that another codebook refuses it."""
+    texts = [item.text for item in spoken]
+    vocabulary = vocabulary_of(texts, config.symbols, config.language)
+    config = replace(config, vocabulary=vocabulary,
+                     codebook_fingerprint=codebook_fingerprint(codebook) if codebook is not None else "")
+    torch.manual_seed(settings.seed)
+    decoder = SpeechDecoder(config)
+    examples, decoder.config.units_per_symbol = _examples(decoder, spoken)
+    if not examples:
+        raise ValueError("no clip has both units and a spoken symbol; the speech decoder has nothing to learn")
+    decoder.train()
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.learning_rate, weight_decay=0.01)
+    ctc = nn.CTCLoss(blank=decoder.blank, zero_infinity=True)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # batches of similar length
+    batches = [order[i: i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    rng = random.Random(settings.seed)
+    limit, started, step, losses, window = settings.max_minutes * 60, time.monotonic(), 0, [], []
+
+    def more() -> bool:
+        return time.monotonic() - started < limit and (settings.max_steps is None or step < settings.max_steps)
+
+    while more():
+        rng.shuffle(batches)
+        for indices in batches:
+            if not more():
+                break
+            # Cosine decay over the minutes (or steps): the schedule ends where training does on any machine.
+            progress = (time.monotonic() - started) / limit
+            if settings.max_steps is not None:
+                progress = max(progress, step / settings.max_steps)
+            warmup = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
+            for group in optimizer.param_groups:
+                group["lr"] = settings.learning_rate * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            frames = [examples[i][0] for i in indices]
+            targets = [examples[i][1] for i in indices]
+            lengths = torch.tensor([len(f) for f in frames])
+            padded = nn.utils.rnn.pad_sequence(frames, batch_first=True)
+            padding = torch.arange(padded.shape[1])[None] >= lengths[:, None]
+            log_probs = decoder(padded, padding).log_softmax(-1).transpose(0, 1)  # T, B, C as CTC takes them
+            loss = ctc(log_probs, torch.cat(targets), lengths, torch.tensor([len(t) for t in targets]))
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            window.append(loss.item())
+            if len(window) == 10:
+                losses.append(float(np.mean(window)))
+                window = []
+    if window:
+        losses.append(float(np.mean(window)))
+    minutes = (time.monotonic() - started) / 60
+    return decoder.eval(), SpeechDecoderReport(step, minutes, len(examples), losses)
+
+
+def train_codec_speech_decoder(codec_dir: str | Path, manifests: Sequence[str | Path], config: SpeechDecoderConfig,
+                               settings: SpeechDecoderTraining, *, codec: Codec | None = None
+                               ) -> tuple[Path, SpeechDecoderReport]:
+    """Train a speech decoder for the codec in ``codec_dir`` on the manifests' clips and save it into that
+    folder. ``codec``: that folder's codec, where the caller has loaded it already."""
+    codec = load_codec(codec_dir) if codec is None else codec
+    if config.codebook_size != codec.codebook_size:
+        raise ValueError(f"speech decoder config: codebook_size={config.codebook_size}; the codec in {codec_dir} "
+                         f"has {codec.codebook_size} codes a layer")
+    spoken = manifest_spoken_texts(manifests, codec, settings.max_clips)
+    decoder, report = train_speech_decoder(spoken, config, settings, codebook=codec.codebook_vectors(1)[0])
+    codec.add_speech_decoder(decoder)
+    out = Path(codec_dir) / SPEECH_DECODER_FOLDER
+    decoder.save_pretrained(out)
+    return out, report

@@ -1,0 +1,262 @@
+"""A speech decoder for a codec's units, trained by the toolkit: text -> units, non-autoregressive.
+
+The quick start's LM speaks by generating every 50 Hz unit with all of its layers; on 2 cores it trains on a few
+hundred tokens a second, well under an epoch of the corpus's speech in its minutes, and its answers are not
+understood (BENCHMARKS.md, "Speech out"). LLaMA-Omni instead hangs a small speech decoder off the LM: here the
+LM writes the text (chain-of-modality) and this decoder speaks it.
+
+It reads the text's phonemes (espeak-ng, as Piper bundles it: English spelling says little about sound) or its
+characters. Each symbol's embedding is repeated over an even share of the frames (``units_per_symbol`` of them
+a symbol, the corpus's rate), a small bidirectional transformer reads them, and CTC against the clip's units
+(repeats merged) learns where each unit falls. Speaking takes the best path, a blank holding the unit before it,
+one unit a frame. A text is spoken one sentence at a time (what a stream speaks as the LM finishes each), so
+the whole equals the sentences spoken in turn.
+
+It belongs to its codec (units mean nothing without their codebook): saved in the codec's folder as
+``speech-decoder/`` (``speech_decoder_config.json`` + ``model.safetensors``), loaded with it, refused by a codec
+whose codebook changed since (``codebook_fingerprint``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from speechlm.speech_io.config_errors import ConfigProblems, settings_from_dict
+from speechlm.speech_io.saved_files import load_fitting_state, read_json_object
+
+SPEECH_DECODER_FOLDER = "speech-decoder"  # inside the codec's folder
+SPEECH_DECODER_CONFIG_NAME = "speech_decoder_config.json"
+SPEECH_DECODER_WEIGHTS_NAME = "model.safetensors"
+SYMBOL_KINDS = ("phonemes", "characters")
+PADDING, UNKNOWN = 0, 1  # symbol ids before the vocabulary's
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def codebook_fingerprint(codebook: torch.Tensor) -> str:
+    """A short hash of a codec's layer-1 codebook: a decoder trained on one codebook is refused by another."""
+    return hashlib.sha256(codebook.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+@functools.cache
+def _espeak():
+    try:
+        from piper.phonemize_espeak import EspeakPhonemizer
+    except ImportError as err:
+        raise ImportError("this speech decoder reads phonemes, which come from espeak-ng as piper-tts bundles it: "
+                          "pip install 'speechlm[speak]' (or train one with speech_decoder.symbols=characters)"
+                          ) from err
+    return EspeakPhonemizer(), threading.Lock()  # espeak-ng keeps one global state
+
+
+def text_sentences(text: str, kind: str, language: str = "en-us") -> list[list[str]]:
+    """``text`` as its sentences' symbols: espeak-ng's phonemes (its sentences, each word followed by a space)
+    or lower-case characters (split after ``.``, ``!`` or ``?``). Empty sentences are left out."""
+    if kind not in SYMBOL_KINDS:
+        raise ValueError(f"symbols={kind!r}: choose one of {list(SYMBOL_KINDS)}")
+    if kind == "characters":
+        sentences = [list(part.strip().lower()) for part in _SENTENCE_END.split(text)]
+    else:
+        phonemizer, lock = _espeak()
+        with lock:
+            sentences = [[*sentence, " "] for sentence in phonemizer.phonemize(language, text)]
+    return [sentence for sentence in sentences if any(not s.isspace() for s in sentence)]
+
+
+@dataclass
+class SpeechDecoderConfig:
+    """The decoder's architecture, what it reads, and the codec it speaks for; saved as
+    ``speech_decoder_config.json``."""
+
+    codebook_size: int = field(default=1024, metadata={"help": "the codec's codes per layer (layer 1's)"})
+    symbols: str = field(default="phonemes", metadata={"help": "what it reads: phonemes (espeak-ng) or characters"})
+    language: str = field(default="en-us", metadata={"help": "espeak-ng voice of the phonemes"})
+    vocabulary: list[str] = field(default_factory=list,
+                                  metadata={"help": "the symbols it knows, in id order from 2 (training fills it)"})
+    units_per_symbol: float = field(default=2.0, metadata={"help": "frames spoken per symbol (training measures it)"})
+    hidden_size: int = field(default=256, metadata={"help": "width of the transformer"})
+    num_layers: int = field(default=4, metadata={"help": "transformer layers"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout in training"})
+    codebook_fingerprint: str = field(default="", metadata={"help": "the codebook it was trained on (training sets it)"})
+
+    def __post_init__(self) -> None:
+        problems = ConfigProblems()
+        problems.positive_integers(self, "codebook_size", "hidden_size", "num_layers", "num_heads")
+        problems.check(self.symbols in SYMBOL_KINDS, f"symbols={self.symbols!r} (expected one of {list(SYMBOL_KINDS)})")
+        problems.check(isinstance(self.units_per_symbol, (int, float)) and self.units_per_symbol > 0,
+                       f"units_per_symbol={self.units_per_symbol!r} (expected a positive number)")
+        problems.check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
+                       f"dropout={self.dropout!r} (expected a number in [0, 1))")
+        problems.check(isinstance(self.vocabulary, list) and all(isinstance(s, str) for s in self.vocabulary),
+                       f"vocabulary={self.vocabulary!r:.60} (expected a list of strings)")
+        if isinstance(self.hidden_size, int) and isinstance(self.num_heads, int) and self.num_heads > 0:
+            problems.check(self.hidden_size % self.num_heads == 0,
+                           f"hidden_size={self.hidden_size} (expected a multiple of num_heads={self.num_heads})")
+        problems.raise_if_any("speech decoder config")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "speech decoder config") -> SpeechDecoderConfig:
+        return settings_from_dict(cls, data, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def spread(counts_total: int, symbols: int) -> torch.Tensor:
+    """Frames of each of ``symbols`` symbols, as even as whole frames allow, >= 1 each, summing to
+    ``max(counts_total, symbols)``."""
+    total = max(counts_total, symbols)
+    edges = torch.tensor([round(total * (i + 1) / symbols) for i in range(symbols)])
+    return torch.diff(edges, prepend=torch.zeros(1, dtype=edges.dtype)).clamp(min=1)
+
+
+class SpeechDecoder(nn.Module):
+    """Symbols of a sentence, spread over its frames -> per-frame logits over the codec's units and CTC's blank
+    (id ``codebook_size``)."""
+
+    def __init__(self, config: SpeechDecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.hidden_size
+        self.symbol_ids = {symbol: index + 2 for index, symbol in enumerate(config.vocabulary)}
+        self.embed = nn.Embedding(len(config.vocabulary) + 2, width, padding_idx=PADDING)
+        layer = nn.TransformerEncoderLayer(width, config.num_heads, 4 * width, dropout=config.dropout,
+                                           batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, config.codebook_size + 1)
+
+    @property
+    def blank(self) -> int:
+        return self.config.codebook_size
+
+    def encode_text(self, text: str) -> list[torch.Tensor]:
+        """Each sentence of ``text`` as symbol ids (a symbol never seen in training is `UNKNOWN`)."""
+        return [torch.tensor([self.symbol_ids.get(s, UNKNOWN) for s in sentence])
+                for sentence in text_sentences(text, self.config.symbols, self.config.language)]
+
+    def frames(self, ids: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """``ids`` repeated over ``num_frames`` frames (by default ``units_per_symbol`` a symbol)."""
+        if num_frames is None:
+            num_frames = round(len(ids) * self.config.units_per_symbol)
+        return ids.repeat_interleave(spread(num_frames, len(ids)))
+
+    def forward(self, frames: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """``frames`` long ``(B, T)`` symbol ids (``padding`` True where padded) -> logits ``(B, T, codebook + 1)``."""
+        positions = torch.arange(frames.shape[1], device=frames.device, dtype=torch.float32)[:, None]
+        width = self.config.hidden_size
+        scale = torch.exp(torch.arange(0, width, 2, device=frames.device) * (-math.log(10000.0) / width))
+        encoding = torch.cat([torch.sin(positions * scale), torch.cos(positions * scale)], dim=-1)
+        hidden = self.layers(self.embed(frames) + encoding, src_key_padding_mask=padding)
+        return self.head(self.norm(hidden))
+
+    @torch.inference_mode()
+    def speak_sentence(self, ids: torch.Tensor) -> list[int]:
+        """Units of one sentence's symbol ids: the best path, where a blank holds the unit before it (the
+        first unit spoken fills any blanks before it)."""
+        if len(ids) == 0:
+            return []
+        path = self(self.frames(ids)[None])[0].argmax(-1).tolist()
+        last = next((u for u in path if u != self.blank), 0)
+        units = []
+        for unit in path:
+            last = unit if unit != self.blank else last
+            units.append(last)
+        return units
+
+    def speak(self, text: str) -> list[int]:
+        """The units of ``text``, spoken one sentence at a time (an empty text, or one without a word: none)."""
+        return [unit for ids in self.encode_text(text) for unit in self.speak_sentence(ids)]
+
+    def speak_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`speak` of each text: one at a time, so a text's units never depend on its batch."""
+        return [self.speak(text) for text in texts]
+
+    # ---- saving ---------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SPEECH_DECODER_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                  str(out / SPEECH_DECODER_WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> SpeechDecoder:
+        folder = Path(directory)
+        config_path, weights_path = folder / SPEECH_DECODER_CONFIG_NAME, folder / SPEECH_DECODER_WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; a saved speech decoder has {SPEECH_DECODER_CONFIG_NAME} "
+                                        f"and {SPEECH_DECODER_WEIGHTS_NAME}")
+        data = read_json_object(config_path, "speech decoder settings")
+        decoder = cls(SpeechDecoderConfig.from_dict(data, source=str(config_path)))
+        load_fitting_state(decoder, weights_path, config_path)
+        return decoder.eval()
+
+
+def check_speech_decoder(decoder: SpeechDecoder, codebook_size: int, codebook: torch.Tensor) -> SpeechDecoder:
+    """``decoder`` if it speaks the units of a codec with ``codebook_size`` codes and layer-1 ``codebook``, else
+    an error that says what differs."""
+    c = decoder.config
+    if c.codebook_size != codebook_size:
+        raise ValueError(f"a speech decoder for {c.codebook_size} units does not fit this codec ({codebook_size} "
+                         f"codes a layer)")
+    if c.codebook_fingerprint and c.codebook_fingerprint != codebook_fingerprint(codebook):
+        raise ValueError("the speech decoder was trained on another codebook than this codec's (a codec rebuilt or "
+                         "refilled since); train it again with speechlm train-speech-decoder")
+    return decoder.eval()
+
+
+def saved_speech_decoder(folder: Path) -> SpeechDecoder | None:
+    """The speech decoder saved in a codec's ``folder``, if any; an error names its folder."""
+    directory = folder / SPEECH_DECODER_FOLDER
+    if not directory.is_dir():
+        return None
+    try:
+        return SpeechDecoder.from_pretrained(directory)
+    except ValueError as err:
+        raise ValueError(f"{directory}: {err}") from None
+
+
+def merged_units(units: Sequence[int]) -> list[int]:
+    """Units with runs merged: CTC's targets (its blanks and repeats give back the durations)."""
+    return [unit for unit, _ in itertools.groupby(units)]
+
+
+class HoldsSpeechDecoder:
+    """What both codec kinds share about their speech decoder: ``speech_decoder`` (None until one is added),
+    checked against the codec's codebook, saved and loaded in the codec's folder."""
+
+    speech_decoder: SpeechDecoder | None = None
+
+    def add_speech_decoder(self, decoder: SpeechDecoder) -> None:
+        """Speak text in this codec's units with ``decoder``, trained for its codebook."""
+        self.speech_decoder = check_speech_decoder(decoder, self.codebook_size, self.codebook_vectors(1)[0])
+
+    def _load_speech_decoder(self, folder: Path) -> None:
+        decoder = saved_speech_decoder(folder)
+        if decoder is not None:
+            try:
+                self.add_speech_decoder(decoder)
+            except ValueError as err:
+                raise ValueError(f"{folder / SPEECH_DECODER_FOLDER}: {err}") from None
+
+    def _save_speech_decoder(self, folder: Path) -> None:
+        if self.speech_decoder is not None:
+            self.speech_decoder.save_pretrained(folder / SPEECH_DECODER_FOLDER)

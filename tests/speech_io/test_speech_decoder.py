@@ -1,0 +1,165 @@
+"""The speech decoder: text -> symbols -> frames -> units; saving, loading, and its codec's checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from speechlm.finetune.demo_data import NARROW_CODEC
+from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
+from speechlm.speech_io.codec_loading import load_codec
+from speechlm.speech_io.config_errors import ConfigError
+from speechlm.speech_io.speech_decoder import (
+    SPEECH_DECODER_FOLDER,
+    UNKNOWN,
+    SpeechDecoder,
+    SpeechDecoderConfig,
+    codebook_fingerprint,
+    merged_units,
+    spread,
+    text_sentences,
+)
+from speechlm.speech_io.whisper_units import WhisperUnitCodec, WhisperUnitConfig
+
+TINY = dict(hidden_size=16, num_layers=1, num_heads=2, dropout=0.0)
+
+
+def tiny_decoder(codebook_size: int = 64, *, symbols: str = "characters", seed: int = 0, **changes) -> SpeechDecoder:
+    torch.manual_seed(seed)
+    config = SpeechDecoderConfig(codebook_size=codebook_size, symbols=symbols, vocabulary=list("abcdehilorstw "),
+                                 units_per_symbol=2.5, **TINY | changes)
+    return SpeechDecoder(config).eval()
+
+
+def test_sentences_of_characters_and_phonemes():
+    assert text_sentences("Hi there. How are you?", "characters") == [list("hi there."), list("how are you?")]
+    assert text_sentences("  ...  ", "characters") == [list("...")]
+    assert text_sentences("", "characters") == []
+    phonemes = text_sentences("Hello world. Good morning!", "phonemes")
+    assert len(phonemes) == 2 and phonemes[0][-1] == " "
+    assert "h" in phonemes[0] and "w" in phonemes[0]  # /həloʊ wɜːld/
+    with pytest.raises(ValueError, match="symbols='words'"):
+        text_sentences("hi", "words")
+
+
+@pytest.mark.parametrize(("frames", "symbols"), [(10, 4), (4, 4), (2, 5), (17, 3)])
+def test_spread_gives_every_symbol_a_frame(frames, symbols):
+    counts = spread(frames, symbols)
+    assert len(counts) == symbols and counts.min() >= 1
+    assert abs(int(counts.sum()) - max(frames, symbols)) <= 1
+    assert counts.max() - counts.min() <= 2
+
+
+def test_speaking_shapes_and_lengths():
+    decoder = tiny_decoder()
+    ids = decoder.encode_text("Hello world. What is this?")
+    assert [len(i) for i in ids] == [12, 13]
+    assert UNKNOWN in ids[0].tolist()  # "." and "?" are not in the tiny vocabulary
+    assert decoder.frames(ids[0]).shape == (30,)  # 12 symbols at 2.5 a symbol
+    assert decoder(decoder.frames(ids[0])[None]).shape == (1, 30, 65)  # the units and CTC's blank
+    units = decoder.speak("Hello world. What is this?")
+    assert len(units) == 30 + round(13 * 2.5)
+    assert all(0 <= u < 64 for u in units)
+    assert decoder.speak("") == [] and decoder.speak(" \n") == []
+
+
+def test_speaking_is_sentence_by_sentence_and_batch_free():
+    decoder = tiny_decoder()
+    texts = ["Hello world. What is this?", "Short one.", "the cat sat"]
+    together = decoder.speak(texts[0])
+    assert together == decoder.speak("Hello world.") + decoder.speak("What is this?")
+    assert decoder.speak_batch(texts) == [decoder.speak(t) for t in texts]
+
+
+def test_a_blank_holds_the_unit_before_it():
+    decoder = tiny_decoder(codebook_size=4)
+    with torch.no_grad():  # logits: unit 2, then blanks, then unit 3
+        decoder.head.weight.zero_()
+        decoder.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 5.0]))
+    ids = decoder.encode_text("ab")[0]
+    assert decoder.speak_sentence(ids) == [0] * 5  # all blank: the first unit stands in (none: unit 0)
+    original = decoder.forward
+
+    def scripted(frames, padding=None):
+        logits = original(frames, padding)
+        logits[0, 1, 2] = logits[0, 3, 3] = 10.0
+        return logits
+
+    decoder.forward = scripted
+    assert decoder.speak_sentence(ids) == [2, 2, 2, 3, 3]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    decoder = tiny_decoder(symbols="phonemes")
+    decoder.save_pretrained(tmp_path / "d")
+    loaded = SpeechDecoder.from_pretrained(tmp_path / "d")
+    assert loaded.config == decoder.config and not loaded.training
+    assert loaded.speak("Hello world.") == decoder.speak("Hello world.")
+
+
+def test_loading_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="speech_decoder_config.json: missing"):
+        SpeechDecoder.from_pretrained(tmp_path)
+    tiny_decoder().save_pretrained(tmp_path / "d")
+    config = tmp_path / "d" / "speech_decoder_config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps(data | {"hidden_size": 32}))
+    with pytest.raises(ValueError, match="does not fit speech_decoder_config.json"):
+        SpeechDecoder.from_pretrained(tmp_path / "d")
+    config.write_text(json.dumps(data | {"symbols": "words", "units_per_symbol": 0}))
+    with pytest.raises(ValueError, match="speech_decoder_config.json: invalid speech decoder config") as error:
+        SpeechDecoder.from_pretrained(tmp_path / "d")
+    assert "symbols='words'" in str(error.value) and "units_per_symbol=0" in str(error.value)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="hidden_size=30 .expected a multiple of num_heads=4"):
+        SpeechDecoderConfig(hidden_size=30, num_heads=4)
+    with pytest.raises(ConfigError, match="dropout=1"):
+        SpeechDecoderConfig(dropout=1)
+
+
+def test_merged_units():
+    assert merged_units([3, 3, 1, 1, 1, 3, 2]) == [3, 1, 3, 2]
+    assert merged_units([]) == []
+
+
+def unit_codec(kind: str, make_speech, seed: int = 0):
+    if kind == "speechtokenizer":
+        codec = SpeechTokenizerCodec.from_config(CodecConfig(**NARROW_CODEC), seed=seed)
+    else:
+        codec = WhisperUnitCodec.from_config(WhisperUnitConfig(n_audio_state=32, n_audio_head=2, encoder_blocks=1,
+                                                               codebook_size=64), seed=seed)
+    codec.fill_codebooks([make_speech(1.0, seed=s + seed) for s in range(3)], seed=seed)
+    return codec
+
+
+@pytest.mark.parametrize("kind", ["speechtokenizer", "whisper-units"])
+def test_the_codec_keeps_its_speech_decoder(kind, make_speech, tmp_path):
+    codec = unit_codec(kind, make_speech)
+    assert codec.speech_decoder is None
+    decoder = tiny_decoder(codec.codebook_size, codebook_fingerprint=codebook_fingerprint(codec.codebook_vectors(1)[0]))
+    codec.add_speech_decoder(decoder)
+    codec.save_pretrained(tmp_path / "codec")
+    assert (tmp_path / "codec" / SPEECH_DECODER_FOLDER / "model.safetensors").is_file()
+    loaded = load_codec(tmp_path / "codec")
+    assert loaded.speech_decoder.speak("the cat sat") == decoder.speak("the cat sat")
+
+    other = unit_codec(kind, make_speech, seed=1)  # another codebook: the units mean other sounds
+    with pytest.raises(ValueError, match="trained on another codebook"):
+        other.add_speech_decoder(decoder)
+    with pytest.raises(ValueError, match="a speech decoder for 32 units does not fit this codec .64 codes"):
+        codec.add_speech_decoder(tiny_decoder(32))
+    loaded.fill_codebooks([make_speech(2.0, seed=9)], seed=3)  # refilled: its decoder no longer fits
+    assert loaded.speech_decoder is None
+
+
+def test_a_codec_folder_with_a_broken_speech_decoder_names_it(make_speech, tmp_path):
+    codec = unit_codec("whisper-units", make_speech)
+    codec.add_speech_decoder(tiny_decoder(codec.codebook_size))
+    codec.save_pretrained(tmp_path / "codec")
+    (tmp_path / "codec" / SPEECH_DECODER_FOLDER / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=f"{SPEECH_DECODER_FOLDER}.*not a readable safetensors file"):
+        load_codec(tmp_path / "codec")
