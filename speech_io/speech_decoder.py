@@ -77,6 +77,12 @@ def text_sentences(text: str, kind: str, language: str = "en-us") -> list[list[s
     return [sentence for sentence in sentences if any(not s.isspace() for s in sentence)]
 
 
+def split_sentences(text: str) -> list[str]:
+    """``text`` cut after each ``.``, ``!`` or ``?`` that white space follows, pieces stripped, empty ones left out:
+    what a stream can speak as soon as the next one begins."""
+    return [piece.strip() for piece in _SENTENCE_END.split(text) if piece.strip()]
+
+
 @dataclass
 class SpeechDecoderConfig:
     """The decoder's architecture, what it reads, and the codec it speaks for; saved as
@@ -180,8 +186,10 @@ class SpeechDecoder(nn.Module):
         return units
 
     def speak(self, text: str) -> list[int]:
-        """The units of ``text``, spoken one sentence at a time (an empty text, or one without a word: none)."""
-        return [unit for ids in self.encode_text(text) for unit in self.speak_sentence(ids)]
+        """The units of ``text``, spoken one sentence (`split_sentences`, then espeak-ng's) at a time; an empty text,
+        or one without a word, has none."""
+        return [unit for piece in split_sentences(text) for ids in self.encode_text(piece)
+                for unit in self.speak_sentence(ids)]
 
     def speak_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`speak` of each text: one at a time, so a text's units never depend on its batch."""

@@ -282,7 +282,7 @@ def serve_options(a: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from speechlm.constraints import OUTPUT_MODES
     from speechlm.evaluation import EVAL_TASKS, LM_DTYPES, EvalSettings
-    from speechlm.responding import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SPEECH_UNITS
+    from speechlm.responding import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SPEECH_UNITS, SPEECH_BY
 
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -313,11 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-transcript", type=float,
                    help="a model with a reader, asked to transcribe: log-odds the next token of the reader's "
                         "transcript gains (e.g. 2; default: the LM alone)")
+    p.add_argument("--speech-by", choices=SPEECH_BY, default="auto",
+                   help="who speaks: the codec's speech decoder, the LM writing the text (auto: where the codec has "
+                        "one), or the LM generating the units itself (lm)")
     p.set_defaults(run=lambda a: generate(
         a.model, a.audio, a.text, a.output, a.out_audio, a.max_new_tokens, a.max_speech_units,
         {key: value for key, value in (("do_sample", a.do_sample or None), ("temperature", a.temperature),
                                        ("top_p", a.top_p), ("top_k", a.top_k),
-                                       ("follow_transcript", a.follow_transcript)) if value is not None}))
+                                       ("follow_transcript", a.follow_transcript), ("speech_by", a.speech_by))
+         if value is not None}))
 
     p = commands.add_parser("merge", help="a standalone checkpoint: LoRA merged, base weights included")
     p.add_argument("checkpoint", help="a saved SpeechLM directory")
@@ -343,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", help="tts: an openai-whisper .pt that transcribes the generated speech")
     p.add_argument("--output", default=evaluation.output, choices=OUTPUT_MODES,
                    help="latency: the response mode to time")
+    p.add_argument("--speech-by", choices=SPEECH_BY, default=evaluation.speech_by,
+                   help="tts and latency: who speaks (auto: the codec's speech decoder where it has one, else the LM)")
     p.add_argument("--tts-temperature", type=float, default=evaluation.tts_temperature,
                    help="tts: the speech units' sampling temperature (default 0: greedy; sampling is seeded)")
     p.add_argument("--temperatures", type=temperature_list, default=evaluation.temperatures,
@@ -356,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "answer on a CPU with AVX-512 BF16; the audio side keeps its dtype; default: as saved)")
     p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, dict(
         batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, max_speech_units=a.max_speech_units,
-        judge=a.judge, output=a.output, tts_temperature=a.tts_temperature, temperatures=a.temperatures, asr_follow_transcript=a.asr_follow_transcript,
-        lm_dtype=a.lm_dtype)))
+        judge=a.judge, output=a.output, speech_by=a.speech_by, tts_temperature=a.tts_temperature,
+        temperatures=a.temperatures, asr_follow_transcript=a.asr_follow_transcript, lm_dtype=a.lm_dtype)))
 
     p = commands.add_parser("prepare", help="check audio and extract codec units for training")
     p.add_argument("manifest", help="JSONL manifest, saved dataset directory, or audiofolder directory")

@@ -38,10 +38,12 @@ from speechlm.finetune.metrics import character_errors, match_answer, pair_accur
 from speechlm.responding import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_SPEECH_UNITS,
+    SPEECH_BY,
     AudioChunk,
     TextDelta,
     generate_response_tokens,
     respond,
+    speaking_decoder,
     stream_response,
 )
 from speechlm.speech_io.audio import load_audio
@@ -73,6 +75,8 @@ class EvalSettings:
         "help": "tts: the speech units' sampling temperature (0: greedy; sampling is seeded)"})
     max_speech_units: int = field(default=DEFAULT_MAX_SPEECH_UNITS, metadata={
         "help": "longest spoken response (50 units a second)"})
+    speech_by: str = field(default="auto", metadata={
+        "help": "who speaks: auto (the codec's speech decoder where it has one, else the LM), lm or decoder"})
     lm_dtype: str | None = field(default=None, metadata={
         "help": "the language model's weights while evaluating (bfloat16: a decoding step reads half the bytes; "
                 "the audio side keeps its dtype); none: as loaded"})
@@ -89,6 +93,7 @@ class EvalSettings:
         problems = ConfigProblems()
         problems.check(bool(self.temperatures) and all(t >= 0 for t in self.temperatures),
                        f"temperatures={self.temperatures}: expected one or more temperatures >= 0")
+        problems.check(self.speech_by in SPEECH_BY, f"speech_by={self.speech_by!r}: expected one of {list(SPEECH_BY)}")
         problems.check(self.tts_temperature >= 0, f"tts_temperature={self.tts_temperature}: expected >= 0 (0: greedy)")
         problems.check(self.asr_follow_transcript >= 0,
                        f"asr_follow_transcript={self.asr_follow_transcript}: expected >= 0 (0: the LM alone)")
@@ -265,16 +270,19 @@ def evaluate_tts(model, processor, items: list[EvalItem], settings: EvalSettings
         torch.manual_seed(0)
         new_tokens = generate_response_tokens(model, processor, processor(requests), output="speech",
                                               max_speech_units=settings.max_speech_units,
+                                              speech_by=settings.speech_by,
                                               spoken_text=[item.fields["text"] for item in items],
                                               **sampling_options(settings.tts_temperature))
     responses = [processor.parse_response(row) for row in new_tokens]
     judge = load_judge(settings.judge) if settings.judge else None
     references = [item.fields["units"] if item.fields.get("units") is not None
                   else _encode_units(processor, item.fields["audio"]) for item in items]
+    speaker = "lm" if speaking_decoder(processor, "speech", settings.speech_by) is None else "decoder"
     results = []
     for item, response, reference in zip(items, responses, references, strict=True):
         results.append({"id": item.id, "text": item.fields["text"], "reference_units": list(reference),
-                        "units": response.units, "unit_errors": unit_errors([reference], [response.units]).to_dict()})
+                        "units": response.units, "unit_errors": unit_errors([reference], [response.units]).to_dict(),
+                        "speech_by": speaker})
     if judge is not None:
         # The judge hears the answers and the references decoded by the same decoder (the codec's, or the
         # vocoder trained for it): the references' WER is the most the answers' can reach.
@@ -331,7 +339,8 @@ def evaluate_latency(model, processor, items: list[EvalItem], settings: EvalSett
         audio_samples = 0
         for event in stream_response(model, processor, audio=item.fields.get("audio"), text=item.fields.get("text"),
                                      output=settings.output, max_new_tokens=settings.max_new_tokens,
-                                     max_speech_units=settings.max_speech_units, do_sample=False):
+                                     max_speech_units=settings.max_speech_units, speech_by=settings.speech_by,
+                                     do_sample=False):
             now = time.perf_counter() - start
             if isinstance(event, TextDelta) and event.text and first_text is None:
                 first_text = now

@@ -73,7 +73,8 @@ class SpeechLMPipeline(Pipeline):
         """Respond to one input (a dict back) or a list of inputs (a list back, generated in batches).
 
         Keyword arguments: ``output`` ("text", "speech", "text+speech"), ``max_new_tokens`` (text),
-        ``max_speech_units``, ``generate_kwargs`` (a dict passed to ``generate``, e.g. sampling settings).
+        ``max_speech_units``, ``speech_by`` (who speaks: "auto", "lm" or "decoder", `speaking_decoder`),
+        ``generate_kwargs`` (a dict passed to ``generate``, e.g. sampling settings).
         """
         batched = isinstance(inputs, list) and not _is_conversation(inputs)
         items = inputs if batched else [inputs]
@@ -92,7 +93,8 @@ class SpeechLMPipeline(Pipeline):
         return outputs if batched else outputs[0]
 
     def _sanitize_parameters(self, output: str | None = None, max_new_tokens: int | None = None,
-                             max_speech_units: int | None = None, generate_kwargs: dict | None = None, **kwargs):
+                             max_speech_units: int | None = None, speech_by: str | None = None,
+                             generate_kwargs: dict | None = None, **kwargs):
         if kwargs:
             raise TypeError(f"unexpected pipeline arguments {sorted(kwargs)}; pass generate settings as "
                             f"generate_kwargs={{...}}")
@@ -103,6 +105,8 @@ class SpeechLMPipeline(Pipeline):
             forward["max_new_tokens"] = max_new_tokens
         if max_speech_units is not None:
             forward["max_speech_units"] = max_speech_units
+        if speech_by is not None:
+            forward["speech_by"] = speech_by
         if generate_kwargs:
             forward["generate_kwargs"] = dict(generate_kwargs)
         return {}, forward, {}
@@ -111,13 +115,14 @@ class SpeechLMPipeline(Pipeline):
         return dict(self.processor(conversations))
 
     def _forward(self, model_inputs: dict[str, Any], output: str = "text", max_new_tokens: int | None = None,
-                 max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS, generate_kwargs: dict | None = None):
+                 max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS, speech_by: str = "auto",
+                 generate_kwargs: dict | None = None):
         # Generation settings given when the pipeline was built, then those of this call.
         settings = {**self._generation_defaults, **self._generate_kwargs, **(generate_kwargs or {})}
         text_budget = settings.pop("max_new_tokens", None)
         return generate_response_tokens(self.model, self.processor, model_inputs, output=output,
                                         max_new_tokens=max_new_tokens or text_budget or DEFAULT_MAX_NEW_TOKENS,
-                                        max_speech_units=max_speech_units, **settings)
+                                        max_speech_units=max_speech_units, speech_by=speech_by, **settings)
 
     def postprocess(self, new_tokens) -> list[dict[str, Any]]:
         return [{"text": reply.text,

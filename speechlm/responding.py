@@ -3,6 +3,11 @@
 
 A response is text (``text``), speech (``speech``: units decoded to a 16 kHz waveform by the codec), or
 text then its speech (``text+speech``, chain-of-modality). The grammar lives in `speechlm.constraints`.
+
+Who speaks (``speech_by``): the LM itself, generating the units, or the codec's speech decoder
+(`speechlm.speech_io.speech_decoder`, where the codec has one: the default then), which speaks the text the LM
+writes one sentence at a time. Either way the response's tokens read the same (`spoken_token_stream` splices
+the decoder's units into the text as spans), so parsing, streaming and serving do not tell them apart.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from speechlm.constraints import (
     TranscriptFollowingLogitsProcessor,
 )
 from speechlm.speech_io.constants import SAMPLE_RATE
-from speechlm.speech_io.processor import as_conversations
+from speechlm.speech_io.processor import as_conversations, padding_token_id
 
 DEFAULT_MAX_NEW_TOKENS = 64  # text tokens
 DEFAULT_MAX_SPEECH_UNITS = 750  # 15 s at 50 Hz
@@ -112,11 +117,73 @@ def eos_token_ids(model, processor) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [processor.tokenizer.eos_token_id])
 
 
+SPEECH_BY = ("auto", "lm", "decoder")
+
+
+def speaking_decoder(processor, output: str, speech_by: str = "auto"):
+    """The speech decoder that speaks a response in ``output`` mode, or None where the LM speaks (or nothing
+    does). ``speech_by``: "auto" (the codec's speech decoder where it has one, else the LM), "lm" or "decoder"."""
+    if speech_by not in SPEECH_BY:
+        raise ValueError(f"speech_by={speech_by!r}: choose one of {list(SPEECH_BY)}")
+    if output == "text" or speech_by == "lm" or not processor.has_codec:
+        return None
+    decoder = processor.codec.speech_decoder
+    if decoder is None and speech_by == "decoder":
+        raise ValueError("speech_by='decoder': this model's codec has no speech decoder; train one with "
+                         "`speechlm train-speech-decoder MANIFEST --codec CODEC_DIR`, or use speech_by='lm'")
+    return decoder
+
+
+def spoken_token_stream(processor, decoder, tokens: Iterable[int], output: str, *, eos: int | None = None,
+                        max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS, spoken_text: str | None = None
+                        ) -> Iterator[int]:
+    """A response's token ids as if the LM had spoken it: the text the LM writes (``tokens``, up to its EOS; kept
+    in ``text+speech`` mode), and after each sentence as it completes, a span of ``decoder``'s units for it
+    (at most ``max_speech_units`` in all), then the EOS the LM ended with (``eos`` where there is no LM text,
+    and none where the LM ran out of tokens). ``spoken_text`` (a TTS request): speak that text, not
+    the LM's (and in ``text+speech`` mode, write it). The spans are the sentences `SpeechDecoder.speak` reads, so the units equal its whole-text ones."""
+    from speechlm.speech_io.speech_decoder import split_sentences
+
+    tokenizer, ended = processor.tokenizer, spoken_text is not None
+    special = set(tokenizer.all_special_ids)
+    text_ids: list[int] = []
+    spoken_sentences, units_left = 0, max_speech_units
+
+    def spans(sentences: list[str]) -> Iterator[int]:
+        nonlocal units_left
+        for sentence in sentences:
+            units = decoder.speak(sentence)[:units_left]
+            if units:
+                units_left -= len(units)
+                yield processor.speech_start_token_id
+                yield from (processor.speech_unit_start_id + unit for unit in units)
+                yield processor.speech_end_token_id
+
+    if spoken_text is not None and output == "text+speech":
+        yield from tokenizer(spoken_text, add_special_tokens=False).input_ids
+    for token in tokens if spoken_text is None else []:
+        if token >= processor.text_vocab_size or token in special:
+            eos, ended = token, True  # the LM's text ends here (a text response holds no speech tokens)
+            break
+        if output == "text+speech":
+            yield token
+        text_ids.append(token)
+        sentences = split_sentences(tokenizer.decode(text_ids, skip_special_tokens=True))
+        if len(sentences) - 1 > spoken_sentences:  # all but the last are complete
+            yield from spans(sentences[spoken_sentences:-1])
+            spoken_sentences = len(sentences) - 1
+    text = spoken_text if spoken_text is not None else tokenizer.decode(text_ids, skip_special_tokens=True)
+    yield from spans(split_sentences(text)[spoken_sentences:])
+    if ended and eos is not None:
+        yield eos
+
+
 def respond(model, processor, conversations=None, *, audio=None, text: str | None = None,
             sampling_rate: int | None = None, output: str = "text", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS, **generate_kwargs) -> SpeechLMReply | list[SpeechLMReply]:
     """The model's response to a conversation (a list of them: one batched ``generate``, a list back), or to
-    a single turn of ``audio`` and/or ``text``. ``generate_kwargs`` pass through (sampling settings)."""
+    a single turn of ``audio`` and/or ``text``. ``generate_kwargs`` pass through (sampling settings; ``speech_by``:
+    who speaks, `speaking_decoder`)."""
     batch, batched = as_conversations(conversations, audio=audio, text=text, sampling_rate=sampling_rate)
     inputs = processor(batch)
     new_tokens = generate_response_tokens(model, processor, inputs, output=output, max_new_tokens=max_new_tokens,
@@ -125,13 +192,34 @@ def respond(model, processor, conversations=None, *, audio=None, text: str | Non
     return replies if batched else replies[0]
 
 
-def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor], **settings) -> torch.Tensor:
-    """``B, G`` new token ids for a batch of processor inputs (left-padded, as the processor makes them)."""
+def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor], *, speech_by: str = "auto",
+                             **settings) -> torch.Tensor:
+    """``B, G`` new token ids for a batch of processor inputs (left-padded, as the processor makes them),
+    right-padded. ``speech_by``: who speaks (`speaking_decoder`); where the codec's speech decoder does, the LM
+    writes text and the decoder's units are spliced in (`spoken_token_stream`), or, for a TTS request
+    (``spoken_text``), the decoder speaks the text given and the LM is not run."""
     prompt_length = inputs["input_ids"].shape[1]
-    with torch.inference_mode(), _with_transcripts(model, processor, inputs, settings) as settings:
-        kwargs = generation_settings(model, processor, prompt_length, **settings)
-        generated = model.generate(**inputs, **kwargs)
-    return generated[:, prompt_length:]
+    output = settings.get("output", "text")
+    decoder = speaking_decoder(processor, output, speech_by)
+    spoken_text = settings.pop("spoken_text", None) if decoder is not None else None
+    if spoken_text is not None:
+        rows: list[list[int]] = [[] for _ in spoken_text]
+    else:
+        text_only = {**settings, "output": "text"} if decoder is not None else settings
+        with torch.inference_mode(), _with_transcripts(model, processor, inputs, text_only) as text_only:
+            kwargs = generation_settings(model, processor, prompt_length, **text_only)
+            generated = model.generate(**inputs, **kwargs)
+        if decoder is None:
+            return generated[:, prompt_length:]
+        rows = generated[:, prompt_length:].tolist()
+    eos = eos_token_ids(model, processor)[0]
+    spoken = [list(spoken_token_stream(processor, decoder, row, output, eos=eos,
+                                       max_speech_units=settings.get("max_speech_units", DEFAULT_MAX_SPEECH_UNITS),
+                                       spoken_text=None if spoken_text is None else spoken_text[i]))
+              for i, row in enumerate(rows)]
+    width = max(1, max(len(row) for row in spoken))
+    pad = padding_token_id(processor.tokenizer)
+    return torch.tensor([row + [pad] * (width - len(row)) for row in spoken], dtype=torch.long)
 
 
 def reader_transcripts(model, processor, inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
@@ -182,21 +270,25 @@ def replies_from_tokens(processor, new_tokens: torch.Tensor) -> list[SpeechLMRep
 def stream_response(model, processor, conversation=None, *, audio=None, text: str | None = None,
                     sampling_rate: int | None = None, output: str = "text",
                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS,
-                    chunk_frames: int = STREAM_CHUNK_FRAMES, **generate_kwargs) -> Iterator[ResponseEvent]:
+                    chunk_frames: int = STREAM_CHUNK_FRAMES, speech_by: str = "auto",
+                    **generate_kwargs) -> Iterator[ResponseEvent]:
     """`TextDelta` and `AudioChunk` events of one response while the model is still generating it.
 
     ``generate`` runs in a worker thread and hands each token over a queue; units are fed to the codec's
     streamed decoder, which yields ``chunk_frames`` frames of audio as soon as they are final. An error in
     the worker is raised here; closing the iterator early stops generation, and the worker is always joined.
+    Where the codec's speech decoder speaks (``speech_by``), each sentence is spoken as soon as the LM ends it.
     """
     batch, batched = as_conversations(conversation, audio=audio, text=text, sampling_rate=sampling_rate)
     if batched:
         raise ValueError("stream_response streams one conversation; use respond for a batch")
     inputs = processor(batch)
     prompt_length = inputs["input_ids"].shape[1]
+    decoder = speaking_decoder(processor, output, speech_by)
     with _with_transcripts(model, processor, inputs, generate_kwargs) as generate_kwargs:  # until the worker is joined
-        settings = generation_settings(model, processor, prompt_length, output=output, max_new_tokens=max_new_tokens,
-                                       max_speech_units=max_speech_units, **generate_kwargs)
+        settings = generation_settings(model, processor, prompt_length, output="text" if decoder else output,
+                                       max_new_tokens=max_new_tokens, max_speech_units=max_speech_units,
+                                       **generate_kwargs)
         tokens = _TokenQueue()
         stop = threading.Event()
         stopping = StoppingCriteriaList(settings.pop("stopping_criteria", None) or [])
@@ -214,7 +306,9 @@ def stream_response(model, processor, conversation=None, *, audio=None, text: st
         worker = threading.Thread(target=work, name="speechlm-generate", daemon=True)
         worker.start()
         try:
-            yield from response_events(processor, tokens, chunk_frames)
+            spoken = tokens if decoder is None else spoken_token_stream(processor, decoder, tokens, output,
+                                                                        max_speech_units=max_speech_units)
+            yield from response_events(processor, spoken, chunk_frames)
         finally:
             stop.set()
             worker.join()

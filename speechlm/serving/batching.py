@@ -23,7 +23,14 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from speechlm.pipeline import model_lock
-from speechlm.responding import ResponseEvent, eos_token_ids, generation_settings, response_events
+from speechlm.responding import (
+    ResponseEvent,
+    eos_token_ids,
+    generation_settings,
+    response_events,
+    speaking_decoder,
+    spoken_token_stream,
+)
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,14 @@ class GenerationJob:
             raise self.error
 
     def events(self, processor, chunk_frames: int) -> Iterator[ResponseEvent]:
-        """Text deltas and audio chunks, as `speechlm.stream_response` yields them."""
-        return response_events(processor, self.token_ids(), chunk_frames)
+        """Text deltas and audio chunks, as `speechlm.stream_response` yields them (the codec's speech decoder
+        speaking each sentence the LM ends, where it speaks for the LM)."""
+        tokens = self.token_ids()
+        decoder = speaking_decoder(processor, self.settings.output)
+        if decoder is not None:
+            tokens = spoken_token_stream(processor, decoder, tokens, self.settings.output,
+                                         max_speech_units=self.settings.max_speech_units)
+        return response_events(processor, tokens, chunk_frames)
 
     # -- the worker's side ---------------------------------------------------------------------------
     @property
@@ -223,7 +236,8 @@ def decode_batch(model, processor, jobs: list[GenerationJob]) -> None:
     prompt_length = inputs["input_ids"].shape[1]
     for job, mask in zip(jobs, inputs["attention_mask"], strict=True):
         job.prompt_tokens = int(mask.sum())
-    kwargs = generation_settings(model, processor, prompt_length, output=settings.output,
+    speaks = speaking_decoder(processor, settings.output) is None  # else the LM writes and the decoder speaks
+    kwargs = generation_settings(model, processor, prompt_length, output=settings.output if speaks else "text",
                                  max_new_tokens=settings.max_new_tokens, max_speech_units=settings.max_speech_units,
                                  **settings.sampling_kwargs())
     streamer = _RowStreamer(jobs, eos_token_ids(model, processor), processor.speech_unit_start_id,
