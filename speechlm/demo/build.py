@@ -1,4 +1,5 @@
-"""Build every asset of the quick start into the cache: backbone, Whisper, corpus, codec (units and vocoder).
+"""Build every asset of the quick start into the cache: backbone, Whisper, corpus, codec (units, vocoder and
+speech decoder).
 
     python -m speechlm.demo assets --size ci     # a few dozen clips (CI)
     python -m speechlm.demo assets --size full   # ~2,300 clips (the quick start)
@@ -16,11 +17,13 @@ from dataclasses import asdict, dataclass
 from speechlm.demo.assets import (
     build_backbone,
     build_codec,
+    build_speech_decoder,
     build_whisper,
     cache_dir,
     verified,
 )
 from speechlm.demo.corpus import CorpusPaths, CorpusSize, Voice, build_corpus, corpus_size
+from speechlm.finetune.speech_decoder_training import SpeechDecoderTraining
 from speechlm.finetune.vocoder_training import VocoderTraining
 
 # The vocoder that makes the codec's units (the LM's speech) audible: a few steps on the CI corpus,
@@ -28,6 +31,11 @@ from speechlm.finetune.vocoder_training import VocoderTraining
 VOCODER_MINUTES = 10.0
 VOCODER_TRAINING = {"ci": VocoderTraining(max_steps=4, max_clips=8, batch_size=4),
                     "full": VocoderTraining(max_minutes=VOCODER_MINUTES, max_clips=800)}
+# The speech decoder that speaks the trained model's answers (the LM writes them): a few steps on the CI corpus,
+# SPEECH_DECODER_MINUTES on all of the quick start's training clips (BENCHMARKS.md, "Speech out").
+SPEECH_DECODER_MINUTES = 15.0
+SPEECH_DECODER_TRAINING = {"ci": SpeechDecoderTraining(max_steps=4, max_clips=8, batch_size=4),
+                           "full": SpeechDecoderTraining(max_minutes=SPEECH_DECODER_MINUTES)}
 
 
 @dataclass
@@ -70,6 +78,9 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
     codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed,
                                               vocoder=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"]),
                                               progress=progress))
+    step("speech decoder", lambda: build_speech_decoder(
+        codec, corpus.manifests["train"],
+        training=SPEECH_DECODER_TRAINING.get(name, SPEECH_DECODER_TRAINING["full"]), progress=progress))
     assets = DemoAssets(cache=str(root), text_model=str(backbone), audio_encoder=str(whisper), codec=str(codec),
                         corpus=str(corpus.directory), train=str(corpus.manifests["train"]),
                         heldout=str(corpus.manifests["heldout"]), ood=str(corpus.manifests["ood"]),

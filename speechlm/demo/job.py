@@ -418,7 +418,7 @@ def text_answers_unchanged(before: dict, after: dict) -> bool | None:
 def spoken_answer(model, processor, eval_sets: dict, wav: Path, settings: EvalSettings, *,
                   judge: str | None = None) -> dict:
     """The trained model's text-and-speech answer to the first held-out spoken question, saved as a wav."""
-    from speechlm.responding import respond
+    from speechlm.responding import respond, speaking_decoder
     from speechlm.speech_io.audio import save_wav
 
     name = "qa/heldout" if "qa/heldout" in eval_sets else "asr/heldout"
@@ -434,6 +434,7 @@ def spoken_answer(model, processor, eval_sets: dict, wav: Path, settings: EvalSe
     return {"question_audio": row["audio"], "question": row.get("question", row.get("text")), "text": reply.text,
             "units": len(reply.units), "wav": str(wav) if reply.audio is not None else None,
             "decoder": processor.codec.decodes_with(1), "decoder_trained": getattr(processor.codec, "decoder_trained", None),
+            "speech_by": "lm" if speaking_decoder(processor, "text+speech") is None else "decoder",
             "judge_heard": heard}
 
 
@@ -441,9 +442,11 @@ def spoken_answer(model, processor, eval_sets: dict, wav: Path, settings: EvalSe
 
 def answer_audio_note(answer: dict) -> str:
     heard = f" Whisper base hears: {answer['judge_heard']!r}." if answer.get("judge_heard") is not None else ""
+    spoken = ("The LM wrote the answer and the codec's speech decoder (`speech-decoder/` in its folder) spoke it "
+              "as units. " if answer.get("speech_by") == "decoder" else "")
     if answer.get("decoder") == "vocoder":
-        return ("Its units are decoded by the vocoder trained for the codec (`vocoder-rvq1/` in the codec's folder: "
-                f"log-mel and Griffin-Lim).{heard}")
+        return (f"{spoken}Its units are decoded by the vocoder trained for the codec (`vocoder-rvq1/` in the codec's "
+                f"folder: log-mel and Griffin-Lim).{heard}")
     if answer.get("decoder_trained") is False:
         return f"The codec's SpeechTokenizer decoder has random weights and no vocoder: its audio is not speech.{heard}"
     return f"Its units are decoded by the codec's SpeechTokenizer decoder.{heard}"

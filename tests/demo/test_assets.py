@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,7 +87,7 @@ def test_a_tiny_corpus_builds_with_every_split_and_is_reused(tmp_path, backbone_
     assert again.manifests["train"].read_text() == corpus.manifests["train"].read_text()
 
 
-def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_cache, voice):
+def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_cache, voice, monkeypatch):
     import soundfile as sf
 
     from speechlm.demo.assets import UNIT_CODES, build_codec, build_whisper
@@ -119,6 +120,21 @@ def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_
     start = time.perf_counter()
     assert build_codec(tmp_path / "train.jsonl", whisper, demo_cache, vocoder=training) == directory
     assert time.perf_counter() - start < 5.0  # reused, not rebuilt
+
+    # the speech decoder joins the codec's folder, and is reused while codec, corpus and settings stay
+    from speechlm.demo import assets
+    from speechlm.finetune.speech_decoder_training import SpeechDecoderTraining
+
+    settings = SpeechDecoderTraining(max_steps=2, batch_size=2)
+    speech_decoder = assets.build_speech_decoder(directory, tmp_path / "train.jsonl", training=settings,
+                                                 progress=lambda _: None)
+    speaking = load_codec(directory).speech_decoder
+    assert speech_decoder == directory / "speech-decoder" and speaking.config.symbols == "phonemes"
+    assert len(speaking.speak("A short sentence.")) > 5
+    assert codec.decode(np.array([speaking.speak("A short sentence.")])).shape[0] > 0
+    monkeypatch.setattr("speechlm.finetune.speech_decoder_training.train_codec_speech_decoder",
+                        lambda *a, **k: pytest.fail("rebuilt"))
+    assert assets.build_speech_decoder(directory, tmp_path / "train.jsonl", training=settings) == speech_decoder
 
 
 @pytest.mark.parametrize("size", ["nope"])

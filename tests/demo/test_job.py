@@ -86,6 +86,8 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypa
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert load_audio(out / "answer.wav").shape[0] > 0
     assert report["answer"]["decoder"] == "vocoder"  # whisper units: the vocoder trained for them decodes
+    assert report["answer"]["speech_by"] == "decoder"  # the assets' speech decoder speaks what the LM writes
+    assert "speech decoder (`speech-decoder/` in its folder) spoke it" in markdown
     assert isinstance(report["answer"]["judge_heard"], str) and "Whisper base hears" in markdown
     assert (out / "model" / "processor_config.json").is_file()
     saved = json.loads((out / "model" / "config.json").read_text())["projector_config"]
