@@ -259,12 +259,28 @@ def _with_transcripts(model, processor, inputs, settings: dict) -> Iterator[dict
 
 
 def replies_from_tokens(processor, new_tokens: torch.Tensor) -> list[SpeechLMReply]:
-    """Text and units of each row; units of all rows decoded in one exact codec batch."""
+    """Text and units of each row; each speech span decoded on its own (as a stream decodes it: a response the
+    speech decoder spoke has one span a sentence), all rows' spans in one exact codec batch."""
     parsed = [processor.parse_response(row) for row in new_tokens]
-    speaking = [i for i, response in enumerate(parsed) if response.units]
-    waves = processor.codec.decode_batch([parsed[i].units for i in speaking]) if speaking else []
-    audio: dict[int, np.ndarray] = dict(zip(speaking, waves, strict=True))
-    return [SpeechLMReply(response.text, response.units, audio.get(i)) for i, response in enumerate(parsed)]
+    spans = [speech_spans(processor, row.tolist()) for row in new_tokens]
+    waves = iter(processor.codec.decode_batch([span for row in spans for span in row])) if any(spans) else iter(())
+    audio = [np.concatenate([next(waves) for _ in row]) if row else None for row in spans]
+    return [SpeechLMReply(response.text, response.units, wave) for response, wave in zip(parsed, audio, strict=True)]
+
+
+def speech_spans(processor, token_ids: Sequence[int]) -> list[list[int]]:
+    """The units of each speech span of a response, in order (a span left open at the end counts)."""
+    first_unit, num_units = processor.speech_unit_start_id, processor.num_speech_units
+    spans, current = [], None
+    for token in token_ids:
+        if token == processor.speech_start_token_id:
+            current = []
+            spans.append(current)
+        elif current is not None and first_unit <= token < first_unit + num_units:
+            current.append(token - first_unit)
+        else:
+            current = None
+    return [span for span in spans if span]
 
 
 def stream_response(model, processor, conversation=None, *, audio=None, text: str | None = None,

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from speechlm.responding import speaking_decoder
 from speechlm.serving.batching import BatchScheduler, GenerationJob, QueueFull, SchedulerClosed
 from speechlm.serving.completions import completion, completion_chunks
 from speechlm.serving.conversation import RecentReplies
@@ -131,6 +132,8 @@ def build_app(model, processor, settings: ServeSettings, *, model_name: str) -> 
             raise bad_request(f"messages: {error}", param="messages", code="invalid_value") from None
         budget = {"text": call.decode.max_new_tokens, "speech": call.decode.max_speech_units + 3,
                   "text+speech": call.decode.max_new_tokens + call.decode.max_speech_units + 3}[call.decode.output]
+        if speaking_decoder(processor, call.decode.output) is not None:  # the LM writes; the decoder speaks
+            budget = call.decode.max_new_tokens
         if max_positions is not None and prompt_tokens + budget > max_positions:
             raise bad_request(f"This model's maximum context length is {max_positions} tokens. However, you "
                               f"requested {prompt_tokens + budget} tokens ({prompt_tokens} in the messages, {budget} "

@@ -100,9 +100,16 @@ class GenerationJob:
         tokens = self.token_ids()
         decoder = speaking_decoder(processor, self.settings.output)
         if decoder is not None:
-            tokens = spoken_token_stream(processor, decoder, tokens, self.settings.output,
-                                         max_speech_units=self.settings.max_speech_units)
+            tokens = self._counting_units(processor, spoken_token_stream(
+                processor, decoder, tokens, self.settings.output, max_speech_units=self.settings.max_speech_units))
         return response_events(processor, tokens, chunk_frames)
+
+    def _counting_units(self, processor, tokens: Iterator[int]) -> Iterator[int]:
+        """``tokens``, counting the speech decoder's units as the LM's are counted (the usage's audio tokens)."""
+        units = range(processor.speech_unit_start_id, processor.speech_unit_start_id + processor.num_speech_units)
+        for token in tokens:
+            self.speech_units += token in units
+            yield token
 
     # -- the worker's side ---------------------------------------------------------------------------
     @property

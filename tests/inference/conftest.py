@@ -33,6 +33,23 @@ def save_speaking_model(directory: Path, *, lora_b_std: float | None = None, **s
     return directory
 
 
+def add_tiny_speech_decoder(directory: Path) -> Path:
+    """Give the saved model in ``directory`` a tiny random speech decoder (characters) in its codec's folder."""
+    import torch
+
+    from speechlm.speech_io.speech_decoder import SpeechDecoder, SpeechDecoderConfig, codebook_fingerprint
+
+    codec = AutoProcessor.from_pretrained(directory).codec
+    torch.manual_seed(0)
+    config = SpeechDecoderConfig(codebook_size=codec.codebook_size, symbols="characters", hidden_size=16,
+                                 num_layers=1, num_heads=2, vocabulary=list("abcdefghijklmnopqrstuvwxyz .,?!"),
+                                 units_per_symbol=1.5,
+                                 codebook_fingerprint=codebook_fingerprint(codec.codebook_vectors(1)[0]))
+    codec.add_speech_decoder(SpeechDecoder(config).eval())
+    codec.save_pretrained(directory / "codec")
+    return directory
+
+
 @pytest.fixture(scope="session")
 def speaking_dir(tmp_path_factory) -> Path:
     """A standalone tiny model (random backbone saved whole) with its codec in ``codec/``."""

@@ -18,24 +18,17 @@ from speechlm.responding import (
     spoken_token_stream,
     stream_response,
 )
-from speechlm.speech_io.speech_decoder import SpeechDecoder, SpeechDecoderConfig, codebook_fingerprint
+from tests.inference.conftest import add_tiny_speech_decoder
 
 PROMPT = [{"role": "user", "content": "hello there"}]
 
 
 @pytest.fixture(scope="module")
 def decoding(speaking_dir, tmp_path_factory):
-    """`speaking_dir` with a tiny speech decoder (characters) saved in its codec's folder, loaded back."""
+    """`speaking_dir` with a tiny speech decoder saved in its codec's folder, loaded back."""
     directory = tmp_path_factory.mktemp("decoding") / "model"
     shutil.copytree(speaking_dir, directory)
-    codec = AutoProcessor.from_pretrained(directory).codec
-    torch.manual_seed(0)
-    config = SpeechDecoderConfig(codebook_size=codec.codebook_size, symbols="characters", hidden_size=16,
-                                 num_layers=1, num_heads=2, vocabulary=list("abcdefghijklmnopqrstuvwxyz .,?!"),
-                                 units_per_symbol=1.5,
-                                 codebook_fingerprint=codebook_fingerprint(codec.codebook_vectors(1)[0]))
-    codec.add_speech_decoder(SpeechDecoder(config).eval())
-    codec.save_pretrained(directory / "codec")
+    add_tiny_speech_decoder(directory)
     return AutoModelForCausalLM.from_pretrained(directory), AutoProcessor.from_pretrained(directory)
 
 
@@ -97,13 +90,31 @@ def test_each_sentence_is_spoken_as_soon_as_it_ends(decoding):
     assert processor.parse_response(spoken_only).text == ""  # and no EOS: the LM did not end
 
 
-def test_the_stream_speaks_what_the_whole_response_speaks(decoding):
+def test_the_stream_speaks_what_the_whole_response_speaks(decoding, monkeypatch):
     model, processor = decoding
-    whole = respond(model, processor, PROMPT, output="text+speech", max_new_tokens=12)
-    events = list(stream_response(model, processor, PROMPT, output="text+speech", max_new_tokens=12))
+    # sentences: the whole response decodes each span on its own, as the stream does
+    written = "the cat sat. did it? yes"
+    ids = processor.tokenizer(written, add_special_tokens=False).input_ids + [processor.tokenizer.eos_token_id]
+    monkeypatch.setattr(model, "generate", lambda **kwargs: writing(kwargs, ids))
+    whole = respond(model, processor, PROMPT, output="text+speech")
+    assert whole.text == written and whole.units == processor.codec.speech_decoder.speak(written)
+    events = list(stream_response(model, processor, PROMPT, output="text+speech"))
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == whole.text
-    audio = [e.array for e in events if isinstance(e, AudioChunk)]
-    assert sum(len(a) for a in audio) == len(whole.units) * 320
+    audio = np.concatenate([e.array for e in events if isinstance(e, AudioChunk)])
+    np.testing.assert_allclose(audio, whole.audio, atol=1e-5)
+    assert isinstance(events[-1], AudioChunk) and any(isinstance(e, TextDelta) for e in events[events.index(
+        next(e for e in events if isinstance(e, AudioChunk))):])  # the first sentence is heard before the text ends
+
+
+def writing(kwargs, ids: list[int]) -> torch.Tensor:
+    """``generate`` writing ``ids`` after each prompt: handed to its streamer one at a time, if it has one."""
+    prompts = kwargs["input_ids"]
+    if (streamer := kwargs.get("streamer")) is not None:
+        streamer.put(prompts)
+        for token in ids:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+    return torch.cat([prompts, torch.tensor([ids] * len(prompts))], dim=1)
 
 
 def test_the_pipeline_speaks_through_the_decoder(decoding):
