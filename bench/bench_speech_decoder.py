@@ -1,0 +1,78 @@
+"""Whether the codec's speech decoder is understood: Whisper base (the judge) transcribes what it speaks.
+
+Sets, each an even spread of ``--items`` rows of the quick start's corpus: held-out sentences (``text``), the
+out-of-domain ones, and the backbone's answers to the held-out spoken questions (``answer``: what the quick
+start's model says, cut to its first two sentences, about what it writes in 64 tokens). Beside the decoder's
+speech, the judge hears each sentence's original clip (the floor) where there is one. The decoder speaks one
+item at a time; ``speak_rtf`` is its seconds over the seconds of audio it speaks (the vocoder's decode not
+counted), the judge runs after.
+
+    python -m speechlm.demo assets --size full --cache /tmp/democache   # the codec and its speech decoder
+    python bench/bench_speech_decoder.py --cache /tmp/democache --items 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from speechlm.demo.job import spread
+from speechlm.evaluation import load_judge, transcribe
+from speechlm.finetune.examples import read_jsonl
+from speechlm.finetune.metrics import word_errors
+from speechlm.speech_io.audio import load_audio
+from speechlm.speech_io.codec_loading import load_codec
+from speechlm.speech_io.speech_decoder import split_sentences
+
+FRAME_RATE = 50
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", required=True, help="the demo cache (assets-full.json)")
+    parser.add_argument("--codec", help="a codec folder with speech-decoder/ (default: the cache's)")
+    parser.add_argument("--items", type=int, default=40, help="rows of each set")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    assets = json.loads((Path(args.cache) / "assets-full.json").read_text())
+    codec = load_codec(args.codec or assets["codec"])
+    if codec.speech_decoder is None:
+        raise SystemExit(f"{args.codec or assets['codec']}: no speech-decoder/; train one with speechlm "
+                         f"train-speech-decoder")
+    judge = load_judge(assets["audio_encoder"])
+    heldout, ood = read_jsonl(Path(assets["heldout"])), read_jsonl(Path(assets["ood"]))
+    root = {"heldout": Path(assets["heldout"]).parent, "ood": Path(assets["ood"]).parent}
+    sets = {
+        "heldout": [(r["text"], root["heldout"] / r["audio"]) for r in spread(heldout, args.items)],
+        "ood": [(r["text"], root["ood"] / r["audio"]) for r in spread(ood, args.items)],
+        "heldout_answers": [(" ".join(split_sentences(r["answer"])[:2]), None)
+                            for r in spread([r for r in heldout if r.get("answer")], args.items)],
+    }
+    results = {"decoder": codec.speech_decoder.config.to_dict() | {"vocabulary": "..."}, "sets": {}}
+    for name, items in sets.items():
+        texts = [text for text, _ in items]
+        start = time.perf_counter()
+        spoken = [codec.speech_decoder.speak(text) for text in texts]
+        speak_seconds = time.perf_counter() - start
+        heard = [transcribe(judge, wave) for wave in codec.decode_batch(spoken)]
+        row = {"items": len(items), "judge_wer": round(word_errors(texts, heard).rate, 4),
+               "speak_rtf": round(speak_seconds / (sum(map(len, spoken)) / FRAME_RATE), 4),
+               "seconds_of_speech": round(sum(map(len, spoken)) / FRAME_RATE, 1)}
+        clips = [clip for _, clip in items if clip is not None]
+        if clips:
+            row["original_audio_judge_wer"] = round(word_errors(
+                texts, [transcribe(judge, load_audio(clip)) for clip in clips]).rate, 4)
+        row["heard"] = [{"text": t, "heard": h} for t, h in zip(texts[:5], heard[:5], strict=True)]
+        results["sets"][name] = row
+        print(name, json.dumps(row, indent=1), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
