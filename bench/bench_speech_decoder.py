@@ -3,7 +3,8 @@
 Sets, each an even spread of ``--items`` rows of the quick start's corpus: held-out sentences (``text``), the
 out-of-domain ones, and the backbone's answers to the held-out spoken questions (``answer``: what the quick
 start's model says, cut to its first two sentences, about what it writes in 64 tokens). Beside the decoder's
-speech, the judge hears each sentence's original clip (the floor) where there is one. The decoder speaks one
+speech, the judge hears each sentence's original clip (the floor) and the clip's own units decoded by the codec
+(its vocoder's ceiling) where there is one. The decoder speaks one
 item at a time; ``speak_rtf`` is its seconds over the seconds of audio it speaks (the vocoder's decode not
 counted), the judge runs after.
 
@@ -64,9 +65,11 @@ def main() -> None:
                "speak_rtf": round(speak_seconds / (sum(map(len, spoken)) / FRAME_RATE), 4),
                "seconds_of_speech": round(sum(map(len, spoken)) / FRAME_RATE, 1)}
         clips = [clip for _, clip in items if clip is not None]
-        if clips:
-            row["original_audio_judge_wer"] = round(word_errors(
-                texts, [transcribe(judge, load_audio(clip)) for clip in clips]).rate, 4)
+        if clips:  # the floor (the clip itself) and the vocoder's ceiling (the clip's own units decoded)
+            waves = [load_audio(clip) for clip in clips]
+            row["original_audio_judge_wer"] = round(word_errors(texts, [transcribe(judge, w) for w in waves]).rate, 4)
+            row["reference_units_judge_wer"] = round(word_errors(
+                texts, [transcribe(judge, w) for w in codec.decode_batch(codec.encode(waves))]).rate, 4)
         row["heard"] = [{"text": t, "heard": h} for t, h in zip(texts[:5], heard[:5], strict=True)]
         results["sets"][name] = row
         print(name, json.dumps(row, indent=1), flush=True)
