@@ -230,3 +230,28 @@ def test_evaluation_in_bfloat16_restores_the_weights_and_checks_the_dtype(model_
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
     with pytest.raises(ValueError, match="lm_dtype='int8'"):
         EvalSettings(lm_dtype="int8")
+
+
+def test_tts_measures_the_speech_decoder_where_the_codec_has_one(model_dir, tmp_path, capsys):
+    import shutil
+
+    from speechlm.speech_io.codec_loading import load_codec
+    from tests.inference.conftest import add_tiny_speech_decoder
+
+    decoding = tmp_path / "decoding"
+    shutil.copytree(model_dir, decoding)
+    add_tiny_speech_decoder(decoding)
+    manifest = str(EVAL_DATA / "tts.jsonl")
+    spoken = run_evaluation(str(decoding), "tts", manifest, EvalSettings(max_speech_units=20))
+    decoder = load_codec(decoding / "codec").speech_decoder
+    assert [item["units"] for item in spoken["items"]] == [decoder.speak(item["text"])[:20] for item in spoken["items"]]
+    assert {item["speech_by"] for item in spoken["items"]} == {"decoder"}
+    by_lm = run_evaluation(str(decoding), "tts", manifest, EvalSettings(max_speech_units=20, speech_by="lm"))
+    plain = run_evaluation(str(model_dir), "tts", manifest, EvalSettings(max_speech_units=20))
+    assert [item["units"] for item in by_lm["items"]] == [item["units"] for item in plain["items"]]
+    assert {item["speech_by"] for item in by_lm["items"]} == {"lm"}
+    with pytest.raises(ValueError, match=r"speech_by='nobody': expected one of \['auto', 'lm', 'decoder'\]"):
+        EvalSettings(speech_by="nobody")
+    assert main(["eval", "--model", str(decoding), "--task", "tts", "--data", manifest, "--speech-by", "lm",
+                 "--max-speech-units", "20"]) == 0
+    capsys.readouterr()
