@@ -140,8 +140,9 @@ def spoken_token_stream(processor, decoder, tokens: Iterable[int], output: str, 
     """A response's token ids as if the LM had spoken it: the text the LM writes (``tokens``, up to its EOS; kept
     in ``text+speech`` mode), and after each sentence as it completes, a span of ``decoder``'s units for it
     (at most ``max_speech_units`` in all), then the EOS the LM ended with (``eos`` where there is no LM text,
-    and none where the LM ran out of tokens). ``spoken_text`` (a TTS request): speak that text, not
-    the LM's (and in ``text+speech`` mode, write it). The spans are the sentences `SpeechDecoder.speak` reads, so the units equal its whole-text ones."""
+    and none where the LM ran out of tokens). ``spoken_text`` (a TTS request): speak that text, not the LM's
+    (and in ``text+speech`` mode, write it). The spans are the sentences `SpeechDecoder.speak` reads, so the
+    units equal its whole-text ones."""
     from speechlm.speech_io.speech_decoder import split_sentences
 
     tokenizer, ended = processor.tokenizer, spoken_text is not None
