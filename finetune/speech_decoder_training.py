@@ -6,17 +6,15 @@ minutes (or steps); then it joins the codec's folder (``speech-decoder/``), and 
 
 from __future__ import annotations
 
-import math
 import random
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from speechlm.finetune.timed_training import TrainingReport, train_for_minutes
 from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.codec_loading import Codec, load_codec
 from speechlm.speech_io.config_errors import ConfigProblems
@@ -61,18 +59,6 @@ class SpokenText:
 
     text: str
     units: list[int]
-
-
-@dataclass
-class SpeechDecoderReport:
-    steps: int
-    minutes: float
-    clips: int
-    losses: list[float]  # the mean CTC loss of every 10 steps
-
-    def summary(self) -> str:
-        return (f"{self.steps} steps on {self.clips} clips in {self.minutes:.1f} min, CTC loss "
-                f"{self.losses[0]:.3f} -> {self.losses[-1]:.3f}")
 
 
 def manifest_spoken_texts(manifests: Sequence[str | Path], codec: Codec, max_clips: int | None) -> list[SpokenText]:
@@ -123,7 +109,7 @@ def _examples(decoder: SpeechDecoder, spoken: Sequence[SpokenText]
 
 
 def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConfig, settings: SpeechDecoderTraining,
-                         *, codebook: torch.Tensor | None = None) -> tuple[SpeechDecoder, SpeechDecoderReport]:
+                         *, codebook: torch.Tensor | None = None) -> tuple[SpeechDecoder, TrainingReport]:
     """A speech decoder trained on ``spoken`` until ``max_minutes`` or ``max_steps``. Its vocabulary and
     speaking rate come from ``spoken`` (``config``'s are replaced); ``codebook`` (the codec's layer 1) is
     fingerprinted so that another codebook refuses it."""
@@ -136,54 +122,36 @@ def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConf
     examples, decoder.config.units_per_symbol = _examples(decoder, spoken)
     if not examples:
         raise ValueError("no clip has both units and a spoken symbol; the speech decoder has nothing to learn")
-    decoder.train()
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.learning_rate, weight_decay=0.01)
     ctc = nn.CTCLoss(blank=decoder.blank, zero_infinity=True)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # batches of similar length
+
+    def ctc_loss(indices: list[int]) -> torch.Tensor:
+        frames = [examples[i][0] for i in indices]
+        targets = [examples[i][1] for i in indices]
+        lengths = torch.tensor([len(f) for f in frames])
+        padded = nn.utils.rnn.pad_sequence(frames, batch_first=True)
+        padding = torch.arange(padded.shape[1])[None] >= lengths[:, None]
+        log_probs = decoder(padded, padding).log_softmax(-1).transpose(0, 1)  # T, B, C as CTC takes them
+        return ctc(log_probs, torch.cat(targets), lengths, torch.tensor([len(t) for t in targets]))
+
+    report = train_for_minutes(decoder, _epochs(examples, settings), ctc_loss, settings, clips=len(examples),
+                               loss="CTC loss", clip_norm=1.0)
+    return decoder, report
+
+
+def _epochs(examples: list[tuple[torch.Tensor, torch.Tensor]], settings: SpeechDecoderTraining
+            ) -> Iterator[list[int]]:
+    """Batches of examples of similar length, in a new random order every epoch, endlessly."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     batches = [order[i: i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     rng = random.Random(settings.seed)
-    limit, started, step, losses, window = settings.max_minutes * 60, time.monotonic(), 0, [], []
-
-    def more() -> bool:
-        return time.monotonic() - started < limit and (settings.max_steps is None or step < settings.max_steps)
-
-    while more():
+    while True:
         rng.shuffle(batches)
-        for indices in batches:
-            if not more():
-                break
-            # Cosine decay over the minutes (or steps): the schedule ends where training does on any machine.
-            progress = (time.monotonic() - started) / limit
-            if settings.max_steps is not None:
-                progress = max(progress, step / settings.max_steps)
-            warmup = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
-            for group in optimizer.param_groups:
-                group["lr"] = settings.learning_rate * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-            frames = [examples[i][0] for i in indices]
-            targets = [examples[i][1] for i in indices]
-            lengths = torch.tensor([len(f) for f in frames])
-            padded = nn.utils.rnn.pad_sequence(frames, batch_first=True)
-            padding = torch.arange(padded.shape[1])[None] >= lengths[:, None]
-            log_probs = decoder(padded, padding).log_softmax(-1).transpose(0, 1)  # T, B, C as CTC takes them
-            loss = ctc(log_probs, torch.cat(targets), lengths, torch.tensor([len(t) for t in targets]))
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
-            optimizer.step()
-            step += 1
-            window.append(loss.item())
-            if len(window) == 10:
-                losses.append(float(np.mean(window)))
-                window = []
-    if window:
-        losses.append(float(np.mean(window)))
-    minutes = (time.monotonic() - started) / 60
-    return decoder.eval(), SpeechDecoderReport(step, minutes, len(examples), losses)
+        yield from batches
 
 
 def train_codec_speech_decoder(codec_dir: str | Path, manifests: Sequence[str | Path], config: SpeechDecoderConfig,
                                settings: SpeechDecoderTraining, *, codec: Codec | None = None
-                               ) -> tuple[Path, SpeechDecoderReport]:
+                               ) -> tuple[Path, TrainingReport]:
     """Train a speech decoder for the codec in ``codec_dir`` on the manifests' clips and save it into that
     folder. ``codec``: that folder's codec, where the caller has loaded it already."""
     codec = load_codec(codec_dir) if codec is None else codec

@@ -10,7 +10,6 @@ turns it into audio Whisper can follow (BENCHMARKS.md, "Speech out").
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speechlm.finetune.timed_training import TrainingReport, train_for_minutes
 from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.codec_loading import Codec, load_codec
 from speechlm.speech_io.config_errors import ConfigProblems
@@ -55,18 +55,6 @@ class VocoderTraining:
 class VocoderExample:
     units: torch.Tensor  # long (k, T)
     log_mel: torch.Tensor  # (n_mels, T * upsample)
-
-
-@dataclass
-class VocoderReport:
-    steps: int
-    minutes: float
-    clips: int
-    losses: list[float]  # the mean training loss of every 10 steps
-
-    def summary(self) -> str:
-        return (f"{self.steps} steps on {self.clips} clips in {self.minutes:.1f} min, L1 log-mel "
-                f"{self.losses[0]:.3f} -> {self.losses[-1]:.3f}")
 
 
 def manifest_clips(manifests: Sequence[str | Path], max_clips: int | None) -> list[Path]:
@@ -125,40 +113,24 @@ def vocoder_config(codec: Codec, num_layers: int, **settings) -> VocoderConfig:
 
 
 def train_vocoder(codec: Codec, examples: list[VocoderExample], config: VocoderConfig,
-                  settings: VocoderTraining) -> tuple[UnitVocoder, VocoderReport]:
+                  settings: VocoderTraining) -> tuple[UnitVocoder, TrainingReport]:
     """A vocoder for ``codec``'s units trained on ``examples`` until ``max_minutes`` or ``max_steps``."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    vocoder = UnitVocoder(config, codec.codebook_vectors(config.num_layers)).train()
-    optimizer = torch.optim.AdamW(vocoder.parameters(), lr=settings.learning_rate, weight_decay=0.01)
-    limit, started, step, losses, window = settings.max_minutes * 60, time.monotonic(), 0, [], []
-    while time.monotonic() - started < limit and (settings.max_steps is None or step < settings.max_steps):
-        # Cosine decay over the minutes (or steps): the schedule ends where training does on any machine.
-        progress = (time.monotonic() - started) / limit
-        if settings.max_steps is not None:
-            progress = max(progress, step / settings.max_steps)
-        warmup = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
-        for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        units, target = _batch(examples, rng, settings, config.upsample)
-        loss = (vocoder(units) - target).abs().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step += 1
-        window.append(loss.item())
-        if len(window) == 10:
-            losses.append(float(np.mean(window)))
-            window = []
-    if window:
-        losses.append(float(np.mean(window)))
-    minutes = (time.monotonic() - started) / 60
-    return vocoder.eval(), VocoderReport(step, minutes, len(examples), losses)
+    vocoder = UnitVocoder(config, codec.codebook_vectors(config.num_layers))
+
+    def l1(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        units, target = batch
+        return (vocoder(units) - target).abs().mean()
+
+    crops = iter(lambda: _batch(examples, rng, settings, config.upsample), None)  # random crops, endlessly
+    report = train_for_minutes(vocoder, crops, l1, settings, clips=len(examples), loss="L1 log-mel")
+    return vocoder, report
 
 
 def train_codec_vocoder(codec_dir: str | Path, manifests: Sequence[str | Path], config: VocoderConfig,
                         settings: VocoderTraining, *, codec: Codec | None = None
-                        ) -> tuple[Path, VocoderReport]:
+                        ) -> tuple[Path, TrainingReport]:
     """Train a vocoder for the codec in ``codec_dir`` on the manifests' clips and save it into that folder.
     ``codec``: that folder's codec, where the caller has loaded it already."""
     codec = load_codec(codec_dir) if codec is None else codec
