@@ -29,8 +29,6 @@ from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.codec_loading import load_codec
 from speechlm.speech_io.speech_decoder import split_sentences
 
-FRAME_RATE = 50
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,8 +60,8 @@ def main() -> None:
         speak_seconds = time.perf_counter() - start
         heard = [transcribe(judge, wave) for wave in codec.decode_batch(spoken)]
         row = {"items": len(items), "judge_wer": round(word_errors(texts, heard).rate, 4),
-               "speak_rtf": round(speak_seconds / (sum(map(len, spoken)) / FRAME_RATE), 4),
-               "seconds_of_speech": round(sum(map(len, spoken)) / FRAME_RATE, 1)}
+               "speak_rtf": round(speak_seconds / (sum(map(len, spoken)) / codec.frame_rate), 4),
+               "seconds_of_speech": round(sum(map(len, spoken)) / codec.frame_rate, 1)}
         clips = [clip for _, clip in items if clip is not None]
         if clips:  # the floor (the clip itself) and the vocoder's ceiling (the clip's own units decoded)
             waves = [load_audio(clip) for clip in clips]
