@@ -89,7 +89,7 @@ PINNED_FILES: dict[str, PinnedFile] = {
 WHISPER_FILES = {"base": (("whisper_base_part1", "whisper_base_part2"), "whisper_base_vocabulary"),
                  "tiny.en": (("whisper_tiny_en",), "whisper_tiny_en_vocabulary")}
 # Runtime libraries of the demo (imported, not hash-checked): transformers' GGUF reader and Piper.
-RUNTIME_PACKAGES = {"gguf": "==0.19.0", "piper-tts": "==1.8.0", "matplotlib": ">=3.8"}
+RUNTIME_PACKAGES = {"gguf": "==0.19.0", "piper-tts": "==1.8.0", "matplotlib": ">=3.8", "wordfreq": "==3.1.1"}
 
 
 class DemoAssetError(ValueError):

@@ -48,16 +48,23 @@ class CorpusSize:
     questions: int | None
     docs: int | None
     stdlib: int = 0  # standard-library docstring sentences (train + heldout); none in the quick start
+    # sentences the backbone writes with the `common_words` most common English words that the other training
+    # texts speak fewer than `word_repeats` times, chosen to cover them (train + heldout)
+    words: int = 0
+    common_words: int = 1000
+    word_repeats: int = 3
     heldout_fraction: float = 0.1
     question_heldout_fraction: float = 0.2  # more, so that spoken QA has enough known-answer questions
 
 
 CORPUS_SIZES = {
     # a few dozen clips: enough for every split, source and question kind to appear (CI, tests)
-    "ci": CorpusSize(templates=16, backbone=8, questions=16, docs=6),
-    # ~2,300 clips: the quick start's corpus. 1,000 stdlib sentences more raised the ood split's words heard
-    # in training from 62% to 81% but made every figure worse at 15 minutes of training (BENCHMARKS.md).
-    "full": CorpusSize(templates=1300, backbone=600, questions=None, docs=None),
+    "ci": CorpusSize(templates=16, backbone=8, questions=16, docs=6, words=4, common_words=12),
+    # ~2,100 clips: the quick start's corpus. 700 templates fewer and ~550 sentences with the common words
+    # (the same hours of speech) raised the 1,000 most common words heard 3+ times in training from 27% to
+    # 54% and the ood split's words heard from 62% to 73%. 1,000 stdlib sentences more (81%) made every
+    # figure worse at 15 minutes of training (BENCHMARKS.md).
+    "full": CorpusSize(templates=600, backbone=600, questions=None, docs=None, words=600),
 }
 
 

@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 
 from speechlm.demo.corpus_texts import SPLITS
+from speechlm.demo.texts import spoken_words
 
 
 def answer_is_correct(answer: str, expected: Sequence[str]) -> bool:
@@ -14,10 +15,6 @@ def answer_is_correct(answer: str, expected: Sequence[str]) -> bool:
     words = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", answer.lower())
     return any(re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", option.lower()) == words[i:i + len(option.split())]
                for option in expected for i in range(len(words)))
-
-
-def spoken_words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
 
 
 def vocabulary_heard(rows: list[dict]) -> dict[str, dict[str, float]]:

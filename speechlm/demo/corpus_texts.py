@@ -8,6 +8,7 @@ import os
 import random
 import re
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from speechlm.demo.corpus import CorpusSize
 
 SPLITS = ("train", "heldout", "ood")
-SOURCES = ("templates", "backbone", "stdlib", "questions", "docs")
+SOURCES = ("templates", "backbone", "words", "stdlib", "questions", "docs")
 ANSWER_MAX_NEW_TOKENS = 64
 # The system turn of the self-distilled answers: the training recipe must use the same one (the job sets
 # data.system_prompt to it), so that the adapter learns the answers the backbone gives in that setting.
@@ -29,6 +30,10 @@ ANSWER_SYSTEM_PROMPT = ""
 CORPUS_READER_PROMPT = ", ".join(texts.NAMES) + "."
 SENTENCE_SAMPLES_PER_CALL = 8
 TOPICS_PER_CALL = 10
+# Sentences with a given word: a quarter of SmolLM2-135M's samples are a plain sentence that holds the word
+# (the rest talk about the word or the sentence, or run on), so four samples find one for about two words in three.
+WORD_SAMPLES_PER_CALL = 4
+WORDS_PER_CALL = 20
 
 
 def text_rows(settings: CorpusSize, seed: int, writer: BackboneWriter, docs: list[str], stdlib: list[str],
@@ -68,10 +73,42 @@ def text_rows(settings: CorpusSize, seed: int, writer: BackboneWriter, docs: lis
         lambda i: "ood" if questions[i].kind in texts.OOD_QUESTION_KINDS else ("heldout" if i in held else "train"),
         kind=[q.kind for q in questions], expected=[list(q.expected) or None for q in questions])
 
+    if settings.words:
+        # last of the training sources: the words the others already speak often enough need no sentence
+        heard = Counter(word for row in rows if row["split"] == "train" for word in texts.spoken_words(row["text"]))
+        targets = texts.common_words(settings.common_words)
+        rare = [word for word in targets if heard[word] < settings.word_repeats]
+        progress(f"sentences with common words: {len(rare)} of the {len(targets)} most common are heard fewer "
+                 f"than {settings.word_repeats} times (sampled once, cached)")
+        picked = covering_sentences(writer.word_sentences(rare, seed), targets, heard, settings.words,
+                                    settings.word_repeats)
+        add("words", picked, random_split(len(picked), "words"))
+
     picked = docs if settings.docs is None else random.Random(f"{seed}-docs").sample(docs, min(settings.docs,
                                                                                                  len(docs)))
     add("docs", picked, lambda index: "ood")
     return rows
+
+
+def covering_sentences(candidates: Sequence[str], targets: Sequence[str], heard: Counter, count: int,
+                       repeats: int) -> list[str]:
+    """Up to ``count`` distinct candidates, chosen greedily: each the one that speaks the most ``targets``
+    still heard fewer than ``repeats`` times (the first such candidate on ties). Stops early when no
+    candidate adds a hearing that is still needed."""
+    heard, wanted = Counter(heard), set(targets)
+    candidates = list(dict.fromkeys(candidates))
+    words_of = [set(texts.spoken_words(sentence)) & wanted for sentence in candidates]
+    left = list(range(len(candidates)))
+    picked: list[str] = []
+    while len(picked) < count and left:
+        gains = [sum(heard[word] < repeats for word in words_of[index]) for index in left]
+        best = max(range(len(left)), key=gains.__getitem__)
+        if gains[best] == 0:
+            break
+        index = left.pop(best)
+        picked.append(candidates[index])
+        heard.update(words_of[index])
+    return picked
 
 
 def _heldout_count(count: int, fraction: float) -> int:
@@ -177,24 +214,46 @@ class BackboneWriter:
 
     def _samples(self, topics: Sequence[str], key: str) -> list[str]:
         if key not in self.cache:
-            import torch
-
-            model, tokenizer = self._load()
-            prompts = [self._prompt_ids(texts.SENTENCE_PROMPT.format(topic=topic)) for topic in topics]
-            width = max(map(len, prompts))
-            pad = tokenizer.pad_token_id
-            # left padding, so every row's sampled continuation starts right after its prompt
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts])
-            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
-            torch.manual_seed(zlib.crc32(key.encode()))
-            with torch.no_grad():
-                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                                           temperature=0.8, top_p=0.95, max_new_tokens=40,
-                                           num_return_sequences=SENTENCE_SAMPLES_PER_CALL)
-            raw = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            raw = self._sample([texts.SENTENCE_PROMPT.format(topic=topic) for topic in topics], key,
+                               SENTENCE_SAMPLES_PER_CALL, max_new_tokens=40)
             self.cache[key] = [s for s in (_clean_sentence(text) for text in raw) if s]
             self._save()
         return list(self.cache[key])
+
+    def word_sentences(self, words: Sequence[str], seed: int) -> list[str]:
+        """The sentences the backbone wrote with each of ``words`` (`texts.WORD_PROMPT`), in word order:
+        `WORD_SAMPLES_PER_CALL` samples per word, kept when plain, speakable and holding the word itself.
+        Cached per word; the words not cached yet are sampled `WORDS_PER_CALL` at a time."""
+        key = f"word|{seed}|{{}}".format
+        missing = [word for word in dict.fromkeys(words) if key(word) not in self.cache]
+        for start in range(0, len(missing), WORDS_PER_CALL):
+            batch = missing[start:start + WORDS_PER_CALL]
+            raw = self._sample([texts.WORD_PROMPT.format(word=word) for word in batch], key("|".join(batch)),
+                               WORD_SAMPLES_PER_CALL, max_new_tokens=32)
+            for index, word in enumerate(batch):
+                samples = raw[index * WORD_SAMPLES_PER_CALL:(index + 1) * WORD_SAMPLES_PER_CALL]
+                self.cache[key(word)] = [s for s in (_clean_sentence(text) for text in samples)
+                                         if s and _uses_word(s, word)]
+            self._save()
+        return [sentence for word in words for sentence in self.cache[key(word)]]
+
+    def _sample(self, prompts: Sequence[str], key: str, per_prompt: int, *, max_new_tokens: int) -> list[str]:
+        """``per_prompt`` sampled replies to each prompt (prompt by prompt), seeded by ``key``."""
+        import torch
+
+        model, tokenizer = self._load()
+        prompt_ids = [self._prompt_ids(prompt) for prompt in prompts]
+        width = max(map(len, prompt_ids))
+        pad = tokenizer.pad_token_id
+        # left padding, so every row's sampled continuation starts right after its prompt
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids])
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids])
+        torch.manual_seed(zlib.crc32(key.encode()))
+        with torch.no_grad():
+            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                                       temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens,
+                                       num_return_sequences=per_prompt)
+        return tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
 
 
 _SENTENCE_CHARS = re.compile(r"^[A-Za-z0-9 ,.'!?;:-]+$")
@@ -210,6 +269,14 @@ def _clean_sentence(text: str) -> str | None:
     if not 5 <= len(sentence.split()) <= 25 or not _SENTENCE_CHARS.match(sentence) or not sentence[0].isupper():
         return None
     return sentence
+
+
+def _uses_word(sentence: str, word: str) -> bool:
+    """Whether a sentence speaks ``word`` itself and is not about words or sentences (the backbone often
+    answers "A simple sentence with the word ... is ...")."""
+    spoken = texts.spoken_words(sentence)
+    talks_about_words = {"word", "words", "sentence", "sentences"} - {word}
+    return word in spoken and not talks_about_words & set(spoken)
 
 
 def _clean_answer(text: str, complete: bool) -> str:

@@ -3,6 +3,9 @@
 - ``templates``: sentences from templates and word lists written by us (this module).
 - ``backbone``: sentences the backbone (SmolLM2) writes about topics listed here, sampled once with a
   fixed seed (`speechlm.demo.corpus` caches them).
+- ``words``: sentences the backbone writes with each of the common English words (wordfreq's frequency
+  list, `common_words`) that the other training texts speak too rarely, so that the language's common
+  words are each heard several times.
 - ``stdlib``: sentences cut from the docstrings of the Python standard library's source files: plain
   technical prose, the vocabulary of software documentation from a source other than ``docs``. The
   quick start's corpus leaves it out (at 15 minutes of training it costs more than it gives, BENCHMARKS.md).
@@ -104,6 +107,29 @@ TOPICS = ("the ocean", "a rainy afternoon", "baking bread", "a mountain hike", "
           "recycling", "a family dinner", "a power outage", "a crowded bus", "writing a letter",
           "a lighthouse", "a rainy commute", "planting trees", "a coffee shop", "an empty theater")
 SENTENCE_PROMPT = "Write one short, simple sentence about {topic}. Reply with the sentence only."
+
+
+# -- the common words of English -------------------------------------------------------------------------
+WORD_PROMPT = 'Write one short, simple sentence that uses the word "{word}". Reply with the sentence only.'
+_COMMON_WORD = re.compile(r"[a-z]{3,}")  # a word of three letters or more: wordfreq's list also holds
+# letters and abbreviations ("x", "tv", "uk") that no one asks for a sentence with
+
+
+def common_words(count: int) -> list[str]:
+    """The ``count`` most frequent English words of three letters or more, by wordfreq's frequency list (a
+    well-kept list from many corpora, so that the choice is not ours)."""
+    from wordfreq import top_n_list
+
+    words = [word for word in top_n_list("en", 4 * count + 100) if _COMMON_WORD.fullmatch(word)]
+    if len(words) < count:
+        raise ValueError(f"wordfreq lists only {len(words)} English words of three letters or more; "
+                         f"asked for {count}")
+    return words[:count]
+
+
+def spoken_words(text: str) -> list[str]:
+    """The words of a text as a listener counts them: lower case, numbers kept, apostrophes inside words."""
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
 
 
 # -- spoken questions and instructions -------------------------------------------------------------------

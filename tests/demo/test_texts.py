@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import platform
+from collections import Counter
 
 from speechlm.demo import texts
 from speechlm.demo.corpus_audio import synthesis_settings
-from speechlm.demo.corpus_texts import _clean_answer, _clean_sentence
+from speechlm.demo.corpus_texts import _clean_answer, _clean_sentence, _uses_word, covering_sentences
+from tests.demo.conftest import needs_demo_packages
 
 
 def test_templates_are_distinct_and_seeded():
@@ -81,3 +83,36 @@ def test_answers_are_checked_by_whole_words():
     assert answer_is_correct("A day has twenty-four hours.", ["24", "twenty-four"])
     assert not answer_is_correct("A Parisian cafe.", ["Paris"])
     assert not answer_is_correct("I know.", ["no"])
+
+
+@needs_demo_packages
+def test_common_words_follow_wordfreq_and_skip_letters_and_abbreviations():
+    words = texts.common_words(300)
+    assert len(words) == len(set(words)) == 300
+    assert words[:3] == ["the", "and", "for"]  # "to", "of", "a", "in", "i" are shorter than three letters
+    assert all(word.isalpha() and word.islower() and len(word) >= 3 for word in words)
+    assert texts.common_words(50) == words[:50]
+
+
+def test_spoken_words_are_counted_as_a_listener_hears_them():
+    assert texts.spoken_words("It's 7 o'clock, Tom's TV is on!") == ["it's", "7", "o'clock", "tom's", "tv", "is",
+                                                                      "on"]
+
+
+def test_a_word_sentence_must_speak_the_word_and_not_talk_about_words():
+    assert _uses_word("The government met on Monday.", "government")
+    assert not _uses_word("Governments met on Monday.", "government")  # another word, not the one asked for
+    assert not _uses_word("A simple sentence with government in it.", "government")
+    assert _uses_word("She never said a word about it.", "word")
+
+
+def test_covering_sentences_pick_the_sentence_that_adds_most_hearings_first():
+    candidates = ["The cat sat.", "The dog and the cat ran home.", "A dog ran.", "A dog ran.", "Birds sing."]
+    heard = Counter({"cat": 1})
+    picked = covering_sentences(candidates, ["cat", "dog", "ran", "home"], heard, count=10, repeats=2)
+    # gains: 4 (dog, cat, ran, home), then "A dog ran." 2 (dog, ran), then nothing is still needed twice
+    assert picked == ["The dog and the cat ran home.", "A dog ran."]
+    assert heard == Counter({"cat": 1}), "the caller's counts are left as they were"
+    assert covering_sentences(candidates, ["cat", "dog", "ran", "home"], heard, count=1, repeats=2) == [
+        "The dog and the cat ran home."]
+    assert covering_sentences(candidates, ["bird"], Counter(), count=3, repeats=1) == []
