@@ -22,7 +22,7 @@ import whisper
 
 from speechlm.demo.build import load_demo_assets
 from speechlm.demo.job import load_trained, spread
-from speechlm.evaluation import EvalSettings, generate_text, read_eval_manifest, transcribe
+from speechlm.evaluation import EvalSettings, generate_text, read_eval_manifest, transcribe, transcribe_batch
 from speechlm.finetune.metrics import match_answer, word_errors
 from speechlm.speech_io.audio import load_audio
 
@@ -45,7 +45,7 @@ def main() -> None:
     for split in ("heldout", "ood"):
         start = time.perf_counter()
         asr = spread(read_eval_manifest(data / f"asr-{split}.jsonl", "asr"), args.asr_clips)
-        heard = [transcribe(judge, load_audio(item.fields["audio"])) for item in asr]
+        heard = transcribe_batch(judge, [load_audio(item.fields["audio"]) for item in asr])
         wer = word_errors([item.fields["text"] for item in asr], heard).rate
         qa = read_eval_manifest(data / f"qa-{split}.jsonl", "qa")
         by_id = {item.id: text for item, text in zip(asr, heard, strict=True)}

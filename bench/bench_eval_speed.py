@@ -11,10 +11,14 @@ On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``),
   length (`batch_order`), seconds and the task's figures;
 - **the LM's dtype** (every evaluation set of the job, with the job's settings): the language model's weights
   in float32 against bfloat16 (``EvalSettings.lm_dtype``), the clips' readings cached first (as the job's
-  evaluation after training finds them), seconds, the figures, and how many outputs are the same.
+  evaluation after training finds them), seconds, the figures, and how many outputs are the same;
+- **the judge** (the TTS task's Whisper base, on tts/heldout's reference units decoded by the codec): the
+  decode's seconds, then the judge hearing one window at a time against `transcribe_batch`'s batches, seconds and
+  how many transcripts are the same as one at a time.
 
     python bench/bench_eval_speed.py --job /tmp/exp/reader9 --out /tmp/exp/eval-speed.json
     python bench/bench_eval_speed.py --job /tmp/exp/full33 --sections lm-dtype --out /tmp/exp/lm-dtype.json
+    python bench/bench_eval_speed.py --job /tmp/exp/full38 --sections judge --judge /tmp/democache/whisper-base.pt
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ from whisper.decoding import DecodingTask, PyTorchInference
 from speechlm.adapters import readers
 from speechlm.adapters.reading_cache import ReadingCache
 from speechlm.demo.job import JobSettings, load_trained
-from speechlm.evaluation import BATCH_LENGTH_FIELDS, EvalSettings, evaluate, read_eval_manifest
+from speechlm.evaluation import (
+    BATCH_LENGTH_FIELDS,
+    EvalSettings,
+    evaluate,
+    load_judge,
+    read_eval_manifest,
+    transcribe_batch,
+)
 from speechlm.finetune.metrics import word_errors
 
 
@@ -121,7 +132,28 @@ def lm_dtype_rows(model, processor, task: str, items, settings: EvalSettings) ->
     return rows
 
 
-SECTIONS = ("reading", "batching", "lm-dtype")
+def judge_rows(processor, items, judge_path: str, batch_sizes: list[int]) -> list[dict]:
+    judge = load_judge(judge_path)
+    start = time.perf_counter()
+    waves = processor.codec.decode_batch([item.fields["units"] for item in items])
+    rows = [{"variant": f"decode {len(waves)} references ({processor.codec.decodes_with(1)})",
+             "seconds": round(time.perf_counter() - start, 1)}]
+    print(rows[-1], flush=True)
+    alone = None
+    for batch_size in [1, *batch_sizes]:
+        start = time.perf_counter()
+        heard = [text for wave in waves for text in transcribe_batch(judge, [wave])] if batch_size == 1 else \
+            transcribe_batch(judge, waves, batch_size=batch_size)
+        alone = alone or heard
+        rows.append({"variant": "one window at a time" if batch_size == 1 else f"batches of {batch_size}",
+                     "seconds": round(time.perf_counter() - start, 1),
+                     "same_as_one_at_a_time": sum(a == b for a, b in zip(heard, alone, strict=True)),
+                     "windows": len(waves)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+SECTIONS = ("reading", "batching", "lm-dtype", "judge")
 
 
 def main() -> None:
@@ -129,6 +161,7 @@ def main() -> None:
     parser.add_argument("--job", required=True, help="a quick-start job's --out folder (model/ and eval-data/)")
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {list(SECTIONS)}")
+    parser.add_argument("--judge", help="judge section: the openai-whisper .pt that hears the TTS audio")
     parser.add_argument("--out", help="write the figures here (JSON)")
     args = parser.parse_args()
     sections = args.sections.split(",")
@@ -154,6 +187,11 @@ def main() -> None:
             task = path.stem.split("-")[0]
             figures[f"lm dtype {path.stem}"] = lm_dtype_rows(model, processor, task, read_eval_manifest(path, task),
                                                              settings)
+    if "judge" in sections:
+        if not args.judge:
+            parser.error("--sections judge needs --judge (an openai-whisper .pt)")
+        figures["judge tts/heldout"] = judge_rows(
+            processor, read_eval_manifest(job / "eval-data" / "tts-heldout.jsonl", "tts"), args.judge, [8, 16, 40])
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
 

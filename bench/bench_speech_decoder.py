@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from speechlm.demo.job import spread
-from speechlm.evaluation import load_judge, transcribe
+from speechlm.evaluation import load_judge, transcribe_batch
 from speechlm.finetune.examples import read_jsonl
 from speechlm.finetune.metrics import word_errors
 from speechlm.speech_io.audio import load_audio
@@ -58,16 +58,16 @@ def main() -> None:
         start = time.perf_counter()
         spoken = [codec.speech_decoder.speak(text) for text in texts]
         speak_seconds = time.perf_counter() - start
-        heard = [transcribe(judge, wave) for wave in codec.decode_batch(spoken)]
+        heard = transcribe_batch(judge, codec.decode_batch(spoken))
         row = {"items": len(items), "judge_wer": round(word_errors(texts, heard).rate, 4),
                "speak_rtf": round(speak_seconds / (sum(map(len, spoken)) / codec.frame_rate), 4),
                "seconds_of_speech": round(sum(map(len, spoken)) / codec.frame_rate, 1)}
         clips = [clip for _, clip in items if clip is not None]
         if clips:  # the floor (the clip itself) and the vocoder's ceiling (the clip's own units decoded)
             waves = [load_audio(clip) for clip in clips]
-            row["original_audio_judge_wer"] = round(word_errors(texts, [transcribe(judge, w) for w in waves]).rate, 4)
+            row["original_audio_judge_wer"] = round(word_errors(texts, transcribe_batch(judge, waves)).rate, 4)
             row["reference_units_judge_wer"] = round(word_errors(
-                texts, [transcribe(judge, w) for w in codec.decode_batch(codec.encode(waves))]).rate, 4)
+                texts, transcribe_batch(judge, codec.decode_batch(codec.encode(waves)))).rate, 4)
         row["heard"] = [{"text": t, "heard": h} for t, h in zip(texts[:5], heard[:5], strict=True)]
         results["sets"][name] = row
         print(name, json.dumps(row, indent=1), flush=True)

@@ -290,9 +290,11 @@ def evaluate_tts(model, processor, items: list[EvalItem], settings: EvalSettings
         spoken = [i for i, response in enumerate(responses) if response.units]
         answers = dict(zip(spoken, codec.decode_batch([responses[i].units for i in spoken]), strict=True)
                        ) if spoken else {}
-        for index, (result, wave) in enumerate(zip(results, codec.decode_batch(references), strict=True)):
-            result["judge_transcript"] = transcribe(judge, answers[index]) if index in answers else ""
-            result["reference_judge_transcript"] = transcribe(judge, wave)
+        heard = dict(zip(answers, transcribe_batch(judge, list(answers.values())), strict=True))
+        heard_references = transcribe_batch(judge, codec.decode_batch(references))
+        for index, (result, reference_heard) in enumerate(zip(results, heard_references, strict=True)):
+            result["judge_transcript"] = heard.get(index, "")
+            result["reference_judge_transcript"] = reference_heard
             result["decoder"] = codec.decodes_with(1)
     return results
 
@@ -312,22 +314,38 @@ JUDGE_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 def transcribe(judge, waveform) -> str:
-    """The judge's English transcript, decoded as openai-whisper's ``transcribe`` decodes a window (greedy, then
-    the temperature fallback where it loops; seeded, so a run repeats); audio is padded to 30 s, as Whisper's
-    decoder repeats itself on short un-padded input."""
+    """The judge's English transcript of one waveform (`transcribe_batch`)."""
+    return transcribe_batch(judge, [waveform])[0]
+
+
+def transcribe_batch(judge, waveforms: Sequence, *, batch_size: int = 16) -> list[str]:
+    """The judge's English transcripts, decoded as openai-whisper's ``transcribe`` decodes a window: greedy,
+    ``batch_size`` windows per decoding call, then, one by one, the temperature fallback where a text loops
+    (seeded, so a run repeats). Audio is padded to 30 s, as Whisper's decoder repeats itself on short un-padded
+    input."""
     import whisper
 
-    audio = whisper.pad_or_trim(torch.as_tensor(waveform, dtype=torch.float32))
-    mel = whisper.log_mel_spectrogram(audio, n_mels=judge.dims.n_mels)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for temperature in JUDGE_TEMPERATURES:
-            options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False,
-                                              temperature=temperature)
-            result = whisper.decode(judge, mel, options)
-            if result.compression_ratio <= LOOP_COMPRESSION_RATIO:
-                break
-    return result.text.strip()
+    def window(waveform) -> torch.Tensor:
+        audio = whisper.pad_or_trim(torch.as_tensor(waveform, dtype=torch.float32))
+        return whisper.log_mel_spectrogram(audio, n_mels=judge.dims.n_mels)
+
+    def decode(mel: torch.Tensor, temperature: float) -> list:
+        options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False,
+                                          temperature=temperature)
+        return whisper.decode(judge, mel, options)
+
+    texts: list[str] = []
+    for start in range(0, len(waveforms), batch_size):
+        mels = [window(waveform) for waveform in waveforms[start:start + batch_size]]
+        for mel, result in zip(mels, decode(torch.stack(mels), JUDGE_TEMPERATURES[0]), strict=True):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                for temperature in JUDGE_TEMPERATURES[1:]:
+                    if result.compression_ratio <= LOOP_COMPRESSION_RATIO:
+                        break
+                    result = decode(mel, temperature)
+            texts.append(result.text.strip())
+    return texts
 
 
 def evaluate_latency(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:

@@ -159,14 +159,42 @@ def test_the_judge_decodes_a_looping_transcript_again_at_the_next_temperature(tm
     def looping_when_greedy(model, mel, options):
         tried.append(options.temperature)
         result = decode(model, mel, options)
-        if options.temperature == 0:
-            return dataclasses.replace(result, text="that " * 50, compression_ratio=9.0)
+        if options.temperature == 0:  # greedy decodes a batch: a list of results
+            return [dataclasses.replace(one, text="that " * 50, compression_ratio=9.0) for one in result]
         return result
 
     monkeypatch.setattr(whisper, "decode", looping_when_greedy)
     heard = transcribe(judge, torch.zeros(16000).numpy())
     assert tried[:2] == [0.0, 0.2] and heard != ("that " * 50).strip()
     assert transcribe(judge, torch.zeros(16000).numpy()) == heard  # seeded
+
+
+def test_the_judge_hears_a_batch_as_it_hears_each_clip_alone(tmp_path, monkeypatch):
+    import whisper
+
+    from speechlm.evaluation import load_judge, transcribe, transcribe_batch
+    from tests.conftest import save_tiny_whisper
+
+    judge = load_judge(save_tiny_whisper(tmp_path / "judge.pt", n_vocab=51864, n_text_ctx=64))
+    generator = torch.Generator().manual_seed(0)
+    waves = [0.1 * torch.randn(16000 * seconds, generator=generator).numpy() for seconds in (1, 3, 2, 1, 2)]
+    decode, calls = whisper.decode, []
+
+    def counting(model, mel, options):
+        calls.append(mel.shape[0] if mel.ndim == 3 else 1)
+        result = decode(model, mel, options)
+        if mel.ndim == 3:  # the third clip loops when greedy, as unclear speech does
+            result = [dataclasses.replace(one, compression_ratio=9.0) if (len(calls), i) == (1, 2) else one
+                      for i, one in enumerate(result)]
+        return result
+
+    monkeypatch.setattr(whisper, "decode", counting)
+    heard = transcribe_batch(judge, waves, batch_size=4)
+    assert calls[:2] == [4, 1] and len(heard) == 5, "greedy four at a time; the looping clip again alone"
+    monkeypatch.setattr(whisper, "decode", decode)
+    alone = [transcribe(judge, wave) for wave in waves]
+    assert [heard[i] for i in (0, 1, 3, 4)] == [alone[i] for i in (0, 1, 3, 4)]
+    assert transcribe_batch(judge, []) == []
 
 
 def test_looping_answers_are_decoded_again_at_the_next_temperature(model_dir):
