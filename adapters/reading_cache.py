@@ -7,18 +7,22 @@ LM step that uses them. Entries are keyed by the clip's log-mel bytes and a fing
 a changed clip or encoder never reads a stale entry. The oldest entries go first past ``max_bytes``.
 A cache can be handed to another model (the same weights loaded again): the fingerprint decides.
 A model's own cache is off (``max_bytes=0``: a served model would keep every clip it heard); the
-training recipe gives the model it trains one.
+training recipe gives the model it trains one. `save` and `load` keep it in a file between runs
+(``training.readings_file``): a second run on the same clips with the same frozen parts reads none again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
 
 DEFAULT_MAX_BYTES = 4 << 30
+READINGS_FORMAT = "speechlm-readings-1"
 
 
 class ReadingCache:
@@ -73,6 +77,39 @@ class ReadingCache:
             _, (old, _) = self._entries.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
             self.evictions += 1
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Every entry into one safetensors file (written aside, then moved over ``path``); the count."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for (fingerprint, key), (frames, token_ids) in self._entries.items():
+            tensors[f"{fingerprint}/{key}/frames"] = frames.contiguous()
+            tensors[f"{fingerprint}/{key}/tokens"] = torch.tensor(token_ids, dtype=torch.int64)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(path.name + ".partial")
+        save_file(tensors, staging, metadata={"format": READINGS_FORMAT})
+        os.replace(staging, path)
+        return len(self._entries)
+
+    def load(self, path: str | os.PathLike) -> int:
+        """The entries of a file `save` wrote, kept as `put` keeps them (within ``max_bytes``); the count read."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as saved:
+                if (saved.metadata() or {}).get("format") != READINGS_FORMAT:
+                    raise ValueError(f"{path}: not a file of readings (ReadingCache.save writes metadata "
+                                     f"format={READINGS_FORMAT!r})")
+                names = sorted(name.rsplit("/", 1)[0] for name in saved.keys() if name.endswith("/frames"))
+                for name in names:
+                    fingerprint, key = name.split("/")
+                    self.put(fingerprint, key, (saved.get_tensor(f"{name}/frames"),
+                                                saved.get_tensor(f"{name}/tokens").tolist()))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path}: cannot read the readings ({error})") from error
+        return len(names)
 
     def clear(self) -> None:
         self._entries.clear()

@@ -112,6 +112,10 @@ class TrainingConfig:
         "help": "before the first step, read every training clip once with the frozen encoder (and reader), in "
                 "batches of similar length, into the model's reading cache; steps then only look them up (the "
                 "whisper reader's decoding is about half of a CPU step otherwise). Not counted in max_minutes"})
+    readings_file: str | None = field(default=None, metadata={
+        "help": "with read_ahead: a file that keeps the readings between runs (loaded before reading ahead, written "
+                "after when anything new was read); an entry counts only for the same clip and the same frozen "
+                "weights and reader settings, so a stale one is never used. null: read every run"})
     reader_beam_size: int | None = field(default=None, metadata={
         "help": "the beam the whisper reader decodes the training clips with (read ahead and in the steps); the "
                 "model keeps its own projector.reader_beam_size for evaluation and users. 1 (greedy) reads in about "
@@ -145,6 +149,8 @@ class TrainingConfig:
         reports = [self.report_to] if isinstance(self.report_to, str) else self.report_to
         for report in reports:
             problems.check(report in REPORT_TO, f"report_to={report!r}: choose from {list(REPORT_TO)}")
+        problems.check(self.readings_file is None or self.read_ahead,
+                       f"readings_file={self.readings_file!r}: keeps what read_ahead reads; set read_ahead: true")
         problems.check(self.reader_beam_size is None or self.reader_beam_size >= 1,
                        f"reader_beam_size={self.reader_beam_size}: must be >= 1 (1: greedy) or null")
         problems.check(not self.push_to_hub or bool(self.hub_model_id),

@@ -5,7 +5,8 @@ adapters train, so the model's `ReadingCache` keeps it. A training step reads th
 each of its own length, so the reader decodes them in small groups; read ahead, the clips go in batches of
 similar length (one decoding loop for a batch), the training clock does not run, and the steps only look
 them up. A clip whose features differ from the ones read ahead (another rate, a changed file) is simply
-read again in its step: the cache is keyed by the clip's log-mel and the weights.
+read again in its step: the cache is keyed by the clip's log-mel and the weights. ``training.readings_file``
+keeps the readings between runs (the recipe's `read_ahead` loads and saves it).
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ class ReadAhead:
     clips: int
     seconds: float
     cached_bytes: int
+    read: int = 0  # of the clips, those the encoder (and reader) read; the rest were kept from before
+    from_file: int = 0  # readings loaded from training.readings_file first
 
     def summary(self) -> str:
-        return (f"read {self.clips} training clips ahead in {self.seconds:.0f} s "
-                f"({self.cached_bytes / 2**20:.0f} MiB kept)")
+        kept = f", {self.clips - self.read} of them kept from before" if self.read < self.clips else ""
+        loaded = f"; {self.from_file} readings loaded from the readings file" if self.from_file else ""
+        return (f"read {self.clips} training clips ahead in {self.seconds:.0f} s{kept} "
+                f"({self.cached_bytes / 2**20:.0f} MiB kept{loaded})")
 
 
 def clips_to_read(examples: Sequence[Example]) -> list:
@@ -56,7 +61,7 @@ def read_ahead(model, processor, examples: Sequence[Example], batch_size: int = 
         raise ValueError("training.read_ahead needs a model that keeps its readings (model.reading_cache has "
                          "max_bytes=0); the recipe's build_model gives it one")
     clips = clips_to_read(examples)
-    evictions = cache.evictions
+    evictions, misses = cache.evictions, cache.misses
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -69,7 +74,8 @@ def read_ahead(model, processor, examples: Sequence[Example], batch_size: int = 
                 model.get_audio_features(features, inputs["input_features_mask"].to(model.device))
     finally:
         model.train(was_training)
-    result = ReadAhead(clips=len(clips), seconds=time.perf_counter() - start, cached_bytes=cache.bytes)
+    result = ReadAhead(clips=len(clips), seconds=time.perf_counter() - start, cached_bytes=cache.bytes,
+                       read=cache.misses - misses)
     logger.info(result.summary())
     if cache.evictions > evictions:
         logger.warning("the reading cache (max_bytes %d) could not keep every clip read ahead: %d were dropped and "

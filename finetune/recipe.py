@@ -135,8 +135,14 @@ def read_ahead(config: TrainConfig, model: SpeechLMForCausalLM, processor: Speec
     steps will read them; None when off."""
     if not config.training.read_ahead:
         return None
+    readings = config.training.readings_file
+    loaded = model.reading_cache.load(readings) if readings and Path(readings).is_file() else 0
     with training_reads(config, model):
-        return read_training_clips(model, processor, examples, progress=progress)
+        result = read_training_clips(model, processor, examples, progress=progress)
+    result.from_file = loaded
+    if readings and result.read:
+        model.reading_cache.save(readings)
+    return result
 
 
 def align(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer, examples: Sequence[Example],

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="training clips whose units are extracted for the tts task")
     run.add_argument("--no-untrained-eval", dest="evaluate_untrained", action="store_false",
                      help="skip the evaluation before training (variants of a recipe compared after training)")
+    run.add_argument("--read-again", dest="keep_readings", action="store_false",
+                     help="read every clip with the frozen encoder and reader again, not from the cache's readings file")
     run.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value (e.g. training.max_steps=50)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                                 overrides=args.overrides, max_minutes=args.max_minutes,
                                 curve_every_minutes=args.curve_every, curve_items=args.curve_items,
                                 tts_items=args.tts_items, tts_train_clips=args.tts_train_clips,
-                                evaluate_untrained=args.evaluate_untrained))
+                                evaluate_untrained=args.evaluate_untrained, keep_readings=args.keep_readings))
     except (DemoAssetError, ConfigFileError, PrepareError, ValueError, OSError) as error:
         if args.debug:
             raise

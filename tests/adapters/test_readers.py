@@ -301,6 +301,47 @@ def test_the_cache_keeps_within_its_bytes():
     assert cache.get("weights", "0") is None and cache.get("weights", "4")[1] == [4]
 
 
+def test_readings_saved_to_a_file_are_read_by_a_fresh_model_instead_of_the_clips(reading, tmp_path):
+    model, tokenizer = reading
+    model.reading_cache = ReadingCache()
+    inputs = audio_inputs(model, tokenizer, [110, 70], seed=4)
+    first, _ = model._audio_embeddings(inputs["input_features"], inputs["input_features_mask"])
+    assert model.reading_cache.save(tmp_path / "readings.safetensors") == 2
+    assert [path.name for path in tmp_path.iterdir()] == ["readings.safetensors"]  # nothing half-written left
+    fresh = ReadingCache()
+    assert fresh.load(tmp_path / "readings.safetensors") == 2 and fresh.bytes == model.reading_cache.bytes
+    model.reading_cache = fresh
+    again, _ = model._audio_embeddings(inputs["input_features"], inputs["input_features_mask"])
+    assert (fresh.hits, fresh.misses) == (2, 0) and torch.equal(first, again)
+
+
+def test_a_readings_file_keeps_empty_transcripts_and_its_bytes_limit(tmp_path):
+    cache = ReadingCache()
+    cache.put("weights", "silent", (torch.zeros(3, 4), []))
+    cache.put("weights", "spoken", (torch.ones(3, 4, dtype=torch.float16), [5, 6]))
+    cache.save(tmp_path / "r.safetensors")
+    loaded = ReadingCache()
+    loaded.load(tmp_path / "r.safetensors")
+    frames, ids = loaded.get("weights", "spoken")
+    assert ids == [5, 6] and frames.dtype == torch.float16 and torch.equal(frames, torch.ones(3, 4).half())
+    assert loaded.get("weights", "silent")[1] == []
+    small = ReadingCache(max_bytes=48)  # room for one float32 entry
+    assert small.load(tmp_path / "r.safetensors") == 2 and len(small) == 1 and small.evictions == 1
+
+
+def test_a_file_that_holds_no_readings_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors: not a file of readings"):
+        ReadingCache().load(tmp_path / "model.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"broken.safetensors: cannot read the readings"):
+        ReadingCache().load(tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match=r"missing.safetensors: cannot read the readings"):
+        ReadingCache().load(tmp_path / "missing.safetensors")
+
+
 def _transcription_requests(seed: int, lengths=(14000, 23000)):
     rng = np.random.default_rng(seed)
     return [[{"role": "user", "content": [

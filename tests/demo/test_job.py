@@ -40,6 +40,7 @@ def test_units_are_kept_per_manifest_and_codec(tmp_path):
 def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypatch):
     from speechlm.demo import job
     from speechlm.demo.corpus_texts import CORPUS_READER_PROMPT
+    from speechlm.adapters.reading_cache import ReadingCache
     from speechlm.demo.job import HEADLINE, JobSettings, run_job
     from speechlm.evaluation import EvalSettings
     from speechlm.speech_io.audio import load_audio
@@ -92,6 +93,10 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypa
     assert (out / "model" / "processor_config.json").is_file()
     saved = json.loads((out / "model" / "config.json").read_text())["projector_config"]
     assert saved["reader_prompt"] == CORPUS_READER_PROMPT  # the job tells the reader the corpus's names
+    # every clip's reading is kept in the cache for the next run: the training clips (read ahead) and the
+    # evaluation's, which the reader reads with the model's own beam
+    kept = ReadingCache()
+    assert kept.load(demo_cache / job.READINGS_FILE) >= report["read_ahead"]["clips"] + 1
 
 
 def test_a_missing_recipe_fails_before_the_assets(tmp_path, monkeypatch):
@@ -123,8 +128,9 @@ def test_the_command_line_can_skip_the_untrained_evaluation(monkeypatch):
     settings = []
     monkeypatch.setattr(demo_main, "run_job", settings.append)
     assert demo_main.main(["run", "--out", "o", "--no-untrained-eval", "training.max_steps=5"]) == 0
-    assert demo_main.main(["run", "--out", "o"]) == 0
+    assert demo_main.main(["run", "--out", "o", "--read-again"]) == 0
     assert [s.evaluate_untrained for s in settings] == [False, True]
+    assert [s.keep_readings for s in settings] == [True, False]
     assert settings[0].overrides == ["training.max_steps=5"]
 
 

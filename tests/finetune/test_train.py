@@ -147,6 +147,22 @@ def test_clips_read_ahead_are_the_ones_the_training_steps_read(prepared, tmp_pat
         read_ahead(run_config, model, processor, examples, progress=False)
 
 
+def test_a_readings_file_spares_the_next_run_its_reading(prepared, tmp_path):
+    readings = tmp_path / "readings.safetensors"
+    run_config = config(prepared, tmp_path / "run", "training.max_steps=1", "training.read_ahead=true",
+                        f"training.readings_file={readings}", *READER)
+    model, tokenizer = build_model(run_config)
+    processor = build_processor(run_config, model, tokenizer)
+    examples = load_training_examples(run_config)
+    first = read_ahead(run_config, model, processor, examples, progress=False)
+    assert first.read == first.clips > 0 and first.from_file == 0 and readings.is_file()
+    model, tokenizer = build_model(run_config)  # the next run: the same frozen parts, a fresh cache
+    again = read_ahead(run_config, model, processor, examples, progress=False)
+    assert (again.read, again.from_file) == (0, first.clips) and "kept from before" in again.summary()
+    with pytest.raises(ConfigFileError, match="readings_file=.*set read_ahead: true"):
+        config(prepared, tmp_path / "run", f"training.readings_file={readings}")
+
+
 def test_training_reads_with_its_own_beam_and_the_model_keeps_its_own(prepared, tmp_path):
     run_config = config(prepared, tmp_path / "run", "training.max_steps=2", "training.read_ahead=true",
                         "training.reader_beam_size=1", "model.projector.reader_beam_size=2", *READER)
