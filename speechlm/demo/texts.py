@@ -1,4 +1,4 @@
-"""The texts of the demo corpus, from four sources, plus spoken questions and instructions.
+"""The texts of the demo corpus, source by source, plus spoken questions and instructions.
 
 - ``templates``: sentences from templates and word lists written by us (this module).
 - ``backbone``: sentences the backbone (SmolLM2) writes about topics listed here, sampled once with a

@@ -38,9 +38,9 @@ def test_units_are_kept_per_manifest_and_codec(tmp_path):
 
 @needs_demo_packages
 def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypatch):
+    from speechlm.adapters.reading_cache import ReadingCache
     from speechlm.demo import job
     from speechlm.demo.corpus_texts import CORPUS_READER_PROMPT
-    from speechlm.adapters.reading_cache import ReadingCache
     from speechlm.demo.job import HEADLINE, JobSettings, run_job
     from speechlm.evaluation import EvalSettings
     from speechlm.speech_io.audio import load_audio
