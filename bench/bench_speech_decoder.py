@@ -32,13 +32,14 @@ from speechlm.speech_io.speech_decoder import split_sentences
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", required=True, help="the demo cache (assets-full.json)")
+    parser.add_argument("--cache", required=True, help="the demo cache (assets-SIZE.json)")
+    parser.add_argument("--size", default="full", help="the corpus size whose assets to read (full, full-words)")
     parser.add_argument("--codec", help="a codec folder with speech-decoder/ (default: the cache's)")
     parser.add_argument("--items", type=int, default=40, help="rows of each set")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    assets = json.loads((Path(args.cache) / "assets-full.json").read_text())
+    assets = json.loads((Path(args.cache) / f"assets-{args.size}.json").read_text())
     codec = load_codec(args.codec or assets["codec"])
     if codec.speech_decoder is None:
         raise SystemExit(f"{args.codec or assets['codec']}: no speech-decoder/; train one with speechlm "

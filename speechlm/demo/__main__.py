@@ -1,6 +1,6 @@
 """The quick start from the command line.
 
-    python -m speechlm.demo assets --size ci|full [--cache DIR]     build the assets only
+    python -m speechlm.demo assets --size ci|full|full-words [--cache DIR]   build the assets only
     python -m speechlm.demo run --size full --out out/demo          the main job (assets, training, report)
 """
 

@@ -2,7 +2,7 @@
 speech decoder).
 
     python -m speechlm.demo assets --size ci     # a few dozen clips (CI)
-    python -m speechlm.demo assets --size full   # ~2,100 clips (the quick start)
+    python -m speechlm.demo assets --size full   # ~2,300 clips (the quick start)
 
 Re-runs reuse what is built. ``assets.json`` in the cache lists the paths for the training recipe.
 """
