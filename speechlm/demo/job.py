@@ -52,7 +52,7 @@ HEADLINE = (("asr/heldout", "wer", True), ("asr/ood", "wer", True), ("qa/heldout
 
 
 QUICK_START_RECIPE = "configs/smollm2-135m/stage1_align.yaml"
-READINGS_FILE = "readings.safetensors"  # in the cache: `JobSettings.keep_readings`
+READINGS_FILE = "readings-{size}.safetensors"  # in the cache, per corpus size: `JobSettings.keep_readings`
 
 
 def quick_start_recipe() -> str:
@@ -264,7 +264,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     config, job_values = job_config(recipe_yaml, assets, train_sources, out, settings)
     model, tokenizer = recipe.build_model(config)
     processor = recipe.build_processor(config, model, tokenizer)
-    readings = Path(assets.cache) / READINGS_FILE
+    readings = Path(assets.cache) / READINGS_FILE.format(size=settings.size)
     if settings.keep_readings and readings.is_file():
         progress(f"[demo] {model.reading_cache.load(readings)} readings of clips loaded from {readings}")
     eval_sets = write_eval_sets(corpus, reference_units, out / "eval-data")

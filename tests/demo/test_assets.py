@@ -146,5 +146,5 @@ def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_
 def test_unknown_corpus_size_is_refused(size):
     from speechlm.demo.corpus import corpus_size
 
-    with pytest.raises(ValueError, match="corpus size 'nope': choose one of \\['ci', 'full'\\]"):
+    with pytest.raises(ValueError, match="corpus size 'nope': choose one of \\['ci', 'full', 'full-words'\\]"):
         corpus_size(size)

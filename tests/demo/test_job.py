@@ -96,7 +96,7 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypa
     # every clip's reading is kept in the cache for the next run: the training clips (read ahead) and the
     # evaluation's, which the reader reads with the model's own beam
     kept = ReadingCache()
-    assert kept.load(demo_cache / job.READINGS_FILE) >= report["read_ahead"]["clips"] + 1
+    assert kept.load(demo_cache / job.READINGS_FILE.format(size="ci")) >= report["read_ahead"]["clips"] + 1
 
 
 def test_a_missing_recipe_fails_before_the_assets(tmp_path, monkeypatch):
