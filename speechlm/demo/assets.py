@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -288,27 +289,30 @@ def build_codec(corpus_manifest: str | os.PathLike, whisper_checkpoint: str | os
     return out
 
 
-def build_speech_decoder(codec_dir: str | os.PathLike, corpus_manifest: str | os.PathLike, *,
+def build_speech_decoder(codec_dir: str | os.PathLike, corpus_manifests: Sequence[str | os.PathLike], *,
                          training: SpeechDecoderTraining, progress=print) -> Path:
     """The quick start's speech decoder (text -> the codec's units; phonemes, espeak-ng), trained on the clips and
-    texts of ``corpus_manifest`` into the codec's folder (``speech-decoder/``): the trained model writes its answer
-    and the decoder speaks it. Rebuilt when the codec, the corpus or ``training`` changes."""
+    texts of ``corpus_manifests`` (the corpus's `train` split, and its `decoder` split where it has one) into the
+    codec's folder (``speech-decoder/``): the trained model writes its answer and the decoder speaks it. Rebuilt
+    when the codec, the manifests or ``training`` change."""
     from speechlm.finetune.speech_decoder_training import train_codec_speech_decoder
     from speechlm.speech_io.codec_loading import load_codec
     from speechlm.speech_io.speech_decoder import SPEECH_DECODER_FOLDER, SpeechDecoderConfig
 
-    codec_dir, manifest = Path(codec_dir), Path(corpus_manifest)
+    codec_dir, manifests = Path(codec_dir), [Path(manifest) for manifest in corpus_manifests]
+    if not manifests:
+        raise ValueError("build_speech_decoder: no corpus manifest to train on")
     out = codec_dir / SPEECH_DECODER_FOLDER
     codec = load_codec(codec_dir)
     config = SpeechDecoderConfig(codebook_size=codec.codebook_size)
-    sources = {"manifest": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+    sources = {"manifests": [hashlib.sha256(manifest.read_bytes()).hexdigest() for manifest in manifests],
                "codec": hashlib.sha256((codec_dir / STAMP).read_bytes()).hexdigest(),
                "config": config.to_dict(), "training": asdict(training)}
     if _stamp_matches(out, sources):
         return out
     progress(f"[demo] training the speech decoder for the codec's units ({training.max_minutes} min at most)")
     shutil.rmtree(out, ignore_errors=True)
-    _, report = train_codec_speech_decoder(codec_dir, [manifest], config, training, codec=codec)
+    _, report = train_codec_speech_decoder(codec_dir, manifests, config, training, codec=codec)
     _write_stamp(out, sources, report=report.summary())  # last: an interrupted build leaves no stamp
     return out
 

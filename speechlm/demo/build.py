@@ -78,8 +78,11 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
     codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed,
                                               vocoder=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"]),
                                               progress=progress))
+    # the LM's training clips, and those only the speech decoder hears (split `decoder`, where the size has them)
+    decoder_manifests = [corpus.manifests[split] for split in ("train", "decoder")
+                         if corpus.manifests[split].stat().st_size]
     step("speech decoder", lambda: build_speech_decoder(
-        codec, corpus.manifests["train"],
+        codec, decoder_manifests,
         training=SPEECH_DECODER_TRAINING.get(name, SPEECH_DECODER_TRAINING["full"]), progress=progress))
     assets = DemoAssets(cache=str(root), text_model=str(backbone), audio_encoder=str(whisper), codec=str(codec),
                         corpus=str(corpus.directory), train=str(corpus.manifests["train"]),

@@ -37,7 +37,9 @@ def corpus_card(build: dict, voice: Voice) -> str:
              f"  for each of the {size['common_words']} most common English words of three letters or more (wordfreq's\n"
              f"  frequency list) that the other training texts speak fewer than {size['word_repeats']} times; of those that\n"
              "  hold the word and do not talk about words, the fewest that make each such word heard that often\n"
-             "  (chosen greedily, sampled with fixed seeds, cached).\n" if size.get("words") else "")
+             "  (chosen greedily, sampled with fixed seeds, cached)" +
+             (". Heard only by the speech decoder (split `decoder`): the LM\n  trains on the other sources alone.\n"
+              if size.get("decoder_words") else ".\n") if size.get("words") or size.get("decoder_words") else "")
     accuracy = ", ".join(f"{v['correct']}/{v['questions']}" for v in build["backbone_text_accuracy"].values())
     return f"""# speechlm demo corpus
 
@@ -72,7 +74,8 @@ Share of each held-out split's running words that some training clip speaks: {he
 
 ## Splits
 `heldout` is a seeded random {build['size']['heldout_fraction']:.0%} of each training source
-({build['size']['question_heldout_fraction']:.0%} of the in-domain questions; same distribution as `train`); `ood` is out of domain: a text source and question kinds never trained on.
+({build['size']['question_heldout_fraction']:.0%} of the in-domain questions; same distribution as `train`); `ood` is out of domain: a text source and question kinds never trained on;
+`decoder` holds clips only the codec's speech decoder trains on (with `train`'s), never the LM.
 
 ## Voice settings
 Each clip draws its own speaking rate (Piper `length_scale` 0.8-1.25), `noise_scale` (0.33-0.9) and

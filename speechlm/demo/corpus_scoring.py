@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from speechlm.demo.corpus_texts import SPLITS
+from speechlm.demo.corpus_texts import EVALUATION_SPLITS
 from speechlm.demo.texts import spoken_words
 
 
@@ -22,7 +22,7 @@ def vocabulary_heard(rows: list[dict]) -> dict[str, dict[str, float]]:
     clip speaks. No adapter can be expected to write a word it never heard."""
     heard = {word for row in rows if row["split"] == "train" for word in spoken_words(row["text"])}
     shares: dict[str, dict[str, float]] = {}
-    for split in SPLITS[1:]:
+    for split in EVALUATION_SPLITS:
         split_rows = [row for row in rows if row["split"] == split]
         groups = {"all": split_rows, **{source: [row for row in split_rows if row["source"] == source]
                                         for source in sorted({row["source"] for row in split_rows})}}

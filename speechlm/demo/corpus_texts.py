@@ -18,7 +18,9 @@ from speechlm.demo import texts
 if TYPE_CHECKING:
     from speechlm.demo.corpus import CorpusSize
 
-SPLITS = ("train", "heldout", "ood")
+# `decoder` holds clips only the speech decoder trains on (`CorpusSize.decoder_words`); the LM never sees them
+SPLITS = ("train", "heldout", "ood", "decoder")
+EVALUATION_SPLITS = ("heldout", "ood")
 SOURCES = ("templates", "backbone", "words", "stdlib", "questions", "docs")
 ANSWER_MAX_NEW_TOKENS = 64
 # The system turn of the self-distilled answers: the training recipe must use the same one (the job sets
@@ -73,16 +75,16 @@ def text_rows(settings: CorpusSize, seed: int, writer: BackboneWriter, docs: lis
         lambda i: "ood" if questions[i].kind in texts.OOD_QUESTION_KINDS else ("heldout" if i in held else "train"),
         kind=[q.kind for q in questions], expected=[list(q.expected) or None for q in questions])
 
-    if settings.words:
+    if settings.words or settings.decoder_words:
         # last of the training sources: the words the others already speak often enough need no sentence
         heard = Counter(word for row in rows if row["split"] == "train" for word in texts.spoken_words(row["text"]))
         targets = texts.common_words(settings.common_words)
         rare = [word for word in targets if heard[word] < settings.word_repeats]
         progress(f"sentences with common words: {len(rare)} of the {len(targets)} most common are heard fewer "
                  f"than {settings.word_repeats} times (sampled once, cached)")
-        picked = covering_sentences(writer.word_sentences(rare, seed), targets, heard, settings.words,
-                                    settings.word_repeats)
-        add("words", picked, random_split(len(picked), "words"))
+        picked = covering_sentences(writer.word_sentences(rare, seed), targets, heard,
+                                    settings.words or settings.decoder_words, settings.word_repeats)
+        add("words", picked, random_split(len(picked), "words") if settings.words else lambda index: "decoder")
 
     picked = docs if settings.docs is None else random.Random(f"{seed}-docs").sample(docs, min(settings.docs,
                                                                                                  len(docs)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -90,6 +91,21 @@ def test_a_tiny_corpus_builds_with_every_split_and_is_reused(tmp_path, backbone_
     assert again.build["this_run"]["clips_synthesized"] == 0
     assert again.build["first_build"] == corpus.build["first_build"]
     assert again.manifests["train"].read_text() == corpus.manifests["train"].read_text()
+    assert rows["decoder"] == [] and "| decoder | 0 | 0 | 0 | 0 | 0 | 0 |" in card
+
+    # the same word sentences for the speech decoder only: the LM's splits lose them and keep everything else
+    for_decoder = build_corpus(tmp_path / "corpus", backbone_dir, voice, text_cache=demo_cache / "texts.json",
+                               size=dataclasses.replace(size, words=0, decoder_words=2), progress=lambda _: None)
+    moved = {split: [json.loads(line) for line in for_decoder.manifests[split].read_text().splitlines()]
+             for split in SPLITS}
+    assert [row["text"] for row in moved["decoder"]] == [row["text"] for row in rows["train"] + rows["heldout"]
+                                                         if row["source"] == "words"]
+    for split in ("train", "heldout", "ood"):
+        assert moved[split] == [row for row in rows[split] if row["source"] != "words"]
+    assert for_decoder.build["this_run"]["clips_synthesized"] == 0  # the same ids, the same clips
+    assert "Heard only by the speech decoder" in for_decoder.card.read_text()
+    with pytest.raises(ValueError, match="words=1 and decoder_words=1"):
+        dataclasses.replace(size, words=1, decoder_words=1)
 
 
 def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_cache, voice, monkeypatch):
@@ -131,7 +147,7 @@ def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_
     from speechlm.finetune.speech_decoder_training import SpeechDecoderTraining
 
     settings = SpeechDecoderTraining(max_steps=2, batch_size=2)
-    speech_decoder = assets.build_speech_decoder(directory, tmp_path / "train.jsonl", training=settings,
+    speech_decoder = assets.build_speech_decoder(directory, [tmp_path / "train.jsonl"], training=settings,
                                                  progress=lambda _: None)
     speaking = load_codec(directory).speech_decoder
     assert speech_decoder == directory / "speech-decoder" and speaking.config.symbols == "phonemes"
@@ -139,7 +155,23 @@ def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_
     assert codec.decode(np.array([speaking.speak("A short sentence.")])).shape[0] > 0
     monkeypatch.setattr("speechlm.finetune.speech_decoder_training.train_codec_speech_decoder",
                         lambda *a, **k: pytest.fail("rebuilt"))
-    assert assets.build_speech_decoder(directory, tmp_path / "train.jsonl", training=settings) == speech_decoder
+    assert assets.build_speech_decoder(directory, [tmp_path / "train.jsonl"], training=settings) == speech_decoder
+
+    # clips only the decoder hears (the corpus's `decoder` split) are new sources: it trains again, on both
+    (tmp_path / "decoder.jsonl").write_text(lines[0] + "\n")
+    trained_on = []
+
+    def record(codec_dir, manifests, *args, **kwargs):
+        trained_on.append(manifests)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr("speechlm.finetune.speech_decoder_training.train_codec_speech_decoder", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        assets.build_speech_decoder(directory, [tmp_path / "train.jsonl", tmp_path / "decoder.jsonl"],
+                                    training=settings)
+    assert trained_on == [[tmp_path / "train.jsonl", tmp_path / "decoder.jsonl"]]
+    with pytest.raises(ValueError, match="no corpus manifest"):
+        assets.build_speech_decoder(directory, [], training=settings)
 
 
 @pytest.mark.parametrize("size", ["nope"])
