@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from speechlm.finetune.timed_training import TrainingReport, train_for_minutes
+from speechlm.finetune.timed_training import TimedTraining, TrainingReport, train_for_minutes
 from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.codec_loading import Codec, load_codec
-from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.speech_decoder import (
     SPEECH_DECODER_FOLDER,
     SpeechDecoder,
@@ -29,28 +29,10 @@ from speechlm.speech_io.speech_decoder import (
 
 
 @dataclass
-class SpeechDecoderTraining:
-    """How long and on what the speech decoder trains."""
+class SpeechDecoderTraining(TimedTraining):
+    """How long and on what the speech decoder trains (`TimedTraining`: all clips, batches of 16 of similar length)."""
 
-    max_minutes: float = field(default=15.0, metadata={"help": "stop after this many minutes of steps"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (first of the two)"})
-    max_clips: int | None = field(default=None, metadata={"help": "clips of the manifests to train on (null: all)"})
-    batch_size: int = field(default=16, metadata={"help": "clips per step (of similar length)"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (cosine decay by minutes)"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
-    seed: int = field(default=0, metadata={"help": "batch order and initialization"})
-
-    def __post_init__(self) -> None:
-        problems = ConfigProblems()
-        problems.check(isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0,
-                       f"max_minutes={self.max_minutes!r} (expected a positive number)")
-        problems.positive_integers(self, "batch_size")
-        problems.positive_integers(self, "max_steps", "max_clips", optional=True)
-        problems.check(isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0,
-                       f"learning_rate={self.learning_rate!r} (expected a positive number)")
-        problems.check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-                       f"warmup_steps={self.warmup_steps!r} (expected a non-negative integer)")
-        problems.raise_if_any("speech decoder training settings")
+    what: ClassVar[str] = "speech decoder training settings"
 
 
 @dataclass

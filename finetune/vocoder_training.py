@@ -13,11 +13,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from speechlm.finetune.timed_training import TrainingReport, train_for_minutes
+from speechlm.finetune.timed_training import TimedTraining, TrainingReport, train_for_minutes
 from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.codec_loading import Codec, load_codec
 from speechlm.speech_io.config_errors import ConfigProblems
@@ -26,29 +27,19 @@ from speechlm.speech_io.vocoder import UnitVocoder, VocoderConfig, vocoder_folde
 
 
 @dataclass
-class VocoderTraining:
-    """How long and on what the vocoder trains."""
+class VocoderTraining(TimedTraining):
+    """How long and on what the vocoder trains (`TimedTraining`, and random crops of the clips)."""
 
-    max_minutes: float = field(default=15.0, metadata={"help": "stop after this many minutes of steps"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (first of the two)"})
     max_clips: int | None = field(default=800, metadata={"help": "clips of the manifests to train on (null: all)"})
     batch_size: int = field(default=16, metadata={"help": "crops per step"})
-    crop_units: int = field(default=100, metadata={"help": "units per crop (2 s at 50 Hz)"})
     learning_rate: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate (cosine decay by minutes)"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
-    seed: int = field(default=0, metadata={"help": "crop order and initialization"})
+    crop_units: int = field(default=100, metadata={"help": "units per crop (2 s at 50 Hz)"})
+    what: ClassVar[str] = "vocoder training settings"
 
-    def __post_init__(self) -> None:
-        problems = ConfigProblems()
-        problems.check(isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0,
-                       f"max_minutes={self.max_minutes!r} (expected a positive number)")
-        problems.positive_integers(self, "batch_size", "crop_units")
-        problems.positive_integers(self, "max_steps", "max_clips", optional=True)
-        problems.check(isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0,
-                       f"learning_rate={self.learning_rate!r} (expected a positive number)")
-        problems.check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-                       f"warmup_steps={self.warmup_steps!r} (expected a non-negative integer)")
-        problems.raise_if_any("vocoder training settings")
+    def problems(self) -> ConfigProblems:
+        problems = super().problems()
+        problems.positive_integers(self, "crop_units")
+        return problems
 
 
 @dataclass
