@@ -14,6 +14,7 @@ training recipe gives the model it trains one. `save` and `load` keep it in a fi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -89,7 +90,9 @@ class ReadingCache:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(path.name + ".partial")
-        save_file(tensors, staging, metadata={"format": READINGS_FORMAT})
+        # the least recently used first, so that a load within a smaller max_bytes keeps the most recent
+        order = json.dumps([f"{fingerprint}/{key}" for fingerprint, key in self._entries])
+        save_file(tensors, staging, metadata={"format": READINGS_FORMAT, "order": order})
         os.replace(staging, path)
         return len(self._entries)
 
@@ -103,6 +106,9 @@ class ReadingCache:
                     raise ValueError(f"{path}: not a file of readings (ReadingCache.save writes metadata "
                                      f"format={READINGS_FORMAT!r})")
                 names = sorted(name.rsplit("/", 1)[0] for name in saved.keys() if name.endswith("/frames"))
+                order = json.loads(saved.metadata().get("order", "[]"))
+                if sorted(order) == names:  # the saved least-recently-used order (a file without one: by name)
+                    names = order
                 for name in names:
                     fingerprint, key = name.split("/")
                     self.put(fingerprint, key, (saved.get_tensor(f"{name}/frames"),

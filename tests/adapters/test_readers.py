@@ -329,6 +329,17 @@ def test_a_readings_file_keeps_empty_transcripts_and_its_bytes_limit(tmp_path):
     assert small.load(tmp_path / "r.safetensors") == 2 and len(small) == 1 and small.evictions == 1
 
 
+def test_a_readings_file_keeps_which_entries_were_used_last(tmp_path):
+    cache = ReadingCache()
+    cache.put("weights", "a", (torch.zeros(3, 4), [1]))
+    cache.put("weights", "b", (torch.ones(3, 4), [2]))
+    cache.get("weights", "a")  # now the most recently used, though first by name
+    cache.save(tmp_path / "r.safetensors")
+    small = ReadingCache(max_bytes=48)  # room for one entry: the most recent stays
+    assert small.load(tmp_path / "r.safetensors") == 2
+    assert small.get("weights", "a") is not None and small.get("weights", "b") is None
+
+
 def test_a_file_that_holds_no_readings_is_refused_by_name(tmp_path):
     from safetensors.torch import save_file
 
