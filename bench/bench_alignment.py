@@ -72,9 +72,10 @@ def main() -> None:
     parser.add_argument("--ctc-steps", type=int, default=0,
                         help="CTC pre-alignment steps (finetune/alignment.py) on every training clip first")
     parser.add_argument("--cache", help="the demo assets' cache folder")
+    parser.add_argument("--size", default="full", help="the corpus size whose assets to read (full, full-words)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    assets = load_demo_assets("full", args.cache)
+    assets = load_demo_assets(args.size, args.cache)
     config = TrainConfig(model=ModelSpec(text_model=assets.text_model, audio_encoder=assets.audio_encoder,
                                          projector={"projector_type": args.projector, "stack_factor": 5,
                                                     "hidden_size": 1024}),

@@ -33,9 +33,10 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=64, help="ASR clips spread over each held-out split")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--cache", help="the demo assets' cache folder")
+    parser.add_argument("--size", default="full", help="the corpus size whose assets to read (full, full-words)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    assets = load_demo_assets("full", args.cache)
+    assets = load_demo_assets(args.size, args.cache)
     config = TrainConfig(model=ModelSpec(text_model=assets.text_model, audio_encoder=assets.audio_encoder,
                                          projector={"projector_type": "swiglu", "stack_factor": 5, "hidden_size": 1024}),
                          data=DataConfig(train=[assets.train], system_prompt=""))

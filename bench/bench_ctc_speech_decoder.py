@@ -124,7 +124,8 @@ def speak(decoder, frames: torch.Tensor) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", required=True, help="the demo cache (assets-full.json)")
+    parser.add_argument("--cache", required=True, help="the demo cache (assets-SIZE.json)")
+    parser.add_argument("--size", default="full", help="the corpus size whose assets to read (full, full-words)")
     parser.add_argument("--train", required=True, help="a `speechlm prepare` output with text and units")
     parser.add_argument("--eval", nargs="+", required=True, help="tts manifests: id, text, units")
     parser.add_argument("--input", choices=["lm", "phonemes", "chars"], default="lm",
@@ -141,7 +142,7 @@ def main() -> None:
     torch.manual_seed(0)
     random.seed(0)
 
-    assets = json.loads((Path(args.cache) / "assets-full.json").read_text())
+    assets = json.loads((Path(args.cache) / f"assets-{args.size}.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(assets["text_model"], padding_side="right")
     backbone = AutoModelForCausalLM.from_pretrained(assets["text_model"]).eval()
     codec = load_codec(assets["codec"])

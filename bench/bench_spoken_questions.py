@@ -96,7 +96,7 @@ def scored(questions: list[dict], speech_answers: list[str], text_answers: list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", required=True, help="the quick start's cache (assets-full.json)")
+    parser.add_argument("--cache", required=True, help="the quick start's cache (assets-SIZE.json)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--variant", action="append", required=True, help="NAME=OVERRIDE,OVERRIDE (see above)")
     parser.add_argument("--steps", type=int, default=150, help="LM steps each variant trains")

@@ -60,9 +60,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache", help="the demo assets' cache folder")
+    parser.add_argument("--size", default="full", help="the corpus size whose assets to read (full, full-words)")
     parser.add_argument("--modes", action="store_true", help="time backbone training modes instead")
     args = parser.parse_args()
-    assets = load_demo_assets("full", args.cache)
+    assets = load_demo_assets(args.size, args.cache)
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     if args.modes:
         time_modes(assets, args.rounds)

@@ -45,7 +45,8 @@ def judged(judge, texts: list[str], waves: list[np.ndarray]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", required=True, help="the demo cache (assets-full.json)")
+    parser.add_argument("--cache", required=True, help="the demo cache (assets-SIZE.json)")
+    parser.add_argument("--size", default="full", help="the corpus size whose assets to read (full, full-words)")
     parser.add_argument("--codec", help="a codec folder (default: the cache's)")
     parser.add_argument("--layers", default="1,8", help="RVQ layers of each vocoder trained, comma-separated")
     parser.add_argument("--minutes", type=float, default=8.0)
@@ -55,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    assets = json.loads((Path(args.cache) / "assets-full.json").read_text())
+    assets = json.loads((Path(args.cache) / f"assets-{args.size}.json").read_text())
     codec = load_codec(args.codec or assets["codec"])
     judge = load_judge(assets["audio_encoder"])
     rows = [row for row in read_jsonl(assets["heldout"]) if row.get("audio")][: args.heldout]

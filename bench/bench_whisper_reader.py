@@ -56,9 +56,10 @@ def main() -> None:
     parser.add_argument("--silences", default="0,3,5,7,30", help="seconds of silence after each clip")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--cache", help="the demo assets' cache folder")
+    parser.add_argument("--size", default="full", help="the corpus size whose assets to read (full, full-words)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    assets = load_demo_assets("full", args.cache)
+    assets = load_demo_assets(args.size, args.cache)
     rows = corpus_rows(assets)
     print(f"Whisper base ({assets.audio_encoder}); {args.clips} clips per split; torch threads "
           f"{torch.get_num_threads()}")
