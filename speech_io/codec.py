@@ -40,6 +40,13 @@ from speechlm.speech_io.codec_batching import ExactLSTM, pad_rows, run_with_leng
 from speechlm.speech_io.codec_kmeans import kmeans, nearest
 from speechlm.speech_io.codec_streaming import StreamMargins, UnitStream
 from speechlm.speech_io.codec_upstream import upstream
+from speechlm.speech_io.completion import (
+    COMPLETION_FOLDER,
+    RVQCompletion,
+    check_completion,
+    saved_completion,
+    voice_waveform,
+)
 from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.hub_files import HUB_KWARGS, download_repo_folder, hub_name
@@ -138,6 +145,7 @@ class SpeechTokenizerCodec(HoldsSpeechDecoder):
         self.config = config
         self.decoder_trained = decoder_trained
         self.vocoders: dict[int, UnitVocoder] = {}
+        self.completion: RVQCompletion | None = None  # layers 2..n_q from a voice prompt (`complete`)
         for vocoder in (vocoders or {}).values():
             self.add_vocoder(vocoder)
         self._lstm_runners: dict[int, ExactLSTM] = {}
@@ -181,7 +189,7 @@ class SpeechTokenizerCodec(HoldsSpeechDecoder):
             checkpoint_name = Path(checkpoint).name if checkpoint is not None else None
             path = download_repo_folder("SpeechTokenizer codec", str(path), subfolder=subfolder,
                                         patterns=(CONFIG_NAME, checkpoint_name or "*.pt", f"{VOCODER_FOLDER_PATTERN}/*",
-                                                  f"{SPEECH_DECODER_FOLDER}/*"),
+                                                  f"{SPEECH_DECODER_FOLDER}/*", f"{COMPLETION_FOLDER}/*"),
                                         **hub_kwargs)
             checkpoint = None if checkpoint_name is None else path / checkpoint_name
         else:
@@ -198,6 +206,12 @@ class SpeechTokenizerCodec(HoldsSpeechDecoder):
         _load_state(codec.model, state, checkpoint_path)
         add_saved_vocoders(codec, config_path.parent)
         codec._load_speech_decoder(config_path.parent)
+        completion = saved_completion(config_path.parent)
+        if completion is not None:
+            try:
+                codec.add_completion(completion)
+            except ValueError as err:
+                raise ValueError(f"{config_path.parent / COMPLETION_FOLDER}: {err}") from None
         return codec
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -212,6 +226,36 @@ class SpeechTokenizerCodec(HoldsSpeechDecoder):
         for layers, vocoder in self.vocoders.items():
             vocoder.save_pretrained(out / vocoder_folder(layers))
         self._save_speech_decoder(out)
+        if self.completion is not None:
+            self.completion.save_pretrained(out / COMPLETION_FOLDER)
+
+    def add_completion(self, model: RVQCompletion) -> None:
+        """Complete layer-1 units to all layers in a voice's prompt with ``model``, trained for these codebooks."""
+        self.completion = check_completion(model, self.codebook_vectors(self.n_q))
+
+    def voice_prompt(self, voice: Any) -> np.ndarray:
+        """The codes ``(n_q, frames)`` of a voice prompt for `complete`: a recording (a file path, resampled to
+        16 kHz, or a 16 kHz array) of at least 1 s that is not silent. Encode it once for many completions."""
+        self._require_completion()
+        return self.encode([voice_waveform(voice)], n_q=self.n_q)[0]
+
+    def complete(self, units: np.ndarray | Sequence[int] | torch.Tensor, voice: Any) -> np.ndarray:
+        """Layer-1 ``units`` ``(T,)`` -> all ``n_q`` layers ``(n_q, T)`` in the voice of ``voice`` (`voice_prompt`'s
+        codes, or a recording it takes), by the codec's completion model (`speechlm train-completion`). Decode
+        the result with `decode`."""
+        self._require_completion()
+        layer_1 = self._check_units(units, "units")
+        if layer_1.shape[0] != 1:
+            raise ValueError(f"units of {layer_1.shape[0]} layers; completion starts from layer 1 alone")
+        codes = np.asarray(voice) if isinstance(voice, (np.ndarray, torch.Tensor)) else None
+        if codes is None or codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+            codes = self.voice_prompt(voice)
+        return self.completion.complete(layer_1[0], torch.from_numpy(codes.astype(np.int64))).numpy()
+
+    def _require_completion(self) -> None:
+        if self.completion is None:
+            raise ValueError("this codec has no completion model (completion/ in its folder) to speak in a given "
+                             "voice; train one with `speechlm train-completion MANIFEST --codec CODEC_DIR`")
 
     def add_vocoder(self, vocoder: UnitVocoder) -> None:
         """Decode units of ``vocoder.config.num_layers`` layers with ``vocoder`` while the decoder is untrained."""
@@ -304,6 +348,7 @@ class SpeechTokenizerCodec(HoldsSpeechDecoder):
             book.inited.fill_(1.0)
         self.vocoders.clear()  # trained for the codebooks that were
         self.speech_decoder = None  # likewise
+        self.completion = None  # likewise
 
     # ---- encode -------------------------------------------------------------------------------------
 

@@ -34,9 +34,10 @@ def init(config: str, out: str, overrides: list[str]) -> Path:
 
 
 def generate(model: str, audio: str | None, text: str | None, output: str, out_audio: str | None,
-             max_new_tokens: int, max_speech_units: int, generate_kwargs: dict) -> str:
+             max_new_tokens: int, max_speech_units: int, generate_kwargs: dict, voice: str | None = None) -> str:
     """One response to audio and/or text: its text streamed to the terminal as it is generated, its speech
-    (``--output speech`` / ``text+speech``) written to ``out_audio`` as a 16 kHz wav."""
+    (``--output speech`` / ``text+speech``) written to ``out_audio`` as a 16 kHz wav, in the voice of the
+    recording ``voice`` where given (the codec's completion model)."""
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -49,14 +50,15 @@ def generate(model: str, audio: str | None, text: str | None, output: str, out_a
         raise ValueError("give --audio FILE and/or --text STR")
     if output != "text" and out_audio is None:
         raise ValueError(f"--output {output} speaks: give --out-audio FILE.wav to write the speech to")
-    if output == "text" and out_audio is not None:
-        raise ValueError("--out-audio needs --output speech or text+speech")
+    if output == "text" and (out_audio is not None or voice is not None):
+        raise ValueError(f"{'--out-audio' if out_audio is not None else '--voice'} needs --output speech or "
+                         f"text+speech")
     check_model_source(model)
     processor = AutoProcessor.from_pretrained(model)
     lm = AutoModelForCausalLM.from_pretrained(model)
     pieces, chunks = [], []
     for event in stream_response(lm, processor, audio=audio, text=text, output=output, max_new_tokens=max_new_tokens,
-                                 max_speech_units=max_speech_units, **generate_kwargs):
+                                 max_speech_units=max_speech_units, voice=voice, **generate_kwargs):
         if isinstance(event, TextDelta):
             pieces.append(event.text)
             print(event.text, end="", flush=True)
@@ -208,6 +210,25 @@ def train_speech_decoder(codec: str, manifests: list[str], overrides: list[str])
     return out
 
 
+def train_completion(codec: str, manifests: list[str], overrides: list[str]) -> Path:
+    """Train a completion model (the LM's layer-1 units -> all of the codec's layers, in a voice prompt's voice)
+    on the manifests' clips; saved in the codec's folder (`SpeechTokenizerCodec.complete` uses it)."""
+    from speechlm.configfile import apply_overrides, build_dataclass
+    from speechlm.finetune.completion_training import CompletionTraining, train_codec_completion
+    from speechlm.speech_io.codec_loading import load_codec
+    from speechlm.speech_io.completion import CompletionConfig
+
+    loaded = load_codec(codec)
+    values = apply_overrides({"completion": {"num_layers": loaded.n_q, "codebook_size": loaded.codebook_size,
+                                             "codebook_dimension": loaded.codebook_dimension}, "training": {}},
+                             overrides)
+    config = build_dataclass(CompletionConfig, values["completion"], where="completion")
+    settings = build_dataclass(CompletionTraining, values["training"], where="training")
+    out, report = train_codec_completion(codec, manifests, config, settings, codec=loaded)
+    print(f"{report.summary()}; saved to {out}")
+    return out
+
+
 def convert_whisper_ct2(src: list[str], out: str, dtype: str) -> Path:
     """Convert a CTranslate2 (faster-whisper) Whisper model to openai-whisper's ``.pt``."""
     from speechlm.adapters.whisper_ct2 import convert_whisper_ct2 as convert
@@ -316,12 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speech-by", choices=SPEECH_BY, default="auto",
                    help="who speaks: the codec's speech decoder, the LM writing the text (auto: where the codec has "
                         "one), or the LM generating the units itself (lm)")
+    p.add_argument("--voice", help="speak in this recording's voice (1 s or more; a codec with a completion model: "
+                                   "speechlm train-completion)")
     p.set_defaults(run=lambda a: generate(
         a.model, a.audio, a.text, a.output, a.out_audio, a.max_new_tokens, a.max_speech_units,
         {key: value for key, value in (("do_sample", a.do_sample or None), ("temperature", a.temperature),
                                        ("top_p", a.top_p), ("top_k", a.top_k),
                                        ("follow_transcript", a.follow_transcript), ("speech_by", a.speech_by))
-         if value is not None}))
+         if value is not None}, a.voice))
 
     p = commands.add_parser("merge", help="a standalone checkpoint: LoRA merged, base weights included")
     p.add_argument("checkpoint", help="a saved SpeechLM directory")
@@ -406,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifests", nargs="+", help="JSONL manifests whose 'audio' clips and 'text' it trains on")
     p.add_argument("--codec", required=True, help="the codec's directory; the speech decoder is saved in it")
     p.set_defaults(run=lambda a: train_speech_decoder(a.codec, a.manifests, a.overrides), takes_overrides=True)
+
+    p = commands.add_parser("train-completion", help="train RVQ completion (layer 1 -> all of a codec's layers, in a "
+                                                     "voice prompt's voice)")
+    p.add_argument("manifests", nargs="+", help="JSONL manifests whose 'audio' clips it trains on")
+    p.add_argument("--codec", required=True, help="the codec's directory (SpeechTokenizer); the model is saved in it")
+    p.set_defaults(run=lambda a: train_completion(a.codec, a.manifests, a.overrides), takes_overrides=True)
 
     for name, chat_page, text in (("serve", False, "serve a SpeechLM over an OpenAI-compatible HTTP API"),
                                   ("chat-ui", True, "serve a SpeechLM with a voice chat page (and the same API)")):

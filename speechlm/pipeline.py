@@ -32,6 +32,7 @@ from speechlm.responding import (
     DEFAULT_MAX_SPEECH_UNITS,
     generate_response_tokens,
     replies_from_tokens,
+    voice_codes,
 )
 from speechlm.speech_io.audio import AudioError, load_audio
 from speechlm.speech_io.constants import SAMPLE_RATE
@@ -74,7 +75,9 @@ class SpeechLMPipeline(Pipeline):
 
         Keyword arguments: ``output`` ("text", "speech", "text+speech"), ``max_new_tokens`` (text),
         ``max_speech_units``, ``speech_by`` (who speaks: "auto", "lm" or "decoder", `speaking_decoder`),
-        ``generate_kwargs`` (a dict passed to ``generate``, e.g. sampling settings).
+        ``voice`` (speak in this recording's voice: a file path or a 16 kHz array, at least 1 s; the codec's
+        completion model, `responding.voice_codes`), ``generate_kwargs`` (a dict passed to ``generate``, e.g.
+        sampling settings).
         """
         batched = isinstance(inputs, list) and not _is_conversation(inputs)
         items = inputs if batched else [inputs]
@@ -84,6 +87,7 @@ class SpeechLMPipeline(Pipeline):
                          for i, item in enumerate(items)]
         _, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
         forward_params = {**self._forward_params, **forward_params}
+        postprocess_params = {**self._postprocess_params, **postprocess_params}  # a voice given at construction
         size = batch_size or self._batch_size or len(conversations)
         outputs = []
         with model_lock(self.model):
@@ -94,7 +98,7 @@ class SpeechLMPipeline(Pipeline):
 
     def _sanitize_parameters(self, output: str | None = None, max_new_tokens: int | None = None,
                              max_speech_units: int | None = None, speech_by: str | None = None,
-                             generate_kwargs: dict | None = None, **kwargs):
+                             voice=None, generate_kwargs: dict | None = None, **kwargs):
         if kwargs:
             raise TypeError(f"unexpected pipeline arguments {sorted(kwargs)}; pass generate settings as "
                             f"generate_kwargs={{...}}")
@@ -109,7 +113,8 @@ class SpeechLMPipeline(Pipeline):
             forward["speech_by"] = speech_by
         if generate_kwargs:
             forward["generate_kwargs"] = dict(generate_kwargs)
-        return {}, forward, {}
+        postprocess = {} if voice is None else {"voice_codes": voice_codes(self.processor, voice)}
+        return {}, forward, postprocess
 
     def preprocess(self, conversations: list[list[Mapping]]) -> dict[str, Any]:
         return dict(self.processor(conversations))
@@ -124,10 +129,10 @@ class SpeechLMPipeline(Pipeline):
                                         max_new_tokens=max_new_tokens or text_budget or DEFAULT_MAX_NEW_TOKENS,
                                         max_speech_units=max_speech_units, speech_by=speech_by, **settings)
 
-    def postprocess(self, new_tokens) -> list[dict[str, Any]]:
+    def postprocess(self, new_tokens, voice_codes=None) -> list[dict[str, Any]]:
         return [{"text": reply.text,
                  "audio": None if reply.audio is None else {"array": reply.audio, "sampling_rate": reply.sampling_rate}}
-                for reply in replies_from_tokens(self.processor, new_tokens)]
+                for reply in replies_from_tokens(self.processor, new_tokens, voice_codes=voice_codes)]
 
     # -- inputs --------------------------------------------------------------------------------------
     def _conversation(self, item: Any, text: str | None, sampling_rate: int | None, name: str) -> list[Mapping]:

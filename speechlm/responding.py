@@ -181,16 +181,32 @@ def spoken_token_stream(processor, decoder, tokens: Iterable[int], output: str, 
 
 def respond(model, processor, conversations=None, *, audio=None, text: str | None = None,
             sampling_rate: int | None = None, output: str = "text", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-            max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS, **generate_kwargs) -> SpeechLMReply | list[SpeechLMReply]:
+            max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS, voice=None,
+            **generate_kwargs) -> SpeechLMReply | list[SpeechLMReply]:
     """The model's response to a conversation (a list of them: one batched ``generate``, a list back), or to
-    a single turn of ``audio`` and/or ``text``. ``generate_kwargs`` pass through (sampling settings; ``speech_by``:
-    who speaks, `speaking_decoder`)."""
+    a single turn of ``audio`` and/or ``text``. ``voice``: speak in this recording's voice (`voice_codes`).
+    ``generate_kwargs`` pass through (sampling settings; ``speech_by``: who speaks, `speaking_decoder`)."""
     batch, batched = as_conversations(conversations, audio=audio, text=text, sampling_rate=sampling_rate)
+    prompt = voice_codes(processor, voice)  # before generating: a bad prompt costs nothing
     inputs = processor(batch)
     new_tokens = generate_response_tokens(model, processor, inputs, output=output, max_new_tokens=max_new_tokens,
                                           max_speech_units=max_speech_units, **generate_kwargs)
-    replies = replies_from_tokens(processor, new_tokens)
+    replies = replies_from_tokens(processor, new_tokens, voice_codes=prompt)
     return replies if batched else replies[0]
+
+
+def voice_codes(processor, voice):
+    """The codes of a voice prompt (a recording: a file path, resampled to 16 kHz, or a 16 kHz array; at least
+    1 s, not silent) for the codec's completion model, which speaks the LM's layer-1 units in that voice with
+    all of the codec's layers; None without a voice. A codec without one is an error that says how to get one."""
+    if voice is None:
+        return None
+    codec = processor.codec
+    if codec.n_q < 2 or not hasattr(codec, "voice_prompt"):
+        raise ValueError(f"voice=: this model's codec ({type(codec).__name__}, {codec.n_q} layer) has no layers "
+                         f"to speak a voice with; a SpeechTokenizer codec of 8 layers with a completion model "
+                         f"does (speechlm train-completion)")
+    return codec.voice_prompt(voice)
 
 
 def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor], *, speech_by: str = "auto",
@@ -259,11 +275,14 @@ def _with_transcripts(model, processor, inputs, settings: dict) -> Iterator[dict
         yield {**settings, "transcripts": reader_transcripts(model, processor, inputs)}
 
 
-def replies_from_tokens(processor, new_tokens: torch.Tensor) -> list[SpeechLMReply]:
+def replies_from_tokens(processor, new_tokens: torch.Tensor, *, voice_codes=None) -> list[SpeechLMReply]:
     """Text and units of each row; each speech span decoded on its own (as a stream decodes it: a response the
-    speech decoder spoke has one span a sentence), all rows' spans in one exact codec batch."""
+    speech decoder spoke has one span a sentence), all rows' spans in one exact codec batch. With
+    ``voice_codes`` (`voice_codes`), each span is completed to all of the codec's layers in that voice first."""
     parsed = [processor.parse_response(row) for row in new_tokens]
     spans = [speech_spans(processor, row.tolist()) for row in new_tokens]
+    if voice_codes is not None:
+        spans = [[processor.codec.complete(span, voice_codes) for span in row] for row in spans]
     waves = iter(processor.codec.decode_batch([span for row in spans for span in row])) if any(spans) else iter(())
     audio = [np.concatenate([next(waves) for _ in row]) if row else None for row in spans]
     return [SpeechLMReply(response.text, response.units, wave) for response, wave in zip(parsed, audio, strict=True)]
@@ -287,18 +306,20 @@ def speech_spans(processor, token_ids: Sequence[int]) -> list[list[int]]:
 def stream_response(model, processor, conversation=None, *, audio=None, text: str | None = None,
                     sampling_rate: int | None = None, output: str = "text",
                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_speech_units: int = DEFAULT_MAX_SPEECH_UNITS,
-                    chunk_frames: int = STREAM_CHUNK_FRAMES, speech_by: str = "auto",
+                    chunk_frames: int = STREAM_CHUNK_FRAMES, speech_by: str = "auto", voice=None,
                     **generate_kwargs) -> Iterator[ResponseEvent]:
     """`TextDelta` and `AudioChunk` events of one response while the model is still generating it.
 
     ``generate`` runs in a worker thread and hands each token over a queue; units are fed to the codec's
     streamed decoder, which yields ``chunk_frames`` frames of audio as soon as they are final. An error in
     the worker is raised here; closing the iterator early stops generation, and the worker is always joined.
-    Where the codec's speech decoder speaks (``speech_by``), each sentence is spoken as soon as the LM ends it.
+    Where the codec's speech decoder speaks (``speech_by``), each sentence is spoken as soon as the LM ends it;
+    with a ``voice`` (`voice_codes`), in that voice, each span once its units are all in.
     """
     batch, batched = as_conversations(conversation, audio=audio, text=text, sampling_rate=sampling_rate)
     if batched:
         raise ValueError("stream_response streams one conversation; use respond for a batch")
+    prompt = voice_codes(processor, voice)
     inputs = processor(batch)
     prompt_length = inputs["input_ids"].shape[1]
     decoder = speaking_decoder(processor, output, speech_by)
@@ -325,7 +346,7 @@ def stream_response(model, processor, conversation=None, *, audio=None, text: st
         try:
             spoken = tokens if decoder is None else spoken_token_stream(processor, decoder, tokens, output,
                                                                         max_speech_units=max_speech_units)
-            yield from response_events(processor, spoken, chunk_frames)
+            yield from response_events(processor, spoken, chunk_frames, voice_codes=prompt)
         finally:
             stop.set()
             worker.join()
@@ -371,12 +392,14 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def response_events(processor, tokens: Iterable[int], chunk_frames: int = STREAM_CHUNK_FRAMES
-                    ) -> Iterator[ResponseEvent]:
+def response_events(processor, tokens: Iterable[int], chunk_frames: int = STREAM_CHUNK_FRAMES, *,
+                    voice_codes=None) -> Iterator[ResponseEvent]:
     """Text deltas outside speech spans; inside one, audio chunks from the codec's streamed decode.
 
     ``tokens`` are one response's new token ids as generate makes them (`stream_response`'s queue, or one
-    row of the server's batched decode, `speechlm.serving.batching`)."""
+    row of the server's batched decode, `speechlm.serving.batching`). With ``voice_codes``, a span is completed
+    in that voice once its units are all in (the completion reads the whole span: a sentence, where the speech
+    decoder speaks), then streamed."""
     stream = iter(tokens)
     text_ids: list[int] = []
     shown = ""
@@ -390,7 +413,11 @@ def response_events(processor, tokens: Iterable[int], chunk_frames: int = STREAM
                         return
                     yield unit_token - first_unit
 
-            for chunk in processor.codec.decode_stream(span_units(), chunk=chunk_frames):
+            units = span_units()
+            if voice_codes is not None:
+                layer_1 = list(units)
+                units = iter([processor.codec.complete(layer_1, voice_codes)] if layer_1 else [])
+            for chunk in processor.codec.decode_stream(units, chunk=chunk_frames):
                 yield AudioChunk(chunk)
         elif token < processor.text_vocab_size:
             text_ids.append(token)

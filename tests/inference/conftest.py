@@ -20,7 +20,7 @@ def save_speaking_model(directory: Path, *, lora_b_std: float | None = None, **s
     """``lora_b_std``: draw LoRA's B factors (zero when built) from N(0, std), so that the adapters matter."""
     import torch
 
-    spec = tiny_spec(codec=dict(NARROW_CODEC), **spec_changes)
+    spec = tiny_spec(**({"codec": dict(NARROW_CODEC)} | spec_changes))
     model, tokenizer = build_speechlm(spec)
     if lora_b_std is not None:
         with torch.no_grad():
