@@ -17,8 +17,6 @@ It belongs to its codec: saved in the codec's folder as ``completion/`` (``compl
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,13 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from speechlm.speech_io.config_errors import ConfigProblems, settings_from_dict
 from speechlm.speech_io.constants import SAMPLE_RATE
-from speechlm.speech_io.saved_files import load_fitting_state, read_json_object
-from speechlm.speech_io.speech_decoder import codebook_fingerprint
+from speechlm.speech_io.saved_files import load_module, save_module
+from speechlm.speech_io.speech_decoder import codebook_fingerprint, sinusoid_positions
 
 COMPLETION_FOLDER = "completion"  # inside the codec's folder
 COMPLETION_CONFIG_NAME = "completion_config.json"
@@ -74,13 +71,6 @@ class CompletionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def sinusoid_positions(positions: torch.Tensor, width: int) -> torch.Tensor:
-    """Sinusoidal encodings ``(*positions.shape, width)`` of integer ``positions`` (sines, then cosines)."""
-    scale = torch.exp(torch.arange(0, width, 2, device=positions.device) * (-math.log(10000.0) / width))
-    angles = positions.float()[..., None] * scale
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
 class RVQCompletion(nn.Module):
@@ -181,24 +171,13 @@ class RVQCompletion(nn.Module):
     # ---- saving ---------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / COMPLETION_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  str(out / COMPLETION_WEIGHTS_NAME))
+        save_module(self, self.config.to_dict(), directory, COMPLETION_CONFIG_NAME, COMPLETION_WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> RVQCompletion:
-        folder = Path(directory)
-        config_path, weights_path = folder / COMPLETION_CONFIG_NAME, folder / COMPLETION_WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing; a saved completion model has {COMPLETION_CONFIG_NAME} "
-                                        f"and {COMPLETION_WEIGHTS_NAME}")
-        data = read_json_object(config_path, "completion settings")
-        model = cls(CompletionConfig.from_dict(data, source=str(config_path)))  # codebooks come with the state
-        load_fitting_state(model, weights_path, config_path)
-        return model.eval()
+        # its frozen codebooks come with the state
+        return load_module(lambda data, source: cls(CompletionConfig.from_dict(data, source=source)), directory,
+                           COMPLETION_CONFIG_NAME, COMPLETION_WEIGHTS_NAME, "completion model")
 
 
 def codebooks_fingerprint(codebooks: torch.Tensor) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-import json
 import math
 import os
 import re
@@ -33,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from speechlm.speech_io.config_errors import ConfigProblems, settings_from_dict
-from speechlm.speech_io.saved_files import load_fitting_state, read_json_object
+from speechlm.speech_io.saved_files import load_module, save_module
 
 SPEECH_DECODER_FOLDER = "speech-decoder"  # inside the codec's folder
 SPEECH_DECODER_CONFIG_NAME = "speech_decoder_config.json"
@@ -123,6 +121,13 @@ class SpeechDecoderConfig:
         return asdict(self)
 
 
+def sinusoid_positions(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """Sinusoidal encodings ``(*positions.shape, width)`` of integer ``positions`` (sines, then cosines)."""
+    scale = torch.exp(torch.arange(0, width, 2, device=positions.device) * (-math.log(10000.0) / width))
+    angles = positions.float()[..., None] * scale
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
 def spread(counts_total: int, symbols: int) -> torch.Tensor:
     """Frames of each of ``symbols`` symbols, as even as whole frames allow, >= 1 each, summing to
     ``max(counts_total, symbols)``."""
@@ -164,10 +169,7 @@ class SpeechDecoder(nn.Module):
 
     def forward(self, frames: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         """``frames`` long ``(B, T)`` symbol ids (``padding`` True where padded) -> logits ``(B, T, codebook + 1)``."""
-        positions = torch.arange(frames.shape[1], device=frames.device, dtype=torch.float32)[:, None]
-        width = self.config.hidden_size
-        scale = torch.exp(torch.arange(0, width, 2, device=frames.device) * (-math.log(10000.0) / width))
-        encoding = torch.cat([torch.sin(positions * scale), torch.cos(positions * scale)], dim=-1)
+        encoding = sinusoid_positions(torch.arange(frames.shape[1], device=frames.device), self.config.hidden_size)
         hidden = self.layers(self.embed(frames) + encoding, src_key_padding_mask=padding)
         return self.head(self.norm(hidden))
 
@@ -198,24 +200,12 @@ class SpeechDecoder(nn.Module):
     # ---- saving ---------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SPEECH_DECODER_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  str(out / SPEECH_DECODER_WEIGHTS_NAME))
+        save_module(self, self.config.to_dict(), directory, SPEECH_DECODER_CONFIG_NAME, SPEECH_DECODER_WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> SpeechDecoder:
-        folder = Path(directory)
-        config_path, weights_path = folder / SPEECH_DECODER_CONFIG_NAME, folder / SPEECH_DECODER_WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing; a saved speech decoder has {SPEECH_DECODER_CONFIG_NAME} "
-                                        f"and {SPEECH_DECODER_WEIGHTS_NAME}")
-        data = read_json_object(config_path, "speech decoder settings")
-        decoder = cls(SpeechDecoderConfig.from_dict(data, source=str(config_path)))
-        load_fitting_state(decoder, weights_path, config_path)
-        return decoder.eval()
+        return load_module(lambda data, source: cls(SpeechDecoderConfig.from_dict(data, source=source)), directory,
+                           SPEECH_DECODER_CONFIG_NAME, SPEECH_DECODER_WEIGHTS_NAME, "speech decoder")
 
 
 def check_speech_decoder(decoder: SpeechDecoder, codebook_size: int, codebook: torch.Tensor) -> SpeechDecoder:

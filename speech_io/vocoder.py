@@ -18,7 +18,6 @@ Shapes: units ``(B, k, T)`` at 50 Hz, k = ``num_layers`` -> summed codebook vect
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,12 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from speechlm.speech_io.codec_streaming import appended_units
 from speechlm.speech_io.config_errors import ConfigProblems, settings_from_dict
-from speechlm.speech_io.saved_files import load_fitting_state, read_json_object
+from speechlm.speech_io.saved_files import load_module, save_module
 from speechlm.speech_io.spectrogram import MelSpectrogram, SpectrogramConfig
 
 VOCODER_FOLDER_PATTERN = "vocoder-rvq*"  # a codec's folder keeps one vocoder per layer count it reads
@@ -170,23 +168,13 @@ class UnitVocoder(nn.Module):
     # ---- saving ---------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / VOCODER_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(out / VOCODER_WEIGHTS_NAME))
+        save_module(self, self.config.to_dict(), directory, VOCODER_CONFIG_NAME, VOCODER_WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> UnitVocoder:
-        folder = Path(directory)
-        config_path, weights_path = folder / VOCODER_CONFIG_NAME, folder / VOCODER_WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing; a saved vocoder has {VOCODER_CONFIG_NAME} and "
-                                        f"{VOCODER_WEIGHTS_NAME}")
-        data = read_json_object(config_path, "vocoder settings")
-        vocoder = cls(VocoderConfig.from_dict(data, source=str(config_path)))  # codebooks come with the state
-        load_fitting_state(vocoder, weights_path, config_path)
-        return vocoder.eval()
+        # its frozen codebooks come with the state
+        return load_module(lambda data, source: cls(VocoderConfig.from_dict(data, source=source)), directory,
+                           VOCODER_CONFIG_NAME, VOCODER_WEIGHTS_NAME, "vocoder")
 
 
 def add_saved_vocoders(codec, folder: Path) -> None:
