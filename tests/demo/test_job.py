@@ -65,7 +65,10 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypa
 
     losses = [point["loss"] for point in report["training"]["losses"]]
     assert report["training"]["steps"] == 16 and len(losses) == 16
-    assert sum(losses[-4:]) < sum(losses[:4])  # the loss falls
+    # the ASR loss falls (the mixed loss jumps with the tasks each batch draws: one spoken-instruction batch of
+    # the backbone's long answers in the last four steps once outweighed the whole first four)
+    asr = [point["tasks"]["asr"] for point in report["training"]["losses"] if "asr" in point["tasks"]]
+    assert len(asr) >= 8 and sum(asr[-4:]) < sum(asr[:4]), asr
     for name, metric, _ in HEADLINE:
         assert metric in report["after"][name], (name, metric)
         # Whisper base judges the trained model's speech only: the untrained one's is babble it loops on.
