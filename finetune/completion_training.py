@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from speechlm.finetune.timed_training import TimedTraining, TrainingReport, train_for_minutes
-from speechlm.finetune.vocoder_training import manifest_clips
-from speechlm.speech_io.audio import load_audio
+from speechlm.finetune.vocoder_training import encoded_clips, manifest_clips
 from speechlm.speech_io.codec_loading import Codec, load_codec
 from speechlm.speech_io.completion import (
     COMPLETION_FOLDER,
@@ -53,11 +52,8 @@ class CompletionTraining(TimedTraining):
 def completion_examples(codec: Codec, manifests: Sequence[str | Path], num_layers: int, max_clips: int | None
                         ) -> list[torch.Tensor]:
     """The manifests' clips as ``(num_layers, T)`` codes, those long enough for a prompt and a target."""
-    clips = manifest_clips(manifests, max_clips)
-    examples = []
-    for start in range(0, len(clips), 64):  # a bounded number of waveforms in memory at once
-        waves = [load_audio(clip) for clip in clips[start: start + 64]]
-        examples += [torch.from_numpy(codes) for codes in codec.encode(waves, n_q=num_layers)]
+    examples = [torch.from_numpy(codes) for codes in encoded_clips(codec, manifest_clips(manifests, max_clips),
+                                                                    num_layers)]
     return [codes for codes in examples if codes.shape[1] >= 2 * MIN_TARGET_FRAMES]
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from speechlm.finetune.timed_training import TimedTraining, TrainingReport, train_for_minutes
-from speechlm.speech_io.audio import load_audio
+from speechlm.finetune.vocoder_training import encoded_clips
 from speechlm.speech_io.codec_loading import Codec, load_codec
 from speechlm.speech_io.speech_decoder import (
     SPEECH_DECODER_FOLDER,
@@ -63,12 +63,8 @@ def manifest_spoken_texts(manifests: Sequence[str | Path], codec: Codec, max_cli
                          f"trains on spoken texts")
     if max_clips is not None and len(rows) > max_clips:
         rows = [rows[round(i * len(rows) / max_clips)] for i in range(max_clips)]
-    spoken = []
-    for start in range(0, len(rows), 64):  # a bounded number of waveforms in memory at once
-        chunk = rows[start: start + 64]
-        units = codec.encode([load_audio(clip) for clip, _ in chunk], n_q=1)
-        spoken += [SpokenText(text, codes[0].tolist()) for (_, text), codes in zip(chunk, units, strict=True)]
-    return spoken
+    units = encoded_clips(codec, [clip for clip, _ in rows], n_q=1)
+    return [SpokenText(text, codes[0].tolist()) for (_, text), codes in zip(rows, units, strict=True)]
 
 
 def vocabulary_of(texts: Sequence[str], symbols: str, language: str) -> list[str]:

@@ -65,6 +65,15 @@ def manifest_clips(manifests: Sequence[str | Path], max_clips: int | None) -> li
     return clips
 
 
+def encoded_clips(codec: Codec, clips: Sequence[Path], n_q: int) -> list[np.ndarray]:
+    """Each clip's ``(n_q, T)`` units, 64 clips read and encoded at a time (a bounded number of waveforms in
+    memory at once)."""
+    codes: list[np.ndarray] = []
+    for start in range(0, len(clips), 64):
+        codes += codec.encode([load_audio(clip) for clip in clips[start: start + 64]], n_q=n_q)
+    return codes
+
+
 def vocoder_examples(codec: Codec, waveforms: Sequence[np.ndarray], config: VocoderConfig
                      ) -> list[VocoderExample]:
     """Each clip's first ``config.num_layers`` units and its log-mel, cut or padded to the units' frames."""

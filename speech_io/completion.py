@@ -31,6 +31,7 @@ from speechlm.speech_io.config_errors import ConfigProblems, settings_from_dict
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.saved_files import load_module, save_module
 from speechlm.speech_io.speech_decoder import codebook_fingerprint, sinusoid_positions
+from speechlm.speech_io.vocoder import register_codebooks, summed_codebook_vectors
 
 COMPLETION_FOLDER = "completion"  # inside the codec's folder
 COMPLETION_CONFIG_NAME = "completion_config.json"
@@ -83,16 +84,7 @@ class RVQCompletion(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        shape = (c.num_layers, c.codebook_size, c.codebook_dimension)
-        if codebooks is None:
-            codebooks = torch.zeros(shape)
-        elif tuple(codebooks.shape) != shape:
-            raise ValueError(f"codebooks of shape {tuple(codebooks.shape)}; the completion config expects {shape} "
-                             f"(num_layers, codebook_size, codebook_dimension)")
-        self.register_buffer("codebooks", codebooks.reshape(-1, c.codebook_dimension).clone().float())
-        self.register_buffer("input_scale", torch.ones(()))
-        if codebooks.abs().sum() > 0:  # the codec's latents are tiny or large: bring them to unit scale
-            self.input_scale.fill_(1.0 / codebooks[0].std().clamp(min=1e-8).item())
+        register_codebooks(self, codebooks, (c.num_layers, c.codebook_size, c.codebook_dimension), "completion")
         self.from_codebooks = nn.Linear(c.codebook_dimension, c.hidden_size)
         self.asked_layer = nn.Embedding(c.num_layers, c.hidden_size)  # row k: layer k + 1 (0-based k) is asked for
         self.is_prompt = nn.Embedding(2, c.hidden_size)
@@ -101,11 +93,6 @@ class RVQCompletion(nn.Module):
         self.blocks = nn.TransformerEncoder(block, c.num_blocks, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(c.hidden_size)
         self.heads = nn.ModuleList(nn.Linear(c.hidden_size, c.codebook_size) for _ in range(c.num_layers - 1))
-
-    def _summed(self, codes: torch.Tensor) -> torch.Tensor:
-        """``(B, k, T)`` codes of layers 1..k -> the sum of their codebook vectors ``(B, T, D)``, scaled."""
-        offsets = torch.arange(codes.shape[1], device=codes.device)[None, :, None] * self.config.codebook_size
-        return nn.functional.embedding(codes + offsets, self.codebooks).sum(dim=1) * self.input_scale
 
     def forward(self, prompt: torch.Tensor, known: torch.Tensor, prompt_padding: torch.Tensor | None = None,
                 target_padding: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,7 +104,7 @@ class RVQCompletion(nn.Module):
         if not 1 <= k < self.config.num_layers or prompt.shape[1] != self.config.num_layers:
             raise ValueError(f"prompt of {prompt.shape[1]} layers and {k} known target layers; expected "
                              f"{self.config.num_layers} and 1 to {self.config.num_layers - 1}")
-        frames = torch.cat([self._summed(prompt), self._summed(known)], dim=1)  # B, P + T, D
+        frames = torch.cat([summed_codebook_vectors(self, prompt), summed_codebook_vectors(self, known)], dim=1)  # B, P + T, D
         segment = torch.cat([torch.ones(num_prompt, dtype=torch.long), torch.zeros(known.shape[2], dtype=torch.long)])
         positions = torch.arange(frames.shape[1], device=frames.device)[None]
         if prompt_padding is not None:  # a left-padded prompt starts at position 0 after its padding

@@ -84,6 +84,29 @@ class VocoderConfig:
         return asdict(self)
 
 
+def register_codebooks(module: nn.Module, codebooks: torch.Tensor | None, shape: tuple[int, int, int], what: str
+                       ) -> None:
+    """Give ``module`` a frozen copy of a codec's ``(num_layers, codebook_size, dimension)`` codebooks (buffer
+    ``codebooks``: layer l's code c is row l * codebook_size + c) and ``input_scale``, which brings the codec's
+    tiny or large latents to unit scale. None leaves zeros, for a module whose saved state is loaded next."""
+    if codebooks is None:
+        codebooks = torch.zeros(shape)
+    elif tuple(codebooks.shape) != shape:
+        raise ValueError(f"codebooks of shape {tuple(codebooks.shape)}; the {what} config expects {shape} "
+                         f"(num_layers, codebook_size, codebook_dimension)")
+    module.register_buffer("codebooks", codebooks.reshape(-1, shape[2]).clone().float())
+    module.register_buffer("input_scale", torch.ones(()))
+    if codebooks.abs().sum() > 0:
+        module.input_scale.fill_(1.0 / codebooks[0].std().clamp(min=1e-8).item())
+
+
+def summed_codebook_vectors(module: nn.Module, codes: torch.Tensor) -> torch.Tensor:
+    """``(B, k, T)`` codes of layers 1..k -> the sum of their vectors in ``module``'s `register_codebooks` copy,
+    scaled: ``(B, T, dimension)`` (a frame's latent, as far as its k layers go)."""
+    offsets = torch.arange(codes.shape[1], device=codes.device)[None, :, None] * module.config.codebook_size
+    return nn.functional.embedding(codes + offsets, module.codebooks).sum(dim=1) * module.input_scale
+
+
 class _ResidualBlock(nn.Module):
     """A dilated convolution, a norm and a pointwise feed-forward, added to its input."""
 
@@ -106,17 +129,7 @@ class UnitVocoder(nn.Module):
         super().__init__()
         self.config = config
         h, up, d = config.hidden_size, config.upsample, config.codebook_dimension
-        shape = (config.num_layers, config.codebook_size, d)
-        if codebooks is None:
-            codebooks = torch.zeros(shape)
-        elif tuple(codebooks.shape) != shape:
-            raise ValueError(f"codebooks of shape {tuple(codebooks.shape)}; the vocoder config expects {shape} "
-                             f"(num_layers, codebook_size, codebook_dimension)")
-        # Frozen: layer l's code c is row l * codebook_size + c; a frame sums its layers' vectors.
-        self.register_buffer("codebooks", codebooks.reshape(-1, d).clone().float())
-        self.register_buffer("input_scale", torch.ones(()))
-        if codebooks.abs().sum() > 0:  # the codec's latents are tiny or large: bring them to unit scale
-            self.input_scale.fill_(1.0 / codebooks[0].std().clamp(min=1e-8).item())
+        register_codebooks(self, codebooks, (config.num_layers, config.codebook_size, d), "vocoder")
         self.from_codebooks = nn.Conv1d(d, h, 3, padding=1)
         self.upsample = nn.ConvTranspose1d(h, h, 2 * up, stride=up, padding=up // 2) if up > 1 else nn.Identity()
         self.blocks = nn.Sequential(*[_ResidualBlock(h, config.kernel_size, 2 ** (i % 4))
@@ -126,9 +139,8 @@ class UnitVocoder(nn.Module):
 
     def forward(self, units: torch.Tensor) -> torch.Tensor:
         """``units`` long ``(B, k, T)``, k = num_layers -> log-mel ``(B, n_mels, T * upsample)``."""
-        offsets = torch.arange(units.shape[1], device=units.device)[None, :, None] * self.config.codebook_size
-        vectors = nn.functional.embedding(units + offsets, self.codebooks).sum(dim=1)  # B, T, D
-        x = self.from_codebooks(vectors.transpose(1, 2) * self.input_scale)  # B, H, T
+        vectors = summed_codebook_vectors(self, units)  # B, T, D
+        x = self.from_codebooks(vectors.transpose(1, 2))  # B, H, T
         return self.to_mel(self.blocks(self.upsample(x)))
 
     @property
