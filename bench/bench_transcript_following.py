@@ -71,8 +71,8 @@ def main() -> None:
         for bias in (float(b) for b in args.biases.split(",") if b):
             start = time.perf_counter()
             settings = EvalSettings(batch_size=args.batch_size, max_new_tokens=64, asr_follow_transcript=bias)
-            totals, _ = evaluate(model, processor, "asr", items, settings)
-            figures[f"{split}/follow={bias:g}"] = totals
+            totals, records = evaluate(model, processor, "asr", items, settings)
+            figures[f"{split}/follow={bias:g}"] = totals | {"hypotheses": [record["hypothesis"] for record in records]}
             print(f"{split} follow {bias:g}: WER {totals['wer']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))

@@ -81,7 +81,7 @@ def _examples(decoder: SpeechDecoder, spoken: Sequence[SpokenText]
     for item in spoken:
         ids = torch.cat(decoder.encode_text(item.text) or [torch.zeros(0, dtype=torch.long)])
         if len(ids) and item.units:
-            examples.append((decoder.frames(ids, len(item.units)), torch.tensor(merged_units(item.units))))
+            examples.append((decoder.positions(ids, len(item.units)), torch.tensor(merged_units(item.units))))
             symbols, units = symbols + len(ids), units + len(item.units)
     return examples, units / max(1, symbols)
 
@@ -103,13 +103,14 @@ def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConf
     ctc = nn.CTCLoss(blank=decoder.blank, zero_infinity=True)
 
     def ctc_loss(indices: list[int]) -> torch.Tensor:
-        frames = [examples[i][0] for i in indices]
+        positions = [examples[i][0] for i in indices]
         targets = [examples[i][1] for i in indices]
-        lengths = torch.tensor([len(f) for f in frames])
-        padded = nn.utils.rnn.pad_sequence(frames, batch_first=True)
+        lengths = torch.tensor([len(p) for p in positions])
+        padded = nn.utils.rnn.pad_sequence(positions, batch_first=True)
         padding = torch.arange(padded.shape[1])[None] >= lengths[:, None]
         log_probs = decoder(padded, padding).log_softmax(-1).transpose(0, 1)  # T, B, C as CTC takes them
-        return ctc(log_probs, torch.cat(targets), lengths, torch.tensor([len(t) for t in targets]))
+        frames = lengths * decoder.config.units_per_position
+        return ctc(log_probs, torch.cat(targets), frames, torch.tensor([len(t) for t in targets]))
 
     report = train_for_minutes(decoder, _epochs(examples, settings), ctc_loss, settings, clips=len(examples),
                                loss="CTC loss", clip_norm=1.0)

@@ -59,11 +59,7 @@ class CompletionConfig:
                                    "num_heads", "max_prompt_frames")
         problems.check(isinstance(self.num_layers, int) and self.num_layers >= 2,
                        f"num_layers={self.num_layers!r} (expected 2 or more: layer 1 is given, the rest predicted)")
-        problems.check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
-                       f"dropout={self.dropout!r} (expected a number in [0, 1))")
-        if isinstance(self.hidden_size, int) and isinstance(self.num_heads, int) and self.num_heads > 0:
-            problems.check(self.hidden_size % self.num_heads == 0,
-                           f"hidden_size={self.hidden_size} (expected a multiple of num_heads={self.num_heads})")
+        problems.transformer(self)
         problems.raise_if_any("completion config")
 
     @classmethod

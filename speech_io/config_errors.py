@@ -37,6 +37,14 @@ class ConfigProblems(list):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 self.append(f"{name}={value!r} (expected a positive integer{' or null' if optional else ''})")
 
+    def transformer(self, settings: object) -> None:
+        """A transformer's ``hidden_size`` must split into its ``num_heads``, and its ``dropout`` be in [0, 1)."""
+        width, heads, dropout = settings.hidden_size, settings.num_heads, settings.dropout
+        self.check(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
+                   f"dropout={dropout!r} (expected a number in [0, 1))")
+        if isinstance(width, int) and isinstance(heads, int) and heads > 0:
+            self.check(width % heads == 0, f"hidden_size={width} (expected a multiple of num_heads={heads})")
+
     def raise_if_any(self, owner: str) -> None:
         if self:
             raise ConfigError(owner, self)

@@ -7,8 +7,9 @@ LM writes the text (chain-of-modality) and this decoder speaks it.
 
 It reads the text's phonemes (espeak-ng, as Piper bundles it: English spelling says little about sound) or its
 characters. Each symbol's embedding is repeated over an even share of the frames (``units_per_symbol`` of them
-a symbol, the corpus's rate), a small bidirectional transformer reads them, and CTC against the clip's units
-(repeats merged) learns where each unit falls. Speaking takes the best path, a blank holding the unit before it,
+a symbol, the corpus's rate; with ``units_per_position`` k, over positions that speak k frames each), a small
+bidirectional transformer reads them, and CTC against the clip's units (repeats merged) learns where each unit
+falls. Speaking takes the best path, a blank holding the unit before it,
 one unit a frame. A text is spoken one sentence at a time (what a stream speaks as the LM finishes each), so
 the whole equals the sentences spoken in turn.
 
@@ -92,6 +93,9 @@ class SpeechDecoderConfig:
     vocabulary: list[str] = field(default_factory=list,
                                   metadata={"help": "the symbols it knows, in id order from 2 (training fills it)"})
     units_per_symbol: float = field(default=2.0, metadata={"help": "frames spoken per symbol (training measures it)"})
+    units_per_position: int = field(default=2, metadata={
+        "help": "frames each transformer position speaks (its head gives that many frames' logits): k reads 1/k "
+                "of the positions, so a minutes-bounded training takes k times the steps (2: BENCHMARKS.md)"})
     hidden_size: int = field(default=256, metadata={"help": "width of the transformer"})
     num_layers: int = field(default=4, metadata={"help": "transformer layers"})
     num_heads: int = field(default=4, metadata={"help": "attention heads"})
@@ -100,22 +104,20 @@ class SpeechDecoderConfig:
 
     def __post_init__(self) -> None:
         problems = ConfigProblems()
-        problems.positive_integers(self, "codebook_size", "hidden_size", "num_layers", "num_heads")
+        problems.positive_integers(self, "codebook_size", "hidden_size", "num_layers", "num_heads",
+                                   "units_per_position")
         problems.check(self.symbols in SYMBOL_KINDS, f"symbols={self.symbols!r} (expected one of {list(SYMBOL_KINDS)})")
         problems.check(isinstance(self.units_per_symbol, (int, float)) and self.units_per_symbol > 0,
                        f"units_per_symbol={self.units_per_symbol!r} (expected a positive number)")
-        problems.check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
-                       f"dropout={self.dropout!r} (expected a number in [0, 1))")
+        problems.transformer(self)
         problems.check(isinstance(self.vocabulary, list) and all(isinstance(s, str) for s in self.vocabulary),
                        f"vocabulary={self.vocabulary!r:.60} (expected a list of strings)")
-        if isinstance(self.hidden_size, int) and isinstance(self.num_heads, int) and self.num_heads > 0:
-            problems.check(self.hidden_size % self.num_heads == 0,
-                           f"hidden_size={self.hidden_size} (expected a multiple of num_heads={self.num_heads})")
         problems.raise_if_any("speech decoder config")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "speech decoder config") -> SpeechDecoderConfig:
-        return settings_from_dict(cls, data, source=source)
+        # a decoder saved before `units_per_position` existed speaks one frame a position
+        return settings_from_dict(cls, {"units_per_position": 1, **data}, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,8 +139,8 @@ def spread(counts_total: int, symbols: int) -> torch.Tensor:
 
 
 class SpeechDecoder(nn.Module):
-    """Symbols of a sentence, spread over its frames -> per-frame logits over the codec's units and CTC's blank
-    (id ``codebook_size``)."""
+    """Symbols of a sentence, spread over its positions (``units_per_position`` frames each) -> per-frame logits
+    over the codec's units and CTC's blank (id ``codebook_size``)."""
 
     def __init__(self, config: SpeechDecoderConfig) -> None:
         super().__init__()
@@ -150,7 +152,7 @@ class SpeechDecoder(nn.Module):
                                            batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, config.codebook_size + 1)
+        self.head = nn.Linear(width, config.units_per_position * (config.codebook_size + 1))
 
     @property
     def blank(self) -> int:
@@ -161,17 +163,21 @@ class SpeechDecoder(nn.Module):
         return [torch.tensor([self.symbol_ids.get(s, UNKNOWN) for s in sentence])
                 for sentence in text_sentences(text, self.config.symbols, self.config.language)]
 
-    def frames(self, ids: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
-        """``ids`` repeated over ``num_frames`` frames (by default ``units_per_symbol`` a symbol)."""
+    def positions(self, ids: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """``ids`` repeated over the positions that speak ``num_frames`` frames (by default ``units_per_symbol``
+        a symbol), ``units_per_position`` frames a position, the last one's rounded up."""
         if num_frames is None:
             num_frames = round(len(ids) * self.config.units_per_symbol)
-        return ids.repeat_interleave(spread(num_frames, len(ids)))
+        return ids.repeat_interleave(spread(-(-num_frames // self.config.units_per_position), len(ids)))
 
-    def forward(self, frames: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """``frames`` long ``(B, T)`` symbol ids (``padding`` True where padded) -> logits ``(B, T, codebook + 1)``."""
-        encoding = sinusoid_positions(torch.arange(frames.shape[1], device=frames.device), self.config.hidden_size)
-        hidden = self.layers(self.embed(frames) + encoding, src_key_padding_mask=padding)
-        return self.head(self.norm(hidden))
+    def forward(self, positions: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` long ``(B, P)`` symbol ids (``padding`` True where padded) -> logits
+        ``(B, P * units_per_position, codebook + 1)``, a position's frames in turn."""
+        encoding = sinusoid_positions(torch.arange(positions.shape[1], device=positions.device),
+                                      self.config.hidden_size)
+        hidden = self.layers(self.embed(positions) + encoding, src_key_padding_mask=padding)
+        logits = self.head(self.norm(hidden))
+        return logits.reshape(*positions.shape[:1], -1, self.config.codebook_size + 1)
 
     @torch.inference_mode()
     def speak_sentence(self, ids: torch.Tensor) -> list[int]:
@@ -179,7 +185,7 @@ class SpeechDecoder(nn.Module):
         first unit spoken fills any blanks before it)."""
         if len(ids) == 0:
             return []
-        path = self(self.frames(ids)[None])[0].argmax(-1).tolist()
+        path = self(self.positions(ids)[None])[0].argmax(-1).tolist()
         last = next((u for u in path if u != self.blank), 0)
         units = []
         for unit in path:

@@ -268,6 +268,16 @@ def temperature_list(value: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
 
 
+def none_or_float(value: str) -> float | None:
+    """``"none"`` -> None, else the number: argparse names the option and value when this fails."""
+    if value.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {value!r}") from None
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from speechlm.serving.settings import ServeSettings
 
@@ -380,13 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr-follow-transcript", type=float, default=evaluation.asr_follow_transcript,
                    help="asr, a model with a reader: log-odds the next token of the reader's transcript gains "
                         "(0: the LM alone)")
+    p.add_argument("--asr-transcript-fallback", type=none_or_float, default=evaluation.asr_transcript_fallback,
+                   help="asr, following the transcript: a transcription whose word errors against the reader's "
+                        "transcript are above this share of its words has run on, and the transcript stands "
+                        "instead (none: never)")
     p.add_argument("--lm-dtype", choices=LM_DTYPES,
                    help="the language model's weights while evaluating (bfloat16: ~0.7x the time of a spoken "
                         "answer on a CPU with AVX-512 BF16; the audio side keeps its dtype; default: as saved)")
     p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, dict(
         batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, max_speech_units=a.max_speech_units,
         judge=a.judge, output=a.output, speech_by=a.speech_by, tts_temperature=a.tts_temperature,
-        temperatures=a.temperatures, asr_follow_transcript=a.asr_follow_transcript, lm_dtype=a.lm_dtype)))
+        temperatures=a.temperatures, asr_follow_transcript=a.asr_follow_transcript,
+        asr_transcript_fallback=a.asr_transcript_fallback, lm_dtype=a.lm_dtype)))
 
     p = commands.add_parser("prepare", help="check audio and extract codec units for training")
     p.add_argument("manifest", help="JSONL manifest, saved dataset directory, or audiofolder directory")

@@ -70,6 +70,10 @@ class EvalSettings:
     asr_follow_transcript: float = field(default=5.0, metadata={
         "help": "asr, a model with a reader: log-odds the next token of the reader's transcript gains (0: the LM "
                 "alone)"})
+    asr_transcript_fallback: float | None = field(default=0.3, metadata={
+        "help": "asr, following the transcript: a transcription whose word errors against the reader's transcript "
+                "are above this share of its words has run on (an answer, a continuation), and the transcript "
+                "stands instead (none: never)"})
     tts_prompt: str = field(default="Say this out loud: {text}", metadata={"help": "the tts request; {text}"})
     tts_temperature: float = field(default=0.0, metadata={
         "help": "tts: the speech units' sampling temperature (0: greedy; sampling is seeded)"})
@@ -97,6 +101,8 @@ class EvalSettings:
         problems.check(self.tts_temperature >= 0, f"tts_temperature={self.tts_temperature}: expected >= 0 (0: greedy)")
         problems.check(self.asr_follow_transcript >= 0,
                        f"asr_follow_transcript={self.asr_follow_transcript}: expected >= 0 (0: the LM alone)")
+        problems.check(self.asr_transcript_fallback is None or self.asr_transcript_fallback >= 0,
+                       f"asr_transcript_fallback={self.asr_transcript_fallback}: expected >= 0 or none")
         problems.check(self.lm_dtype is None or self.lm_dtype in LM_DTYPES,
                        f"lm_dtype={self.lm_dtype!r}: expected one of {', '.join(LM_DTYPES)} or none")
         problems.raise_if_any("EvalSettings")
@@ -233,7 +239,9 @@ def evaluate_asr(model, processor, items: list[EvalItem], settings: EvalSettings
     temperatures: list[float] = []
     # with a reader, the transcript keeps to the reader's unless the LM is sure of a correction
     following = settings.asr_follow_transcript if getattr(model, "audio_reader", None) is not None else 0.0
-    hypotheses = generate_text(model, processor, conversations, settings, temperatures, follow_transcript=following)
+    fallback = settings.asr_transcript_fallback if following else None
+    hypotheses = generate_text(model, processor, conversations, settings, temperatures, follow_transcript=following,
+                               transcript_fallback=fallback)
     results = []
     for item, hypothesis, temperature in zip(items, hypotheses, temperatures, strict=True):
         words = word_errors([item.fields["text"]], [hypothesis])

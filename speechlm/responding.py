@@ -219,17 +219,21 @@ def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor
     output = settings.get("output", "text")
     decoder = speaking_decoder(processor, output, speech_by)
     spoken_text = settings.pop("spoken_text", None) if decoder is not None else None
+    transcript_fallback = settings.pop("transcript_fallback", None)
+    eos = eos_token_ids(model, processor)[0]
     if spoken_text is not None:
         rows: list[list[int]] = [[] for _ in spoken_text]
     else:
         text_only = {**settings, "output": "text"} if decoder is not None else settings
         with torch.inference_mode(), _with_transcripts(model, processor, inputs, text_only) as text_only:
             kwargs = generation_settings(model, processor, prompt_length, **text_only)
-            generated = model.generate(**inputs, **kwargs)
+            new_tokens = model.generate(**inputs, **kwargs)[:, prompt_length:]
+        if transcript_fallback is not None and text_only.get("follow_transcript"):
+            new_tokens = transcripts_where_run_off(processor, new_tokens, text_only["transcripts"],
+                                                   transcript_fallback, eos)
         if decoder is None:
-            return generated[:, prompt_length:]
-        rows = generated[:, prompt_length:].tolist()
-    eos = eos_token_ids(model, processor)[0]
+            return new_tokens
+        rows = new_tokens.tolist()
     spoken = [list(spoken_token_stream(processor, decoder, row, output, eos=eos,
                                        max_speech_units=settings.get("max_speech_units", DEFAULT_MAX_SPEECH_UNITS),
                                        spoken_text=None if spoken_text is None else spoken_text[i]))
@@ -237,6 +241,39 @@ def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor
     width = max(1, max(len(row) for row in spoken))
     pad = padding_token_id(processor.tokenizer)
     return torch.tensor([row + [pad] * (width - len(row)) for row in spoken], dtype=torch.long)
+
+
+def transcripts_where_run_off(processor, new_tokens: torch.Tensor, transcripts: Sequence[Sequence[int]],
+                              max_departure: float, eos: int) -> torch.Tensor:
+    """``new_tokens`` ``(B, G)`` of transcription requests, with each row that strays from its reader transcript
+    by more than ``max_departure`` (its word errors against the transcript over the transcript's words, as WER is
+    counted) replaced by the transcript and ``eos``. A transcription that far from what Whisper heard has run on
+    into an answer or a continuation, as the LM does on a clip whose transcript makes little sense to it; the
+    reader's transcript is the better guess, as openai-whisper falls back where a decoding loops. A row whose
+    transcript has no words is left alone."""
+    from speechlm.finetune.metrics import normalize_text, word_errors
+
+    if max_departure < 0:
+        raise ValueError(f"transcript_fallback={max_departure}: expected >= 0 (the share of the transcript's words "
+                         f"a transcription may differ in)")
+    if len(new_tokens) != len(transcripts):
+        raise ValueError(f"transcript_fallback compares one response a request with its transcript: {len(new_tokens)} "
+                         f"responses to {len(transcripts)} requests (num_return_sequences > 1?)")
+    pad = padding_token_id(processor.tokenizer)
+    rows, changed = new_tokens.tolist(), False
+    for index, (row, transcript) in enumerate(zip(rows, transcripts, strict=True)):
+        heard = processor.tokenizer.decode(list(transcript))
+        if not normalize_text(heard).strip():
+            continue
+        written = row[: row.index(eos)] if eos in row else [token for token in row if token != pad]
+        errors = word_errors([heard], [processor.tokenizer.decode(written, skip_special_tokens=True)])
+        if errors.rate > max_departure:
+            rows[index], changed = [*transcript, eos], True
+    if not changed:
+        return new_tokens
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=new_tokens.dtype,
+                        device=new_tokens.device)
 
 
 def reader_transcripts(model, processor, inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
@@ -319,6 +356,10 @@ def stream_response(model, processor, conversation=None, *, audio=None, text: st
     batch, batched = as_conversations(conversation, audio=audio, text=text, sampling_rate=sampling_rate)
     if batched:
         raise ValueError("stream_response streams one conversation; use respond for a batch")
+    if generate_kwargs.get("transcript_fallback") is not None:
+        raise ValueError("transcript_fallback judges a whole transcription, and a stream has sent its text by then; "
+                         "use respond for it")
+    generate_kwargs.pop("transcript_fallback", None)
     prompt = voice_codes(processor, voice)
     inputs = processor(batch)
     prompt_length = inputs["input_ids"].shape[1]

@@ -26,10 +26,6 @@ ANSWER_MAX_NEW_TOKENS = 64
 # The system turn of the self-distilled answers: the training recipe must use the same one (the job sets
 # data.system_prompt to it), so that the adapter learns the answers the backbone gives in that setting.
 ANSWER_SYSTEM_PROMPT = ""
-# What the whisper reader is told before each clip (`projector_config.reader_prompt`), as a user prompts
-# openai-whisper with the names of their domain: the names the templates use (unprompted, Whisper base
-# writes "Alina" for Elena and "Nore" for Nora). A training-side list, not drawn from the evaluation texts.
-CORPUS_READER_PROMPT = ", ".join(texts.NAMES) + "."
 SENTENCE_SAMPLES_PER_CALL = 8
 TOPICS_PER_CALL = 10
 # Sentences with a given word: a quarter of SmolLM2-135M's samples are a plain sentence that holds the word

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from speechlm.demo.assets import STAMP, check_runtime_packages, sha256_of
 from speechlm.demo.build import DemoAssets, build_demo_assets
-from speechlm.demo.corpus_texts import ANSWER_SYSTEM_PROMPT, CORPUS_READER_PROMPT
+from speechlm.demo.corpus_texts import ANSWER_SYSTEM_PROMPT
 from speechlm.evaluation import (
     EvalItem,
     EvalSettings,
@@ -373,10 +373,6 @@ def job_config(recipe_yaml: dict, assets: DemoAssets, train_sources: list, out: 
                   **({} if torch.cuda.is_available() else {"training.use_cpu": True}),
                   **({} if settings.max_minutes is None else {"training.max_minutes": settings.max_minutes})}
     resolved = apply_overrides(set_values(recipe_yaml, job_values), settings.overrides)
-    projector = resolved.get("model", {}).get("projector") or {}
-    if projector.get("reader") == "whisper" and "reader_prompt" not in projector:
-        job_values["model.projector.reader_prompt"] = CORPUS_READER_PROMPT  # the report lists it
-        set_values(resolved, {"model.projector.reader_prompt": CORPUS_READER_PROMPT})
     return build_dataclass(TrainConfig, resolved), job_values
 
 

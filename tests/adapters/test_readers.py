@@ -380,6 +380,48 @@ def test_a_strong_follow_writes_the_readers_transcript_and_reads_each_clip_once(
     assert alone == [reply.text for reply in replies]
 
 
+def test_a_transcription_that_runs_off_falls_back_to_the_transcript(reading):
+    from speechlm.responding import reader_transcripts, respond
+
+    model, tokenizer = reading
+    processor = build_processor(tokenizer, model.config)
+    conversations = _transcription_requests(seed=2)
+    heard = [tokenizer.decode(ids) for ids in reader_transcripts(model, processor, processor(conversations))]
+
+    def texts(**settings):
+        return [r.text for r in respond(model, processor, conversations, max_new_tokens=24, **settings)]
+
+    loose = texts(follow_transcript=1e-3)  # the random LM writes its own text
+    assert loose != heard
+    assert texts(follow_transcript=1e-3, transcript_fallback=0.0) == heard  # any departure falls back
+    assert texts(follow_transcript=1e-3, transcript_fallback=1e9) == loose  # none is far enough
+    assert texts(transcript_fallback=0.0) == texts()  # without following, there is no transcript to fall back to
+
+
+def test_the_fallback_measures_departure_in_words(reading):
+    from speechlm.responding import eos_token_ids, transcripts_where_run_off
+    from speechlm.speech_io.processor import padding_token_id
+
+    _, tokenizer = reading
+    processor = build_processor(tokenizer, reading[0].config)
+    eos, pad = eos_token_ids(reading[0], processor)[0], padding_token_id(processor.tokenizer)
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    transcripts = [ids("the cat sat on the mat."), ids("can fish swim?"), []]
+    written = [ids("The cat sat on a mat") + [eos], ids("Can you write a sentence about being polite?") + [eos],
+               ids("something else entirely")]
+    width = max(map(len, written))
+    new_tokens = torch.tensor([row + [pad] * (width - len(row)) for row in written])
+    kept = transcripts_where_run_off(processor, new_tokens, transcripts, 0.5, eos).tolist()
+    assert kept[0] == new_tokens[0].tolist()  # one word in six: a correction, kept
+    assert kept[1][: len(transcripts[1]) + 1] == [*transcripts[1], eos]  # seven errors on three words: run off
+    assert kept[2] == new_tokens[2].tolist()  # Whisper heard no words: nothing to fall back to
+    with pytest.raises(ValueError, match="transcript_fallback=-1"):
+        transcripts_where_run_off(processor, new_tokens, transcripts, -1, eos)
+
+
 class _Counting:
     def __init__(self, transcribe):
         self.transcribe, self.clips = transcribe, 0

@@ -25,12 +25,12 @@ def test_spoken_texts_come_with_their_units(demo_corpus, demo_codec):
         assert item.text and len(item.units) > 10 and all(0 <= u < demo_codec.codebook_size for u in item.units)
 
 
-@pytest.mark.parametrize("symbols", ["characters", "phonemes"])
-def test_a_tiny_speech_decoder_learns(symbols):
+@pytest.mark.parametrize(("symbols", "units_per_position"), [("characters", 1), ("phonemes", 1), ("characters", 2)])
+def test_a_tiny_speech_decoder_learns(symbols, units_per_position):
     # Two "words" whose units differ: the decoder must learn which symbols sound like which units.
     spoken = [SpokenText("ab ab.", [1] * 6 + [2] * 6), SpokenText("ba.", [2] * 4 + [1] * 4),
               SpokenText("aab.", [1] * 8 + [2] * 4)] * 4
-    config = SpeechDecoderConfig(codebook_size=8, symbols=symbols, **TINY)
+    config = SpeechDecoderConfig(codebook_size=8, symbols=symbols, units_per_position=units_per_position, **TINY)
     settings = SpeechDecoderTraining(max_steps=60, batch_size=4, learning_rate=1e-2, warmup_steps=5)
     decoder, report = train_speech_decoder(spoken, config, settings)
     assert report.steps == 60 and report.clips == 12 and len(report.losses) == 6

@@ -115,6 +115,12 @@ def test_streamed_text_is_the_whole_text(speaking):
     assert "".join(e.text for e in events) == whole.text
 
 
+def test_a_stream_cannot_fall_back_to_the_transcript(speaking):
+    model, processor = speaking
+    with pytest.raises(ValueError, match="transcript_fallback judges a whole transcription"):
+        next(stream_response(model, processor, text="hi", output="text", transcript_fallback=0.5))
+
+
 def test_an_error_in_generation_reaches_the_consumer_and_the_worker_ends(speaking):
     model, processor = speaking
 

@@ -29,7 +29,7 @@ TINY = dict(hidden_size=16, num_layers=1, num_heads=2, dropout=0.0)
 def tiny_decoder(codebook_size: int = 64, *, symbols: str = "characters", seed: int = 0, **changes) -> SpeechDecoder:
     torch.manual_seed(seed)
     config = SpeechDecoderConfig(codebook_size=codebook_size, symbols=symbols, vocabulary=list("abcdehilorstw "),
-                                 units_per_symbol=2.5, **TINY | changes)
+                                 units_per_symbol=2.5, **TINY | {"units_per_position": 1} | changes)
     return SpeechDecoder(config).eval()
 
 
@@ -57,12 +57,25 @@ def test_speaking_shapes_and_lengths():
     ids = decoder.encode_text("Hello world. What is this?")
     assert [len(i) for i in ids] == [12, 13]
     assert UNKNOWN in ids[0].tolist()  # "." and "?" are not in the tiny vocabulary
-    assert decoder.frames(ids[0]).shape == (30,)  # 12 symbols at 2.5 a symbol
-    assert decoder(decoder.frames(ids[0])[None]).shape == (1, 30, 65)  # the units and CTC's blank
+    assert decoder.positions(ids[0]).shape == (30,)  # 12 symbols at 2.5 a symbol
+    assert decoder(decoder.positions(ids[0])[None]).shape == (1, 30, 65)  # the units and CTC's blank
     units = decoder.speak("Hello world. What is this?")
     assert len(units) == 30 + round(13 * 2.5)
     assert all(0 <= u < 64 for u in units)
     assert decoder.speak("") == [] and decoder.speak(" \n") == []
+
+
+def test_positions_that_speak_several_frames():
+    decoder = tiny_decoder(units_per_position=2)
+    ids = decoder.encode_text("Hello world. What is this?")
+    assert decoder.positions(ids[0]).shape == (15,)  # 30 frames, 2 a position
+    assert decoder.positions(ids[1], 33).shape == (17,)  # the last position's second frame is spoken too
+    assert decoder(decoder.positions(ids[0])[None]).shape == (1, 30, 65)
+    assert len(decoder.speak("Hello world. What is this?")) == 30 + round(13 * 2.5)
+    assert decoder.speak_batch(["Hello world.", "the cat sat"]) == [decoder.speak("Hello world."),
+                                                                     decoder.speak("the cat sat")]
+    with pytest.raises(ConfigError, match="units_per_position=0"):
+        SpeechDecoderConfig(units_per_position=0)
 
 
 def test_speaking_is_sentence_by_sentence_and_batch_free():
@@ -96,6 +109,18 @@ def test_save_and_load_round_trip(tmp_path):
     decoder.save_pretrained(tmp_path / "d")
     loaded = SpeechDecoder.from_pretrained(tmp_path / "d")
     assert loaded.config == decoder.config and not loaded.training
+    assert loaded.speak("Hello world.") == decoder.speak("Hello world.")
+
+
+def test_a_decoder_saved_before_positions_spoke_several_frames_loads_as_one_a_position(tmp_path):
+    decoder = tiny_decoder(units_per_position=1)
+    decoder.save_pretrained(tmp_path / "d")
+    config = tmp_path / "d" / "speech_decoder_config.json"
+    data = json.loads(config.read_text())
+    del data["units_per_position"]
+    config.write_text(json.dumps(data))
+    loaded = SpeechDecoder.from_pretrained(tmp_path / "d")
+    assert loaded.config.units_per_position == 1 and SpeechDecoderConfig().units_per_position == 2
     assert loaded.speak("Hello world.") == decoder.speak("Hello world.")
 
 
