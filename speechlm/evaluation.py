@@ -239,9 +239,8 @@ def evaluate_asr(model, processor, items: list[EvalItem], settings: EvalSettings
     temperatures: list[float] = []
     # with a reader, the transcript keeps to the reader's unless the LM is sure of a correction
     following = settings.asr_follow_transcript if getattr(model, "audio_reader", None) is not None else 0.0
-    fallback = settings.asr_transcript_fallback if following else None
     hypotheses = generate_text(model, processor, conversations, settings, temperatures, follow_transcript=following,
-                               transcript_fallback=fallback)
+                               transcript_fallback=settings.asr_transcript_fallback)  # used only while following
     results = []
     for item, hypothesis, temperature in zip(items, hypotheses, temperatures, strict=True):
         words = word_errors([item.fields["text"]], [hypothesis])

@@ -238,9 +238,13 @@ def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor
                                        max_speech_units=settings.get("max_speech_units", DEFAULT_MAX_SPEECH_UNITS),
                                        spoken_text=None if spoken_text is None else spoken_text[i]))
               for i, row in enumerate(rows)]
-    width = max(1, max(len(row) for row in spoken))
-    pad = padding_token_id(processor.tokenizer)
-    return torch.tensor([row + [pad] * (width - len(row)) for row in spoken], dtype=torch.long)
+    return _right_padded(spoken, padding_token_id(processor.tokenizer))
+
+
+def _right_padded(rows: Sequence[Sequence[int]], pad: int, device=None) -> torch.Tensor:
+    """``rows`` of token ids as one ``B, G`` tensor, each padded on the right with ``pad``."""
+    width = max(1, max(len(row) for row in rows))
+    return torch.tensor([[*row] + [pad] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
 
 
 def transcripts_where_run_off(processor, new_tokens: torch.Tensor, transcripts: Sequence[Sequence[int]],
@@ -260,7 +264,7 @@ def transcripts_where_run_off(processor, new_tokens: torch.Tensor, transcripts: 
         raise ValueError(f"transcript_fallback compares one response a request with its transcript: {len(new_tokens)} "
                          f"responses to {len(transcripts)} requests (num_return_sequences > 1?)")
     pad = padding_token_id(processor.tokenizer)
-    rows, changed = new_tokens.tolist(), False
+    rows = new_tokens.tolist()
     for index, (row, transcript) in enumerate(zip(rows, transcripts, strict=True)):
         heard = processor.tokenizer.decode(list(transcript))
         if not normalize_text(heard).strip():
@@ -268,12 +272,8 @@ def transcripts_where_run_off(processor, new_tokens: torch.Tensor, transcripts: 
         written = row[: row.index(eos)] if eos in row else [token for token in row if token != pad]
         errors = word_errors([heard], [processor.tokenizer.decode(written, skip_special_tokens=True)])
         if errors.rate > max_departure:
-            rows[index], changed = [*transcript, eos], True
-    if not changed:
-        return new_tokens
-    width = max(len(row) for row in rows)
-    return torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=new_tokens.dtype,
-                        device=new_tokens.device)
+            rows[index] = [*transcript, eos]
+    return _right_padded(rows, pad, device=new_tokens.device)
 
 
 def reader_transcripts(model, processor, inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
