@@ -19,6 +19,7 @@ from speechlm.finetune.timed_training import TimedTraining, TrainingReport, trai
 from speechlm.finetune.vocoder_training import encoded_clips
 from speechlm.speech_io.codec_loading import Codec, load_codec
 from speechlm.speech_io.speech_decoder import (
+    PADDING,
     SPEECH_DECODER_FOLDER,
     SpeechDecoder,
     SpeechDecoderConfig,
@@ -72,18 +73,39 @@ def vocabulary_of(texts: Sequence[str], symbols: str, language: str) -> list[str
     return sorted({s for text in texts for sentence in text_sentences(text, symbols, language) for s in sentence})
 
 
-def _examples(decoder: SpeechDecoder, spoken: Sequence[SpokenText]
-              ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
-    """Each clip's symbols spread over its own unit count and its merged units (CTC's target), and the units a
-    symbol over them all (the speaking rate). A clip's sentences are read as one: where they part in the audio
-    is not known."""
-    examples, symbols, units = [], 0, 0
-    for item in spoken:
-        ids = torch.cat(decoder.encode_text(item.text) or [torch.zeros(0, dtype=torch.long)])
-        if len(ids) and item.units:
-            examples.append((decoder.positions(ids, len(item.units)), torch.tensor(merged_units(item.units))))
-            symbols, units = symbols + len(ids), units + len(item.units)
-    return examples, units / max(1, symbols)
+def _symbols_and_units(decoder: SpeechDecoder, spoken: Sequence[SpokenText]) -> list[tuple[torch.Tensor, list[int]]]:
+    """Each clip's symbol ids (its sentences read as one: where they part in the audio is not known) and units,
+    where it has both."""
+    pairs = [(torch.cat(decoder.encode_text(item.text) or [torch.zeros(0, dtype=torch.long)]), item.units)
+             for item in spoken]
+    return [(ids, units) for ids, units in pairs if len(ids) and units]
+
+
+def fit_symbol_frames(pairs: Sequence[tuple[torch.Tensor, list[int]]], vocabulary_size: int, *,
+                      prior_weight: float = 10.0) -> tuple[float, list[float]]:
+    """The units a symbol over all clips, and each vocabulary symbol's own mean frames: every clip's frame count
+    fit as the sum of its symbols' frames by least squares, each symbol drawn towards the mean rate as if it had
+    been heard ``prior_weight`` times more at that rate (a symbol the clips say rarely, or never, keeps near the
+    mean rather than taking a pause's length); a symbol whose fit is negative speaks no frames, and the rest are
+    fit again without it; a symbol never heard speaks the mean rate."""
+    rate = sum(len(units) for _, units in pairs) / max(1, sum(len(ids) for ids, _ in pairs))
+    size = vocabulary_size + 2
+    counts = torch.zeros(len(pairs), size, dtype=torch.float64)
+    for row, (ids, _) in enumerate(pairs):
+        counts[row].index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+    frames = torch.tensor([float(len(units)) for _, units in pairs], dtype=torch.float64)
+    gram = counts.T @ counts + prior_weight * torch.eye(size, dtype=torch.float64)
+    target = counts.T @ frames + prior_weight * rate
+    heard = counts.sum(0) > 0
+    free = heard.clone()
+    durations = torch.zeros(size, dtype=torch.float64)
+    while free.any():
+        durations.zero_()
+        durations[free] = torch.linalg.solve(gram[free][:, free], target[free])
+        if (durations >= 0).all():
+            break
+        free &= durations > 0
+    return rate, torch.where(heard, durations, rate)[2:].tolist()
 
 
 def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConfig, settings: SpeechDecoderTraining,
@@ -97,18 +119,24 @@ def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConf
                      codebook_fingerprint=codebook_fingerprint(codebook) if codebook is not None else "")
     torch.manual_seed(settings.seed)
     decoder = SpeechDecoder(config)
-    examples, decoder.config.units_per_symbol = _examples(decoder, spoken)
-    if not examples:
+    pairs = _symbols_and_units(decoder, spoken)
+    if not pairs:
         raise ValueError("no clip has both units and a spoken symbol; the speech decoder has nothing to learn")
+    rate, symbol_frames = fit_symbol_frames(pairs, len(vocabulary))
+    decoder.config.units_per_symbol = rate
+    decoder.config.symbol_frames = symbol_frames if config.symbol_durations else []
+    # each clip: its symbols, the symbol each position speaks over its own frame count, its merged units (CTC's)
+    examples = [(ids, decoder.positions(ids, len(units)), torch.tensor(merged_units(units))) for ids, units in pairs]
     ctc = nn.CTCLoss(blank=decoder.blank, zero_infinity=True)
 
     def ctc_loss(indices: list[int]) -> torch.Tensor:
-        positions = [examples[i][0] for i in indices]
-        targets = [examples[i][1] for i in indices]
-        lengths = torch.tensor([len(p) for p in positions])
-        padded = nn.utils.rnn.pad_sequence(positions, batch_first=True)
+        symbols, spans, targets = zip(*(examples[i] for i in indices), strict=True)
+        lengths = torch.tensor([len(s) for s in spans])
+        padded = nn.utils.rnn.pad_sequence(list(spans), batch_first=True)
         padding = torch.arange(padded.shape[1])[None] >= lengths[:, None]
-        log_probs = decoder(padded, padding).log_softmax(-1).transpose(0, 1)  # T, B, C as CTC takes them
+        logits = decoder(nn.utils.rnn.pad_sequence(list(symbols), batch_first=True, padding_value=PADDING), padded,
+                         padding)
+        log_probs = logits.log_softmax(-1).transpose(0, 1)  # T, B, C as CTC takes them
         frames = lengths * decoder.config.units_per_position
         return ctc(log_probs, torch.cat(targets), frames, torch.tensor([len(t) for t in targets]))
 
@@ -117,10 +145,10 @@ def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConf
     return decoder, report
 
 
-def _epochs(examples: list[tuple[torch.Tensor, torch.Tensor]], settings: SpeechDecoderTraining
+def _epochs(examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], settings: SpeechDecoderTraining
             ) -> Iterator[list[int]]:
     """Batches of examples of similar length, in a new random order every epoch, endlessly."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][1]))
     batches = [order[i: i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     rng = random.Random(settings.seed)
     while True:

@@ -6,9 +6,10 @@ understood (BENCHMARKS.md, "Speech out"). LLaMA-Omni instead hangs a small speec
 LM writes the text (chain-of-modality) and this decoder speaks it.
 
 It reads the text's phonemes (espeak-ng, as Piper bundles it: English spelling says little about sound) or its
-characters. Each symbol's embedding is repeated over an even share of the frames (``units_per_symbol`` of them
-a symbol, the corpus's rate; with ``units_per_position`` k, over positions that speak k frames each), a small
-bidirectional transformer reads them, and CTC against the clip's units (repeats merged) learns where each unit
+characters. Each symbol's embedding is repeated over its share of the frames (``symbol_durations``: the frames
+that symbol lasts on average, fit to the corpus's clip lengths, so the positions fall near where the clip says
+it; else an even share, ``units_per_symbol`` a symbol; with ``units_per_position`` k, over positions that speak k
+frames each), a small bidirectional transformer reads them, and CTC against the clip's units (repeats merged) learns where each unit
 falls. Speaking takes the best path, a blank holding the unit before it,
 one unit a frame. A text is spoken one sentence at a time (what a stream speaks as the LM finishes each), so
 the whole equals the sentences spoken in turn.
@@ -93,6 +94,12 @@ class SpeechDecoderConfig:
     vocabulary: list[str] = field(default_factory=list,
                                   metadata={"help": "the symbols it knows, in id order from 2 (training fills it)"})
     units_per_symbol: float = field(default=2.0, metadata={"help": "frames spoken per symbol (training measures it)"})
+    symbol_durations: bool = field(default=True, metadata={
+        "help": "each symbol speaks its own mean frames (`symbol_frames`) rather than units_per_symbol: the "
+                "positions fall nearer where the clip says each symbol, and a sentence's length follows its sounds"})
+    symbol_frames: list[float] = field(default_factory=list, metadata={
+        "help": "with symbol_durations, the frames each vocabulary symbol speaks, in id order from 2 (training fits "
+                "them to the clips' lengths)"})
     units_per_position: int = field(default=2, metadata={
         "help": "frames each transformer position speaks (its head gives that many frames' logits): k reads 1/k "
                 "of the positions, so a minutes-bounded training takes k times the steps (2: BENCHMARKS.md)"})
@@ -109,6 +116,14 @@ class SpeechDecoderConfig:
         problems.check(self.symbols in SYMBOL_KINDS, f"symbols={self.symbols!r} (expected one of {list(SYMBOL_KINDS)})")
         problems.check(isinstance(self.units_per_symbol, (int, float)) and self.units_per_symbol > 0,
                        f"units_per_symbol={self.units_per_symbol!r} (expected a positive number)")
+        problems.check(isinstance(self.symbol_durations, bool),
+                       f"symbol_durations={self.symbol_durations!r} (expected true or false)")
+        problems.check(isinstance(self.symbol_frames, list) and all(isinstance(f, (int, float)) and f >= 0
+                                                                    for f in self.symbol_frames),
+                       f"symbol_frames={self.symbol_frames!r:.60} (expected a list of non-negative numbers)")
+        problems.check(not self.symbol_frames or len(self.symbol_frames) == len(self.vocabulary),
+                       f"symbol_frames has {len(self.symbol_frames)} entries for {len(self.vocabulary)} symbols of the "
+                       f"vocabulary (expected one a symbol)")
         problems.transformer(self)
         problems.check(isinstance(self.vocabulary, list) and all(isinstance(s, str) for s in self.vocabulary),
                        f"vocabulary={self.vocabulary!r:.60} (expected a list of strings)")
@@ -116,8 +131,9 @@ class SpeechDecoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "speech decoder config") -> SpeechDecoderConfig:
-        # a decoder saved before `units_per_position` existed speaks one frame a position
-        return settings_from_dict(cls, {"units_per_position": 1, **data}, source=source)
+        # a decoder saved before `units_per_position` existed speaks one frame a position, and one saved before
+        # `symbol_durations` gives every symbol the same frames
+        return settings_from_dict(cls, {"units_per_position": 1, "symbol_durations": False, **data}, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,11 +146,15 @@ def sinusoid_positions(positions: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
-def spread(counts_total: int, symbols: int) -> torch.Tensor:
-    """Frames of each of ``symbols`` symbols, as even as whole frames allow, >= 1 each, summing to
-    ``max(counts_total, symbols)``."""
+def spread(counts_total: int, symbols: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Frames of each of ``symbols`` symbols, as even as whole frames allow (or in proportion to ``weights``),
+    >= 1 each, summing to ``max(counts_total, symbols)`` (more where a symbol's share rounds below one)."""
     total = max(counts_total, symbols)
-    edges = torch.tensor([round(total * (i + 1) / symbols) for i in range(symbols)])
+    if weights is None:
+        edges = torch.tensor([round(total * (i + 1) / symbols) for i in range(symbols)])
+    else:
+        shares = weights.double().clamp(min=1e-6).cumsum(0)
+        edges = torch.round(total * shares / shares[-1]).long()
     return torch.diff(edges, prepend=torch.zeros(1, dtype=edges.dtype)).clamp(min=1)
 
 
@@ -163,21 +183,36 @@ class SpeechDecoder(nn.Module):
         return [torch.tensor([self.symbol_ids.get(s, UNKNOWN) for s in sentence])
                 for sentence in text_sentences(text, self.config.symbols, self.config.language)]
 
-    def positions(self, ids: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
-        """``ids`` repeated over the positions that speak ``num_frames`` frames (by default ``units_per_symbol``
-        a symbol), ``units_per_position`` frames a position, the last one's rounded up."""
-        if num_frames is None:
-            num_frames = round(len(ids) * self.config.units_per_symbol)
-        return ids.repeat_interleave(spread(-(-num_frames // self.config.units_per_position), len(ids)))
+    def symbol_frames(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The frames each of ``ids`` speaks with `SpeechDecoderConfig.symbol_durations` (`UNKNOWN`:
+        ``units_per_symbol``), else None (every symbol the same)."""
+        if not self.config.symbol_frames:
+            return None
+        table = torch.tensor([0.0, self.config.units_per_symbol, *self.config.symbol_frames], dtype=torch.float64)
+        return table[ids.cpu()]
 
-    def forward(self, positions: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """``positions`` long ``(B, P)`` symbol ids (``padding`` True where padded) -> logits
+    def positions(self, ids: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """Which of the symbols ``ids`` each position speaks (indices into ``ids``, in order): a share of the
+        positions that speak ``num_frames`` frames (by default the symbols' own: `symbol_frames`, or
+        ``units_per_symbol`` each), ``units_per_position`` frames a position, the last one's rounded up; the
+        share is even, or each symbol's part of the frames with ``symbol_durations``."""
+        frames = self.symbol_frames(ids)
+        if num_frames is None:
+            num_frames = round(float(frames.sum()) if frames is not None else len(ids) * self.config.units_per_symbol)
+        counts = spread(-(-num_frames // self.config.units_per_position), len(ids), frames)
+        return torch.arange(len(ids), device=ids.device).repeat_interleave(counts.to(ids.device))
+
+    def forward(self, symbols: torch.Tensor, spans: torch.Tensor, padding: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``symbols`` long ``(B, S)`` symbol ids (`PADDING` past a sentence's end) and ``spans`` long ``(B, P)``,
+        the symbol each position speaks (`positions`; ``padding`` True where padded) -> logits
         ``(B, P * units_per_position, codebook + 1)``, a position's frames in turn."""
-        encoding = sinusoid_positions(torch.arange(positions.shape[1], device=positions.device),
-                                      self.config.hidden_size)
-        hidden = self.layers(self.embed(positions) + encoding, src_key_padding_mask=padding)
+        width = self.config.hidden_size
+        hidden = self.embed(symbols).gather(1, spans[..., None].expand(-1, -1, width))
+        encoding = sinusoid_positions(torch.arange(spans.shape[1], device=spans.device), width)
+        hidden = self.layers(hidden + encoding, src_key_padding_mask=padding)
         logits = self.head(self.norm(hidden))
-        return logits.reshape(*positions.shape[:1], -1, self.config.codebook_size + 1)
+        return logits.reshape(*spans.shape[:1], -1, self.config.codebook_size + 1)
 
     @torch.inference_mode()
     def speak_sentence(self, ids: torch.Tensor) -> list[int]:
@@ -185,7 +220,7 @@ class SpeechDecoder(nn.Module):
         first unit spoken fills any blanks before it)."""
         if len(ids) == 0:
             return []
-        path = self(self.positions(ids)[None])[0].argmax(-1).tolist()
+        path = self(ids[None], self.positions(ids)[None])[0].argmax(-1).tolist()
         last = next((u for u in path if u != self.blank), 0)
         units = []
         for unit in path:
