@@ -19,7 +19,6 @@ from speechlm.finetune.timed_training import TimedTraining, TrainingReport, trai
 from speechlm.finetune.vocoder_training import encoded_clips
 from speechlm.speech_io.codec_loading import Codec, load_codec
 from speechlm.speech_io.speech_decoder import (
-    PADDING,
     SPEECH_DECODER_FOLDER,
     SpeechDecoder,
     SpeechDecoderConfig,
@@ -125,18 +124,17 @@ def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConf
     rate, symbol_frames = fit_symbol_frames(pairs, len(vocabulary))
     decoder.config.units_per_symbol = rate
     decoder.config.symbol_frames = symbol_frames if config.symbol_durations else []
-    # each clip: its symbols, the symbol each position speaks over its own frame count, its merged units (CTC's)
-    examples = [(ids, decoder.positions(ids, len(units)), torch.tensor(merged_units(units))) for ids, units in pairs]
+    # each clip: its symbols spread over its own frame count, and its merged units (CTC's target)
+    examples = [(decoder.positions(ids, len(units)), torch.tensor(merged_units(units))) for ids, units in pairs]
     ctc = nn.CTCLoss(blank=decoder.blank, zero_infinity=True)
 
     def ctc_loss(indices: list[int]) -> torch.Tensor:
-        symbols, spans, targets = zip(*(examples[i] for i in indices), strict=True)
-        lengths = torch.tensor([len(s) for s in spans])
-        padded = nn.utils.rnn.pad_sequence(list(spans), batch_first=True)
+        positions = [examples[i][0] for i in indices]
+        targets = [examples[i][1] for i in indices]
+        lengths = torch.tensor([len(p) for p in positions])
+        padded = nn.utils.rnn.pad_sequence(positions, batch_first=True)
         padding = torch.arange(padded.shape[1])[None] >= lengths[:, None]
-        logits = decoder(nn.utils.rnn.pad_sequence(list(symbols), batch_first=True, padding_value=PADDING), padded,
-                         padding)
-        log_probs = logits.log_softmax(-1).transpose(0, 1)  # T, B, C as CTC takes them
+        log_probs = decoder(padded, padding).log_softmax(-1).transpose(0, 1)  # T, B, C as CTC takes them
         frames = lengths * decoder.config.units_per_position
         return ctc(log_probs, torch.cat(targets), frames, torch.tensor([len(t) for t in targets]))
 
@@ -145,10 +143,10 @@ def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConf
     return decoder, report
 
 
-def _epochs(examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], settings: SpeechDecoderTraining
+def _epochs(examples: list[tuple[torch.Tensor, torch.Tensor]], settings: SpeechDecoderTraining
             ) -> Iterator[list[int]]:
     """Batches of examples of similar length, in a new random order every epoch, endlessly."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][1]))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     batches = [order[i: i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     rng = random.Random(settings.seed)
     while True:

@@ -192,27 +192,23 @@ class SpeechDecoder(nn.Module):
         return table[ids.cpu()]
 
     def positions(self, ids: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
-        """Which of the symbols ``ids`` each position speaks (indices into ``ids``, in order): a share of the
-        positions that speak ``num_frames`` frames (by default the symbols' own: `symbol_frames`, or
-        ``units_per_symbol`` each), ``units_per_position`` frames a position, the last one's rounded up; the
-        share is even, or each symbol's part of the frames with ``symbol_durations``."""
+        """``ids`` repeated over the positions that speak ``num_frames`` frames (by default the symbols' own:
+        `symbol_frames`, or ``units_per_symbol`` each), ``units_per_position`` frames a position, the last one's
+        rounded up; each symbol gets an even share, or its part of the frames with ``symbol_durations``."""
         frames = self.symbol_frames(ids)
         if num_frames is None:
             num_frames = round(float(frames.sum()) if frames is not None else len(ids) * self.config.units_per_symbol)
         counts = spread(-(-num_frames // self.config.units_per_position), len(ids), frames)
-        return torch.arange(len(ids), device=ids.device).repeat_interleave(counts.to(ids.device))
+        return ids.repeat_interleave(counts.to(ids.device))
 
-    def forward(self, symbols: torch.Tensor, spans: torch.Tensor, padding: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """``symbols`` long ``(B, S)`` symbol ids (`PADDING` past a sentence's end) and ``spans`` long ``(B, P)``,
-        the symbol each position speaks (`positions`; ``padding`` True where padded) -> logits
+    def forward(self, positions: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` long ``(B, P)`` symbol ids (``padding`` True where padded) -> logits
         ``(B, P * units_per_position, codebook + 1)``, a position's frames in turn."""
-        width = self.config.hidden_size
-        hidden = self.embed(symbols).gather(1, spans[..., None].expand(-1, -1, width))
-        encoding = sinusoid_positions(torch.arange(spans.shape[1], device=spans.device), width)
-        hidden = self.layers(hidden + encoding, src_key_padding_mask=padding)
+        encoding = sinusoid_positions(torch.arange(positions.shape[1], device=positions.device),
+                                      self.config.hidden_size)
+        hidden = self.layers(self.embed(positions) + encoding, src_key_padding_mask=padding)
         logits = self.head(self.norm(hidden))
-        return logits.reshape(*spans.shape[:1], -1, self.config.codebook_size + 1)
+        return logits.reshape(*positions.shape[:1], -1, self.config.codebook_size + 1)
 
     @torch.inference_mode()
     def speak_sentence(self, ids: torch.Tensor) -> list[int]:
@@ -220,7 +216,7 @@ class SpeechDecoder(nn.Module):
         first unit spoken fills any blanks before it)."""
         if len(ids) == 0:
             return []
-        path = self(ids[None], self.positions(ids)[None])[0].argmax(-1).tolist()
+        path = self(self.positions(ids)[None])[0].argmax(-1).tolist()
         last = next((u for u in path if u != self.blank), 0)
         units = []
         for unit in path:

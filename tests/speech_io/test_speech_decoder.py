@@ -58,38 +58,37 @@ def test_speaking_shapes_and_lengths():
     assert [len(i) for i in ids] == [12, 13]
     assert UNKNOWN in ids[0].tolist()  # "." and "?" are not in the tiny vocabulary
     assert decoder.positions(ids[0]).shape == (30,)  # 12 symbols at 2.5 a symbol
-    assert decoder(ids[0][None], decoder.positions(ids[0])[None]).shape == (1, 30, 65)  # the units and CTC's blank
+    assert decoder(decoder.positions(ids[0])[None]).shape == (1, 30, 65)  # the units and CTC's blank
     units = decoder.speak("Hello world. What is this?")
     assert len(units) == 30 + round(13 * 2.5)
     assert all(0 <= u < 64 for u in units)
     assert decoder.speak("") == [] and decoder.speak(" \n") == []
 
 
-def test_positions_name_the_symbol_they_speak():
+def test_positions_repeat_each_symbol_over_its_share():
     decoder = tiny_decoder(units_per_position=2)
     ids = torch.tensor([5, 6, 7])
-    assert decoder.positions(ids, 12).tolist() == [0, 0, 1, 1, 2, 2]  # 12 frames: 6 positions, 2 a symbol
-    assert decoder.positions(ids, 2).tolist() == [0, 1, 2]  # too few frames: each symbol still gets a position
+    assert decoder.positions(ids, 12).tolist() == [5, 5, 6, 6, 7, 7]  # 12 frames: 6 positions, 2 a symbol
+    assert decoder.positions(ids, 2).tolist() == [5, 6, 7]  # too few frames: each symbol still gets a position
 
 
 def test_a_padded_batch_speaks_as_its_rows_alone():
     decoder = tiny_decoder()
-    rows = [decoder.encode_text(text)[0] for text in ("Hello world", "the cat")]
-    spans = [decoder.positions(ids) for ids in rows]
+    rows = [decoder.positions(decoder.encode_text(text)[0]) for text in ("Hello world", "the cat")]
     batch = decoder(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
-                    torch.nn.utils.rnn.pad_sequence(spans, batch_first=True),
-                    torch.tensor([[False] * len(spans[0]), [False] * len(spans[1]) + [True] * 10]))
-    for row, (ids, span) in enumerate(zip(rows, spans, strict=True)):
-        alone = decoder(ids[None], span[None])[0]
-        torch.testing.assert_close(batch[row, :len(alone)], alone, atol=1e-5, rtol=1e-4)
+                    torch.tensor([[False] * len(rows[0]), [False] * len(rows[1]) + [True] * 10]))
+    for index, row in enumerate(rows):
+        alone = decoder(row[None])[0]
+        torch.testing.assert_close(batch[index, :len(alone)], alone, atol=1e-5, rtol=1e-4)
 
 
 def test_symbol_durations_share_the_positions_and_set_the_length():
     vocabulary = list("abcdehilorstw ")
     decoder = tiny_decoder(symbol_durations=True, symbol_frames=[4.0 if s == "a" else 1.0 for s in vocabulary])
     ids = decoder.encode_text("ab")[0]
-    assert decoder.positions(ids).tolist() == [0, 0, 0, 0, 1]  # "a" speaks 4 frames, "b" 1
-    assert decoder.positions(ids, 10).tolist() == [0] * 8 + [1] * 2  # a clip's own length, shared 4:1
+    a, b = ids.tolist()
+    assert decoder.positions(ids).tolist() == [a] * 4 + [b]  # "a" speaks 4 frames, "b" 1
+    assert decoder.positions(ids, 10).tolist() == [a] * 8 + [b] * 2  # a clip's own length, shared 4:1
     assert len(decoder.speak("ab")) == 5 and len(tiny_decoder().speak("ab")) == 5  # 2.5 frames a symbol
     with pytest.raises(ConfigError, match="symbol_frames has 2 entries"):
         SpeechDecoderConfig(vocabulary=["a"], symbol_frames=[1.0, 2.0])
@@ -100,7 +99,7 @@ def test_positions_that_speak_several_frames():
     ids = decoder.encode_text("Hello world. What is this?")
     assert decoder.positions(ids[0]).shape == (15,)  # 30 frames, 2 a position
     assert decoder.positions(ids[1], 33).shape == (17,)  # the last position's second frame is spoken too
-    assert decoder(ids[0][None], decoder.positions(ids[0])[None]).shape == (1, 30, 65)
+    assert decoder(decoder.positions(ids[0])[None]).shape == (1, 30, 65)
     assert len(decoder.speak("Hello world. What is this?")) == 30 + round(13 * 2.5)
     assert decoder.speak_batch(["Hello world.", "the cat sat"]) == [decoder.speak("Hello world."),
                                                                      decoder.speak("the cat sat")]
@@ -125,8 +124,8 @@ def test_a_blank_holds_the_unit_before_it():
     assert decoder.speak_sentence(ids) == [0] * 5  # all blank: the first unit stands in (none: unit 0)
     original = decoder.forward
 
-    def scripted(symbols, spans, padding=None):
-        logits = original(symbols, spans, padding)
+    def scripted(frames, padding=None):
+        logits = original(frames, padding)
         logits[0, 1, 2] = logits[0, 3, 3] = 10.0
         return logits
 
