@@ -147,15 +147,25 @@ def sinusoid_positions(positions: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def spread(counts_total: int, symbols: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Frames of each of ``symbols`` symbols, as even as whole frames allow (or in proportion to ``weights``),
-    >= 1 each, summing to ``max(counts_total, symbols)`` (more where a symbol's share rounds below one)."""
+    """Frames of each of ``symbols`` symbols, as even as whole frames allow (or as near ``weights``' proportions),
+    >= 1 each, summing to ``max(counts_total, symbols)``."""
     total = max(counts_total, symbols)
     if weights is None:
         edges = torch.tensor([round(total * (i + 1) / symbols) for i in range(symbols)])
-    else:
-        shares = weights.double().clamp(min=1e-6).cumsum(0)
-        edges = torch.round(total * shares / shares[-1]).long()
-    return torch.diff(edges, prepend=torch.zeros(1, dtype=edges.dtype)).clamp(min=1)
+        return torch.diff(edges, prepend=torch.zeros(1, dtype=edges.dtype)).clamp(min=1)
+    # Whole frames nearest each symbol's share, at least one: the symbols that get more than their share (a stress
+    # mark's 0.2 frames made 1) are paid for by the ones that keep the most above theirs, so the sentence keeps its
+    # length (rounding each share up on its own spoke sentences ~16% longer than their clips)
+    shares = weights.double().clamp(min=1e-6)
+    ideal = total * shares / shares.sum()
+    counts = ideal.floor().clamp(min=1).long()
+    while (excess := int(counts.sum()) - total) != 0:
+        if excess < 0:  # the largest remainders get a frame more
+            counts[torch.topk(ideal - counts, -excess).indices] += 1
+        else:  # the symbols furthest above their share (and above one frame) give one back
+            room = torch.where(counts > 1, counts - ideal, torch.tensor(float("-inf"), dtype=ideal.dtype))
+            counts[torch.topk(room, min(excess, int((counts > 1).sum()))).indices] -= 1
+    return counts
 
 
 class SpeechDecoder(nn.Module):

@@ -52,6 +52,14 @@ def test_spread_gives_every_symbol_a_frame(frames, symbols):
     assert counts.max() - counts.min() <= 2
 
 
+@pytest.mark.parametrize(("frames", "weights"), [(10, [4.0, 1.0]), (6, [0.1, 0.1, 10.0]), (4, [0.0, 5.0, 0.0]),
+                                                  (40, [0.2, 1.0, 0.9, 15.0, 0.0, 2.5])])
+def test_spread_by_weights_keeps_the_length(frames, weights):
+    counts = spread(frames, len(weights), torch.tensor(weights))
+    assert int(counts.sum()) == max(frames, len(weights)) and counts.min() >= 1  # not one more per short symbol
+    assert int(counts.argmax()) == int(torch.tensor(weights).argmax())  # the longest symbol keeps the most
+
+
 def test_speaking_shapes_and_lengths():
     decoder = tiny_decoder()
     ids = decoder.encode_text("Hello world. What is this?")
