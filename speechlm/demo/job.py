@@ -326,6 +326,8 @@ def run_job(settings: JobSettings, progress=print) -> dict:
         "after": {name: _without_nan(r["totals"]) for name, r in after.items()},
         "text_answers_unchanged": text_answers_unchanged(before, after),
         "eval_bfloat16_tasks": list(settings.bfloat16_tasks),
+        "eval_settings": {task: asdict(settings.eval_settings(task)) for task in dict.fromkeys(
+            task for task, _ in eval_sets.values())},
         "answer": answer,
         "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
         # where the evaluations' minutes go, set by set
@@ -480,11 +482,21 @@ def format_report(report: dict) -> str:
     lines += ["", f"Spoken question: {answer['question']!r}; answer: {answer['text']!r} ({answer['units']} speech "
               f"units, {answer['wav']}). " + answer_audio_note(answer), "",
               "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
+    lines += _eval_settings_lines(report.get("eval_settings", {}))
     for when, sets in report.get("eval_seconds", {}).items():
         if sets:
             lines += [f"Evaluation {when} training, seconds per set: "
                       + ", ".join(f"{name} {seconds}" for name, seconds in sets.items()), ""]
     return "\n".join(lines)
+
+
+def _eval_settings_lines(settings: dict[str, dict]) -> list[str]:
+    """Each task's evaluation settings where they differ from `EvalSettings`' defaults (as the JSON keeps them)."""
+    defaults = json.loads(json.dumps(asdict(EvalSettings())))
+    changed = {task: ", ".join(f"{key}={value!r}" for key, value in json.loads(json.dumps(values)).items()
+                               if value != defaults.get(key)) for task, values in settings.items()}
+    return ["Evaluation settings besides the defaults: " + "; ".join(
+        f"{task}: {values or 'none'}" for task, values in changed.items()), ""] if changed else []
 
 
 def _alignment_line(alignment: dict | None) -> list[str]:

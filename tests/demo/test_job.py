@@ -150,3 +150,15 @@ def test_a_report_without_the_untrained_evaluation_says_so():
     assert "| asr/heldout (245 items) | wer | n/a | 0.0500 |" in text
     assert "Evaluation after training, seconds per set: asr/heldout 41.5" in text
     assert "Evaluation before" not in text
+    assert "Evaluation settings" not in text  # a report written before they were kept
+
+
+def test_the_report_names_the_evaluation_settings_that_differ_from_the_defaults():
+    from dataclasses import asdict
+
+    from speechlm.demo.job import JobSettings, _eval_settings_lines
+
+    settings = JobSettings(recipe="r.yaml", out="out")
+    lines = _eval_settings_lines({task: asdict(settings.eval_settings(task)) for task in ("asr", "qa")})
+    assert lines[0] == ("Evaluation settings besides the defaults: asr: batch_size=40, max_speech_units=400, "
+                        "lm_dtype='bfloat16'; qa: batch_size=40, max_speech_units=400")
