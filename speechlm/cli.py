@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=evaluation.max_new_tokens)
     p.add_argument("--max-speech-units", type=int, default=evaluation.max_speech_units)
     p.add_argument("--judge", help="tts: an openai-whisper .pt that transcribes the generated speech")
+    p.add_argument("--judge-cache", help="tts: a JSON file that keeps what the judge heard of each reference, "
+                                         "reused while the judge, the codec's decoder and the units are the same")
     p.add_argument("--output", default=evaluation.output, choices=OUTPUT_MODES,
                    help="latency: the response mode to time")
     p.add_argument("--speech-by", choices=SPEECH_BY, default=evaluation.speech_by,
@@ -399,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "answer on a CPU with AVX-512 BF16; the audio side keeps its dtype; default: as saved)")
     p.set_defaults(run=lambda a: evaluate(a.model, a.task, a.data, a.out, dict(
         batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, max_speech_units=a.max_speech_units,
-        judge=a.judge, output=a.output, speech_by=a.speech_by, tts_temperature=a.tts_temperature,
+        judge=a.judge, judge_cache=a.judge_cache, output=a.output, speech_by=a.speech_by, tts_temperature=a.tts_temperature,
         temperatures=a.temperatures, asr_follow_transcript=a.asr_follow_transcript,
         asr_transcript_fallback=a.asr_transcript_fallback, lm_dtype=a.lm_dtype)))
 

@@ -22,6 +22,7 @@ Under ``accelerate launch`` the items are split across processes and the results
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import statistics
 import time
@@ -85,6 +86,10 @@ class EvalSettings:
         "help": "the language model's weights while evaluating (bfloat16: a decoding step reads half the bytes; "
                 "the audio side keeps its dtype); none: as loaded"})
     judge: str | None = field(default=None, metadata={"help": "openai-whisper .pt that transcribes tts audio"})
+    judge_cache: str | None = field(default=None, metadata={
+        "help": "tts: a JSON file that keeps what the judge heard of each reference (the same every run: the "
+                "reference's units, the codec's decoder and the judge decide it), reused while all three are the "
+                "same; none: judged every time"})
     output: str = field(default="text+speech", metadata={"help": "latency: the response mode to time"})
     # openai-whisper's transcribe: decode greedily, and where the text loops (compresses too well), decode it
     # again at the next temperature; (0.0,) is greedy only
@@ -105,6 +110,8 @@ class EvalSettings:
                        f"asr_transcript_fallback={self.asr_transcript_fallback}: expected >= 0 or none")
         problems.check(self.lm_dtype is None or self.lm_dtype in LM_DTYPES,
                        f"lm_dtype={self.lm_dtype!r}: expected one of {', '.join(LM_DTYPES)} or none")
+        problems.check(self.judge_cache is None or self.judge is not None,
+                       f"judge_cache={self.judge_cache!r}: keeps what a judge heard; set judge= too")
         problems.raise_if_any("EvalSettings")
 
 
@@ -298,12 +305,47 @@ def evaluate_tts(model, processor, items: list[EvalItem], settings: EvalSettings
         answers = dict(zip(spoken, codec.decode_batch([responses[i].units for i in spoken]), strict=True)
                        ) if spoken else {}
         heard = dict(zip(answers, transcribe_batch(judge, list(answers.values())), strict=True))
-        heard_references = transcribe_batch(judge, codec.decode_batch(references))
+        heard_references = judged_references(judge, settings, codec, references)
         for index, (result, reference_heard) in enumerate(zip(results, heard_references, strict=True)):
             result["judge_transcript"] = heard.get(index, "")
             result["reference_judge_transcript"] = reference_heard
             result["decoder"] = codec.decodes_with(1)
     return results
+
+
+def judged_references(judge, settings: EvalSettings, codec, references: Sequence) -> list[str]:
+    """What the judge hears of each reference's units decoded by ``codec``; with ``settings.judge_cache``, kept
+    there by a key of the judge's file, the decoder's weights and the units, and only the new ones judged."""
+    if settings.judge_cache is None:
+        return transcribe_batch(judge, codec.decode_batch(references))
+    path = Path(settings.judge_cache)
+    try:
+        kept = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"judge_cache {path}: not a JSON file of judged references ({error}); delete it and it "
+                         f"is judged again") from error
+    setting = f"{file_sha256(settings.judge)}:{decoder_fingerprint(codec)}:{JUDGE_TEMPERATURES}"
+    keys = [hashlib.sha256(f"{setting}:{list(map(int, units))}".encode()).hexdigest() for units in references]
+    new = [i for i, key in enumerate(keys) if key not in kept]
+    if new:
+        heard = transcribe_batch(judge, codec.decode_batch([references[i] for i in new]))
+        kept.update({keys[i]: text for i, text in zip(new, heard, strict=True)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(kept))
+        partial.replace(path)  # a run stopped while writing leaves the kept file whole
+    return [kept[key] for key in keys]
+
+
+def decoder_fingerprint(codec) -> str:
+    """sha256 of the weights that turn ``codec``'s layer-1 units into audio: its trained vocoder's where that
+    decodes (`decodes_with`), else the codec's own model."""
+    module = codec.vocoders[1] if codec.decodes_with(1) == "vocoder" else codec.model
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_judge(path: str):

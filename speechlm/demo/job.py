@@ -53,6 +53,7 @@ HEADLINE = (("asr/heldout", "wer", True), ("asr/ood", "wer", True), ("qa/heldout
 
 QUICK_START_RECIPE = "configs/smollm2-135m/stage1_align.yaml"
 READINGS_FILE = "readings-{size}.safetensors"  # in the cache, per corpus size: `JobSettings.keep_readings`
+JUDGED_REFERENCES_FILE = "judged-references-{size}.json"  # what the judge heard of the tts references, likewise
 
 
 def quick_start_recipe() -> str:
@@ -81,7 +82,8 @@ class JobSettings:
     # cores; a published-size SpeechTokenizer encodes ~2, so all ~2,000 would take it a quarter of an hour).
     tts_train_clips: int = 400
     # What the frozen Whisper encoder and reader make of every clip (training and evaluation), kept in the cache
-    # (READINGS_FILE) between runs: a re-run on the same corpus reads no clip again (~7 minutes on 2 cores)
+    # (READINGS_FILE) between runs: a re-run on the same corpus reads no clip again (~7 minutes on 2 cores); and
+    # what the judge heard of the tts references (JUDGED_REFERENCES_FILE: `EvalSettings.judge_cache`)
     keep_readings: bool = True
     # False: no evaluation of the untrained model (the report's "before" is empty), for variants of a recipe
     # compared after training; their untrained models are the same backbone and encoder
@@ -257,6 +259,9 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     lap("assets")
     if settings.eval.judge is None:  # Whisper base hears the trained model's tts answers and their references
         settings = replace(settings, eval=replace(settings.eval, judge=assets.audio_encoder))
+    if settings.keep_readings and settings.eval.judge_cache is None:  # the references sound the same every run
+        settings = replace(settings, eval=replace(
+            settings.eval, judge_cache=str(Path(assets.cache) / JUDGED_REFERENCES_FILE.format(size=settings.size))))
     corpus = corpus_rows(assets)
     train_sources, reference_units = prepare_corpus(corpus, assets, settings, progress)
     lap("prepare")
@@ -280,7 +285,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
         # Without the judge: an untrained model's units are babble, on which Whisper loops (5 minutes of the
         # quick start's evaluation, to say 300-500% WER); the references' ceiling is judged after training.
         before = evaluate_all(model, processor, eval_sets,
-                              lambda task: replace(settings.eval_settings(task), judge=None), progress)
+                              lambda task: replace(settings.eval_settings(task), judge=None, judge_cache=None), progress)
     lap("eval_before")
 
     curve_items = spread(read_eval_manifest(eval_sets["asr/heldout"][1], "asr"), settings.curve_items)

@@ -4,6 +4,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,6 +146,41 @@ def test_tts_judge_transcribes_the_generated_speech(model_dir, tmp_path):
     assert "judge_wer" in report["totals"] and "reference_judge_wer" in report["totals"]
     assert all("reference_judge_transcript" in item and item["decoder"] == "speechtokenizer" for item in report["items"])
     assert all(len(item["units"]) <= 20 for item in report["items"])
+
+
+def test_the_judge_cache_keeps_what_the_references_sound_like(tmp_path, monkeypatch):
+    from speechlm import evaluation
+    from speechlm.evaluation import EvalSettings, judged_references, load_judge
+    from speechlm.finetune.demo_data import NARROW_CODEC
+    from speechlm.speech_io.codec import CodecConfig, SpeechTokenizerCodec
+    from speechlm.speech_io.config_errors import ConfigError
+    from tests.conftest import save_tiny_whisper
+
+    def codec_of(seed: int) -> SpeechTokenizerCodec:
+        codec = SpeechTokenizerCodec.from_config(CodecConfig(**NARROW_CODEC), seed=seed)
+        codec.fill_codebooks([np.random.default_rng(s).standard_normal(16000).astype(np.float32) * 0.1
+                              for s in range(3)], seed=0)
+        return codec
+
+    path = save_tiny_whisper(tmp_path / "judge.pt", n_vocab=51864, n_text_ctx=64)
+    judge, codec = load_judge(path), codec_of(0)
+    references = [[1, 2, 3, 4, 5, 6], [7, 7, 8, 8, 9, 9]]
+    fresh = judged_references(judge, EvalSettings(judge=path), codec, references)
+    settings = EvalSettings(judge=path, judge_cache=str(tmp_path / "judged.json"))
+    assert judged_references(judge, settings, codec, references) == fresh
+    heard = []
+    transcribe_batch = evaluation.transcribe_batch
+    monkeypatch.setattr(evaluation, "transcribe_batch", lambda j, w: heard.append(len(w)) or transcribe_batch(j, w))
+    assert judged_references(judge, settings, codec, [references[1], [3, 3, 3, 3]])[0] == fresh[1]
+    assert heard == [1]  # only the new reference was judged
+    other = codec_of(1)  # another decoder: the kept transcripts do not apply
+    judged_references(judge, settings, other, references)
+    assert heard == [1, 2]
+    with pytest.raises(ConfigError, match="judge_cache='x.json': keeps what a judge heard; set judge= too"):
+        EvalSettings(judge_cache="x.json")
+    (tmp_path / "judged.json").write_text("{not json")
+    with pytest.raises(ValueError, match="judged.json: not a JSON file of judged references"):
+        judged_references(judge, settings, codec, references)
 
 
 def test_the_judge_decodes_a_looping_transcript_again_at_the_next_temperature(tmp_path, monkeypatch):
