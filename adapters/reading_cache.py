@@ -44,11 +44,7 @@ class ReadingCache:
         tensors = [t for module in modules for t in (*module.parameters(), *module.buffers())]
         state = (repr(settings), *((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors))
         if state not in self._fingerprints:
-            digest = hashlib.sha1(repr(settings).encode())
-            for tensor in tensors:
-                digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
-                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            self._fingerprints = {state: digest.hexdigest()}  # the weights of one moment are enough
+            self._fingerprints = {state: weights_digest(tensors, settings)}  # the weights of one moment are enough
         return self._fingerprints[state]
 
     @staticmethod
@@ -120,3 +116,12 @@ class ReadingCache:
     def clear(self) -> None:
         self._entries.clear()
         self.bytes = 0
+
+
+def weights_digest(tensors, settings: tuple = ()) -> str:
+    """A hash of ``tensors`` (each one's dtype, shape and bytes, in order) and of ``settings``."""
+    digest = hashlib.sha1(repr(settings).encode())
+    for tensor in tensors:
+        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

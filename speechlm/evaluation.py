@@ -338,14 +338,12 @@ def judged_references(judge, settings: EvalSettings, codec, references: Sequence
 
 
 def decoder_fingerprint(codec) -> str:
-    """sha256 of the weights that turn ``codec``'s layer-1 units into audio: its trained vocoder's where that
+    """A hash of the weights that turn ``codec``'s layer-1 units into audio: its trained vocoder's where that
     decodes (`decodes_with`), else the codec's own model."""
+    from speechlm.adapters.reading_cache import weights_digest
+
     module = codec.vocoders[1] if codec.decodes_with(1) == "vocoder" else codec.model
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return weights_digest([*module.parameters(), *module.buffers()])
 
 
 def load_judge(path: str):
