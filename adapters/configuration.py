@@ -87,7 +87,9 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
     clip followed by ``reader_silence_seconds`` of silence for Whisper's decoder (rounded up to whole 2 s
     windows, at most 30 s; 30 gives every clip openai-whisper's own 30 s input), ``reader_beam_size`` 1 (greedy) or a beam, ``reader_language`` an ISO code or null (detected),
     ``reader_prompt`` text Whisper's decoder reads as if it came before each clip (openai-whisper's
-    ``initial_prompt``: the names and terms of a domain, spelled as they should come out) or null."""
+    ``initial_prompt``: the names and terms of a domain, spelled as they should come out) or null, and
+    ``reader_lm_weight`` how much the backbone's log-likelihood of each of the beam's transcripts counts
+    beside Whisper's when the best is chosen (0: Whisper's choice alone; greedy decoding has no choice)."""
 
     model_type = "speechlm_projector"
 
@@ -101,6 +103,7 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
     reader_beam_size: int = 1
     reader_language: str | None = "en"
     reader_prompt: str | None = None
+    reader_lm_weight: float = 0.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -132,6 +135,9 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
         if self.reader_prompt is not None and not (isinstance(self.reader_prompt, str) and self.reader_prompt.strip()):
             problems.append(f"projector_config.reader_prompt={self.reader_prompt!r}: expected text (the words Whisper "
                             f"should spell as given) or null")
+        if not self.reader_lm_weight >= 0:
+            problems.append(f"projector_config.reader_lm_weight={self.reader_lm_weight}: must be >= 0 (0: Whisper "
+                            f"ranks its beam alone)")
         problems.raise_if_any("SpeechLMProjectorConfig")
 
     @property

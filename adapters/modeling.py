@@ -24,6 +24,7 @@ from speechlm.adapters.lora_gate import SpeechGate
 from speechlm.adapters.projectors import build_projector
 from speechlm.adapters.readers import WhisperTranscriptReader
 from speechlm.adapters.reading_cache import ReadingCache
+from speechlm.adapters.text_scoring import UserTextScorer
 from speechlm.adapters.vocabulary import SpeechVocabulary
 from speechlm.speech_io.constants import (
     IGNORE_INDEX,
@@ -193,7 +194,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         """The backbone's tokenizer, for a reader that hands the LM text (`load_speechlm` and
         `build_speechlm` call this); a model without a reader needs none."""
         if self.audio_reader is not None:
-            self.audio_reader.set_text_tokenizer(tokenizer)
+            self.audio_reader.set_text_tokenizer(tokenizer, UserTextScorer(self, tokenizer))
 
     @property
     def masks_audio_positions(self) -> bool:
@@ -301,7 +302,10 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         cacheable = not self.config.train_audio_encoder and self.reading_cache.max_bytes > 0
         parts = (self.audio_tower,) if reader is None else (self.audio_tower, reader)
         settings = (self.config.audio_encoder_dtype, *(() if reader is None else reader.settings()))
-        fingerprint = self.reading_cache.fingerprint(*parts, settings=settings) if cacheable else None
+        # a reader that lets the backbone rank its beam reads by the backbone's base weights too
+        scorer = reader.text_scorer if reader is not None and reader.rescores else None
+        fingerprint = self.reading_cache.fingerprint(
+            *parts, settings=settings, tensors=() if scorer is None else scorer.weights()) if cacheable else None
         keys = [self.reading_cache.clip_key(input_features[i, :, : int(mel_lengths[i])]) for i in range(len(mel_lengths))]
         results = [self.reading_cache.get(fingerprint, key) if cacheable else None for key in keys]
         missing = [i for i, result in enumerate(results) if result is None]

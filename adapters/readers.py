@@ -7,6 +7,12 @@ after the clip's projected frames, as DeSTA2 (arXiv 2409.20007) feeds Whisper's 
 features to a frozen LLM. The knowledge of 680k hours of Whisper training reaches the LM as text it
 already reads; the frames stay for what text does not carry (speaker, tone, noise).
 
+With a beam, ``reader_lm_weight`` lets the backbone choose among the beam's finished transcripts as well
+(N-best rescoring, shallow fusion's cheap form): each one's log-likelihood as a user's message, under the
+backbone's base weights, is added to Whisper's own with that weight before openai-whisper's length-normalized
+ranking. Whisper hears; the backbone knows which of the sentences it might have heard is English ("feed the
+cadet half past eight" or "feed the cat at half past eight").
+
 Each clip is followed by ``silence_seconds`` of Whisper's silence, its window rounded up to whole 2 s and
 at most 30 s (30: every clip gets exactly openai-whisper's input; less costs less, but Whisper's decoder
 stops where the speech ends only if it hears enough silence after it: BENCHMARKS.md), and encoded once; the projector takes the frames of the clip itself, the decoder all of them. The
@@ -24,7 +30,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from whisper.decoding import DecodingOptions, DecodingTask, PyTorchInference
+from whisper.decoding import DecodingOptions, DecodingTask, MaximumLikelihoodRanker, PyTorchInference
 from whisper.model import ModelDimensions, TextDecoder, Whisper
 from whisper.tokenizer import get_tokenizer
 
@@ -107,6 +113,22 @@ class SharedPromptInference(PyTorchInference):
         return logits.repeat_interleave(self.n_group, dim=0)
 
 
+class BackboneRanker(MaximumLikelihoodRanker):
+    """openai-whisper's ranking of a beam's finished transcripts (summed log-probability over length) with
+    ``weight`` times the backbone's log-likelihood of each (``score``: texts -> log-likelihoods) added to
+    the sum first."""
+
+    def __init__(self, length_penalty: float | None, tokenizer, score, weight: float):
+        super().__init__(length_penalty)
+        self.tokenizer, self.score, self.weight = tokenizer, score, weight
+
+    def rank(self, tokens: list[list[torch.Tensor]], sum_logprobs: list[list[float]]):
+        texts = [self.tokenizer.decode(candidate.tolist()).strip() for group in tokens for candidate in group]
+        backbone = iter(self.score(texts))
+        fused = [[logprob + self.weight * next(backbone) for logprob in group] for group in sum_logprobs]
+        return super().rank(tokens, fused)
+
+
 class WhisperTranscriptReader(nn.Module):
     """``N, T', C`` Whisper encoder frames (each clip padded to its window) -> the backbone's token ids of
     each clip's transcript, at most ``reader_slot_count`` a clip."""
@@ -130,16 +152,25 @@ class WhisperTranscriptReader(nn.Module):
         self.beam_size = projector_config.reader_beam_size
         self.language = projector_config.reader_language
         self.prompt = projector_config.reader_prompt
+        self.lm_weight = projector_config.reader_lm_weight
         self.whisper_tokenizer = get_tokenizer(self.dims.n_vocab >= 51865, num_languages=self._num_languages(),
                                                language=self.language, task="transcribe")
         self.text_tokenizer = None  # the backbone's tokenizer: `set_text_tokenizer`
+        self.text_scorer = None  # texts -> the backbone's log-likelihoods: `set_text_tokenizer`
 
     def _num_languages(self) -> int:
         return WhisperView(self.dims, self.decoder).num_languages
 
+    @property
+    def rescores(self) -> bool:
+        """Whether the backbone chooses among the beam's transcripts too (greedy decoding has one)."""
+        return self.lm_weight > 0 and self.beam_size > 1
+
     def settings(self) -> tuple:
-        """What besides the weights decides a transcript (a reading cache's fingerprint includes it)."""
-        return (self.tokens_per_second, self.silence_frames, self.beam_size, self.language, self.prompt)
+        """What besides the weights decides a transcript (a reading cache's fingerprint includes it; while
+        `rescores`, the backbone's weights decide too)."""
+        return (self.tokens_per_second, self.silence_frames, self.beam_size, self.language, self.prompt,
+                *((self.lm_weight,) if self.rescores else ()))
 
     @contextlib.contextmanager
     def beam(self, beam_size: int) -> Iterator[None]:
@@ -152,10 +183,11 @@ class WhisperTranscriptReader(nn.Module):
         finally:
             self.beam_size = kept
 
-    def set_text_tokenizer(self, tokenizer) -> None:
+    def set_text_tokenizer(self, tokenizer, scorer=None) -> None:
         """The backbone's tokenizer, which the transcripts are re-tokenized with (its added speech tokens
-        are never produced: a transcript is plain text)."""
-        self.text_tokenizer = tokenizer
+        are never produced: a transcript is plain text), and ``scorer`` (texts -> the backbone's
+        log-likelihood of each), which ranks the beam's transcripts with ``lm_weight``."""
+        self.text_tokenizer, self.text_scorer = tokenizer, scorer
 
     # -- the encoder pass -----------------------------------------------------------------------------
     def windows(self, mel_lengths: torch.Tensor) -> torch.Tensor:
@@ -199,7 +231,14 @@ class WhisperTranscriptReader(nn.Module):
         options = DecodingOptions(task="transcribe", language=self.language, without_timestamps=True, fp16=False,
                                   beam_size=self.beam_size if self.beam_size > 1 else None, prompt=self.prompt,
                                   sample_len=min(int(slots), self.dims.n_text_ctx // 2))
-        return BatchDecodingTask(view, options)
+        task = BatchDecodingTask(view, options)
+        if self.rescores:
+            if self.text_scorer is None:
+                raise ValueError("reader_lm_weight ranks Whisper's transcripts with the backbone: call "
+                                 "model.set_text_tokenizer(tokenizer) (load_speechlm and build_speechlm do)")
+            task.sequence_ranker = BackboneRanker(options.length_penalty, self.whisper_tokenizer, self.text_scorer,
+                                                  self.lm_weight)
+        return task
 
     def _decode(self, frames: torch.Tensor) -> list[str]:
         with torch.autocast(frames.device.type, enabled=False):

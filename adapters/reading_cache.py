@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,11 +38,11 @@ class ReadingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def fingerprint(self, *modules: nn.Module, settings: tuple = ()) -> str:
-        """A hash of the modules' parameters and buffers and of ``settings`` (what else decides a reading:
-        a reader's silence or prompt); rehashed only when a tensor is replaced or modified (its storage or
-        torch's version counter changes)."""
-        tensors = [t for module in modules for t in (*module.parameters(), *module.buffers())]
+    def fingerprint(self, *modules: nn.Module, settings: tuple = (), tensors: Sequence[torch.Tensor] = ()) -> str:
+        """A hash of the modules' parameters and buffers, of ``tensors`` and of ``settings`` (what else
+        decides a reading: a reader's silence or prompt); rehashed only when a tensor is replaced or
+        modified (its storage or torch's version counter changes)."""
+        tensors = [*(t for module in modules for t in (*module.parameters(), *module.buffers())), *tensors]
         state = (repr(settings), *((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors))
         if state not in self._fingerprints:
             self._fingerprints = {state: weights_digest(tensors, settings)}  # the weights of one moment are enough

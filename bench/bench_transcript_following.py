@@ -9,8 +9,8 @@ computes it. Choose the bias on the held-out split; the ood split shows what it 
     python bench/bench_transcript_following.py --job /tmp/exp/reader6 --biases 5 --reader-prompt "Anna, Priya."
 
 ``--reader-prompt`` gives the trained model's reader another prompt (``projector_config.reader_prompt``;
-"" for none), ``--reader-beam`` another beam and ``--reader-silence`` another padding, without training
-again: the reader is frozen Whisper, so only its transcripts change.
+"" for none), ``--reader-beam`` another beam, ``--reader-silence`` another padding and ``--reader-lm-weight``
+another weight for the backbone's ranking of the beam, without training again: the reader is frozen Whisper, so only its transcripts change.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--reader-prompt", help="the reader's prompt for this run (\"\": none; default: the model's)")
     parser.add_argument("--reader-beam", type=int, help="the reader's beam size for this run (1: greedy; default: the model's)")
     parser.add_argument("--reader-silence", type=float, help="seconds of silence after each clip for this run (default: the model's)")
+    parser.add_argument("--reader-lm-weight", type=float,
+                        help="the backbone's weight in ranking the beam's transcripts for this run (default: the model's)")
     parser.add_argument("--out", help="write the figures here (JSON)")
     args = parser.parse_args()
     model, processor = load_trained(Path(args.job) / "model")
@@ -59,6 +61,8 @@ def main() -> None:
     if args.reader_silence is not None:
         model.config.projector_config.reader_silence_seconds = args.reader_silence
         model.audio_reader.silence_frames = round(args.reader_silence * 100)
+    if args.reader_lm_weight is not None:
+        model.config.projector_config.reader_lm_weight = model.audio_reader.lm_weight = args.reader_lm_weight
     figures: dict[str, dict] = {}
     for split in args.splits.split(","):
         items = read_eval_manifest(Path(args.job) / "eval-data" / f"asr-{split}.jsonl", "asr")

@@ -1,0 +1,154 @@
+"""The backbone ranks the reader's beam: texts scored as a user's message under the base weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from whisper.decoding import MaximumLikelihoodRanker
+
+from speechlm.adapters import readers
+from speechlm.adapters.building import build_speechlm
+from speechlm.adapters.reading_cache import ReadingCache
+from speechlm.adapters.text_scoring import SENTINEL, UserTextScorer, user_turn_prefix
+from speechlm.speech_io.config_errors import ConfigError
+from tests.adapters.conftest import audio_inputs
+from tests.adapters.test_readers import READER_PROJECTOR, reader_spec
+
+TEXTS = ["feed the cat at half past eight", "feed the cadet half past eight", "", "List three colors."]
+
+
+def plain_log_likelihood(model, tokenizer, text: str) -> float:
+    """The backbone alone, one text, every position projected: what the scorer must equal."""
+    prefix = user_turn_prefix(tokenizer)
+    ids = torch.tensor([prefix + tokenizer(text.strip(), add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        logits = model.text_model(input_ids=ids).logits[0, :, : model.config.text_vocab_size].float()
+    log_probs = torch.log_softmax(logits[len(prefix) - 1: -1], dim=-1)
+    return float(log_probs.gather(-1, ids[0, len(prefix):, None]).sum())
+
+
+def test_the_prefix_opens_a_user_turn_in_the_chat_template(reading):
+    model, tokenizer = reading
+    prefix = tokenizer.decode(user_turn_prefix(tokenizer))
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False)
+    assert rendered.startswith(prefix) and rendered[len(prefix):].startswith(SENTINEL)
+
+
+def test_without_a_chat_template_a_text_follows_the_bos_or_eos_token(reading):
+    _, tokenizer = reading
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        expected = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        assert user_turn_prefix(tokenizer) == [expected]
+    finally:
+        tokenizer.chat_template = template
+
+
+def test_scores_are_the_backbones_log_likelihoods_batched_or_alone(reading):
+    model, tokenizer = reading
+    scorer = UserTextScorer(model, tokenizer, batch_size=3)  # two batches, right-padded
+    scores = scorer(TEXTS)
+    expected = [plain_log_likelihood(model, tokenizer, text) if text else 0.0 for text in TEXTS]
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert [scorer([text])[0] for text in TEXTS] == pytest.approx(scores, abs=1e-4)
+    assert all(score < 0 for score, text in zip(scores, TEXTS, strict=True) if text)
+
+
+@pytest.mark.parametrize("lora_scope", ["audio", "all"])
+def test_lora_leaves_the_scores_alone(lora_scope):
+    model, tokenizer = build_speechlm(reader_spec(mode="lora", lora_scope=lora_scope))
+    model.eval()
+    scorer = UserTextScorer(model, tokenizer)
+    before = scorer(TEXTS)
+    lora = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora
+    with torch.no_grad():
+        for parameter in lora:
+            parameter.normal_(std=0.5)  # LoRA now changes what the backbone computes
+    assert scorer(TEXTS) == pytest.approx(before, abs=1e-5)
+    assert all("lora_" not in name for name, p in model.text_model.named_parameters()
+               if any(p is kept for kept in scorer.weights()))
+
+
+def test_the_ranker_adds_the_weighted_scores_to_whispers():
+    class Tokenizer:
+        def decode(self, ids):
+            return {1: "likely", 2: "unlikely words"}[ids[0]]
+
+    tokens = [[torch.tensor([2, 2]), torch.tensor([1, 1])]]  # Whisper prefers the first (-1.0 / 2 > -1.2 / 2)
+    sum_logprobs = [[-1.0, -1.2]]
+    def score(texts):
+        return [{"likely": -1.0, "unlikely words": -3.0}[text] for text in texts]
+    assert readers.BackboneRanker(None, Tokenizer(), score, 0.0).rank(tokens, sum_logprobs) == \
+        MaximumLikelihoodRanker(None).rank(tokens, sum_logprobs) == [0]
+    assert readers.BackboneRanker(None, Tokenizer(), score, 0.5).rank(tokens, sum_logprobs) == [1]
+
+
+def test_a_beam_ranked_by_the_backbone_reads_a_batch_as_each_clip_alone():
+    projector = dict(READER_PROJECTOR, reader_beam_size=3, reader_lm_weight=0.5)
+    model, tokenizer = build_speechlm(reader_spec(projector=projector))
+    model.eval()
+    inputs = audio_inputs(model, tokenizer, [90, 150, 120], seed=5)
+    lengths = inputs["input_features_mask"].sum(-1)
+    calls = []
+    scorer = model.audio_reader.text_scorer
+    model.audio_reader.text_scorer = lambda texts: calls.append(list(texts)) or scorer(texts)
+    _, batch = model._encode_and_read(inputs["input_features"], lengths)
+    assert calls and all(len(texts) <= 3 * 3 for texts in calls)  # the beam's finished transcripts, every clip
+    for row, length in enumerate(lengths.tolist()):
+        _, (alone,) = model._encode_and_read(inputs["input_features"][row:row + 1, :, :length], lengths[row:row + 1])
+        assert batch[row] == alone
+
+
+def test_the_backbone_keys_the_readings_only_while_it_ranks_a_beam():
+    plain, tokenizer = build_speechlm(reader_spec(projector=dict(READER_PROJECTOR, reader_lm_weight=0.5)))
+    ranked, _ = build_speechlm(reader_spec(projector=dict(READER_PROJECTOR, reader_lm_weight=0.5,
+                                                          reader_beam_size=3)))
+    greedy = plain.audio_reader
+    assert not greedy.rescores and greedy.settings() == build_speechlm(reader_spec())[0].audio_reader.settings()
+    assert ranked.audio_reader.rescores
+    ranked.eval()
+    ranked.reading_cache = ReadingCache()
+    inputs = audio_inputs(ranked, tokenizer, [120], seed=2)
+    features, mask = inputs["input_features"], inputs["input_features_mask"]
+    ranked._audio_embeddings(features, mask)
+    ranked._audio_embeddings(features, mask)
+    assert (ranked.reading_cache.hits, ranked.reading_cache.misses) == (1, 1)
+    with torch.no_grad():
+        ranked.get_input_embeddings().weight.mul_(1.5)  # another backbone ranks the beam: read again
+    ranked._audio_embeddings(features, mask)
+    assert ranked.reading_cache.misses == 2
+
+
+def test_lora_training_does_not_invalidate_the_readings():
+    projector = dict(READER_PROJECTOR, reader_lm_weight=0.5, reader_beam_size=3)
+    model, tokenizer = build_speechlm(reader_spec(projector=projector, mode="lora"))
+    model.eval()
+    model.reading_cache = ReadingCache()
+    inputs = audio_inputs(model, tokenizer, [120], seed=2)
+    model._audio_embeddings(inputs["input_features"], inputs["input_features_mask"])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.1)  # a training step on LoRA
+    model._audio_embeddings(inputs["input_features"], inputs["input_features_mask"])
+    assert (model.reading_cache.hits, model.reading_cache.misses) == (1, 1)
+
+
+def test_the_weight_is_checked_and_saved_with_the_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ConfigError, match="reader_lm_weight=-1"):
+        build_speechlm(reader_spec(projector=dict(READER_PROJECTOR, reader_lm_weight=-1.0)))
+    model, tokenizer = build_speechlm(reader_spec(projector=dict(READER_PROJECTOR, reader_lm_weight=0.5,
+                                                                 reader_beam_size=3)))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.audio_reader.lm_weight == 0.5 and loaded.audio_reader.rescores
+
+
+@pytest.fixture(scope="module")
+def reading():
+    model, tokenizer = build_speechlm(reader_spec())
+    return model.eval(), tokenizer
