@@ -64,7 +64,8 @@ class ModelSpec:
                 "use_dora, ... (unset: r 16, lora_alpha 32, lora_dropout 0.05, all-linear)"})
     lora_scope: str | None = field(default=None, metadata={
         "help": "where LoRA acts: all | audio (only rows that hear audio; text runs the base weights exactly) | "
-                "speech (those and speech tokens); null: all, or the saved model's own with init_from"})
+                "speech (those and speech tokens) | clip (a clip's own positions: the request's text and the answer "
+                "run the base weights); null: all, or the saved model's own with init_from"})
     train_audio_encoder: bool = field(default=False, metadata={"help": "also train the Whisper encoder"})
     audio_encoder_dtype: str = field(default="float32", metadata={
         "help": f"what the Whisper encoder computes in: {'|'.join(ENCODER_DTYPES)} (bfloat16: autocast where the "

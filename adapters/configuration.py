@@ -17,7 +17,7 @@ from speechlm.speech_io.units import SPECIAL_SPEECH_TOKENS, speech_token_ids
 TRAINING_MODES = ("frozen", "lora", "qlora", "full")
 # "all": LoRA acts everywhere; "audio": on rows that hear audio; "speech": also on the speech tokens of any
 # row. Gated, text runs the base weights.
-LORA_SCOPES = ("all", "audio", "speech")
+LORA_SCOPES = ("all", "audio", "speech", "clip")
 ENCODER_DTYPES = ("float32", "bfloat16")  # audio_encoder_dtype
 # peft ``LoraConfig`` settings a model gets where its recipe does not say (peft's own: lora_alpha 8, no dropout)
 LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -165,8 +165,9 @@ class SpeechLMConfig(PreTrainedConfig):
             ``target_modules``, ``use_rslora``, ``use_dora``, ...; ``task_type`` is always CAUSAL_LM), over
             ``LORA_DEFAULTS``. A config saved with the flat ``lora_r``/``lora_alpha``/... keys loads into it.
         lora_scope: LoRA acts on ``all`` positions, on every position of a row with ``<|audio|>``
-            (``audio``), or on those and the speech tokens of any row (``speech``); gated, text runs the
-            base backbone exactly (`speechlm.adapters.lora_gate`).
+            (``audio``), on those and the speech tokens of any row (``speech``), or on a clip's own positions
+            only (``clip``: its frames and transcript; the request's text and the answer run the base weights);
+            gated, text runs the base backbone exactly (`speechlm.adapters.lora_gate`).
         train_audio_encoder: also train the Whisper encoder (it is frozen by default).
         audio_encoder_dtype: what the Whisper encoder computes in: ``float32``, or ``bfloat16`` (autocast, where the
             device has native bfloat16; float32 elsewhere): half a CPU's encoding time, and Whisper's transcripts

@@ -1,11 +1,13 @@
-"""Speech-gated LoRA (``lora_scope="audio"`` or ``"speech"``): the backbone's LoRA acts on speech only.
+"""Speech-gated LoRA (``lora_scope`` ``"audio"``, ``"speech"`` or ``"clip"``): the backbone's LoRA acts on speech only.
 
-LoRA changes every position of a row that hears audio (an ``<|audio|>`` placeholder in its input) and,
-with ``"speech"``, also the speech tokens of any row (``<|speech_start|>``, units, ``<|speech_end|>``);
-every other position (a text prompt and its text answer) runs the base weights exactly, so the
-backbone's text answers stay what they were while the layers learn to listen (and to speak). Whether a
-position is gated on depends only on its row's prompt and its own token, so training and decoding (one
-token a step, any beam order) agree.
+With ``"audio"`` LoRA changes every position of a row that hears audio (an ``<|audio|>`` placeholder in its
+input); ``"speech"`` adds the speech tokens of any row (``<|speech_start|>``, units, ``<|speech_end|>``);
+``"clip"`` confines it to the clip's own positions (its frames and, with a reader, its transcript), so the
+layers learn how to read a clip and everything after it (the request's text, the answer) runs the base
+weights: a spoken request is answered by the backbone itself from what it heard. Every other position (a
+text prompt and its text answer) runs the base weights exactly, so the backbone's text answers stay what
+they were while the layers learn to listen (and to speak). Whether a position is gated on depends only on
+its row's prompt and its own token, so training and decoding (one token a step, any beam order) agree.
 
 peft's per-row ``adapter_names`` selects adapters at inference only (it refuses training mode); here a
 forward hook on every ``lora_B`` multiplies its output by the gate, 1 or 0. A gated-off position adds an
@@ -20,6 +22,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+GATED_SCOPES = ("audio", "speech", "clip")  # `SpeechLMConfig.lora_scope`'s besides "all"
+
 
 class SpeechGate:
     """Where LoRA acts in the batch in flight; set by `SpeechLMForCausalLM` from its ``input_ids``.
@@ -30,9 +34,11 @@ class SpeechGate:
     (``positions is None``) LoRA acts everywhere.
     """
 
-    def __init__(self, audio_token_id: int, *, speech_tokens: bool):
+    def __init__(self, audio_token_id: int, scope: str):
+        if scope not in GATED_SCOPES:
+            raise ValueError(f"scope={scope!r}: a gate is one of {list(GATED_SCOPES)}")
         self.audio_token_id = audio_token_id  # the added speech tokens follow it
-        self.speech_tokens = speech_tokens  # also gate on the speech tokens of rows without audio
+        self.scope = scope
         self.positions: torch.Tensor | None = None  # B, T
         self._scales: tuple[torch.Tensor | None, dict] = (None, {})  # positions as layer outputs multiply them
         self._audio_rows: torch.Tensor | None = None  # B, held by generate
@@ -60,9 +66,11 @@ class SpeechGate:
             raise ValueError("the lora_scope gate found no LoRA layers in the backbone")
 
     def _gate(self, input_ids: torch.Tensor, audio_rows: torch.Tensor) -> torch.Tensor:
+        if self.scope == "clip":  # a decoding step's new token is never a clip's: the base weights answer
+            return input_ids == self.audio_token_id
         if audio_rows.shape[0] != input_ids.shape[0]:  # generate repeats each prompt for beams and samples
             audio_rows = audio_rows.repeat_interleave(input_ids.shape[0] // audio_rows.shape[0])
-        if not self.speech_tokens:
+        if self.scope == "audio":
             return audio_rows[:, None].expand(input_ids.shape)
         return audio_rows[:, None] | (input_ids > self.audio_token_id)
 

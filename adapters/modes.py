@@ -79,13 +79,13 @@ def attach_lora_gate(model: SpeechLMForCausalLM) -> None:
     """Give a model with a gated ``lora_scope`` its gate on the LoRA layers (once; see `SpeechGate`)."""
     config = model.config
     gate = model.lora_gate
-    if gate is not None and config.lora_scope != ("speech" if gate.speech_tokens else "audio"):
+    if gate is not None and config.lora_scope != gate.scope:
         raise ValueError(f"lora_scope={config.lora_scope!r}, but this model's LoRA is already gated otherwise; "
                          f"rebuild it to change the scope")
     if config.lora_scope == "all":
         return
     if gate is None:
-        model.lora_gate = SpeechGate(config.audio_token_id, speech_tokens=config.lora_scope == "speech")
+        model.lora_gate = SpeechGate(config.audio_token_id, config.lora_scope)
     model.lora_gate.attach(model.language_model)
 
 

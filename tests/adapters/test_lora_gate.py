@@ -94,6 +94,39 @@ def test_speech_tokens_of_a_text_row_run_the_adapted_layers_with_scope_speech(sc
     assert torch.equal(output[0], greedy_by_hand(model, {"input_ids": ids}, 4))
 
 
+def lora_outputs(model, inputs: dict) -> torch.Tensor:
+    """``B, T``: whether any LoRA update (a gated ``lora_B`` output) is non-zero at each position."""
+    touched = []
+    hooks = [module.register_forward_hook(lambda _, __, output: touched.append(output.detach().abs().sum(-1) > 0))
+             for name, module in model.language_model.named_modules() if name.endswith("lora_B.default")]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(touched).any(0)
+
+
+def test_scope_clip_adapts_only_the_clips_positions():
+    model, tokenizer = gated_model("clip")
+    inputs = audio_and_text_rows(model, tokenizer)
+    clip = inputs["input_ids"] == model.config.audio_token_id
+    assert torch.equal(lora_outputs(model, inputs), clip)  # the text row has no clip: nothing
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        with model.language_model.disable_adapter():
+            base = model(**inputs).logits
+    first = int(clip[0].nonzero()[0])
+    assert torch.equal(logits[1], base[1]) and torch.equal(logits[0, :first], base[0, :first])
+    assert not torch.allclose(logits[0, clip[0]], base[0, clip[0]], atol=1e-3)
+    # the answer runs the base weights over the adapted clip, in decoding (LoRA skipped) as in one forward
+    output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(output[0], greedy_by_hand(model, {key: value[:1] for key, value in inputs.items()}, 5))
+    with model.language_model.disable_adapter():
+        assert not torch.equal(output[0], model.generate(**inputs, max_new_tokens=5, do_sample=False)[0])
+
+
 @pytest.mark.parametrize("compression", ["none", "ctc"])  # ctc: generate's first forward gets embeddings
 def test_beams_and_samples_expand_the_gate(compression):
     model, tokenizer = gated_model(projector={**TINY_PROJECTOR, "compression": compression})
@@ -163,7 +196,7 @@ def test_the_gate_needs_input_ids(gated):
 @pytest.mark.parametrize(("changes", "message"), [
     ({"mode": "frozen", "lora_scope": "speech"}, "lora_scope='speech' gates LoRA"),
     ({"mode": "full", "lora_scope": "audio"}, "lora_scope='audio' gates LoRA"),
-    ({"mode": "lora", "lora_scope": "speech!"}, r"lora_scope='speech!': choose one of \['all', 'audio', 'speech'\]"),
+    ({"mode": "lora", "lora_scope": "speech!"}, r"lora_scope='speech!': choose one of \['all', 'audio', 'speech', 'clip'\]"),
 ])
 def test_bad_scopes_are_named(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -178,7 +211,7 @@ def test_a_stage_that_switches_mode_checks_the_scope_and_keeps_the_model_on_erro
         change_mode(model, "full", {}, "audio", train_audio_encoder=False)
     assert (model.config.mode, model.config.lora_scope, model.lora_gate) == ("frozen", "all", None)
     change_mode(model, "lora", {"r": 4}, "audio", train_audio_encoder=False)
-    assert model.lora_gate is not None and not model.lora_gate.speech_tokens
+    assert model.lora_gate is not None and model.lora_gate.scope == "audio"
     assert model.config.lora_config == {"r": 4, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
 
