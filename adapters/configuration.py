@@ -16,7 +16,7 @@ from speechlm.speech_io.units import SPECIAL_SPEECH_TOKENS, speech_token_ids
 
 TRAINING_MODES = ("frozen", "lora", "qlora", "full")
 # "all": LoRA acts everywhere; "audio": on rows that hear audio; "speech": also on the speech tokens of any
-# row. Gated, text runs the base weights.
+# row; "clip": only on a clip's own positions. Gated, text runs the base weights.
 LORA_SCOPES = ("all", "audio", "speech", "clip")
 ENCODER_DTYPES = ("float32", "bfloat16")  # audio_encoder_dtype
 # peft ``LoraConfig`` settings a model gets where its recipe does not say (peft's own: lora_alpha 8, no dropout)

@@ -22,7 +22,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-GATED_SCOPES = ("audio", "speech", "clip")  # `SpeechLMConfig.lora_scope`'s besides "all"
+from speechlm.adapters.configuration import LORA_SCOPES
+
+GATED_SCOPES = tuple(scope for scope in LORA_SCOPES if scope != "all")
 
 
 class SpeechGate:
