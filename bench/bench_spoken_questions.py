@@ -177,7 +177,7 @@ def main() -> None:
         answered = answer_questions(trained, trained_processor, questions, eval_settings)
         asr, _ = evaluate(trained, trained_processor, "asr", curve_items, eval_settings)
         by_scope = {}
-        for scope in args.answer_scope:
+        for scope in (s for s in args.answer_scope if s != trained.lora_gate.scope):  # not the trained one again
             trained_scope, trained.lora_gate.scope = trained.lora_gate.scope, scope
             again = answer_questions(trained, trained_processor, questions, eval_settings)
             trained.lora_gate.scope = trained_scope
