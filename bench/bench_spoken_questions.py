@@ -53,11 +53,9 @@ from speechlm.demo.job import (
     spread,
     write_eval_sets,
 )
-from speechlm.evaluation import EvalSettings, evaluate, generate_text, read_eval_manifest
+from speechlm.evaluation import EvalSettings, answers_start_alike, evaluate, generate_text, read_eval_manifest
 from speechlm.finetune import recipe, tasks
 from speechlm.finetune.metrics import match_answer
-
-AS_TYPED_WORDS = 10  # a spoken answer "as typed" starts with the typed answer's first words
 
 
 def parse_variant(text: str) -> tuple[str, list[str], dict[str, tuple[str, ...]]]:
@@ -92,7 +90,7 @@ def scored(questions: list[dict], speech_answers: list[str], text_answers: list[
         speech = match_answer(from_speech, q.get("expected") or [q["text"]], q["text"])
         item = {"id": q["id"], "split": q["split"], "question": q["text"], "speech_answer": from_speech,
                 "text_answer": from_text, "transcribed": speech.restates_question,
-                "as_typed": from_speech.split()[:AS_TYPED_WORDS] == from_text.split()[:AS_TYPED_WORDS]}
+                "as_typed": answers_start_alike(from_speech, from_text)}
         if q.get("expected"):  # a restated question answers nothing, even a choice it holds the answer to
             item["speech_contains"] = speech.contains
             item["text_contains"] = match_answer(from_text, q["expected"], q["text"]).contains

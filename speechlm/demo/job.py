@@ -43,8 +43,9 @@ from speechlm.finetune.trainer import TrainingClock
 # Metrics in the report: (eval set, task, total) and whether lower is better.
 HEADLINE = (("asr/heldout", "wer", True), ("asr/ood", "wer", True), ("qa/heldout", "speech_contains", False),
             ("qa/heldout", "text_contains", False), ("qa/heldout", "speech_to_text_contains", False),
-            ("qa/ood", "speech_contains", False), ("qa/ood", "text_contains", False),
-            ("qa/ood", "speech_to_text_contains", False), ("tts/heldout", "unit_error_rate", True),
+            ("qa/heldout", "speech_as_text", False), ("qa/ood", "speech_contains", False),
+            ("qa/ood", "text_contains", False), ("qa/ood", "speech_to_text_contains", False),
+            ("qa/ood", "speech_as_text", False), ("tts/heldout", "unit_error_rate", True),
             ("tts/heldout", "length_within_20_percent", False), ("tts/heldout", "judge_wer", True),
             ("tts/heldout", "reference_judge_wer", True), ("tts/ood", "unit_error_rate", True),
             ("tts/ood", "length_within_20_percent", False), ("tts/ood", "judge_wer", True),

@@ -12,6 +12,7 @@ from speechlm.cli import main
 from speechlm.evaluation import (
     EvalItem,
     EvalSettings,
+    answers_start_alike,
     batch_order,
     evaluate,
     read_eval_manifest,
@@ -40,7 +41,7 @@ def test_report_has_every_item_and_total(model_dir, tmp_path, task, capsys):
     assert [item["id"] for item in report["items"]] == [json.loads(line)["id"] for line in lines]
     assert len(report["data_sha256"]) == 64 and report["settings"]["max_new_tokens"] == 4
     expected = {"asr": {"wer", "cer", "substitutions", "deletions", "insertions"},
-                "qa": {"speech_normalized", "text_normalized", "speech_to_text_contains"},
+                "qa": {"speech_normalized", "text_normalized", "speech_to_text_contains", "speech_as_text"},
                 "tts": {"unit_error_rate", "reference_units", "length_ratio_median", "length_within_20_percent"},
                 "slm": {"accuracy_summed", "accuracy_length_normalized"},
                 "latency": {"mean_first_text_s", "mean_first_audio_s", "mean_total_s", "mean_real_time_factor"}}[task]
@@ -73,6 +74,20 @@ def test_asr_totals_recount_the_items(model_dir):
                  + item["word_errors"]["insertions"] for item in report["items"])
     assert report["totals"]["reference_words"] == words
     assert report["totals"]["wer"] == pytest.approx(errors / words)
+
+
+def test_qa_counts_spoken_answers_that_start_as_the_typed_ones():
+    typed = "The capital of Italy is Rome. It is a city of history and art."
+    assert answers_start_alike(typed, typed)
+    assert answers_start_alike("The capital of Italy is Rome. It is a city of history and many", typed)  # 10 words
+    assert not answers_start_alike("The capital of Italy is Florence. It is a city of history.", typed)
+    assert not answers_start_alike("", typed)
+    results = [{"speech": {"contains": True, "exact": False, "normalized": False},
+                "text": {"contains": True, "exact": False, "normalized": False}, "speech_as_text": alike}
+               for alike in (True, True, False, True)]
+    assert summarize("qa", results)["speech_as_text"] == 0.75
+    del results[0]["speech_as_text"]  # a report written before the figure: counts as not alike
+    assert summarize("qa", results)["speech_as_text"] == 0.5
 
 
 def test_tts_totals_say_where_responses_stop():
