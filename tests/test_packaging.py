@@ -27,7 +27,8 @@ def test_wheel_contains_the_mapped_packages(wheel):
     for module in ("speechlm/__init__.py", "speechlm/cli.py", "speechlm/adapters/modeling.py",
                    "speechlm/adapters/configuration.py", "speechlm/speech_io/units.py",
                    "speechlm/finetune/__init__.py", "speechlm/serving/app.py",
-                   "speechlm/serving/chat_page.html"):  # the page is package data
+                   "speechlm/serving/chat_page.html",  # the page is package data, and so are
+                   "speechlm/demo/data/backbone-texts.json.gz"):  # the quick start backbone's texts
         assert module in names, module
     assert not any(name.startswith(("adapters/", "speech_io/", "finetune/", "tests/")) for name in names)
 

@@ -23,6 +23,7 @@ from speechlm.demo.assets import (
     verified,
 )
 from speechlm.demo.corpus import CorpusPaths, CorpusSize, Voice, build_corpus, corpus_size
+from speechlm.demo.corpus_texts import seed_text_cache
 from speechlm.finetune.speech_decoder_training import SpeechDecoderTraining
 from speechlm.finetune.vocoder_training import VocoderTraining
 
@@ -72,9 +73,11 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
     whisper = step("whisper", lambda: build_whisper(root))
     voice = Voice(verified("piper_voice"), verified("piper_voice_config"))
     name = size if isinstance(size, str) else "custom"
+    text_cache = root / "backbone-texts.json"
+    if shipped := seed_text_cache(text_cache):  # the pinned backbone's texts: not written again on a new machine
+        progress(f"[demo] {shipped} texts of the backbone's from the package ({text_cache})")
     corpus = step("corpus", lambda: build_corpus(root / f"corpus-{name}", backbone, voice, size=corpus_size(size),
-                                                 seed=seed, text_cache=root / "backbone-texts.json",
-                                                 progress=progress))
+                                                 seed=seed, text_cache=text_cache, progress=progress))
     codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed,
                                               vocoder=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"]),
                                               progress=progress))

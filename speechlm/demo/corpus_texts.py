@@ -3,6 +3,7 @@ sentences and greedy answers (`BackboneWriter`, cached). The text material itsel
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -129,6 +130,28 @@ def _pick_questions(count: int | None, rng: random.Random) -> list[texts.Questio
             if group and len(picked) < count:
                 picked.append(group.pop())
     return picked
+
+
+# What the quick start's backbone (the pinned SmolLM2-135M-Instruct GGUF, `assets.PINNED`) wrote for the
+# corpus: the writer's cache of a whole `full` build (sampled sentences, word sentences, greedy answers), shipped
+# so that a fresh machine does not spend ~35 minutes of 2 cores writing them again (BENCHMARKS.md). The keys
+# name the seeds and prompts; anything a build asks for that is not in it, the backbone writes as before.
+SHIPPED_TEXTS = Path(__file__).parent / "data" / "backbone-texts.json.gz"
+
+
+def seed_text_cache(cache_file: str | os.PathLike, shipped: Path = SHIPPED_TEXTS) -> int:
+    """Start the quick start's text cache from the shipped texts where it does not exist yet; the number of
+    texts it starts with (0: a cache was already there, and is left as it is)."""
+    cache_file = Path(cache_file)
+    if cache_file.exists():
+        return 0
+    with gzip.open(shipped, "rt", encoding="utf-8") as f:
+        texts_written = json.load(f)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    staging = cache_file.with_name(cache_file.name + ".partial")
+    staging.write_text(json.dumps(texts_written, indent=1, ensure_ascii=False) + "\n")
+    os.replace(staging, cache_file)
+    return len(texts_written)
 
 
 class BackboneWriter:

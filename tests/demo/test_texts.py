@@ -1,11 +1,22 @@
 from __future__ import annotations
 
+import json
 import platform
 from collections import Counter
 
+import pytest
+
 from speechlm.demo import texts
 from speechlm.demo.corpus_audio import synthesis_settings
-from speechlm.demo.corpus_texts import _clean_answer, _clean_sentence, _uses_word, covering_sentences
+from speechlm.demo.corpus_texts import (
+    ANSWER_SYSTEM_PROMPT,
+    BackboneWriter,
+    _clean_answer,
+    _clean_sentence,
+    _uses_word,
+    covering_sentences,
+    seed_text_cache,
+)
 from tests.demo.conftest import needs_demo_packages
 
 
@@ -116,3 +127,19 @@ def test_covering_sentences_pick_the_sentence_that_adds_most_hearings_first():
     assert covering_sentences(candidates, ["cat", "dog", "ran", "home"], heard, count=1, repeats=2) == [
         "The dog and the cat ran home."]
     assert covering_sentences(candidates, ["bird"], Counter(), count=3, repeats=1) == []
+
+
+def test_shipped_texts_seed_an_empty_cache_and_never_replace_one(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "backbone-texts.json"
+    assert seed_text_cache(cache) > 1000
+    shipped = json.loads(cache.read_text())
+    assert {key.split("|")[0] for key in shipped} == {"sentences", "word", "answer"}
+    # the writer reads them as its own: no backbone is loaded for what the package already holds
+    writer = BackboneWriter(tmp_path / "no-backbone-here", cache)
+    monkeypatch.setattr(writer, "_load", lambda: pytest.fail("the backbone was loaded for a shipped text"))
+    question = next(key for key in shipped if key.startswith("answer|")).split("|", 2)[2]
+    assert writer.answers([question]) == [tuple(shipped[f"answer|system={ANSWER_SYSTEM_PROMPT!r}|{question}"])]
+    word = next(key.split("|")[2] for key, kept in shipped.items() if key.startswith("word|0|") and kept)
+    assert writer.sentences(20, seed=0) and writer.word_sentences([word], seed=0) == shipped[f"word|0|{word}"]
+    cache.write_text('{"answer|x": ["mine", true]}')  # a cache already there is the user's: left alone
+    assert seed_text_cache(cache) == 0 and json.loads(cache.read_text()) == {"answer|x": ["mine", True]}
