@@ -132,7 +132,7 @@ def _pick_questions(count: int | None, rng: random.Random) -> list[texts.Questio
     return picked
 
 
-# What the quick start's backbone (the pinned SmolLM2-135M-Instruct GGUF, `assets.PINNED`) wrote for the
+# What the quick start's backbone (the pinned SmolLM2-135M-Instruct GGUF, `assets.PINNED_FILES`) wrote for the
 # corpus: the writer's cache of a whole `full` build (sampled sentences, word sentences, greedy answers), shipped
 # so that a fresh machine does not spend ~35 minutes of 2 cores writing them again (BENCHMARKS.md). The keys
 # name the seeds and prompts; anything a build asks for that is not in it, the backbone writes as before.
