@@ -147,11 +147,16 @@ def seed_text_cache(cache_file: str | os.PathLike, shipped: Path = SHIPPED_TEXTS
         return 0
     with gzip.open(shipped, "rt", encoding="utf-8") as f:
         texts_written = json.load(f)
+    _write_text_cache(cache_file, texts_written)
+    return len(texts_written)
+
+
+def _write_text_cache(cache_file: Path, cache: dict) -> None:
+    """The writer's cache file, replaced whole (an interrupted write leaves the previous one)."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     staging = cache_file.with_name(cache_file.name + ".partial")
-    staging.write_text(json.dumps(texts_written, indent=1, ensure_ascii=False) + "\n")
+    staging.write_text(json.dumps(cache, indent=1, ensure_ascii=False) + "\n")
     os.replace(staging, cache_file)
-    return len(texts_written)
 
 
 class BackboneWriter:
@@ -175,10 +180,7 @@ class BackboneWriter:
         return self._model, self._tokenizer
 
     def _save(self) -> None:
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.cache_file.with_name(self.cache_file.name + ".partial")
-        staging.write_text(json.dumps(self.cache, indent=1, ensure_ascii=False) + "\n")
-        os.replace(staging, self.cache_file)
+        _write_text_cache(self.cache_file, self.cache)
 
     def _prompt_ids(self, text: str, system: str | None = None) -> list[int]:
         _, tokenizer = self._load()
