@@ -36,7 +36,9 @@ WEIGHTS_NAME = "model.safetensors"
 
 def load_backbone(source: str, *, mode: str, dtype: torch.dtype, **hub_kwargs) -> PreTrainedModel:
     """The backbone from a directory or Hub id; 4-bit NF4 (bitsandbytes) for ``qlora``."""
-    kwargs = {"dtype": dtype, **hub_kwargs}
+    # transformers (5.25) swaps layers of a model loaded onto a GPU (qlora's is) for kernels it fetches from the
+    # Hub unless told not to: offline that load fails, and online it runs downloaded code. Opt in with use_kernels.
+    kwargs = {"dtype": dtype, "use_kernels": False, **hub_kwargs}
     if mode == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
@@ -57,6 +59,11 @@ def assemble_model(model_class: type[SpeechLMForCausalLM], config: SpeechLMConfi
     if language_model is None and config.text_model_name_or_path is not None:
         language_model = load_backbone(config.text_model_name_or_path, mode=config.mode, dtype=dtype, **hub_kwargs)
     model = model_class(config, language_model=language_model)
+    backbone_device = model.language_model.get_input_embeddings().weight.device
+    if backbone_device.type != "cpu":  # qlora: bitsandbytes loads the 4-bit backbone straight onto the GPU
+        for name, part in model.named_children():
+            if name != "language_model":
+                part.to(backbone_device)
     if audio_state is None and config.audio_model_name_or_path is not None:
         dims, audio_state = read_whisper_checkpoint(config.audio_model_name_or_path)
         check_whisper_dims(config.audio_config, dims, config.audio_model_name_or_path)
@@ -82,7 +89,7 @@ def assemble_model(model_class: type[SpeechLMForCausalLM], config: SpeechLMConfi
 
 # where this SpeechLM's own files come from (a subfolder of the repo or directory among them): the processor's
 HUB_KWARGS = PROCESSOR_HUB_KWARGS
-BACKBONE_KWARGS = ("attn_implementation",)  # passed on to the backbone's from_pretrained
+BACKBONE_KWARGS = ("attn_implementation", "use_kernels")  # passed on to the backbone's from_pretrained
 SPREAD_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 

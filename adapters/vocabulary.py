@@ -28,8 +28,9 @@ class SpeechVocabulary(nn.Module):
         so that units are distinguishable from the first step."""
         for new, old in ((self.embed_tokens.weight, text_embeddings), (self.lm_head.weight, text_head)):
             old = old[: self.text_vocab_size].float()
-            noise = torch.randn(new.shape, generator=generator) * old.std(dim=0, keepdim=True) * 0.1
-            new.copy_((old.mean(dim=0, keepdim=True) + noise).to(new.dtype))
+            # the statistics on the CPU, where the generator draws: the same rows whatever device the backbone is on
+            mean, std = old.mean(dim=0, keepdim=True).cpu(), old.std(dim=0, keepdim=True).cpu()
+            new.copy_(mean + torch.randn(new.shape, generator=generator) * std * 0.1)
 
     def embed(self, input_ids: torch.Tensor, text_embedding: nn.Module, *, always: bool = False) -> torch.Tensor:
         """``B, L`` ids -> ``B, L, D``: text ids through the backbone's embedding, added ids through ours.

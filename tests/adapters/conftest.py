@@ -33,5 +33,5 @@ def audio_inputs(model, tokenizer, mel_lengths: list[int], *, text: str = "hi", 
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
     attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-    return dict(input_ids=input_ids, attention_mask=attention_mask, input_features=features,
-                input_features_mask=mask)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, input_features=features, input_features_mask=mask)
+    return {name: tensor.to(model.device) for name, tensor in inputs.items()}  # a qlora backbone sits on the GPU

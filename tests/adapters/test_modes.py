@@ -50,7 +50,7 @@ def test_lora_step_changes_only_trainable_weights():
     assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if n in frozen_before)
 
 
-def test_qlora_runs_forward_and_backward_on_cpu(llama_dir):
+def test_qlora_runs_forward_and_backward(llama_dir):
     pytest.importorskip("bitsandbytes")
     model, tokenizer = build_speechlm(tiny_spec(mode="qlora", text_model=llama_dir, text={}))
     assert model.text_model.is_loaded_in_4bit
