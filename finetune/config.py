@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from speechlm.adapters.building import ModelSpec
 from speechlm.finetune.examples import TASK_NAMES
-from speechlm.finetune.tasks import INTERLEAVE_LEVELS
+from speechlm.finetune.tasks import INTERLEAVE_LEVELS, S2T_KL_ROWS
 from speechlm.speech_io.config_errors import ConfigProblems
 from speechlm.speech_io.processor import SPEECH_INPUT_MODES
 
@@ -38,6 +38,9 @@ class DataConfig:
     max_length: int = field(default=2048, metadata={"help": "samples longer than this many tokens are dropped"})
     max_audio_seconds: float = field(default=30.0, metadata={"help": "longer clips are refused (Whisper: 30 s)"})
     interleave: str = field(default="word", metadata={"help": "interleaved spans switch at word or sentence ends"})
+    s2t_kl_rows: str = field(default="all", metadata={
+        "help": "the s2t_kl task's rows: all (every clip with a transcript; unanswered ones distil an answer's "
+                "first token) or answered (only rows with an answer, distilled whole)"})
     length_grouping: bool = field(default=True, metadata={
         "help": "batch samples of similar length (mega-batch sorting) to cut padding"})
     codec: str | None = field(default=None, metadata={
@@ -66,6 +69,8 @@ class DataConfig:
                        f"speech_input={self.speech_input!r}: choose one of {list(SPEECH_INPUT_MODES)}")
         problems.check(self.interleave in INTERLEAVE_LEVELS,
                        f"interleave={self.interleave!r}: choose one of {list(INTERLEAVE_LEVELS)}")
+        problems.check(self.s2t_kl_rows in S2T_KL_ROWS,
+                       f"s2t_kl_rows={self.s2t_kl_rows!r}: choose one of {list(S2T_KL_ROWS)}")
         problems.check(self.max_length >= 8, f"max_length={self.max_length}: must be >= 8")
         problems.check(self.num_samples is None or self.num_samples >= 1,
                        f"num_samples={self.num_samples}: must be >= 1 or null")

@@ -183,7 +183,8 @@ def build_datasets(config: TrainConfig, processor: SpeechLMProcessor,
                    examples: Sequence[Example] | None = None) -> TaskMixtureDataset:
     data = config.data
     examples = load_training_examples(config) if examples is None else list(examples)
-    settings = RenderSettings(speech_input=data.speech_input, interleave=data.interleave)
+    settings = RenderSettings(speech_input=data.speech_input, interleave=data.interleave,
+                              s2t_kl_rows=data.s2t_kl_rows)
     dataset = TaskMixtureDataset(examples, processor, data.tasks, settings=settings, num_samples=data.num_samples,
                                  max_length=data.max_length, seed=data.seed)
     logger.info("%d samples from %d examples: %s", len(dataset), len(examples), dict(dataset.task_counts()))

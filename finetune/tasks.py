@@ -44,6 +44,9 @@ PROMPTS: dict[str, tuple[str, ...]] = {
     "s2t_kl": ("",),  # the spoken prompt is the instruction itself, as its transcript is the teacher's
 }
 INTERLEAVE_LEVELS = ("word", "sentence")
+# s2t_kl's rows: every clip with a transcript (an unanswered one distils how an answer starts), or only the
+# answered ones (whole answers distilled: the spoken question should get the typed one's answer)
+S2T_KL_ROWS = ("all", "answered")
 DEFAULT_UNIT_RATE = 50  # SpeechTokenizer: 320-sample hop at 16 kHz
 
 
@@ -52,6 +55,7 @@ class RenderSettings:
     speech_input: str = "continuous"
     interleave: str = "word"
     max_interleave_words: int = 5
+    s2t_kl_rows: str = "all"
 
 
 Conversation = list[dict]
@@ -222,8 +226,9 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("text", "text of 2 or more words, or text-only messages",
          lambda e, s: (e.messages is not None and not has_audio_parts(e.messages))
          or (e.messages is None and e.has("text") and len(e.text.split()) >= 2), render_text),
-    Task("s2t_kl", "audio + text (its transcript; an answer is optional)",
-         lambda e, s: e.has("audio") and e.has("text"), render_s2t_kl, teacher=render_s2t_kl_teacher),
+    Task("s2t_kl", "audio + text (its transcript; an answer is optional, or required by s2t_kl_rows=answered)",
+         lambda e, s: e.has("audio") and e.has("text") and (s.s2t_kl_rows == "all" or e.has("answer")),
+         render_s2t_kl, teacher=render_s2t_kl_teacher),
 )}
 assert tuple(TASKS) == TASK_NAMES, "examples.TASK_NAMES lists the tasks for manifest validation"
 

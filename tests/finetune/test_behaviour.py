@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -122,6 +124,16 @@ def test_a_recipe_mixes_the_kl_task_with_the_others(prepared, tmp_path):
     trainer = recipe.build_trainer(config, model, processor, dataset)
     result = recipe.train(config, trainer)
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_the_recipe_can_distil_only_the_answered_clips(prepared, tmp_path):
+    config, _, processor = tiny(prepared, tmp_path, "model.mode=frozen", "data.tasks={s2t_kl: 1}",
+                                "data.num_samples=16", "data.s2t_kl_rows=answered")
+    dataset = recipe.build_datasets(config, processor)
+    answered = [dataset.examples[sample.example].answer for _, sample in dataset.samples]
+    assert dataset.task_counts()["s2t_kl"] == 16 and all(answered)
+    every_clip = recipe.build_datasets(replace(config, data=replace(config.data, s2t_kl_rows="all")), processor)
+    assert not all(every_clip.examples[sample.example].answer for _, sample in every_clip.samples)
 
 
 def test_each_task_logs_its_own_loss(prepared, tmp_path):

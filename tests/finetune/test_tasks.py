@@ -108,6 +108,13 @@ def test_text_replay(processor):
     assert out == "hello<|im_end|>\n"
 
 
+def test_s2t_kl_takes_every_transcribed_clip_or_only_the_answered_ones():
+    answered, unanswered = example(answer="a"), example(answer=None)
+    assert eligible("s2t_kl", answered, RenderSettings()) and eligible("s2t_kl", unanswered, RenderSettings())
+    only_answered = RenderSettings(s2t_kl_rows="answered")
+    assert eligible("s2t_kl", answered, only_answered) and not eligible("s2t_kl", unanswered, only_answered)
+
+
 @pytest.mark.parametrize(("task", "missing"), [("asr", "text"), ("tts", "units"), ("s2s_chain", "answer_units"),
                                                ("interleaved", "words"), ("s2t_kl", "text")])
 def test_eligibility_follows_the_fields(task, missing):
