@@ -185,3 +185,19 @@ def test_unknown_loading_arguments_are_refused_by_name(tiny, tmp_path):
         SpeechLMForCausalLM.from_pretrained(tmp_path, "extra")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", local_files_only=True)
     assert loaded.text_model.config._attn_implementation == "eager"
+
+
+def test_the_backbone_loads_without_hub_kernels_unless_asked(llama_dir, tmp_path, monkeypatch):
+    # transformers kernelizes a model loaded onto a GPU by default, fetching kernels from the Hub (offline that
+    # load fails): the backbone is loaded with use_kernels=False, and a caller may still ask for them.
+    from speechlm.adapters import loading
+
+    model, tokenizer = build_speechlm(tiny_spec(text_model=llama_dir, text={}))
+    save(model, tokenizer, tmp_path)
+    asked = []
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained",
+                        lambda source, **kwargs: asked.append(kwargs["use_kernels"]) or load(source, **kwargs))
+    SpeechLMForCausalLM.from_pretrained(tmp_path)
+    SpeechLMForCausalLM.from_pretrained(tmp_path, use_kernels=True)
+    assert asked == [False, True]
