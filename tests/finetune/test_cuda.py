@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
 from speechlm.finetune import recipe
 from speechlm.finetune.config import TrainConfig
 from tests.finetune.conftest import TINY_TRAIN_YAML
-from tests.finetune.test_launchers import DEEPSPEED, free_port, logged_losses, run, worker
+from tests.finetune.test_launchers import DEEPSPEED, deepspeed_launcher, free_port, logged_losses, run, worker
 from tests.inference.conftest import SAMPLE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -77,9 +75,7 @@ def test_lora_in_bf16_on_the_gpu_matches_a_float32_step_closely(prepared, llama_
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_deepspeed_over_nccl(prepared, llama_dir, tmp_path, zero):
     pytest.importorskip("deepspeed", reason="pip install speechlm[deepspeed]")
-    launcher = Path(sys.executable).with_name("deepspeed")
-    launcher = str(launcher) if launcher.is_file() else shutil.which("deepspeed")
-    assert launcher, "the deepspeed console script is not installed"
+    launcher = deepspeed_launcher()
     gpus = torch.cuda.device_count()
     run([sys.executable, launcher, "--num_gpus", str(gpus), "--master_port", str(free_port()),
          *worker(prepared, tmp_path, f"model.text_model={llama_dir}", "model.text=null", "model.mode=frozen",

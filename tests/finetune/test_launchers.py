@@ -54,6 +54,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def deepspeed_launcher() -> str:
+    """The `deepspeed` console script of this interpreter's environment (else the one on PATH)."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    launcher = str(launcher) if launcher.is_file() else shutil.which("deepspeed")
+    assert launcher, "the deepspeed console script is not installed"
+    return launcher
+
+
 def check_ranks(out, *, deepspeed: bool = False) -> None:
     ranks = [json.loads((Path(out) / f"rank-{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["trainer_world_size"] for r in ranks] == [2, 2]
@@ -99,9 +107,7 @@ def test_the_deepspeed_launcher_with_zero3_and_cpu_offload(prepared, llama_dir, 
     pytest.importorskip("deepspeed", reason="pip install speechlm[deepspeed]")
     # The `deepspeed` console script of this interpreter's environment, run by this interpreter: its ranks
     # start with the same one (it launches them with sys.executable) and add --local_rank=N to their arguments.
-    launcher = Path(sys.executable).with_name("deepspeed")
-    launcher = str(launcher) if launcher.is_file() else shutil.which("deepspeed")
-    assert launcher, "the deepspeed console script is not installed"
+    launcher = deepspeed_launcher()
     # The shipped config as it is, but for one switch: accelerate swaps the Trainer's AdamW for DeepSpeedCPUAdam,
     # whose kernel compiles on first use (165 s of this test's 336 s on 2 busy cores, TORCH_EXTENSIONS_DIR cold);
     # "zero_force_ds_cpu_optimizer": false keeps torch's AdamW, which then steps the same offloaded fp32
