@@ -10,8 +10,8 @@ characters. Each symbol's embedding is repeated over its share of the frames (``
 that symbol lasts on average, fit to the corpus's clip lengths, so the positions fall near where the clip says
 it; else an even share, ``units_per_symbol`` a symbol; with ``units_per_position`` k, over positions that speak k
 frames each), a small bidirectional transformer reads them, and CTC against the clip's units (repeats merged) learns where each unit
-falls. Speaking takes the best path, a blank holding the unit before it,
-one unit a frame. A text is spoken one sentence at a time (what a stream speaks as the LM finishes each), so
+falls. Speaking takes each frame's likeliest unit other than the blank (a
+one-frame flicker smoothed), one unit a frame. A text is spoken one sentence at a time (what a stream speaks as the LM finishes each), so
 the whole equals the sentences spoken in turn.
 
 It belongs to its codec (units mean nothing without their codebook): saved in the codec's folder as
@@ -222,17 +222,14 @@ class SpeechDecoder(nn.Module):
 
     @torch.inference_mode()
     def speak_sentence(self, ids: torch.Tensor) -> list[int]:
-        """Units of one sentence's symbol ids: the best path, where a blank holds the unit before it (the
-        first unit spoken fills any blanks before it)."""
+        """Units of one sentence's symbol ids: each frame's likeliest unit other than CTC's blank, a frame alone
+        between two of another unit taking theirs. (CTC puts its one spike anywhere in a unit's stretch and blanks
+        the rest; the unit each blank frame ranks next is heard better than the spike's held over the stretch:
+        BENCHMARKS.md, "Each frame's likeliest unit".)"""
         if len(ids) == 0:
             return []
-        path = self(self.positions(ids)[None])[0].argmax(-1).tolist()
-        last = next((u for u in path if u != self.blank), 0)
-        units = []
-        for unit in path:
-            last = unit if unit != self.blank else last
-            units.append(last)
-        return units
+        logits = self(self.positions(ids)[None])[0]
+        return smooth_flickers(logits[:, :self.blank].argmax(-1)).tolist()
 
     def speak(self, text: str) -> list[int]:
         """The units of ``text``, spoken one sentence (`split_sentences`, then espeak-ng's) at a time; an empty text,
@@ -277,6 +274,16 @@ def saved_speech_decoder(folder: Path) -> SpeechDecoder | None:
         return SpeechDecoder.from_pretrained(directory)
     except ValueError as err:
         raise ValueError(f"{directory}: {err}") from None
+
+
+def smooth_flickers(units: torch.Tensor) -> torch.Tensor:
+    """``units`` (one a frame) with each unit that lasts one frame between two frames of another, equal unit
+    replaced by theirs."""
+    units = units.clone()
+    if len(units) >= 3:
+        flicker = (units[:-2] == units[2:]) & (units[1:-1] != units[:-2])
+        units[1:-1][flicker] = units[:-2][flicker]
+    return units
 
 
 def merged_units(units: Sequence[int]) -> list[int]:

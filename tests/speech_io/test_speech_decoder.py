@@ -18,6 +18,7 @@ from speechlm.speech_io.speech_decoder import (
     SpeechDecoderConfig,
     codebook_fingerprint,
     merged_units,
+    smooth_flickers,
     spread,
     text_sentences,
 )
@@ -123,22 +124,29 @@ def test_speaking_is_sentence_by_sentence_and_batch_free():
     assert decoder.speak_batch(texts) == [decoder.speak(t) for t in texts]
 
 
-def test_a_blank_holds_the_unit_before_it():
+def test_each_frame_speaks_its_likeliest_unit_but_the_blank():
     decoder = tiny_decoder(codebook_size=4)
-    with torch.no_grad():  # logits: unit 2, then blanks, then unit 3
+    with torch.no_grad():  # logits: the blank first on every frame, unit 1 next
         decoder.head.weight.zero_()
-        decoder.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 5.0]))
+        decoder.head.bias.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0, 5.0]))
     ids = decoder.encode_text("ab")[0]
-    assert decoder.speak_sentence(ids) == [0] * 5  # all blank: the first unit stands in (none: unit 0)
+    assert decoder.speak_sentence(ids) == [1] * 5
     original = decoder.forward
 
     def scripted(frames, padding=None):
         logits = original(frames, padding)
-        logits[0, 1, 2] = logits[0, 3, 3] = 10.0
+        logits[0, 1, 2] = 3.0  # one frame of unit 2 between two of unit 1: a flicker
+        logits[0, 3:, 3] = 3.0  # the last two frames unit 3
         return logits
 
     decoder.forward = scripted
-    assert decoder.speak_sentence(ids) == [2, 2, 2, 3, 3]
+    assert decoder.speak_sentence(ids) == [1, 1, 1, 3, 3]
+
+
+def test_a_one_frame_flicker_takes_its_neighbours_unit():
+    assert smooth_flickers(torch.tensor([1, 2, 1, 3, 3, 2, 3, 4])).tolist() == [1, 1, 1, 3, 3, 3, 3, 4]
+    assert smooth_flickers(torch.tensor([5, 6])).tolist() == [5, 6]  # too short to flicker
+    assert smooth_flickers(torch.tensor([1, 2, 2, 1])).tolist() == [1, 2, 2, 1]  # two frames are a unit
 
 
 def test_save_and_load_round_trip(tmp_path):
