@@ -9,10 +9,10 @@ It reads the text's phonemes (espeak-ng, as Piper bundles it: English spelling s
 characters. Each symbol's embedding is repeated over its share of the frames (``symbol_durations``: the frames
 that symbol lasts on average, fit to the corpus's clip lengths, so the positions fall near where the clip says
 it; else an even share, ``units_per_symbol`` a symbol; with ``units_per_position`` k, over positions that speak k
-frames each), a small bidirectional transformer reads them, and CTC against the clip's units (repeats merged) learns where each unit
-falls. Speaking takes each frame's likeliest unit other than the blank (a
-one-frame flicker smoothed), one unit a frame. A text is spoken one sentence at a time (what a stream speaks as the LM finishes each), so
-the whole equals the sentences spoken in turn.
+frames each), a small bidirectional transformer reads them, and CTC against the clip's units (repeats merged)
+learns where each unit falls. Speaking takes each frame's likeliest unit other than the blank (a one-frame flicker
+smoothed), one unit a frame. A text is spoken one sentence at a time (what a stream speaks as the LM finishes
+each), so the whole equals the sentences spoken in turn.
 
 It belongs to its codec (units mean nothing without their codebook): saved in the codec's folder as
 ``speech-decoder/`` (``speech_decoder_config.json`` + ``model.safetensors``), loaded with it, refused by a codec
@@ -277,8 +277,8 @@ def saved_speech_decoder(folder: Path) -> SpeechDecoder | None:
 
 
 def smooth_flickers(units: torch.Tensor) -> torch.Tensor:
-    """``units`` (one a frame) with each unit that lasts one frame between two frames of another, equal unit
-    replaced by theirs."""
+    """``units`` (one a frame) where a unit lasts a single frame between two frames of one other unit: that
+    frame takes their unit."""
     units = units.clone()
     if len(units) >= 3:
         flicker = (units[:-2] == units[2:]) & (units[1:-1] != units[:-2])
