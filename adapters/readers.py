@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from whisper.decoding import DecodingOptions, DecodingTask, MaximumLikelihoodRanker, PyTorchInference
-from whisper.model import ModelDimensions, TextDecoder, Whisper
+from whisper.model import ModelDimensions, MultiHeadAttention, TextDecoder, Whisper
 from whisper.tokenizer import get_tokenizer
 
 from speechlm.adapters.audio_encoder import use_float_layer_norms
@@ -86,11 +87,13 @@ class BatchDecodingTask(DecodingTask):
 
 
 class SharedPromptInference(PyTorchInference):
-    """openai-whisper's inference with a cheaper first step. That step reads the whole prompt (the reader's
-    prompt, ~45 tokens, and the start of transcript) for every beam of every clip and projects every
-    position onto the 51,865-token vocabulary, where the loop needs two positions: ~half of a beam-5
-    reading. Here it runs once a clip (a clip's beams begin equal; their key/value caches are copied
-    after it) and projects the start-of-transcript and last positions only."""
+    """openai-whisper's inference with a cheaper first step and cross-attention. That step reads the whole
+    prompt (the reader's prompt, ~45 tokens, and the start of transcript) for every beam of every clip and
+    projects every position onto the 51,865-token vocabulary, where the loop needs two positions: ~half of
+    a beam-5 reading. Here it runs once a clip (a clip's beams begin equal; their self-attention caches are
+    copied after it) and projects the start-of-transcript and last positions only. The cross-attention's
+    keys and values (the clip's frames) stay one copy a clip, which its beams attend to together
+    (`beams_attend_together`), where openai-whisper keeps one a beam and reads each at every step."""
 
     def __init__(self, model: Whisper, initial_token_length: int, n_group: int, sot_index: int):
         super().__init__(model, initial_token_length)
@@ -101,6 +104,8 @@ class SharedPromptInference(PyTorchInference):
             return super().logits(tokens, audio_features)
         self.kv_cache, self.hooks = self.model.install_kv_cache_hooks()
         decoder = self.model.decoder
+        for block in decoder.blocks:
+            block.cross_attn.qkv_attention = functools.partial(beams_attend_together, block.cross_attn)
         x = decoder.token_embedding(tokens[:: self.n_group]) + decoder.positional_embedding[: tokens.shape[-1]]
         audio = audio_features[:: self.n_group]
         x = x.to(audio.dtype)
@@ -108,9 +113,27 @@ class SharedPromptInference(PyTorchInference):
             x = block(x, audio, mask=decoder.mask, kv_cache=self.kv_cache)
         x = decoder.ln(x[:, [self.sot_index, -1]])
         logits = (x @ decoder.token_embedding.weight.to(x.dtype).T).float()
-        for module, cached in self.kv_cache.items():
-            self.kv_cache[module] = cached.repeat_interleave(self.n_group, dim=0)
+        for module in self.kv_modules:  # self-attention's: the beams part from here
+            self.kv_cache[module] = self.kv_cache[module].repeat_interleave(self.n_group, dim=0)
         return logits.repeat_interleave(self.n_group, dim=0)
+
+    def cleanup_caching(self):
+        super().cleanup_caching()
+        for block in self.model.decoder.blocks:
+            block.cross_attn.__dict__.pop("qkv_attention", None)
+
+
+def beams_attend_together(attention: MultiHeadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+    """Cross-attention of ``N * G, L, C`` queries (``G`` beams a clip, one after another) over one ``N, T, C``
+    copy of each clip's keys and values: each clip's ``G * L`` queries attend as one sequence (cross-attention
+    has no mask, so each query's weights are its own). openai-whisper's ``qkv_attention`` otherwise."""
+    groups = q.shape[0] // k.shape[0]
+    if groups == 1:
+        return MultiHeadAttention.qkv_attention(attention, q, k, v, mask)
+    clips, length = k.shape[0], q.shape[1]
+    out, _ = MultiHeadAttention.qkv_attention(attention, q.reshape(clips, groups * length, -1), k, v, None)
+    return out.reshape(clips * groups, length, -1), None
 
 
 class BackboneRanker(MaximumLikelihoodRanker):

@@ -45,6 +45,9 @@ class SpeechVocabulary(nn.Module):
     def logits(self, hidden_states: torch.Tensor, text_head: nn.Module) -> torch.Tensor:
         """``B, L, D -> B, L, text_vocab_size + num_added``. Columns a padded backbone head has beyond the
         tokenizer's vocabulary are dropped, so that column index == token id."""
+        # A slice (generation's last position, logits_to_keep) is strided: on CPU a bfloat16 matmul over a
+        # strided input takes a path ~100x slower than over a contiguous copy (40 rows x 49k: 1.9 s vs 9 ms)
+        hidden_states = hidden_states.contiguous()
         text_logits = text_head(hidden_states)
         if text_logits.shape[-1] != self.text_vocab_size:
             text_logits = text_logits[..., : self.text_vocab_size]

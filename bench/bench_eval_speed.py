@@ -7,6 +7,11 @@ On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``),
   the reader's (`SharedPromptInference`: once a clip, two positions), and the encoder in float32 against
   bfloat16 autocast (``audio_encoder_dtype``); seconds, the reader's WER, and how many transcripts are the
   same as the first row's;
+- **ranked reading** (the job's reader as saved: its beam ranked by the backbone, the LM's weights in bfloat16
+  as the job's ASR evaluation has them, over every clip of both ASR splits): the reader before this round
+  (every cache a copy per beam, the backbone scoring each text after its own copy of the user turn's
+  opening), with the opening run once a call (`UserTextScorer`), then with the cross-attention's keys once
+  a clip (`beams_attend_together`: the library now); seconds, the reader's WER, transcripts as the first row's;
 - **batching** (``speechlm eval``'s ASR and TTS tasks): items in the manifest's order against batched by
   length (`batch_order`), seconds and the task's figures;
 - **the LM's dtype** (every evaluation set of the job, with the job's settings): the language model's weights
@@ -17,6 +22,7 @@ On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``),
   how many transcripts are the same as one at a time.
 
     python bench/bench_eval_speed.py --job /tmp/exp/reader9 --out /tmp/exp/eval-speed.json
+    python bench/bench_eval_speed.py --job /tmp/exp/np50 --sections ranked-reading --out /tmp/exp/ranked.json
     python bench/bench_eval_speed.py --job /tmp/exp/full33 --sections lm-dtype --out /tmp/exp/lm-dtype.json
     python bench/bench_eval_speed.py --job /tmp/exp/full38 --sections judge --judge /tmp/democache/whisper-base.pt
 """
@@ -35,6 +41,7 @@ from whisper.decoding import DecodingTask, PyTorchInference
 
 from speechlm.adapters import readers
 from speechlm.adapters.reading_cache import ReadingCache
+from speechlm.adapters.text_scoring import UserTextScorer, base_weights
 from speechlm.demo.job import JobSettings, load_trained
 from speechlm.evaluation import (
     BATCH_LENGTH_FIELDS,
@@ -60,6 +67,82 @@ def openai_whisper_first_step():
         yield
     finally:
         readers.SharedPromptInference, readers.BatchDecodingTask._main_loop = kept
+
+
+class CrossAttentionPerBeam(readers.SharedPromptInference):
+    """The reader's inference before `beams_attend_together`: after the first step every cache, the
+    cross-attention's keys and values too, is copied for each beam, and each beam reads its own copy."""
+
+    def logits(self, tokens, audio_features):
+        first = not self.kv_cache
+        logits = super().logits(tokens, audio_features)
+        if first:
+            for block in self.model.decoder.blocks:
+                block.cross_attn.__dict__.pop("qkv_attention", None)
+                for module in (block.cross_attn.key, block.cross_attn.value):
+                    self.kv_cache[module] = self.kv_cache[module].repeat_interleave(self.n_group, dim=0)
+        return logits
+
+
+class OpeningWithEachText(UserTextScorer):
+    """The scorer before this round: each text after its own copy of the user turn's opening, and the head
+    over a slice of the hidden states."""
+
+    @torch.no_grad()
+    def __call__(self, texts):
+        scores = []
+        with base_weights(self.model):
+            for start in range(0, len(texts), self.batch_size):
+                scores += self._with_opening(texts[start: start + self.batch_size])
+        return scores
+
+    def _with_opening(self, texts):
+        model, prefix = self.model, self.prefix
+        embeddings = model.get_input_embeddings()
+        own = [self.tokenizer(text.strip(), add_special_tokens=False).input_ids for text in texts]
+        ids = torch.zeros(len(own), len(prefix) + max(map(len, own)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, tokens in enumerate(own):
+            ids[row, : len(prefix) + len(tokens)] = torch.tensor(prefix + tokens)
+            mask[row, : len(prefix) + len(tokens)] = 1
+        hidden = model.get_decoder()(inputs_embeds=embeddings(ids), attention_mask=mask).last_hidden_state
+        start = len(prefix)
+        logits = model.get_output_embeddings()(hidden[:, start - 1: -1])[..., : model.config.text_vocab_size]
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, start:, None]).squeeze(-1)
+        return (picked * mask[:, start:]).sum(-1).tolist()
+
+
+@contextmanager
+def earlier_reader(model, processor, opening_each_text: bool, cross_attention_per_beam: bool):
+    reader = model.audio_reader
+    kept = reader.text_scorer, readers.SharedPromptInference
+    if opening_each_text:
+        reader.text_scorer = OpeningWithEachText(model, processor.tokenizer)
+    if cross_attention_per_beam:
+        readers.SharedPromptInference = CrossAttentionPerBeam
+    try:
+        yield
+    finally:
+        reader.text_scorer, readers.SharedPromptInference = kept
+
+
+def ranked_reading_rows(model, processor, items, batch_size: int) -> list[dict]:
+    references = [item.fields["text"] for item in items]
+    variants = [("before: cross-attention a copy per beam, the opening with each text", True, True),
+                ("the opening once a call", False, True),
+                ("and the cross-attention's keys once a clip (the library now)", False, False)]
+    rows, first_texts = [], None
+    with model.language_model_in("bfloat16"):
+        for name, opening_each_text, per_beam in variants:
+            with earlier_reader(model, processor, opening_each_text, per_beam):
+                seconds, texts = read_split(model, processor, items, batch_size)
+            first_texts = first_texts or texts
+            rows.append({"variant": name, "seconds": round(seconds, 1),
+                         "reader_wer": round(word_errors(references, texts).rate, 4),
+                         "same_as_first": sum(a == b for a, b in zip(texts, first_texts, strict=True)),
+                         "clips": len(items)})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def read_split(model, processor, items, batch_size: int) -> tuple[float, list[str]]:
@@ -153,7 +236,7 @@ def judge_rows(processor, items, judge_path: str, batch_sizes: list[int]) -> lis
     return rows
 
 
-SECTIONS = ("reading", "batching", "lm-dtype", "judge")
+SECTIONS = ("reading", "ranked-reading", "batching", "lm-dtype", "judge")
 
 
 def main() -> None:
@@ -174,6 +257,10 @@ def main() -> None:
         heldout = read_eval_manifest(job / "eval-data" / "asr-heldout.jsonl", "asr")
         figures["reading asr/heldout"] = reading_rows(model, processor, heldout, args.batch_size)
         model.config.audio_encoder_dtype = "bfloat16"
+    if "ranked-reading" in sections:
+        for split in ("heldout", "ood"):
+            figures[f"ranked reading asr/{split}"] = ranked_reading_rows(
+                model, processor, read_eval_manifest(job / "eval-data" / f"asr-{split}.jsonl", "asr"), args.batch_size)
     if "batching" in sections:
         figures["batching asr/ood"] = batching_rows(
             model, processor, "asr", read_eval_manifest(job / "eval-data" / "asr-ood.jsonl", "asr"),

@@ -99,7 +99,7 @@ def test_a_random_reader_starts_from_finite_weights(reading):
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
-def test_the_prompt_read_once_a_clip_decodes_as_openai_whisper(monkeypatch, beam_size):
+def test_the_prompt_and_frames_read_once_a_clip_decode_as_openai_whisper(monkeypatch, beam_size):
     projector = dict(READER_PROJECTOR, reader_beam_size=beam_size, reader_prompt="Priya, Elena")
     model, tokenizer = build_speechlm(reader_spec(projector=projector))
     model.eval()
