@@ -54,6 +54,19 @@ def test_scores_are_the_backbones_log_likelihoods_batched_or_alone(reading):
     assert all(score < 0 for score, text in zip(scores, TEXTS, strict=True) if text)
 
 
+def test_the_opening_runs_once_a_call_and_each_batch_only_its_texts(reading, monkeypatch):
+    model, tokenizer = reading
+    decoder = model.get_decoder()
+    lengths = []
+    forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda **kwargs: lengths.append(kwargs["inputs_embeds"].shape[1])
+                        or forward(**kwargs))
+    UserTextScorer(model, tokenizer, batch_size=2)(TEXTS)
+    widths = [max(len(tokenizer(text, add_special_tokens=False).input_ids) for text in pair)
+              for pair in (TEXTS[:2], TEXTS[2:])]
+    assert lengths == [len(user_turn_prefix(tokenizer)), *widths]
+
+
 @pytest.mark.parametrize("lora_scope", ["audio", "all"])
 def test_lora_leaves_the_scores_alone(lora_scope):
     model, tokenizer = build_speechlm(reader_spec(mode="lora", lora_scope=lora_scope))
