@@ -75,7 +75,8 @@ class UserTextScorer:
         return [(layer.keys, layer.values) for layer in cache.layers], self._log_probs(hidden[:, -1:])
 
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        # contiguous: a sliced bfloat16 input takes a ~10x slower matmul on CPU (the head is most of a score)
+        # contiguous: on CPU a bfloat16 matmul over a sliced (strided) input takes a path 10-100x slower
+        # (`SpeechVocabulary.logits` likewise); the head is most of a score
         logits = self.model.get_output_embeddings()(hidden.contiguous())[..., : self.model.config.text_vocab_size]
         return torch.log_softmax(logits.float(), dim=-1)
 

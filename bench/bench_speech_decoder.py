@@ -90,11 +90,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
-
 def clip_units(codec, wave) -> list[int]:
     """Layer-1 units of one waveform, as the evaluation encodes a TTS reference."""
     return codec.encode([wave], n_q=1)[0][0].tolist()
-
 
 
 if __name__ == "__main__":
