@@ -17,7 +17,8 @@ reference and does not restate the question: the job's figure), the same on each
 trained on concise answers, says ~25, and "contains" rewards a long answer's extra chances), ``as typed``
 (the answer starts with the typed answer's first 10 words), and the paired counts spoken-right-cascade-wrong
 / spoken-wrong-cascade-right with an exact two-sided sign test, so a difference is read against its noise.
-``--from-json`` prints the tables of an earlier run's items again.
+``--base-weights`` asks the spoken questions with the backbone's LoRA off (the projector and reader as trained):
+what LoRA on the clip does to the answers. ``--from-json`` prints the tables of an earlier run's items again.
 
     HF_HUB_OFFLINE=1 python bench/bench_more_questions.py --job /tmp/exp/np55 --cache /tmp/democache \\
         --out /tmp/exp/np55/more-questions.json
@@ -26,6 +27,7 @@ trained on concise answers, says ~25, and "contains" rewards a long answer's ext
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,6 +40,7 @@ import soundfile as sf
 import torch
 import whisper
 
+from speechlm.adapters.text_scoring import base_weights
 from speechlm.demo.assets import verified
 from speechlm.demo.build import load_demo_assets
 from speechlm.demo.corpus import Voice
@@ -157,6 +160,7 @@ def main() -> None:
     parser.add_argument("--clips", help="where the spoken questions go (default: JOB/more-questions/)")
     parser.add_argument("--seed", type=int, default=0, help="the per-clip voice settings' seed")
     parser.add_argument("--out", help="write the figures and every item here (JSON)")
+    parser.add_argument("--base-weights", action="store_true", help="the spoken questions with the LoRA off")
     parser.add_argument("--from-json", help="print the tables of an earlier run's --out again (nothing runs)")
     args = parser.parse_args()
     if args.from_json:
@@ -180,7 +184,8 @@ def main() -> None:
     model, processor = load_trained(Path(args.job) / "model")
     settings = JobSettings().eval_settings("qa")
     start = time.perf_counter()
-    _, asked = evaluate(model, processor, "qa", items, settings)
+    with base_weights(model) if args.base_weights else contextlib.nullcontext():
+        _, asked = evaluate(model, processor, "qa", items, settings)
     seconds["spoken_and_typed"] = round(time.perf_counter() - start, 1)
 
     start = time.perf_counter()
@@ -199,7 +204,7 @@ def main() -> None:
                      "cascade_as_typed": answers_start_alike(answer, result["text_answer"]),
                      "spoken_answer": result["speech_answer"], "typed_answer": result["text_answer"],
                      "whisper_heard": text, "cascade_answer": answer})
-    report = {"job": str(args.job), "seconds": seconds, "whisper_wer": whisper_wer,
+    report = {"job": str(args.job), "base_weights": args.base_weights, "seconds": seconds, "whisper_wer": whisper_wer,
               "summary": {name: summary(group) for name, group in groups(rows).items()}, "items": rows}
     print_tables(report["summary"])
     print(f"Whisper base's WER on the questions: {whisper_wer:.2%}; seconds: {seconds}")
