@@ -30,13 +30,10 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
 import torch
 import whisper
 
@@ -44,7 +41,7 @@ from speechlm.adapters.text_scoring import base_weights
 from speechlm.demo.assets import verified
 from speechlm.demo.build import load_demo_assets
 from speechlm.demo.corpus import Voice
-from speechlm.demo.corpus_audio import PiperSynthesizer, synthesis_settings
+from speechlm.demo.corpus_audio import PiperSynthesizer, clip_file_name, save_clip, synthesis_settings
 from speechlm.demo.job import JobSettings, corpus_rows, load_trained
 from speechlm.evaluation import (
     answers_start_alike,
@@ -55,7 +52,6 @@ from speechlm.evaluation import (
 )
 from speechlm.finetune.metrics import match_answer, normalize_text, word_errors
 from speechlm.speech_io.audio import load_audio
-from speechlm.speech_io.constants import SAMPLE_RATE
 
 QUESTIONS = Path(__file__).parent / "data" / "more_questions.tsv"
 UNTRAINED_KINDS = ("yes_no", "compare")  # kinds the corpus never asks (the job's ood split asks only these)
@@ -85,18 +81,16 @@ def check_unseen(questions: list[dict], corpus: dict[str, list[dict]]) -> None:
 
 
 def speak(questions: list[dict], clips: Path, seed: int) -> None:
-    """Each question's clip (cached by id and text), with the corpus's per-clip voice settings."""
+    """Each question's clip, with the corpus's per-clip voice settings, named as the corpus names its clips (by
+    what was spoken and how: a question edited in the file is spoken again)."""
     clips.mkdir(parents=True, exist_ok=True)
     synthesizer = PiperSynthesizer(Voice(verified("piper_voice"), verified("piper_voice_config")))
     for row in questions:
-        path = clips / f"{row['id']}.flac"
+        synthesis = synthesis_settings(row["id"], seed)
+        path = clips / clip_file_name(row["id"], row["question"], synthesis, seed)
         row["audio"] = str(path)
-        if path.is_file() and sf.info(path).duration > 0:
-            continue
-        audio = synthesizer(row["question"], **synthesis_settings(row["id"], seed), seed=seed)
-        sf.write(path.with_name(path.name + ".partial"), np.clip(audio, -1.0, 1.0), SAMPLE_RATE,
-                 subtype="PCM_16", format="FLAC")
-        os.replace(path.with_name(path.name + ".partial"), path)
+        if not path.is_file():
+            save_clip(synthesizer(row["question"], **synthesis, seed=seed), path)
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -189,7 +183,7 @@ def main() -> None:
     seconds["spoken_and_typed"] = round(time.perf_counter() - start, 1)
 
     start = time.perf_counter()
-    judge = whisper.load_model(load_demo_assets(args.size, args.cache).audio_encoder, device="cpu")
+    judge = whisper.load_model(assets.audio_encoder, device="cpu")
     heard = transcribe_batch(judge, [load_audio(row["audio"]) for row in questions])
     cascade = generate_text(model, processor, [[{"role": "user", "content": text}] for text in heard], settings)
     seconds["cascade"] = round(time.perf_counter() - start, 1)

@@ -21,20 +21,17 @@ from __future__ import annotations
 import json
 import os
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 
 from speechlm.demo import texts
-from speechlm.demo.corpus_audio import PiperSynthesizer, synthesis_settings
+from speechlm.demo.corpus_audio import PiperSynthesizer, clip_file_name, save_clip, synthesis_settings
 from speechlm.demo.corpus_card import corpus_card, split_counts
 from speechlm.demo.corpus_scoring import question_accuracy, vocabulary_heard
 from speechlm.demo.corpus_texts import EVALUATION_SPLITS, SPLITS, BackboneWriter, text_rows
-from speechlm.speech_io.constants import SAMPLE_RATE
 
 CORPUS_VERSION = 2  # bump when rows or audio would change for the same settings
 
@@ -134,15 +131,10 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
     made = 0
     for index, row in enumerate(rows):
         row["synthesis"] = synthesis_settings(row["id"], seed)
-        # the name carries what was spoken and how, so a cached clip is never reused for another text
-        spoken = zlib.crc32(json.dumps([row["text"], row["synthesis"], seed]).encode())
-        row["audio"] = f"audio/{row['id']}-{spoken:08x}.flac"
+        row["audio"] = f"audio/{clip_file_name(row['id'], row['text'], row['synthesis'], seed)}"
         path = out / row["audio"]
         if not path.is_file():
-            audio = synthesizer(row["text"], **row["synthesis"], seed=seed)
-            staging = path.with_name(path.name + ".partial")
-            sf.write(staging, np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="FLAC")
-            os.replace(staging, path)
+            save_clip(synthesizer(row["text"], **row["synthesis"], seed=seed), path)
             made += 1
         if (index + 1) % 100 == 0:
             progress(f"synthesized {index + 1}/{len(rows)} clips")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import zlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import soundfile as sf
 
 from speechlm.speech_io.audio import load_audio
+from speechlm.speech_io.constants import SAMPLE_RATE
 
 if TYPE_CHECKING:
     from speechlm.demo.corpus import Voice
@@ -23,6 +28,19 @@ def synthesis_settings(row_id: str, seed: int) -> dict:
             "noise_scale": round(float(rng.uniform(0.33, 0.9)), 3),
             "noise_w_scale": round(float(rng.uniform(0.4, 1.0)), 3),
             "snr_db": snr}
+
+
+def clip_file_name(row_id: str, text: str, synthesis: dict, seed: int) -> str:
+    """A clip's file name: it carries what was spoken and how, so a cached clip is never reused for another text."""
+    spoken = zlib.crc32(json.dumps([text, synthesis, seed]).encode())
+    return f"{row_id}-{spoken:08x}.flac"
+
+
+def save_clip(audio: np.ndarray, path: Path) -> None:
+    """16 kHz speech as 16-bit FLAC, written beside ``path`` and moved in whole (an interrupted write leaves none)."""
+    staging = path.with_name(path.name + ".partial")
+    sf.write(staging, np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="FLAC")
+    os.replace(staging, path)
 
 
 class PiperSynthesizer:
