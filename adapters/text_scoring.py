@@ -57,12 +57,19 @@ class UserTextScorer:
     def __call__(self, texts: Sequence[str]) -> list[float]:
         if not texts:
             return []
-        scores: list[float] = []
+        # A beam's finished transcripts often repeat one text (they differ in Whisper's tokens only): each
+        # distinct text is scored once, in batches of similar length so that little of a batch is padding.
+        distinct = list(dict.fromkeys(text.strip() for text in texts))
+        tokens = self.tokenizer(distinct, add_special_tokens=False).input_ids if distinct else []
+        order = sorted(range(len(distinct)), key=lambda index: len(tokens[index]))
+        scores: dict[str, float] = {}
         with base_weights(self.model):
             prefix = self._prefix()
-            for start in range(0, len(texts), self.batch_size):
-                scores += self._scores(texts[start: start + self.batch_size], *prefix)
-        return scores
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start: start + self.batch_size]
+                for index, score in zip(batch, self._scores([tokens[index] for index in batch], *prefix), strict=True):
+                    scores[distinct[index]] = score
+        return [scores[text.strip()] for text in texts]
 
     def _prefix(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """The user turn's opening through the backbone: each layer's keys and values, and the log-probabilities
@@ -80,12 +87,12 @@ class UserTextScorer:
         logits = self.model.get_output_embeddings()(hidden.contiguous())[..., : self.model.config.text_vocab_size]
         return torch.log_softmax(logits.float(), dim=-1)
 
-    def _scores(self, texts: Sequence[str], cached: list[tuple[torch.Tensor, torch.Tensor]],
+    def _scores(self, own: Sequence[list[int]], cached: list[tuple[torch.Tensor, torch.Tensor]],
                 first: torch.Tensor) -> list[float]:
+        """Each text's (token ids') summed log-probability after the cached opening."""
         model = self.model
         embeddings = model.get_input_embeddings()
         device = embeddings.weight.device
-        own = [self.tokenizer(text.strip(), add_special_tokens=False).input_ids for text in texts]
         width = max(map(len, own))
         if width == 0:
             return [0.0] * len(own)

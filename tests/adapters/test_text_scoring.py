@@ -61,10 +61,17 @@ def test_the_opening_runs_once_a_call_and_each_batch_only_its_texts(reading, mon
     forward = decoder.forward
     monkeypatch.setattr(decoder, "forward", lambda **kwargs: lengths.append(kwargs["inputs_embeds"].shape[1])
                         or forward(**kwargs))
-    UserTextScorer(model, tokenizer, batch_size=2)(TEXTS)
-    widths = [max(len(tokenizer(text, add_special_tokens=False).input_ids) for text in pair)
-              for pair in (TEXTS[:2], TEXTS[2:])]
-    assert lengths == [len(user_turn_prefix(tokenizer)), *widths]
+    UserTextScorer(model, tokenizer, batch_size=2)(TEXTS + TEXTS[:2])  # a text twice is scored once
+    ordered = sorted(len(tokenizer(text, add_special_tokens=False).input_ids) for text in TEXTS)
+    assert lengths == [len(user_turn_prefix(tokenizer)), ordered[1], ordered[3]]  # batches of similar length
+
+
+def test_repeated_texts_get_one_score_in_their_places(reading):
+    model, tokenizer = reading
+    scorer = UserTextScorer(model, tokenizer, batch_size=2)
+    texts = [TEXTS[1], TEXTS[0], " " + TEXTS[1], TEXTS[3], TEXTS[0]]
+    once = dict(zip(TEXTS, scorer(TEXTS), strict=True))
+    assert scorer(texts) == pytest.approx([once[text.strip()] for text in texts], abs=1e-4)
 
 
 @pytest.mark.parametrize("lora_scope", ["audio", "all"])
