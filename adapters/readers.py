@@ -31,13 +31,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from whisper.decoding import (
-    BeamSearchDecoder,
-    DecodingOptions,
-    DecodingTask,
-    MaximumLikelihoodRanker,
-    PyTorchInference,
-)
+from whisper.decoding import DecodingOptions, DecodingTask, MaximumLikelihoodRanker, PyTorchInference
 from whisper.model import ModelDimensions, MultiHeadAttention, TextDecoder, Whisper
 from whisper.tokenizer import get_tokenizer
 
@@ -79,9 +73,8 @@ class BatchDecodingTask(DecodingTask):
     def __init__(self, model: Whisper, options: DecodingOptions):
         super().__init__(model, options)
         self.inference = SharedPromptInference(model, len(self.initial_tokens), self.n_group, self.sot_index)
-        if isinstance(self.decoder, BeamSearchDecoder):  # it rearranges the caches through its own reference
-            self.decoder = BatchBeamSearchDecoder(options.beam_size, self.tokenizer.eot, self.inference,
-                                                  options.patience)
+        if hasattr(self.decoder, "inference"):  # the beam search rearranges the caches through its own reference
+            self.decoder.inference = self.inference
 
     def _main_loop(self, audio_features: torch.Tensor, tokens: torch.Tensor):
         # The first step's logits come back at (start of transcript, last prompt token) only, so the loop
@@ -91,50 +84,6 @@ class BatchDecodingTask(DecodingTask):
             return super()._main_loop(audio_features, tokens)
         finally:
             self.sot_index = sot_index
-
-
-class BatchBeamSearchDecoder(BeamSearchDecoder):
-    """openai-whisper's beam search step with its tensor work done once for the whole batch: it takes each
-    beam row's top tokens with a ``topk`` of its own and reads every candidate's score and token with an
-    ``item()`` (~8,000 small calls a step at beam 10 over 80 clips, a fifth of a reading). The candidates,
-    their float32 scores, their order and the finished transcripts are the same."""
-
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor, sum_logprobs: torch.Tensor
-               ) -> tuple[torch.Tensor, bool]:
-        beam = self.beam_size
-        if tokens.shape[0] % beam:
-            raise ValueError(f"{tuple(tokens.shape)} rows are not whole beams of {beam}")
-        clips = tokens.shape[0] // beam
-        if self.finished_sequences is None:
-            self.finished_sequences = [{} for _ in range(clips)]
-        top_logprobs, top_tokens = torch.log_softmax(logits.float(), dim=-1).topk(beam + 1)
-        scores_of_rows = (sum_logprobs[:, None] + top_logprobs).tolist()  # the float32 sums Whisper's loop makes
-        tokens_of_rows, prefixes = top_tokens.tolist(), tokens.tolist()
-        next_tokens, sources = [], []
-        for clip, previously_finished in enumerate(self.finished_sequences):
-            scores, source_of = {}, {}
-            for row in range(clip * beam, (clip + 1) * beam):
-                for score, token in zip(scores_of_rows[row], tokens_of_rows[row], strict=True):
-                    candidate = (*prefixes[row], token)
-                    scores[candidate], source_of[candidate] = score, row
-            finished, kept = {}, 0
-            for candidate in sorted(scores, key=scores.get, reverse=True):
-                if candidate[-1] == self.eot:
-                    finished[candidate] = scores[candidate]
-                    continue
-                sum_logprobs[len(next_tokens)] = scores[candidate]
-                next_tokens.append(candidate)
-                sources.append(source_of[candidate])
-                kept += 1
-                if kept == beam:
-                    break
-            for candidate in sorted(finished, key=finished.get, reverse=True):
-                if len(previously_finished) >= self.max_candidates:
-                    break
-                previously_finished[candidate] = finished[candidate]
-        self.inference.rearrange_kv_cache(sources)
-        completed = all(len(found) >= self.max_candidates for found in self.finished_sequences)
-        return torch.tensor(next_tokens, device=tokens.device), completed
 
 
 class SharedPromptInference(PyTorchInference):

@@ -12,9 +12,8 @@ On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``),
   (every cache a copy per beam, the backbone scoring each text after its own copy of the user turn's
   opening), with the opening run once a call (`UserTextScorer`), then with the cross-attention's keys once
   a clip (`beams_attend_together`); seconds, the reader's WER, transcripts as the first row's;
-- **beam step** (the same reading): openai-whisper's beam step (a ``topk`` and ``item()`` calls per beam row)
-  against the batched one (`BatchBeamSearchDecoder`), then the backbone scoring each distinct transcript once,
-  in batches of similar length (`UserTextScorer`: the library now), against every one in the beam's order;
+- **scoring** (the same reading): the backbone scoring every finished transcript of the beam in the beam's
+  order, against each distinct transcript once, in batches of similar length (`UserTextScorer`: the library now);
 - **batching** (``speechlm eval``'s ASR and TTS tasks): items in the manifest's order against batched by
   length (`batch_order`), seconds and the task's figures;
 - **the LM's dtype** (every evaluation set of the job, with the job's settings): the language model's weights
@@ -26,7 +25,7 @@ On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``),
 
     python bench/bench_eval_speed.py --job /tmp/exp/reader9 --out /tmp/exp/eval-speed.json
     python bench/bench_eval_speed.py --job /tmp/exp/np50 --sections ranked-reading --out /tmp/exp/ranked.json
-    python bench/bench_eval_speed.py --job /tmp/exp/np57 --sections beam-step --out /tmp/exp/beam-step.json
+    python bench/bench_eval_speed.py --job /tmp/exp/np57 --sections scoring --out /tmp/exp/scoring.json
     python bench/bench_eval_speed.py --job /tmp/exp/full33 --sections lm-dtype --out /tmp/exp/lm-dtype.json
     python bench/bench_eval_speed.py --job /tmp/exp/full38 --sections judge --judge /tmp/democache/whisper-base.pt
 """
@@ -41,7 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from whisper.decoding import BeamSearchDecoder, DecodingTask, PyTorchInference
+from whisper.decoding import DecodingTask, PyTorchInference
 
 from speechlm.adapters import readers
 from speechlm.adapters.reading_cache import ReadingCache
@@ -163,30 +162,20 @@ class EveryTextInTurn(UserTextScorer):
         return scores
 
 
-@contextmanager
-def earlier_beam(model, processor, openai_whisper_step: bool, every_text: bool):
-    reader = model.audio_reader
-    kept = reader.text_scorer, readers.BatchBeamSearchDecoder
-    if every_text:
-        reader.text_scorer = EveryTextInTurn(model, processor.tokenizer)
-    if openai_whisper_step:
-        readers.BatchBeamSearchDecoder = BeamSearchDecoder
-    try:
-        yield
-    finally:
-        reader.text_scorer, readers.BatchBeamSearchDecoder = kept
-
-
-def beam_step_rows(model, processor, items, batch_size: int) -> list[dict]:
+def scoring_rows(model, processor, items, batch_size: int) -> list[dict]:
     references = [item.fields["text"] for item in items]
-    variants = [("before: openai-whisper's beam step, every transcript of the beam scored in its order", True, True),
-                ("the beam step batched", False, True),
-                ("and each distinct transcript scored once, in batches by length (the library now)", False, False)]
-    rows, first_texts = [], None
+    reader = model.audio_reader
+    variants = [("before: every transcript of the beam scored, in the beam's order",
+                 EveryTextInTurn(model, processor.tokenizer)),
+                ("each distinct transcript scored once, in batches by length (the library now)", reader.text_scorer)]
+    rows, first_texts, kept = [], None, reader.text_scorer
     with model.language_model_in("bfloat16"):
-        for name, openai_whisper_step, every_text in variants:
-            with earlier_beam(model, processor, openai_whisper_step, every_text):
+        for name, scorer in variants:
+            reader.text_scorer = scorer
+            try:
                 seconds, texts = read_split(model, processor, items, batch_size)
+            finally:
+                reader.text_scorer = kept
             first_texts = first_texts or texts
             rows.append({"variant": name, "seconds": round(seconds, 1),
                          "reader_wer": round(word_errors(references, texts).rate, 4),
@@ -287,7 +276,7 @@ def judge_rows(processor, items, judge_path: str, batch_sizes: list[int]) -> lis
     return rows
 
 
-SECTIONS = ("reading", "ranked-reading", "beam-step", "batching", "lm-dtype", "judge")
+SECTIONS = ("reading", "ranked-reading", "scoring", "batching", "lm-dtype", "judge")
 
 
 def main() -> None:
@@ -312,9 +301,9 @@ def main() -> None:
         for split in ("heldout", "ood"):
             figures[f"ranked reading asr/{split}"] = ranked_reading_rows(
                 model, processor, read_eval_manifest(job / "eval-data" / f"asr-{split}.jsonl", "asr"), args.batch_size)
-    if "beam-step" in sections:
+    if "scoring" in sections:
         for split in ("heldout", "ood"):
-            figures[f"beam step asr/{split}"] = beam_step_rows(
+            figures[f"scoring asr/{split}"] = scoring_rows(
                 model, processor, read_eval_manifest(job / "eval-data" / f"asr-{split}.jsonl", "asr"), args.batch_size)
     if "batching" in sections:
         figures["batching asr/ood"] = batching_rows(
