@@ -57,10 +57,10 @@ class UserTextScorer:
     def __call__(self, texts: Sequence[str]) -> list[float]:
         if not texts:
             return []
-        # A beam's finished transcripts often repeat one text (they differ in Whisper's tokens only): each
+        # A beam's finished transcripts can repeat one text (the same words from other Whisper tokens): each
         # distinct text is scored once, in batches of similar length so that little of a batch is padding.
         distinct = list(dict.fromkeys(text.strip() for text in texts))
-        tokens = self.tokenizer(distinct, add_special_tokens=False).input_ids if distinct else []
+        tokens = self.tokenizer(distinct, add_special_tokens=False).input_ids
         order = sorted(range(len(distinct)), key=lambda index: len(tokens[index]))
         scores: dict[str, float] = {}
         with base_weights(self.model):
