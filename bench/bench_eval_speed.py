@@ -33,6 +33,7 @@ On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``),
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from contextlib import contextmanager, nullcontext
@@ -130,22 +131,13 @@ def earlier_reader(model, processor, opening_each_text: bool, cross_attention_pe
 
 
 def ranked_reading_rows(model, processor, items, batch_size: int) -> list[dict]:
-    references = [item.fields["text"] for item in items]
     variants = [("before: cross-attention a copy per beam, the opening with each text", True, True),
                 ("the opening once a call", False, True),
                 ("and the cross-attention's keys once a clip (the library now)", False, False)]
-    rows, first_texts = [], None
     with model.language_model_in("bfloat16"):
-        for name, opening_each_text, per_beam in variants:
-            with earlier_reader(model, processor, opening_each_text, per_beam):
-                seconds, texts = read_split(model, processor, items, batch_size)
-            first_texts = first_texts or texts
-            rows.append({"variant": name, "seconds": round(seconds, 1),
-                         "reader_wer": round(word_errors(references, texts).rate, 4),
-                         "same_as_first": sum(a == b for a, b in zip(texts, first_texts, strict=True)),
-                         "clips": len(items)})
-            print(rows[-1], flush=True)
-    return rows
+        return compare_readings(model, processor, items, batch_size, [
+            (name, functools.partial(earlier_reader, model, processor, opening_each_text, per_beam))
+            for name, opening_each_text, per_beam in variants])
 
 
 class EveryTextInTurn(UserTextScorer):
@@ -162,27 +154,22 @@ class EveryTextInTurn(UserTextScorer):
         return scores
 
 
+@contextmanager
+def scorer_in_place(reader, scorer):
+    kept, reader.text_scorer = reader.text_scorer, scorer
+    try:
+        yield
+    finally:
+        reader.text_scorer = kept
+
+
 def scoring_rows(model, processor, items, batch_size: int) -> list[dict]:
-    references = [item.fields["text"] for item in items]
-    reader = model.audio_reader
-    variants = [("before: every transcript of the beam scored, in the beam's order",
-                 EveryTextInTurn(model, processor.tokenizer)),
-                ("each distinct transcript scored once, in batches by length (the library now)", reader.text_scorer)]
-    rows, first_texts, kept = [], None, reader.text_scorer
+    before = EveryTextInTurn(model, processor.tokenizer)
     with model.language_model_in("bfloat16"):
-        for name, scorer in variants:
-            reader.text_scorer = scorer
-            try:
-                seconds, texts = read_split(model, processor, items, batch_size)
-            finally:
-                reader.text_scorer = kept
-            first_texts = first_texts or texts
-            rows.append({"variant": name, "seconds": round(seconds, 1),
-                         "reader_wer": round(word_errors(references, texts).rate, 4),
-                         "same_as_first": sum(a == b for a, b in zip(texts, first_texts, strict=True)),
-                         "clips": len(items)})
-            print(rows[-1], flush=True)
-    return rows
+        return compare_readings(model, processor, items, batch_size, [
+            ("before: every transcript of the beam scored, in the beam's order",
+             functools.partial(scorer_in_place, model.audio_reader, before)),
+            ("each distinct transcript scored once, in batches by length (the library now)", nullcontext)])
 
 
 def read_split(model, processor, items, batch_size: int) -> tuple[float, list[str]]:
@@ -197,14 +184,12 @@ def read_split(model, processor, items, batch_size: int) -> tuple[float, list[st
     return time.perf_counter() - start, texts
 
 
-def reading_rows(model, processor, items, batch_size: int) -> list[dict]:
+def compare_readings(model, processor, items, batch_size: int, variants) -> list[dict]:
+    """Each variant (a name, and a context to read in) reads every clip: seconds, the reader's WER, and how many
+    transcripts are the first variant's."""
     references = [item.fields["text"] for item in items]
-    variants = [("openai-whisper first step, encoder float32", openai_whisper_first_step, "float32"),
-                ("first step once a clip, encoder float32", nullcontext, "float32"),
-                ("first step once a clip, encoder bfloat16", nullcontext, "bfloat16")]
     rows, first_texts = [], None
-    for name, context, dtype in variants:
-        model.config.audio_encoder_dtype = dtype
+    for name, context in variants:
         with context():
             seconds, texts = read_split(model, processor, items, batch_size)
         first_texts = first_texts or texts
@@ -213,6 +198,21 @@ def reading_rows(model, processor, items, batch_size: int) -> list[dict]:
                      "same_as_first": sum(a == b for a, b in zip(texts, first_texts, strict=True)), "clips": len(items)})
         print(rows[-1], flush=True)
     return rows
+
+
+@contextmanager
+def encoder_dtype(model, dtype: str, context):
+    model.config.audio_encoder_dtype = dtype
+    with context():
+        yield
+
+
+def reading_rows(model, processor, items, batch_size: int) -> list[dict]:
+    variants = [("openai-whisper first step, encoder float32", openai_whisper_first_step, "float32"),
+                ("first step once a clip, encoder float32", nullcontext, "float32"),
+                ("first step once a clip, encoder bfloat16", nullcontext, "bfloat16")]
+    return compare_readings(model, processor, items, batch_size, [
+        (name, functools.partial(encoder_dtype, model, dtype, context)) for name, context, dtype in variants])
 
 
 def batching_rows(model, processor, task: str, items, batch_sizes: list[int], settings: EvalSettings) -> list[dict]:
