@@ -8,12 +8,15 @@ A manifest is JSONL, one example per line; paths are relative to the manifest's 
     {"id": "chat3", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
 Fields: ``id`` (required, unique), ``audio`` (the spoken input), ``text`` (its transcript), ``answer``
-and ``answer_audio`` (a text answer and its spoken form, for instruction tasks), ``messages`` (a
-conversation in the processor's format), ``task`` (restricts the row to one task), ``words`` /
-``sentences`` (timings in seconds within ``audio``, for interleaving). Any other field is an error
-naming the closest known one (a typo such as ``txt`` would otherwise train on rows without text);
-``allow_extra_fields`` (``speechlm prepare --allow-extra-fields``, ``data.allow_extra_fields``) ignores
-them, for data that carries its own bookkeeping. Dataset columns are not checked: a dataset has its own.
+and ``answer_audio`` (a text answer and its spoken form, for instruction tasks), ``answer_truncated``
+(true: the answer is the start of a longer one, cut where its generation hit a length limit, so the
+model learns its tokens but not to stop after them), ``messages`` (a conversation in the processor's
+format; ``"truncated": true`` on an assistant message means the same), ``task`` (restricts the row to
+one task), ``words`` / ``sentences`` (timings in seconds within ``audio``, for interleaving). Any other
+field is an error naming the closest known one (a typo such as ``txt`` would otherwise train on rows
+without text); ``allow_extra_fields`` (``speechlm prepare --allow-extra-fields``,
+``data.allow_extra_fields``) ignores them, for data that carries its own bookkeeping. Dataset columns
+are not checked: a dataset has its own.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ TASK_NAMES = ("asr", "tts", "continuation", "s2t_instruct", "s2s_chain", "interl
 TEXT_FIELDS = ("text", "answer")
 AUDIO_FIELDS = ("audio", "answer_audio")
 TIMING_FIELDS = ("words", "sentences")
-MANIFEST_FIELDS = ("id", *TEXT_FIELDS, *AUDIO_FIELDS, "messages", "task", *TIMING_FIELDS)
+MANIFEST_FIELDS = ("id", *TEXT_FIELDS, "answer_truncated", *AUDIO_FIELDS, "messages", "task", *TIMING_FIELDS)
 
 
 class ManifestError(ValueError):
@@ -56,6 +59,7 @@ class Example:
     text: str | None = None
     answer: str | None = None
     answer_audio: Any = None
+    answer_truncated: bool = False  # the answer stops where its generation was cut, not where it ends
     messages: list[dict] | None = None
     task: str | None = None
     words: list[Span] | None = None
@@ -102,6 +106,10 @@ def parse_row(row: Mapping[str, Any], *, base_dir: Path | None, where: str,
         if value is not None and not isinstance(value, str):
             bad(name, f"expected a string, got {type(value).__name__}")
         values[name] = value
+    truncated = row.get("answer_truncated")
+    if truncated is not None and not isinstance(truncated, bool):
+        bad("answer_truncated", f"expected true or false, got {truncated!r:.40}")
+    values["answer_truncated"] = bool(truncated)
     for name in AUDIO_FIELDS:
         values[name] = _audio_field(row.get(name), base_dir, lambda message, n=name: bad(n, message))
     task = row.get("task")
@@ -227,7 +235,12 @@ def _messages(value: Any, base_dir: Path | None, bad) -> list[dict] | None:
         elif not isinstance(content, str):
             bad(f"message {turn}: content must be a string or a list of parts, got {type(content).__name__}")
             return None
-        messages.append({"role": message["role"], "content": content})
+        truncated = message.get("truncated", False)
+        if not isinstance(truncated, bool) or (truncated and message["role"] != "assistant"):
+            bad(f"message {turn}: 'truncated' is true or false, on an assistant message; got {truncated!r:.40} "
+                f"on a {message['role']!r} message")
+            return None
+        messages.append({"role": message["role"], "content": content, **({"truncated": True} if truncated else {})})
     if not any(message["role"] == "assistant" for message in messages):
         bad("has no assistant message, so there is nothing to learn")
         return None

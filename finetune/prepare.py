@@ -28,12 +28,18 @@ import numpy as np
 import torch
 
 from speechlm.finetune.examples import Example
-from speechlm.finetune.prepared import CHUNKS_DIR, PREPARE_RECORD, REPORT_NAME, row_schema, to_record
+from speechlm.finetune.prepared import (
+    CHUNKS_DIR,
+    FORMAT_VERSION,
+    PREPARE_RECORD,
+    REPORT_NAME,
+    row_schema,
+    to_record,
+)
 from speechlm.finetune.sources import load_examples
 from speechlm.speech_io.audio import AudioError, load_audio
 
 LAYER_CHOICES = ("1", "all")
-FORMAT_VERSION = 1
 
 
 class PrepareError(ValueError):

@@ -16,6 +16,7 @@ from speechlm.finetune.examples import Example, ManifestError, Span
 PREPARE_RECORD = "prepare.json"
 REPORT_NAME = "report.json"
 CHUNKS_DIR = "chunks"
+FORMAT_VERSION = 2  # 2: rows say whether their answer was truncated (`Example.answer_truncated`)
 
 
 def load_prepared(directory: str | os.PathLike) -> list[Example]:
@@ -26,6 +27,9 @@ def load_prepared(directory: str | os.PathLike) -> list[Example]:
         raise ManifestError(f"{directory}: preparation is not finished (no {REPORT_NAME}); run speechlm prepare "
                             f"again to complete it")
     settings = json.loads((directory / PREPARE_RECORD).read_text())
+    if settings.get("format") != FORMAT_VERSION:
+        raise ManifestError(f"{directory}: prepared in format {settings.get('format')}, this speechlm reads format "
+                            f"{FORMAT_VERSION}; run speechlm prepare again into a new folder")
     examples = []
     for row in prepared_dataset(directory):
         examples.append(from_record(row, settings["unit_rate"], f"{directory} id {row['id']}"))
@@ -45,7 +49,7 @@ def prepared_dataset(directory: str | os.PathLike):
 
 def to_record(example: Example) -> dict[str, Any]:
     record: dict[str, Any] = {"id": example.id, "text": example.text, "answer": example.answer,
-                              "task": example.task, "where": example.where}
+                              "answer_truncated": example.answer_truncated, "task": example.task, "where": example.where}
     for name in ("audio", "answer_audio"):
         value = getattr(example, name)
         record[name], record[f"{name}_bytes"] = None, None
@@ -73,7 +77,7 @@ def from_record(row: dict[str, Any], unit_rate: int, where: str) -> Example:
         return None if row.get(name) is None else [Span(**item) for item in json.loads(row[name])]
 
     return Example(id=row["id"], audio=audio("audio"), text=row["text"], answer=row["answer"],
-                   answer_audio=audio("answer_audio"),
+                   answer_truncated=bool(row["answer_truncated"]), answer_audio=audio("answer_audio"),
                    messages=None if row["messages"] is None else json.loads(row["messages"]),
                    task=row["task"], words=spans("words"), sentences=spans("sentences"),
                    num_samples=row["num_samples"], answer_num_samples=row["answer_num_samples"],
@@ -87,7 +91,7 @@ def row_schema():
     units = pa.list_(pa.int32())
     return pa.schema([
         ("id", pa.string()), ("where", pa.string()), ("text", pa.string()), ("answer", pa.string()),
-        ("task", pa.string()), ("messages", pa.string()), ("words", pa.string()), ("sentences", pa.string()),
+        ("answer_truncated", pa.bool_()), ("task", pa.string()), ("messages", pa.string()), ("words", pa.string()), ("sentences", pa.string()),
         ("audio", pa.string()), ("audio_bytes", pa.binary()), ("num_samples", pa.int64()),
         ("answer_audio", pa.string()), ("answer_audio_bytes", pa.binary()), ("answer_num_samples", pa.int64()),
         ("units", units), ("answer_units", units), ("units_all", pa.list_(units)),

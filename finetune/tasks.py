@@ -9,7 +9,7 @@ by a seeded ``random.Random`` so that a sample renders the same every time.
 | ``asr`` | speech + instruction | transcript |
 | ``tts`` | instruction + text | units of the speech |
 | ``continuation`` | instruction + first units | the remaining units |
-| ``s2t_instruct`` | the spoken request alone, as a user asks (or the row's own ``messages``) | text answer |
+| ``s2t_instruct`` | the spoken request alone, as a user asks (or the row's own ``messages``) | text answer (a truncated one without its end of turn) |
 | ``s2s_chain`` | spoken instruction | text answer, then units of the spoken answer (SpeechGPT) |
 | ``interleaved`` | first span | the rest: text and unit spans alternating at word/sentence boundaries (SpiRit-LM) |
 | ``text`` | first part of a text (or the row's text-only ``messages``) | the rest |
@@ -106,8 +106,10 @@ def with_prompt(speech: dict, instruction: str, rng: random.Random) -> list[dict
     return [speech, text_part(instruction)] if rng.random() < 0.5 else [text_part(instruction), speech]
 
 
-def chat(user: list[dict] | str, assistant: list[dict] | str) -> Conversation:
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+def chat(user: list[dict] | str, assistant: list[dict] | str, *, truncated: bool = False) -> Conversation:
+    """A user turn and the assistant's; a ``truncated`` answer is learnt without its end of turn."""
+    return [{"role": "user", "content": user},
+            {"role": "assistant", "content": assistant, **({"truncated": True} if truncated else {})}]
 
 
 def has_audio_parts(messages: list[dict] | None) -> bool:
@@ -135,7 +137,8 @@ def render_continuation(example: Example, rng: random.Random, settings: RenderSe
 def render_s2t_instruct(example: Example, rng: random.Random, settings: RenderSettings) -> Conversation:
     if example.messages is not None:
         return example.messages
-    return chat(with_prompt(speech_part(example, settings), prompt("s2t_instruct", rng), rng), example.answer)
+    return chat(with_prompt(speech_part(example, settings), prompt("s2t_instruct", rng), rng), example.answer,
+                truncated=example.answer_truncated)
 
 
 def render_s2s_chain(example: Example, rng: random.Random, settings: RenderSettings) -> Conversation:

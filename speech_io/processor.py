@@ -6,6 +6,9 @@ A conversation is a list of ``{"role", "content"}`` messages. ``content`` is a s
 - ``{"type": "audio", "audio": <path | bytes | array (+ "sampling_rate") | {"array", "sampling_rate"}>}``
 - ``{"type": "units", "units": [k, ...]}``: codec units, e.g. a spoken answer to learn (TTS targets)
 
+An assistant message with ``"truncated": True`` is text cut where its generation hit a length limit: for
+training, its tokens are labels and its end of turn is not.
+
 Audio parts become, per ``speech_input``, either ``<|audio|>`` placeholders, exactly as many as the
 Whisper encoder + projector emit for that clip (``continuous``), or the clip's first-layer codec units
 between ``<|speech_start|>`` and ``<|speech_end|>`` (``discrete``).
@@ -331,20 +334,25 @@ class SpeechLMProcessor:
                 raise ValueError(f"{label}: unknown part {part!r:.80}; expected type 'text', 'audio' or 'units'")
         return {**message, "content": "".join(pieces)}
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, *, open_end: bool = False) -> str:
+        """The conversation as text; ``open_end``: its last message left open (no end of turn after it)."""
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=open_end)
 
     def _tokenize(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         """Token ids and labels: each assistant turn is the difference between the conversation rendered
-        up to it (with a generation prompt) and rendered through it, so any chat template works."""
+        up to it (with a generation prompt) and rendered through it, so any chat template works. A turn
+        marked ``truncated`` (its text stops where a generation was cut) is rendered open: its end of turn
+        gets no label, so the model does not learn to stop there."""
         segments: list[tuple[str, bool]] = []
         done = ""
         for turn, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
             prompt = self._render(messages[:turn], add_generation_prompt=True)
-            full = self._render(messages[: turn + 1], add_generation_prompt=False)
+            full = self._render(messages[: turn + 1], add_generation_prompt=False,
+                                open_end=bool(message.get("truncated")))
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise ValueError("the chat template does not render conversations prefix by prefix, so assistant "
                                  "turns cannot be located for labels; use a template that does")

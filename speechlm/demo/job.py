@@ -38,6 +38,7 @@ from speechlm.evaluation import (
     transcribe,
 )
 from speechlm.finetune.examples import read_jsonl
+from speechlm.finetune.prepared import FORMAT_VERSION
 from speechlm.finetune.trainer import TrainingClock
 
 # Metrics in the report: (eval set, task, total) and whether lower is better.
@@ -133,7 +134,9 @@ def units_dir(manifest: Path, codec: Path) -> Path:
     # (the vocoder's training minutes among them); none changes what the encoder gives.
     codec_files = "".join(f"{path.name}={sha256_of(path)}" for path in sorted(codec.iterdir())
                           if path.is_file() and path.name not in ("README.md", STAMP))
-    digest = hashlib.sha256(manifest.read_bytes() + codec_files.encode()).hexdigest()[:12]
+    # The prepared format too: a folder an older speechlm prepared is prepared anew beside it, not refused.
+    stamp = f"{codec_files}format={FORMAT_VERSION}"
+    digest = hashlib.sha256(manifest.read_bytes() + stamp.encode()).hexdigest()[:12]
     return manifest.with_name(f"{manifest.stem}-{digest}")
 
 

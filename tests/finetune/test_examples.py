@@ -55,6 +55,27 @@ def test_bad_rows_are_reported_together_with_file_line_and_field(tmp_path):
     assert f"{manifest} line 7, field 'messages': has no assistant message" in message
 
 
+def test_a_truncated_answer_is_a_flag_on_the_row_or_on_an_assistant_message(tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", [
+        {"id": "a", "audio": "a.wav", "answer": "It is a long", "answer_truncated": True},
+        {"id": "b", "audio": "a.wav", "answer": "Yes."},
+        {"id": "c", "messages": [{"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": "Hello, I", "truncated": True}]},
+    ])
+    a, b, c = read_manifest(manifest)
+    assert a.answer_truncated and not b.answer_truncated
+    assert c.messages[1]["truncated"] is True and "truncated" not in c.messages[0]
+    bad = write_manifest(tmp_path / "bad.jsonl", [
+        {"id": "a", "audio": "a.wav", "answer": "x", "answer_truncated": "yes"},
+        {"id": "b", "messages": [{"role": "user", "content": "hi", "truncated": True},
+                                 {"role": "assistant", "content": "x"}]},
+    ])
+    with pytest.raises(ManifestError) as info:
+        read_manifest(bad)
+    assert "line 1, field 'answer_truncated': expected true or false, got 'yes'" in str(info.value)
+    assert "line 2, field 'messages': message 0: 'truncated' is true or false, on an assistant message" in str(info.value)
+
+
 def test_an_unknown_field_names_the_closest_known_one_unless_extras_are_allowed(tmp_path):
     manifest = write_manifest(tmp_path / "m.jsonl", [
         {"id": "a", "audio": "a.wav", "text": "fine"},

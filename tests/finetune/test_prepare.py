@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from speechlm.finetune.examples import ManifestError
 from speechlm.finetune.prepare import PrepareError, prepare
 from speechlm.finetune.prepared import load_prepared, prepared_dataset
 
@@ -130,6 +131,26 @@ def test_an_output_dir_belongs_to_one_source(prepared, demo_codec, tmp_path):
     other.write_text(json.dumps({"id": "x", "text": "just text"}) + "\n")
     with pytest.raises(PrepareError, match="was prepared with other source_hash"):
         prepare(other, demo_codec, prepared, chunk_size=5, progress=False)
+
+
+def test_a_truncated_answer_survives_preparation(demo_corpus, demo_codec, tmp_path):
+    rows = [json.loads(line) for line in demo_corpus.read_text().splitlines()][:3]
+    rows[2] = {**rows[2], "answer": "It is a long", "answer_truncated": True}
+    manifest = tmp_path / "m.jsonl"
+    for row in rows:  # paths from the new manifest's folder
+        row.update({name: str(demo_corpus.parent / row[name]) for name in ("audio", "answer_audio") if name in row})
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prepare(manifest, demo_codec, tmp_path / "out", chunk_size=5, progress=False)
+    assert [e.answer_truncated for e in load_prepared(tmp_path / "out")] == [False, False, True]
+
+
+def test_a_folder_in_an_older_format_is_named_not_misread(prepared, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(prepared, old)
+    record = json.loads((old / "prepare.json").read_text())
+    (old / "prepare.json").write_text(json.dumps({**record, "format": 1}))
+    with pytest.raises(ManifestError, match=rf"{old}: prepared in format 1, this speechlm reads format 2"):
+        load_prepared(old)
 
 
 def test_all_layers(demo_corpus, demo_codec, tmp_path):

@@ -69,6 +69,11 @@ def test_s2t_instruct_learns_the_answer_or_the_rows_own_assistant_turns(processo
     assert out == "A<|im_end|>\nB<|im_end|>\n" and "more" in prompt
 
 
+def test_s2t_instruct_learns_a_truncated_answer_without_its_end_of_turn(processor):
+    out, _, _ = run("s2t_instruct", processor, example(answer="Paris is the capital of", answer_truncated=True))
+    assert out == "Paris is the capital of"  # the backbone's answer went on: the model must not learn to stop
+
+
 def test_s2s_chain_learns_text_then_speech(processor):
     answer_units = [3, 4, 5]
     out, prompt, _ = run("s2s_chain", processor, example(answer="Yes.", answer_units=answer_units))

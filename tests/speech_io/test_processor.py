@@ -76,6 +76,28 @@ def test_training_labels_cover_only_the_assistant_turns(processor):
     assert processor.decode(ids[0][-1:]) == "\n"  # no generation prompt when training
 
 
+@pytest.mark.parametrize("template", ["tokenizer's", "plain"])
+def test_a_truncated_answer_is_learnt_without_its_end_of_turn(processor, template):
+    if template == "plain":
+        processor.tokenizer.chat_template = None
+    question = [{"role": "user", "content": "Tell me"}]
+    whole = processor([question + [{"role": "assistant", "content": "It was a long"}]], return_labels=True)
+    cut = processor([question + [{"role": "assistant", "content": "It was a long", "truncated": True}]],
+                    return_labels=True)
+    trained = cut["input_ids"][0][cut["labels"][0] != IGNORE_INDEX]
+    assert processor.decode(trained) == "It was a long"  # no end of turn to learn
+    # the same tokens as the whole answer's, which only adds the labelled end of turn
+    width = cut["input_ids"].shape[1]
+    assert torch.equal(whole["input_ids"][0, :width], cut["input_ids"][0])
+    end = whole["labels"][0][whole["labels"][0] != IGNORE_INDEX][len(trained):]
+    assert processor.decode(end).startswith("<|im_end|>")
+    # a later turn after a truncated one still gets its labels
+    more = processor([question + [{"role": "assistant", "content": "It was", "truncated": True},
+                                  {"role": "user", "content": "Go on"}, {"role": "assistant", "content": "a dog."}]],
+                     return_labels=True)
+    assert processor.decode(more["input_ids"][0][more["labels"][0] != IGNORE_INDEX]) == "It wasa dog.<|im_end|>\n"
+
+
 def test_plain_template_without_a_chat_template(processor):
     processor.tokenizer.chat_template = None
     assert processor.chat_template == PLAIN_CHAT_TEMPLATE
