@@ -240,7 +240,8 @@ def _messages(value: Any, base_dir: Path | None, bad) -> list[dict] | None:
             bad(f"message {turn}: 'truncated' is true or false, on an assistant message; got {truncated!r:.40} "
                 f"on a {message['role']!r} message")
             return None
-        messages.append({"role": message["role"], "content": content, **({"truncated": True} if truncated else {})})
+        messages.append({"role": message["role"], "content": content,
+                         **({"truncated": True} if truncated else {})})
     if not any(message["role"] == "assistant" for message in messages):
         bad("has no assistant message, so there is nothing to learn")
         return None

@@ -49,7 +49,8 @@ def prepared_dataset(directory: str | os.PathLike):
 
 def to_record(example: Example) -> dict[str, Any]:
     record: dict[str, Any] = {"id": example.id, "text": example.text, "answer": example.answer,
-                              "answer_truncated": example.answer_truncated, "task": example.task, "where": example.where}
+                              "answer_truncated": example.answer_truncated, "task": example.task,
+                              "where": example.where}
     for name in ("audio", "answer_audio"):
         value = getattr(example, name)
         record[name], record[f"{name}_bytes"] = None, None
@@ -91,7 +92,8 @@ def row_schema():
     units = pa.list_(pa.int32())
     return pa.schema([
         ("id", pa.string()), ("where", pa.string()), ("text", pa.string()), ("answer", pa.string()),
-        ("answer_truncated", pa.bool_()), ("task", pa.string()), ("messages", pa.string()), ("words", pa.string()), ("sentences", pa.string()),
+        ("answer_truncated", pa.bool_()), ("task", pa.string()), ("messages", pa.string()),
+        ("words", pa.string()), ("sentences", pa.string()),
         ("audio", pa.string()), ("audio_bytes", pa.binary()), ("num_samples", pa.int64()),
         ("answer_audio", pa.string()), ("answer_audio_bytes", pa.binary()), ("answer_num_samples", pa.int64()),
         ("units", units), ("answer_units", units), ("units_all", pa.list_(units)),
