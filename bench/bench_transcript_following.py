@@ -7,10 +7,15 @@ computes it. Choose the bias on the held-out split; the ood split shows what it 
 
     python bench/bench_transcript_following.py --job /tmp/exp/reader6 --biases 0,2,5,8
     python bench/bench_transcript_following.py --job /tmp/exp/reader6 --biases 5 --reader-prompt "Anna, Priya."
+    python bench/bench_transcript_following.py --job /tmp/exp/np61 --biases 5,8,12 \\
+        --readings /tmp/democache/readings-full.safetensors --manifests questions-A.jsonl,questions-B.jsonl
 
 ``--reader-prompt`` gives the trained model's reader another prompt (``projector_config.reader_prompt``;
 "" for none), ``--reader-beam`` another beam, ``--reader-silence`` another padding and ``--reader-lm-weight``
 another weight for the backbone's ranking of the beam, without training again: the reader is frozen Whisper, so only its transcripts change.
+``--manifests`` adds ASR manifests of clips neither split holds (a check of a bias chosen on the splits);
+``--readings`` loads the job's readings file (the job's cache: `ReadingCache`), so clips it read are not read again;
+``--lm-dtype`` is the LM's weights while transcribing (bfloat16, as the job evaluates ASR).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from speechlm.adapters.reading_cache import ReadingCache
 from speechlm.demo.job import load_trained
 from speechlm.evaluation import EvalSettings, evaluate, read_eval_manifest
 from speechlm.finetune.metrics import word_errors
@@ -45,6 +51,9 @@ def main() -> None:
     parser.add_argument("--job", required=True, help="a quick-start job's --out folder (model/ and eval-data/)")
     parser.add_argument("--biases", default="0,2,5,8", help="asr_follow_transcript values, comma-separated")
     parser.add_argument("--splits", default="heldout,ood", help="the job's ASR splits")
+    parser.add_argument("--manifests", default="", help="more ASR manifests (JSONL: id, audio, text), comma-separated")
+    parser.add_argument("--readings", help="a readings file the job kept (CACHE/readings-full.safetensors)")
+    parser.add_argument("--lm-dtype", default="bfloat16", help="the LM's weights while transcribing (the job's: bfloat16)")
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--reader-prompt", help="the reader's prompt for this run (\"\": none; default: the model's)")
     parser.add_argument("--reader-beam", type=int, help="the reader's beam size for this run (1: greedy; default: the model's)")
@@ -63,9 +72,14 @@ def main() -> None:
         model.audio_reader.silence_frames = round(args.reader_silence * 100)
     if args.reader_lm_weight is not None:
         model.config.projector_config.reader_lm_weight = model.audio_reader.lm_weight = args.reader_lm_weight
+    if args.readings:
+        model.reading_cache = ReadingCache()
+        print(f"{model.reading_cache.load(args.readings)} readings loaded from {args.readings}", flush=True)
+    manifests = {split: Path(args.job) / "eval-data" / f"asr-{split}.jsonl" for split in args.splits.split(",") if split}
+    manifests |= {Path(path).stem: Path(path) for path in args.manifests.split(",") if path}
     figures: dict[str, dict] = {}
-    for split in args.splits.split(","):
-        items = read_eval_manifest(Path(args.job) / "eval-data" / f"asr-{split}.jsonl", "asr")
+    for split, manifest in manifests.items():
+        items = read_eval_manifest(manifest, "asr")
         start = time.perf_counter()
         figures[f"{split}/reader"], transcripts = reader_wer(model, processor, items, args.batch_size)
         figures[f"{split}/reader"]["transcripts"] = [{"id": item.id, "reference": item.fields["text"],
@@ -74,7 +88,8 @@ def main() -> None:
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         for bias in (float(b) for b in args.biases.split(",") if b):
             start = time.perf_counter()
-            settings = EvalSettings(batch_size=args.batch_size, max_new_tokens=64, asr_follow_transcript=bias)
+            settings = EvalSettings(batch_size=args.batch_size, max_new_tokens=64, asr_follow_transcript=bias,
+                                    lm_dtype=args.lm_dtype)
             totals, records = evaluate(model, processor, "asr", items, settings)
             figures[f"{split}/follow={bias:g}"] = totals | {"hypotheses": [record["hypothesis"] for record in records]}
             print(f"{split} follow {bias:g}: WER {totals['wer']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
