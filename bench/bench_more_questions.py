@@ -18,7 +18,10 @@ trained on concise answers, says ~25, and "contains" rewards a long answer's ext
 (the answer starts with the typed answer's first 10 words), and the paired counts spoken-right-cascade-wrong
 / spoken-wrong-cascade-right with an exact two-sided sign test, so a difference is read against its noise.
 ``--base-weights`` asks the spoken questions with the backbone's LoRA off (the projector and reader as trained):
-what LoRA on the clip does to the answers. ``--from-json`` prints the tables of an earlier run's items again.
+what LoRA on the clip does to the answers. ``--untrained`` asks them with the projector initialized again
+as the recipe builds it (normal(0, 0.02) linears, unit norms; seeded): the same reader and backbone (and
+LoRA, if any) with frames that carry nothing learned, the control for what training the projector did.
+``--from-json`` prints the tables of an earlier run's items again.
 
     HF_HUB_OFFLINE=1 python bench/bench_more_questions.py --job /tmp/exp/np55 --cache /tmp/democache \\
         --out /tmp/exp/np55/more-questions.json
@@ -146,6 +149,16 @@ def print_tables(figures: dict[str, dict]) -> None:
           f"{every['questions']}; mean words an answer: {every['mean_words']}")
 
 
+def untrain_projector(model, seed: int = 0) -> None:
+    """The projector's weights as the recipe's freshly built model has them (its init, seeded)."""
+    torch.manual_seed(seed)
+    for module in model.multi_modal_projector.modules():
+        if isinstance(module, torch.nn.Linear):
+            model._init_weights(module)
+        elif isinstance(module, torch.nn.RMSNorm):
+            module.reset_parameters()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", required=True, help="a quick-start job's --out folder (its model/ is asked)")
@@ -155,6 +168,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the per-clip voice settings' seed")
     parser.add_argument("--out", help="write the figures and every item here (JSON)")
     parser.add_argument("--base-weights", action="store_true", help="the spoken questions with the LoRA off")
+    parser.add_argument("--untrained", action="store_true",
+                        help="the projector initialized again (untrained); reader and backbone as they are")
     parser.add_argument("--from-json", help="print the tables of an earlier run's --out again (nothing runs)")
     args = parser.parse_args()
     if args.from_json:
@@ -176,6 +191,8 @@ def main() -> None:
     seconds = {"synthesis": round(time.perf_counter() - start, 1)}
 
     model, processor = load_trained(Path(args.job) / "model")
+    if args.untrained:
+        untrain_projector(model)
     settings = JobSettings().eval_settings("qa")
     start = time.perf_counter()
     with base_weights(model) if args.base_weights else contextlib.nullcontext():
@@ -198,7 +215,8 @@ def main() -> None:
                      "cascade_as_typed": answers_start_alike(answer, result["text_answer"]),
                      "spoken_answer": result["speech_answer"], "typed_answer": result["text_answer"],
                      "whisper_heard": text, "cascade_answer": answer})
-    report = {"job": str(args.job), "base_weights": args.base_weights, "seconds": seconds, "whisper_wer": whisper_wer,
+    report = {"job": str(args.job), "base_weights": args.base_weights, "untrained": args.untrained,
+              "seconds": seconds, "whisper_wer": whisper_wer,
               "summary": {name: summary(group) for name, group in groups(rows).items()}, "items": rows}
     print_tables(report["summary"])
     print(f"Whisper base's WER on the questions: {whisper_wer:.2%}; seconds: {seconds}")

@@ -14,7 +14,7 @@ computes it. Choose the bias on the held-out split; the ood split shows what it 
 "" for none), ``--reader-beam`` another beam, ``--reader-silence`` another padding and ``--reader-lm-weight``
 another weight for the backbone's ranking of the beam, without training again: the reader is frozen Whisper, so only its transcripts change.
 ``--manifests`` adds ASR manifests of clips neither split holds (a check of a bias chosen on the splits);
-``--readings`` loads the job's readings file (the job's cache: `ReadingCache`), so clips it read are not read again;
+``--readings`` loads the job's readings file (`ReadingCache`), so that clips the job read are not read again;
 ``--lm-dtype`` is the LM's weights while transcribing (bfloat16, as the job evaluates ASR).
 """
 
@@ -51,9 +51,11 @@ def main() -> None:
     parser.add_argument("--job", required=True, help="a quick-start job's --out folder (model/ and eval-data/)")
     parser.add_argument("--biases", default="0,2,5,8", help="asr_follow_transcript values, comma-separated")
     parser.add_argument("--splits", default="heldout,ood", help="the job's ASR splits")
-    parser.add_argument("--manifests", default="", help="more ASR manifests (JSONL: id, audio, text), comma-separated")
+    parser.add_argument("--manifests", default="",
+                        help="more ASR manifests (JSONL: id, audio, text), comma-separated")
     parser.add_argument("--readings", help="a readings file the job kept (CACHE/readings-full.safetensors)")
-    parser.add_argument("--lm-dtype", default="bfloat16", help="the LM's weights while transcribing (the job's: bfloat16)")
+    parser.add_argument("--lm-dtype", default="bfloat16",
+                        help="the LM's weights while transcribing (the job's: bfloat16)")
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--reader-prompt", help="the reader's prompt for this run (\"\": none; default: the model's)")
     parser.add_argument("--reader-beam", type=int, help="the reader's beam size for this run (1: greedy; default: the model's)")
@@ -75,7 +77,8 @@ def main() -> None:
     if args.readings:
         model.reading_cache = ReadingCache()
         print(f"{model.reading_cache.load(args.readings)} readings loaded from {args.readings}", flush=True)
-    manifests = {split: Path(args.job) / "eval-data" / f"asr-{split}.jsonl" for split in args.splits.split(",") if split}
+    manifests = {split: Path(args.job) / "eval-data" / f"asr-{split}.jsonl"
+                 for split in args.splits.split(",") if split}
     manifests |= {Path(path).stem: Path(path) for path in args.manifests.split(",") if path}
     figures: dict[str, dict] = {}
     for split, manifest in manifests.items():

@@ -68,8 +68,8 @@ class EvalSettings:
     batch_size: int = field(default=8, metadata={"help": "items per generate / scoring call"})
     max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "longest text response"})
     asr_prompt: str = field(default="Transcribe the audio.", metadata={"help": "instruction beside the clip"})
-    # 12, not 5: the quick start's frozen backbone left the reader's transcript only to make it worse (12 of 12
-    # departures on its held-out clips, 2 runs), and a LoRA-tuned one's held-out name fixes cost as many words ood
+    # 12, not 5: the quick start's frozen backbone left the reader's transcript mostly to make it worse (10
+    # of its 11 departures on the held-out clips); a LoRA-tuned one's held-out name fixes cost as many ood
     asr_follow_transcript: float = field(default=12.0, metadata={
         "help": "asr, a model with a reader: log-odds the next token of the reader's transcript gains (0: the LM "
                 "alone)"})
