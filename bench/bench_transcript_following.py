@@ -34,14 +34,15 @@ from speechlm.finetune.metrics import word_errors
 from speechlm.responding import reader_transcripts
 
 
-def reader_wer(model, processor, items, batch_size: int) -> tuple[dict, list[str]]:
-    """The reader's transcripts alone against the references, and the transcripts."""
+def reader_wer(model, processor, items, batch_size: int, lm_dtype: str) -> tuple[dict, list[str]]:
+    """The reader's transcripts alone against the references, and the transcripts: with the backbone that ranks
+    the beam in ``lm_dtype``, as the evaluation reads them (and keeps them, under those weights)."""
     hypotheses = []
     for start in range(0, len(items), batch_size):
         chunk = items[start: start + batch_size]
         inputs = processor([[{"role": "user", "content": [{"type": "audio", "audio": item.fields["audio"]}]}]
                             for item in chunk])
-        with torch.inference_mode():
+        with torch.inference_mode(), model.language_model_in(lm_dtype):
             hypotheses += [processor.tokenizer.decode(ids) for ids in reader_transcripts(model, processor, inputs)]
     return word_errors([item.fields["text"] for item in items], hypotheses).to_dict(), hypotheses
 
@@ -81,21 +82,22 @@ def main() -> None:
                  for split in args.splits.split(",") if split}
     manifests |= {Path(path).stem: Path(path) for path in args.manifests.split(",") if path}
     figures: dict[str, dict] = {}
-    for split, manifest in manifests.items():
-        items = read_eval_manifest(manifest, "asr")
-        start = time.perf_counter()
-        figures[f"{split}/reader"], transcripts = reader_wer(model, processor, items, args.batch_size)
-        figures[f"{split}/reader"]["transcripts"] = [{"id": item.id, "reference": item.fields["text"],
-                                                      "transcript": text} for item, text in zip(items, transcripts, strict=True)]
-        print(f"{split} reader alone: WER {figures[f'{split}/reader']['rate']:.4f} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
-        for bias in (float(b) for b in args.biases.split(",") if b):
+    with model.keeping_readings():  # each clip read once: for the reader's WER, then every bias follows it
+        for split, manifest in manifests.items():
+            items = read_eval_manifest(manifest, "asr")
             start = time.perf_counter()
-            settings = EvalSettings(batch_size=args.batch_size, max_new_tokens=64, asr_follow_transcript=bias,
-                                    lm_dtype=args.lm_dtype)
-            totals, records = evaluate(model, processor, "asr", items, settings)
-            figures[f"{split}/follow={bias:g}"] = totals | {"hypotheses": [record["hypothesis"] for record in records]}
-            print(f"{split} follow {bias:g}: WER {totals['wer']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            figures[f"{split}/reader"], transcripts = reader_wer(model, processor, items, args.batch_size, args.lm_dtype)
+            figures[f"{split}/reader"]["transcripts"] = [{"id": item.id, "reference": item.fields["text"],
+                                                          "transcript": text} for item, text in zip(items, transcripts, strict=True)]
+            print(f"{split} reader alone: WER {figures[f'{split}/reader']['rate']:.4f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            for bias in (float(b) for b in args.biases.split(",") if b):
+                start = time.perf_counter()
+                settings = EvalSettings(batch_size=args.batch_size, max_new_tokens=64, asr_follow_transcript=bias,
+                                        lm_dtype=args.lm_dtype)
+                totals, records = evaluate(model, processor, "asr", items, settings)
+                figures[f"{split}/follow={bias:g}"] = totals | {"hypotheses": [record["hypothesis"] for record in records]}
+                print(f"{split} follow {bias:g}: WER {totals['wer']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
 
