@@ -148,6 +148,18 @@ def prepare(manifest: str, codec: str, out: str, layers: str, batch_size: int, c
     return report
 
 
+def answer(manifest: str, backbone: str, out: str, settings: dict, overwrite: bool, allow_extra_fields: bool,
+           device: str | None, dtype: str | None) -> object:
+    """Write the manifest to ``out`` with the backbone's greedy answer to each row's text as its ``answer``:
+    spoken-instruction data (``s2t_instruct``) that teaches the adapter what the backbone does with the text."""
+    from speechlm.finetune.self_answers import AnswerSettings, answer_manifest
+
+    report = answer_manifest(manifest, out, backbone, AnswerSettings(**settings), overwrite=overwrite,
+                             allow_extra_fields=allow_extra_fields, device=device, dtype=dtype)
+    print(report.summary())
+    return report
+
+
 def train(config: str, overrides: list[str]) -> Path:
     """Run a training recipe (YAML + ``key.sub=value`` overrides); plain, or under accelerate/torchrun/deepspeed."""
     from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
@@ -419,6 +431,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore manifest fields speechlm does not know (by default each is an error naming it)")
     p.set_defaults(run=lambda a: prepare(a.manifest, a.codec, a.out, a.layers, a.batch_size, a.chunk_size,
                                          a.max_bad_fraction, a.allow_extra_fields))
+
+    p = commands.add_parser("answer", help="add the backbone's own answer to each row's text (spoken-instruction "
+                                           "data without labels)")
+    p.add_argument("manifest", help="JSONL manifest whose rows' 'text' the backbone answers")
+    p.add_argument("--backbone", required=True, help="the text LM the SpeechLM is built on (a directory or Hub id)")
+    p.add_argument("--out", required=True, help="the answered manifest to write (JSONL); a re-run resumes there")
+    p.add_argument("--system-prompt", help="the system turn before each text: the training recipe's "
+                                           "data.system_prompt (default: the chat template's own)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="an answer's bound (a longer one is cut to its "
+                                                                  "complete sentences and marked answer_truncated)")
+    p.add_argument("--batch-size", type=int, default=32, help="texts of one token length answered together")
+    p.add_argument("--overwrite", action="store_true", help="replace the answers rows already have")
+    p.add_argument("--allow-extra-fields", action="store_true",
+                   help="ignore manifest fields speechlm does not know (by default each is an error naming it)")
+    p.add_argument("--device", help="torch device for the backbone (default: the CPU)")
+    p.add_argument("--dtype", help="load the backbone's weights as this dtype (e.g. bfloat16; default: float32)")
+    p.set_defaults(run=lambda a: answer(a.manifest, a.backbone, a.out, dict(
+        system_prompt=a.system_prompt, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size), a.overwrite,
+        a.allow_extra_fields, a.device, a.dtype))
 
     p = commands.add_parser("train", help="run a training recipe (YAML + key.sub=value overrides)")
     p.add_argument("config", help="training recipe YAML, e.g. configs/tiny/train.yaml")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from speechlm.demo import texts
+from speechlm.finetune.self_answers import AnswerSettings, greedy_answers
 
 if TYPE_CHECKING:
     from speechlm.demo.corpus import CorpusSize
@@ -191,29 +192,17 @@ class BackboneWriter:
                                              return_dict=True)["input_ids"]
 
     def answers(self, prompts: Sequence[str]) -> list[tuple[str, bool]]:
-        """(answer, whether it ended by itself) per prompt: greedy, at most `ANSWER_MAX_NEW_TOKENS`."""
+        """(answer, whether it ended by itself) per prompt: greedy, at most `ANSWER_MAX_NEW_TOKENS`
+        (`finetune.self_answers`, what `speechlm answer` writes into a user's manifest)."""
         key = f"answer|system={ANSWER_SYSTEM_PROMPT!r}|{{}}".format
         missing = sorted({p for p in prompts if key(p) not in self.cache})
         if missing:
-            import torch
-
             model, tokenizer = self._load()
-            by_length: dict[int, list[tuple[str, list[int]]]] = {}
-            for prompt in missing:
-                ids = self._prompt_ids(prompt, ANSWER_SYSTEM_PROMPT)
-                by_length.setdefault(len(ids), []).append((prompt, ids))
-            for group in by_length.values():
-                for start in range(0, len(group), self.batch_size):
-                    batch = group[start:start + self.batch_size]
-                    input_ids = torch.tensor([ids for _, ids in batch])
-                    with torch.no_grad():
-                        generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                                   max_new_tokens=ANSWER_MAX_NEW_TOKENS, do_sample=False)
-                    for (prompt, _), row in zip(batch, generated[:, input_ids.shape[1]:], strict=True):
-                        complete = bool((row == tokenizer.eos_token_id).any())
-                        self.cache[key(prompt)] = [_clean_answer(tokenizer.decode(
-                            row, skip_special_tokens=True), complete), complete]
-                    self._save()
+            settings = AnswerSettings(system_prompt=ANSWER_SYSTEM_PROMPT, max_new_tokens=ANSWER_MAX_NEW_TOKENS,
+                                      batch_size=self.batch_size)
+            for batch in greedy_answers(model, tokenizer, missing, settings):
+                self.cache.update({key(prompt): [answer, complete] for prompt, answer, complete in batch})
+                self._save()
         return [tuple(self.cache[key(p)]) for p in prompts]
 
     def sentences(self, count: int, seed: int) -> list[str]:
@@ -300,13 +289,3 @@ def _uses_word(sentence: str, word: str) -> bool:
     spoken = texts.spoken_words(sentence)
     talks_about_words = {"word", "words", "sentence", "sentences"} - {word}
     return word in spoken and not talks_about_words & set(spoken)
-
-
-def _clean_answer(text: str, complete: bool) -> str:
-    """The answer as generated; cut back to its last full sentence when generation hit the length limit."""
-    text = text.strip()
-    if complete:
-        return text
-    ends = [m.end() for m in re.finditer(r"[.!?](\s|$)", text)]
-    return text[:ends[-1]].strip() if ends else text
-

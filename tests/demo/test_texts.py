@@ -11,7 +11,6 @@ from speechlm.demo.corpus_audio import synthesis_settings
 from speechlm.demo.corpus_texts import (
     ANSWER_SYSTEM_PROMPT,
     BackboneWriter,
-    _clean_answer,
     _clean_sentence,
     _uses_word,
     covering_sentences,
@@ -75,8 +74,6 @@ def test_generated_text_is_cleaned_to_one_speakable_sentence():
     assert _clean_sentence('"The river runs fast in spring. It floods."\nMore') == "The river runs fast in spring."
     assert _clean_sentence("Too short.") is None
     assert _clean_sentence("Use `numpy.array` to build ten arrays today.") is None
-    assert _clean_answer("Paris is the capital. It is also a big cit", complete=False) == "Paris is the capital."
-    assert _clean_answer("Paris.", complete=True) == "Paris."
 
 
 def test_synthesis_settings_are_stable_per_clip_and_varied():
