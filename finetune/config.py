@@ -49,6 +49,9 @@ class DataConfig:
     system_prompt: str | None = field(default=None, metadata={
         "help": "system turn for conversations without one, saved with the processor so that inference "
                 "uses it too; null: the chat template's default (\"\" for an empty one: shorter samples)"})
+    audio_text_separator: str = field(default="", metadata={
+        "help": "text put between a clip and a text part beside it in a message (saved with the processor): \"\" "
+                "runs a clip's transcript slots into the instruction's text, \"\\n\" sets them apart"})
     seed: int = field(default=0, metadata={"help": "seed of the task mixture and the prompt choices"})
     fit_speaking_rate: bool = field(default=True, metadata={
         "help": "set the model's speech_units_per_character from the training data's text and speech pairs, so "
@@ -75,6 +78,8 @@ class DataConfig:
         problems.check(self.num_samples is None or self.num_samples >= 1,
                        f"num_samples={self.num_samples}: must be >= 1 or null")
         problems.check(self.max_audio_seconds > 0, f"max_audio_seconds={self.max_audio_seconds}: must be > 0")
+        problems.check(isinstance(self.audio_text_separator, str),
+                       f"audio_text_separator={self.audio_text_separator!r}: expected a string (\"\" or \"\\n\")")
         problems.raise_if_any("data")
 
 

@@ -94,7 +94,8 @@ def build_processor(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer) 
     codec = build_codec(spec)
     return processor_for(tokenizer, model.config, speech_input=data.speech_input, codec=codec,
                          codec_name_or_path=CODEC_FOLDER if codec is not None else None,
-                         max_audio_seconds=data.max_audio_seconds, system_prompt=data.system_prompt)
+                         max_audio_seconds=data.max_audio_seconds, system_prompt=data.system_prompt,
+                         audio_text_separator=data.audio_text_separator)
 
 
 def load_training_examples(config: TrainConfig) -> list[Example]:

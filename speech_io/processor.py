@@ -103,9 +103,12 @@ class SpeechLMProcessor:
     def __init__(self, tokenizer, *, n_mels: int = 80, stack_factor: int = 5, reader_tokens_per_second: int = 0,
                  num_speech_units: int = 1024,
                  max_audio_seconds: float = MAX_SECONDS, speech_input: str = "continuous",
-                 codec_name_or_path: str | None = None, codec=None, system_prompt: str | None = None):
+                 codec_name_or_path: str | None = None, codec=None, system_prompt: str | None = None,
+                 audio_text_separator: str = ""):
         if speech_input not in SPEECH_INPUT_MODES:
             raise ValueError(f"speech_input={speech_input!r}: choose one of {list(SPEECH_INPUT_MODES)}")
+        if not isinstance(audio_text_separator, str):
+            raise ValueError(f"audio_text_separator={audio_text_separator!r}: expected a string (\"\" or \"\\n\")")
         vocab = tokenizer.get_vocab()
         if AUDIO_TOKEN not in vocab:
             raise ValueError(f"the tokenizer has no {AUDIO_TOKEN} token: expand it with "
@@ -124,6 +127,9 @@ class SpeechLMProcessor:
         # Put first in conversations that have no system turn; None leaves that to the chat template
         # (SmolLM2's adds its own ~20-token default, a quarter of a short ASR sample).
         self.system_prompt = system_prompt
+        # Put between a clip and a text part beside it in one message: with "" the clip's transcript slots run
+        # straight into the text ("...Spain vs.Transcribe the audio."); a processor saved before it keeps ""
+        self.audio_text_separator = audio_text_separator
         self._codec = codec
         self._loaded_from: tuple[str, dict] | None = None  # (directory or repo id, hub kwargs), by from_pretrained
         self._token_characters: torch.Tensor | None = None
@@ -191,7 +197,7 @@ class SpeechLMProcessor:
                 "reader_tokens_per_second": self.reader_tokens_per_second,
                 "num_speech_units": self.num_speech_units, "max_audio_seconds": self.max_audio_seconds,
                 "speech_input": self.speech_input, "codec_name_or_path": self.codec_name_or_path,
-                "system_prompt": self.system_prompt}
+                "system_prompt": self.system_prompt, "audio_text_separator": self.audio_text_separator}
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
         directory = Path(save_directory)
@@ -306,9 +312,13 @@ class SpeechLMProcessor:
         if isinstance(content, str):
             return {**message, "content": content}
         pieces = []
+        previous = None
         for number, part in enumerate(content):
             kind = part.get("type") if isinstance(part, Mapping) else None
             label = f"{where}, {message['role']} part {number}"
+            if {previous, kind} == {"audio", "text"}:
+                pieces.append(self.audio_text_separator)
+            previous = kind
             if kind == "text":
                 pieces.append(part["text"])
             elif kind == "audio":

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +182,29 @@ def test_system_prompt_goes_first_where_a_conversation_has_none(processor, tmp_p
 def test_discrete_without_a_codec_says_how_to_get_one(processor):
     with pytest.raises(ValueError, match="discrete speech needs a codec"):
         processor(user_audio(speechlike(0.4), sampling_rate=16000), speech_input="discrete")
+
+
+def test_a_separator_sets_a_clip_apart_from_the_text_beside_it(processor, tmp_path):
+    clip = {"type": "audio", "audio": speechlike(0.4), "sampling_rate": 16000}
+    text = {"type": "text", "text": "Transcribe."}
+    placeholders = "<|audio|>" * processor.num_audio_placeholders(len(clip["audio"]))
+
+    def user_turn(parts) -> str:
+        rendered = processor.decode(processor([{"role": "user", "content": parts}])["input_ids"][0])
+        return rendered.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+
+    assert user_turn([clip, text]) == placeholders + "Transcribe."  # "" by default: a saved processor's format
+    processor.audio_text_separator = "\n"
+    assert user_turn([clip, text]) == placeholders + "\nTranscribe."
+    assert user_turn([text, clip]) == "Transcribe.\n" + placeholders
+    assert user_turn([text, text]) == "Transcribe.Transcribe."  # only between a clip and text
+    processor.save_pretrained(tmp_path)
+    assert SpeechLMProcessor.from_pretrained(tmp_path).audio_text_separator == "\n"
+    # a processor saved before the setting existed keeps the format its model was trained with
+    config = tmp_path / "processor_config.json"
+    settings = json.loads(config.read_text())
+    del settings["audio_text_separator"]
+    config.write_text(json.dumps(settings))
+    assert SpeechLMProcessor.from_pretrained(tmp_path).audio_text_separator == ""
+    with pytest.raises(ValueError, match=r"audio_text_separator=1: expected a string"):
+        SpeechLMProcessor(processor.tokenizer, num_speech_units=UNITS, audio_text_separator=1)
