@@ -6,13 +6,12 @@ be summed across shards and checked by hand.
 
 from __future__ import annotations
 
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import jiwer
 from whisper.normalizers import EnglishTextNormalizer
+from whisper.normalizers.basic import remove_symbols_and_diacritics
 
 _normalizer = EnglishTextNormalizer()
 
@@ -84,11 +83,10 @@ def unit_errors(references: Sequence[Sequence[int]], hypotheses: Sequence[Sequen
     return _counts(jiwer.process_words(as_words, hyp_words))
 
 
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
 def _loose(text: str) -> str:
-    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+    """Lower case, punctuation and symbols as spaces, accents dropped ("Bogotá" is "bogota": a reference list
+    spelled without them, as WER's normalizer does)."""
+    return " ".join(remove_symbols_and_diacritics(text.lower()).split())
 
 
 # A prediction within this word error rate of the question says the question again (a SpeechLM that

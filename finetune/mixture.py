@@ -21,6 +21,7 @@ import torch
 from speechlm.finetune.examples import TASK_NAMES, Example
 from speechlm.finetune.tasks import TASKS, Conversation, RenderSettings, eligible, render, render_teacher
 from speechlm.speech_io.constants import SAMPLE_RATE
+from speechlm.speech_io.processor import is_speech_beside_text
 from speechlm.speech_io.units import AUDIO_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -120,10 +121,25 @@ class TaskMixtureDataset(torch.utils.data.Dataset):
     def _measure(self, seed_index: int, sample: Sample) -> int:
         """Tokens of the rendered sample: each audio part becomes the text the processor would put in
         its place (placeholders, or a span of as many units as the codec would emit)."""
-        conversation = [{**message, "content": [self._stand_in(part) for part in message["content"]]
+        conversation = [{**message, "content": self._stand_ins(message)
                          if isinstance(message["content"], list) else message["content"]}
                         for message in self._render(seed_index, sample)]
         return int(self.processor([conversation], return_labels=True)["input_ids"].shape[1])
+
+    def _stand_ins(self, message: dict) -> list:
+        """The message's parts with each clip in the form `_stand_in` gives it; a clip that stands in as text
+        takes the separator the processor would put between it and the text beside it."""
+        content, parts = message["content"], []
+        kind = [part.get("type") if isinstance(part, dict) else None for part in content]
+        for index, part in enumerate(content):
+            stand_in = self._stand_in(part)
+            if kind[index] == "audio" and stand_in["type"] == "text" and message["role"] != "assistant":
+                separator = self.processor.audio_text_separator
+                before = separator if index > 0 and is_speech_beside_text(kind[index - 1], "audio") else ""
+                after = separator if index + 1 < len(content) and is_speech_beside_text("audio", kind[index + 1]) else ""
+                stand_in = {"type": "text", "text": before + stand_in["text"] + after}
+            parts.append(stand_in)
+        return parts
 
     def _stand_in(self, part: dict) -> dict:
         if not isinstance(part, dict) or part.get("type") != "audio":

@@ -55,13 +55,13 @@ class AnswerReport:
     answered: int        # rows that got the backbone's answer
     truncated: int       # of those, answers cut by max_new_tokens
     kept: int            # rows whose own answer was kept
-    without_text: int    # rows with no text to answer (messages rows, say)
+    unanswered: int      # rows with no text to answer, or a conversation of their own (``messages``)
     empty: int           # rows the backbone answered with nothing (left without an answer)
     out: Path
 
     def summary(self) -> str:
         return (f"{self.answered} of {self.rows} rows answered ({self.truncated} cut at the token bound), "
-                f"{self.kept} kept their own answer, {self.without_text} have no text, {self.empty} got an empty "
+                f"{self.kept} kept their own answer, {self.unanswered} have no text to answer (or their own messages), {self.empty} got an empty "
                 f"answer; written to {self.out}")
 
 
@@ -86,16 +86,38 @@ def prompt_ids(tokenizer, text: str, system_prompt: str | None) -> list[int]:
 
 
 def end_token_ids(model, tokenizer) -> set[int]:
-    """Every token that ends an answer: the tokenizer's end and the generation config's (Llama 3's ``<|eot_id|>``
-    beside ``<|end_of_text|>``)."""
+    """Every token that ends an answer: the tokenizer's end, the generation config's (Llama 3's ``<|eot_id|>``
+    beside ``<|end_of_text|>``) and the one the chat template closes an assistant turn with (a base model given an
+    instruct template may not name it)."""
     ends = model.generation_config.eos_token_id
     ids = set(ends if isinstance(ends, list) else [] if ends is None else [ends])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    turn_end = turn_end_token_id(tokenizer)
+    if turn_end is not None:
+        ids.add(turn_end)
     if not ids:
-        raise ValueError("the backbone names no end-of-sequence token (tokenizer or generation config): an answer "
-                         "could not be told complete from cut")
+        raise ValueError("the backbone names no end-of-sequence token (tokenizer, generation config or chat "
+                         "template): an answer could not be told complete from cut")
     return ids
+
+
+def turn_end_token_id(tokenizer) -> int | None:
+    """The special token that follows an assistant turn's text in the chat template (ChatML's ``<|im_end|>``), or
+    None where the template puts none there."""
+    from speechlm.speech_io.processor import PLAIN_CHAT_TEMPLATE
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        return tokenizer.apply_chat_template(messages, chat_template=tokenizer.chat_template or PLAIN_CHAT_TEMPLATE,
+                                             add_generation_prompt=add_generation_prompt, tokenize=True,
+                                             return_dict=True)["input_ids"]
+
+    asked = [{"role": "user", "content": "Hi."}]
+    prompt, whole = render(asked, True), render([*asked, {"role": "assistant", "content": "Hello."}], False)
+    if whole[:len(prompt)] != prompt:
+        return None
+    special = set(tokenizer.all_special_ids)
+    return next((token for token in whole[len(prompt):] if token in special), None)
 
 
 def greedy_answers(model, tokenizer, prompts: Sequence[str], settings: AnswerSettings
@@ -104,7 +126,8 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], settings: AnswerSet
     token length together), so a caller can keep each batch as it comes."""
     import torch
 
-    ends = end_token_ids(model, tokenizer)
+    ends = sorted(end_token_ids(model, tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
     by_length: dict[int, list[tuple[str, list[int]]]] = {}
     for prompt in dict.fromkeys(prompts):
         ids = prompt_ids(tokenizer, prompt, settings.system_prompt)
@@ -116,7 +139,8 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], settings: AnswerSet
             input_ids = torch.tensor([ids for _, ids in batch], device=device)
             with torch.no_grad():
                 generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                           max_new_tokens=settings.max_new_tokens, do_sample=False)
+                                           max_new_tokens=settings.max_new_tokens, do_sample=False,
+                                           eos_token_id=ends, pad_token_id=pad)
             answers = []
             for (prompt, _), row in zip(batch, generated[:, input_ids.shape[1]:].tolist(), strict=True):
                 stop = next((i for i, token in enumerate(row) if token in ends), None)
@@ -131,9 +155,10 @@ def answer_manifest(manifest: str | os.PathLike, out: str | os.PathLike, backbon
                     device: str | None = None, dtype: str | None = None,
                     progress: Callable[[str], None] = print) -> AnswerReport:
     """Write ``manifest`` to ``out`` with the backbone's answer to each row's ``text`` (rows that have an answer
-    keep it unless ``overwrite``; other fields are kept, and paths are rewritten relative to ``out``'s folder).
-    The manifest is checked whole before the backbone loads; answers are kept in ``OUT.partial.json`` as they
-    come, so a re-run resumes there."""
+    keep it unless ``overwrite``; a row with its own ``messages`` is learnt as they are, and not answered; other
+    fields are kept, and paths are rewritten relative to ``out``'s folder). The manifest is checked whole before
+    the backbone loads; answers are kept in ``OUT.partial.jsonl`` as they come, so an interrupted run resumes
+    where it stopped."""
     manifest, out = Path(manifest), Path(out)
     read_manifest(manifest, allow_extra_fields=allow_extra_fields)  # every bad row named before any work
     if out.resolve() == manifest.resolve():
@@ -141,20 +166,26 @@ def answer_manifest(manifest: str | os.PathLike, out: str | os.PathLike, backbon
     rows = read_jsonl(manifest)
 
     def wants(row: Any) -> bool:
-        return _has_text(row) and (overwrite or not row.get("answer"))
+        return _answerable(row) and (overwrite or not row.get("answer"))
+
+    def key(text: str) -> str:  # what an answer depends on: a run with other settings answers afresh
+        return json.dumps([str(backbone), dtype, settings.system_prompt, settings.max_new_tokens, text])
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial.json")
-    key = f"system={settings.system_prompt!r}|max_new_tokens={settings.max_new_tokens}|{{}}".format
-    cache: dict[str, list[Any]] = json.loads(partial.read_text()) if partial.is_file() else {}
+    partial = out.with_name(out.name + ".partial.jsonl")
+    cache = _read_partial(partial)
     missing = [row["text"] for row in rows if wants(row) and key(row["text"]) not in cache]
     if missing:
         model, tokenizer = load_backbone(backbone, device=device, dtype=dtype)
         progress(f"answering {len(dict.fromkeys(missing))} texts with {backbone} (greedy, "
                  f"{len(cache)} kept from an earlier run)")
-        for batch in greedy_answers(model, tokenizer, missing, settings):
-            cache.update({key(prompt): [answer, complete] for prompt, answer, complete in batch})
-            _replace_file(partial, json.dumps(cache, ensure_ascii=False))
+        with partial.open("a") as kept:
+            for batch in greedy_answers(model, tokenizer, missing, settings):
+                for prompt, answer, complete in batch:
+                    cache[key(prompt)] = (answer, complete)
+                    kept.write(json.dumps({"key": key(prompt), "answer": answer, "complete": complete},
+                                          ensure_ascii=False) + "\n")
+                kept.flush()
     answered = truncated = empty = 0
     written = []
     for row in rows:
@@ -172,15 +203,35 @@ def answer_manifest(manifest: str | os.PathLike, out: str | os.PathLike, backbon
                 row.pop("answer", None)
                 empty += 1
         written.append(json.dumps(row, ensure_ascii=False))
-    _replace_file(out, "\n".join(written) + "\n")
+    staging = out.with_name(out.name + ".writing")
+    staging.write_text("\n".join(written) + "\n")
+    os.replace(staging, out)  # whole or not at all
     partial.unlink(missing_ok=True)
-    without_text = sum(not _has_text(row) for row in rows)
+    unanswerable = sum(not _answerable(row) for row in rows)
     return AnswerReport(rows=len(rows), answered=answered, truncated=truncated, empty=empty,
-                        kept=len(rows) - without_text - answered - empty, without_text=without_text, out=out)
+                        kept=len(rows) - unanswerable - answered - empty, unanswered=unanswerable, out=out)
+
+
+def _read_partial(path: Path) -> dict[str, tuple[str, bool]]:
+    """The answers an interrupted run kept (its last line may be cut off mid-write: it is answered again)."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    cache = {}
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+            cache[entry["key"]] = (entry["answer"], entry["complete"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number < len(lines):
+                raise ValueError(f"{path} line {number}: not an answer kept by speechlm answer (expected "
+                                 f"{{\"key\", \"answer\", \"complete\"}}); delete the file to answer afresh") from None
+    return cache
 
 
 def load_backbone(backbone: str | os.PathLike, *, device: str | None = None, dtype: str | None = None):
-    """The backbone's causal LM (in eval mode, on ``device``, as ``dtype``) and tokenizer."""
+    """The backbone's causal LM (in eval mode, on ``device``, as ``dtype``; None: the checkpoint's own) and
+    tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,6 +245,11 @@ def load_backbone(backbone: str | os.PathLike, *, device: str | None = None, dty
     return (model.to(device) if device else model), tokenizer
 
 
+def _answerable(row: Any) -> bool:
+    """A row with a text to answer and no conversation of its own (`s2t_instruct` learns that as it is)."""
+    return _has_text(row) and not row.get("messages")
+
+
 def _has_text(row: Any) -> bool:
     return isinstance(row, dict) and isinstance(row.get("text"), str) and bool(row["text"].strip())
 
@@ -201,13 +257,14 @@ def _has_text(row: Any) -> bool:
 def _moved(row: Any, source: Path, target: Path) -> Any:
     """``row`` with its relative audio paths (fields and message parts) relative to ``target`` instead of
     ``source``."""
-    if not isinstance(row, dict) or source.resolve() == target.resolve():
+    source, target = os.path.abspath(source), os.path.abspath(target)  # not resolved: a linked folder stays named
+    if not isinstance(row, dict) or source == target:
         return row
 
     def moved(value: Any) -> Any:
         if not isinstance(value, str) or not value or Path(value).is_absolute():
             return value
-        return os.path.relpath((source / value).resolve(), target.resolve())
+        return os.path.relpath(os.path.join(source, value), target)
 
     row = {**row, **{name: moved(row[name]) for name in AUDIO_FIELDS if name in row}}
     if isinstance(row.get("messages"), list):
@@ -218,11 +275,3 @@ def _moved(row: Any, source: Path, target: Path) -> Any:
             if isinstance(message, dict) and isinstance(message.get("content"), list) else message
             for message in row["messages"]]
     return row
-
-
-def _replace_file(path: Path, text: str) -> None:
-    """``path`` written whole (an interrupted write leaves the previous file)."""
-    staging = path.with_name(path.name + ".writing")
-    staging.write_text(text)
-    os.replace(staging, path)
-

@@ -127,7 +127,7 @@ class SpeechLMProcessor:
         # Put first in conversations that have no system turn; None leaves that to the chat template
         # (SmolLM2's adds its own ~20-token default, a quarter of a short ASR sample).
         self.system_prompt = system_prompt
-        # Put between a clip and a text part beside it in one message: with "" the clip's transcript slots run
+        # Put between a clip and a text part beside it in a request: with "" the clip's transcript slots run
         # straight into the text ("...Spain vs.Transcribe the audio."); a processor saved before it keeps ""
         self.audio_text_separator = audio_text_separator
         self._codec = codec
@@ -316,7 +316,7 @@ class SpeechLMProcessor:
         for number, part in enumerate(content):
             kind = part.get("type") if isinstance(part, Mapping) else None
             label = f"{where}, {message['role']} part {number}"
-            if {previous, kind} == {"audio", "text"}:
+            if message["role"] != "assistant" and is_speech_beside_text(previous, kind):
                 pieces.append(self.audio_text_separator)
             previous = kind
             if kind == "text":
@@ -400,6 +400,12 @@ class SpeechLMProcessor:
 
     def batch_decode(self, sequences, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(sequences, **kwargs)
+
+
+def is_speech_beside_text(kind: str | None, next_kind: str | None) -> bool:
+    """Whether two neighbouring parts of a request are a clip (audio, or its units) and text, either way round:
+    where `SpeechLMProcessor.audio_text_separator` goes (an answer's text and units are the model's own)."""
+    return {kind, next_kind} in ({"audio", "text"}, {"units", "text"})
 
 
 def padding_token_id(tokenizer) -> int:

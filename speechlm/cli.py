@@ -325,6 +325,7 @@ def serve_options(a: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from speechlm.constraints import OUTPUT_MODES
     from speechlm.evaluation import EVAL_TASKS, LM_DTYPES, EvalSettings
+    from speechlm.finetune.self_answers import AnswerSettings
     from speechlm.responding import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SPEECH_UNITS, SPEECH_BY
 
     parser = argparse.ArgumentParser(prog="speechlm", description=__doc__.splitlines()[0])
@@ -435,18 +436,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("answer", help="add the backbone's own answer to each row's text (spoken-instruction "
                                            "data without labels)")
     p.add_argument("manifest", help="JSONL manifest whose rows' 'text' the backbone answers")
+    answering = AnswerSettings()
     p.add_argument("--backbone", required=True, help="the text LM the SpeechLM is built on (a directory or Hub id)")
-    p.add_argument("--out", required=True, help="the answered manifest to write (JSONL); a re-run resumes there")
+    p.add_argument("--out", required=True, help="the answered manifest to write (JSONL); an interrupted run resumes")
     p.add_argument("--system-prompt", help="the system turn before each text: the training recipe's "
                                            "data.system_prompt (default: the chat template's own)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="an answer's bound (a longer one is cut to its "
-                                                                  "complete sentences and marked answer_truncated)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts of one token length answered together")
+    p.add_argument("--max-new-tokens", type=int, default=answering.max_new_tokens,
+                   help="an answer's bound (a longer one is cut to its complete sentences and marked answer_truncated)")
+    p.add_argument("--batch-size", type=int, default=answering.batch_size,
+                   help="texts of one token length answered together")
     p.add_argument("--overwrite", action="store_true", help="replace the answers rows already have")
     p.add_argument("--allow-extra-fields", action="store_true",
                    help="ignore manifest fields speechlm does not know (by default each is an error naming it)")
     p.add_argument("--device", help="torch device for the backbone (default: the CPU)")
-    p.add_argument("--dtype", help="load the backbone's weights as this dtype (e.g. bfloat16; default: float32)")
+    p.add_argument("--dtype", help="load the backbone's weights as this dtype (e.g. bfloat16; default: the "
+                                   "checkpoint's own)")
     p.set_defaults(run=lambda a: answer(a.manifest, a.backbone, a.out, dict(
         system_prompt=a.system_prompt, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size), a.overwrite,
         a.allow_extra_fields, a.device, a.dtype))

@@ -3,18 +3,17 @@ each held-out split's vocabulary some training clip speaks."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from speechlm.demo.corpus_texts import EVALUATION_SPLITS
 from speechlm.demo.texts import spoken_words
+from speechlm.finetune.metrics import match_answer
 
 
 def answer_is_correct(answer: str, expected: Sequence[str]) -> bool:
-    """Whether an answer contains one of the expected short answers as whole words (case-insensitive)."""
-    words = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", answer.lower())
-    return any(re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", option.lower()) == words[i:i + len(option.split())]
-               for option in expected for i in range(len(words)))
+    """Whether an answer contains one of the expected short answers as whole words (as the evaluation's
+    `match_answer` reads it: case, punctuation and accents aside)."""
+    return match_answer(answer, expected).contains
 
 
 def vocabulary_heard(rows: list[dict]) -> dict[str, dict[str, float]]:

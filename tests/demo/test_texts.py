@@ -91,6 +91,7 @@ def test_answers_are_checked_by_whole_words():
     assert answer_is_correct("A day has twenty-four hours.", ["24", "twenty-four"])
     assert not answer_is_correct("A Parisian cafe.", ["Paris"])
     assert not answer_is_correct("I know.", ["no"])
+    assert answer_is_correct("The capital of Colombia is Bogotá.", ["Bogota"])
 
 
 @needs_demo_packages

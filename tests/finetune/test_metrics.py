@@ -56,6 +56,8 @@ def test_answer_matching_levels():
     sentence = match_answer("The capital is Paris, of course.", ["Paris"])
     assert not sentence.normalized and sentence.contains
     assert not match_answer("Parisian food", ["Paris"]).contains  # whole words only
+    accented = match_answer("The capital of Colombia is Bogotá.", ["Bogota"])
+    assert accented.contains and match_answer("Bogotá!", ["Bogota"]).normalized  # accents as WER drops them
 
 
 def test_an_answer_that_restates_the_question_matches_nothing():

@@ -31,8 +31,11 @@ def test_a_task_without_usable_examples_is_named(prepared_examples):
         plan_samples(text_only, {"asr": 0}, RenderSettings())
 
 
+@pytest.mark.parametrize("separator", ["", "\n"])
 @pytest.mark.parametrize("speech_input", ["continuous", "discrete"])
-def test_measured_lengths_are_the_rendered_lengths(prepared_examples, processor, speech_input):
+def test_measured_lengths_are_the_rendered_lengths(prepared_examples, processor, speech_input, separator,
+                                                   monkeypatch):
+    monkeypatch.setattr(processor, "audio_text_separator", separator)
     dataset = TaskMixtureDataset(prepared_examples, processor, {name: 1 for name in (
         "asr", "tts", "continuation", "s2t_instruct", "s2s_chain", "interleaved", "text")},
         settings=RenderSettings(speech_input=speech_input), num_samples=24, seed=3)

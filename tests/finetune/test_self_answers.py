@@ -12,7 +12,9 @@ from speechlm.finetune.self_answers import (
     answer_manifest,
     complete_sentences,
     greedy_answers,
+    load_backbone,
     prompt_ids,
+    turn_end_token_id,
 )
 
 
@@ -65,6 +67,21 @@ def test_an_answer_ends_at_any_end_token_and_says_whether_it_did(backbone, monke
     assert not complete
 
 
+def test_an_answer_also_ends_where_the_template_ends_a_turn(backbone):
+    _, tokenizer = backbone
+    assert tokenizer.convert_ids_to_tokens(turn_end_token_id(tokenizer)) == "<|im_end|>"  # ChatML's
+
+
+def test_paths_keep_the_folder_names_they_were_given(tmp_path):
+    from speechlm.finetune.self_answers import _moved
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "real")  # a linked folder is not replaced by its target
+    row = {"id": "a", "audio": "data/a.wav"}
+    assert _moved(row, tmp_path, tmp_path / "out")["audio"] == "../data/a.wav"
+    assert _moved(row, tmp_path / "out", tmp_path)["audio"] == "out/data/a.wav"
+
+
 def test_a_manifest_gets_the_backbones_answers_and_keeps_the_rest(llama_dir, backbone, tmp_path):
     model, tokenizer = backbone
     (tmp_path / "data").mkdir()
@@ -74,22 +91,25 @@ def test_a_manifest_gets_the_backbones_answers_and_keeps_the_rest(llama_dir, bac
         {"id": "c1", "messages": [{"role": "user", "content": [{"type": "audio", "audio": "wavs/c.wav"}]},
                                   {"role": "assistant", "content": "yes"}]},
         {"id": "q3", "audio": "/abs/q3.wav", "text": "abcd", "answer_truncated": True},
+        {"id": "c2", "text": "hi", "messages": [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "its own"}]},
     ])
     settings = AnswerSettings(max_new_tokens=4)
     report = answer_manifest(manifest, tmp_path / "out" / "answered.jsonl", llama_dir, settings,
                              progress=lambda _: None)
     rows = [json.loads(line) for line in (tmp_path / "out" / "answered.jsonl").read_text().splitlines()]
     expected, complete = answers_of(model, tokenizer, ["abcd"], max_new_tokens=4)["abcd"]
-    assert [row["id"] for row in rows] == ["q1", "q2", "c1", "q3"]
+    assert [row["id"] for row in rows] == ["q1", "q2", "c1", "q3", "c2"]
+    assert "answer" not in rows[4]  # a conversation of its own is learnt as it is
     assert rows[0]["answer"] == expected == rows[3]["answer"] and rows[0].get("answer_truncated") is (
         None if complete else True)
     assert rows[1]["answer"] == "labelled"  # a row's own answer is kept
-    assert (report.rows, report.answered, report.kept, report.without_text) == (4, 2, 1, 1)
+    assert (report.rows, report.answered, report.kept, report.unanswered) == (5, 2, 1, 2)
     # paths still name the same files from the new folder; absolute ones are left as they are
     assert rows[0]["audio"] == "../data/wavs/q1.wav" and rows[3]["audio"] == "/abs/q3.wav"
     assert rows[2]["messages"][0]["content"][0]["audio"] == "../data/wavs/c.wav"
     assert read_manifest(report.out)[0].audio == str(tmp_path / "data" / "wavs" / "q1.wav")
-    assert not (tmp_path / "out" / "answered.jsonl.partial.json").exists()  # done: nothing left to resume
+    assert not (tmp_path / "out" / "answered.jsonl.partial.jsonl").exists()  # done: nothing left to resume
 
     overwritten = answer_manifest(manifest, tmp_path / "out" / "all.jsonl", llama_dir, settings, overwrite=True,
                                   progress=lambda _: None)
@@ -97,18 +117,29 @@ def test_a_manifest_gets_the_backbones_answers_and_keeps_the_rest(llama_dir, bac
         (tmp_path / "out" / "all.jsonl").read_text().splitlines()[1])["answer"] != "labelled"
 
 
-def test_a_rerun_resumes_from_the_answers_kept(tmp_path):
+def test_an_interrupted_run_resumes_from_the_answers_kept(tmp_path):
     manifest = write_manifest(tmp_path / "m.jsonl", [{"id": "a", "text": "Why?"}, {"id": "b", "text": "How?"}])
-    out = tmp_path / "answered.jsonl"
-    key = "system=None|max_new_tokens=64|{}".format
-    # an interrupted run kept both answers, one cut at the bound: no backbone is needed (none exists here)
-    (tmp_path / "answered.jsonl.partial.json").write_text(json.dumps({key("Why?"): ["Because.", True],
-                                                                      key("How?"): ["Slowly.", False]}))
-    report = answer_manifest(manifest, out, tmp_path / "no-backbone", AnswerSettings(), progress=lambda _: None)
+    out, backbone = tmp_path / "answered.jsonl", tmp_path / "no-backbone"
+
+    def kept(text, answer, complete, backbone=backbone) -> str:
+        key = json.dumps([str(backbone), None, None, 64, text])
+        return json.dumps({"key": key, "answer": answer, "complete": complete}) + "\n"
+
+    # both answers kept (one cut at the bound), and a line cut off mid-write: no backbone is needed (none exists)
+    partial = tmp_path / "answered.jsonl.partial.jsonl"
+    partial.write_text(kept("Why?", "Because.", True) + kept("How?", "Slowly.", False) + '{"key": "[')
+    report = answer_manifest(manifest, out, backbone, AnswerSettings(), progress=lambda _: None)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [{"id": "a", "text": "Why?", "answer": "Because."},
                     {"id": "b", "text": "How?", "answer": "Slowly.", "answer_truncated": True}]
-    assert report.truncated == 1
+    assert report.truncated == 1 and not partial.exists()
+    # answers another backbone kept are not this one's: it loads (and here, is missing)
+    partial.write_text(kept("Why?", "Because.", True, backbone="other") + kept("How?", "Slowly.", False))
+    with pytest.raises(OSError):
+        answer_manifest(manifest, out, backbone, AnswerSettings(), progress=lambda _: None)
+    partial.write_text("not json\n" + kept("How?", "Slowly.", False))
+    with pytest.raises(ValueError, match=r"partial.jsonl line 1: not an answer kept by speechlm answer"):
+        answer_manifest(manifest, out, backbone, AnswerSettings(), progress=lambda _: None)
 
 
 def test_bad_manifests_and_settings_are_named_before_the_backbone_loads(tmp_path):
@@ -120,6 +151,8 @@ def test_bad_manifests_and_settings_are_named_before_the_backbone_loads(tmp_path
         answer_manifest(good, good, tmp_path / "no-backbone", AnswerSettings())
     with pytest.raises(ValueError, match=r"(?s)max_new_tokens=0 .*batch_size=-1"):
         AnswerSettings(max_new_tokens=0, batch_size=-1)
+    with pytest.raises(ValueError, match=r"dtype='float33': expected a torch dtype such as float32"):
+        load_backbone(tmp_path / "no-backbone", dtype="float33")
 
 
 def test_the_cli_writes_an_answered_manifest(llama_dir, backbone, tmp_path, capsys):

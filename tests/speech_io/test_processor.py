@@ -198,6 +198,10 @@ def test_a_separator_sets_a_clip_apart_from_the_text_beside_it(processor, tmp_pa
     assert user_turn([clip, text]) == placeholders + "\nTranscribe."
     assert user_turn([text, clip]) == "Transcribe.\n" + placeholders
     assert user_turn([text, text]) == "Transcribe.Transcribe."  # only between a clip and text
+    units = {"type": "units", "units": [3, 4]}
+    assert user_turn([units, text]).endswith(">\nTranscribe.")  # a clip as its units too (discrete input)
+    answer = processor([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [text, units]}]])
+    assert "Transcribe.<|speech_start|>" in processor.decode(answer["input_ids"][0])  # an answer is the model's own
     processor.save_pretrained(tmp_path)
     assert SpeechLMProcessor.from_pretrained(tmp_path).audio_text_separator == "\n"
     # a processor saved before the setting existed keeps the format its model was trained with
