@@ -49,10 +49,10 @@ class DataConfig:
     system_prompt: str | None = field(default=None, metadata={
         "help": "system turn for conversations without one, saved with the processor so that inference "
                 "uses it too; null: the chat template's default (\"\" for an empty one: shorter samples)"})
-    audio_text_separator: str = field(default="", metadata={
-        "help": "text put between a clip and a text part beside it in a message (saved with the processor): \"\" "
-                "runs a clip's transcript slots into the instruction's text, \"\\n\" sets them apart (a later stage's "
-                "recipe gives it again, as system_prompt)"})
+    audio_text_separator: str = field(default="\n", metadata={
+        "help": "text put between a clip and a text part beside it in a request (saved with the processor): \"\\n\" "
+                "sets them apart, \"\" runs a clip's transcript slots into the instruction's text (the format of "
+                "models trained before it; a later stage's recipe gives it again, as system_prompt)"})
     seed: int = field(default=0, metadata={"help": "seed of the task mixture and the prompt choices"})
     fit_speaking_rate: bool = field(default=True, metadata={
         "help": "set the model's speech_units_per_character from the training data's text and speech pairs, so "
