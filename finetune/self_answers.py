@@ -74,15 +74,21 @@ def complete_sentences(text: str, complete: bool) -> str:
     return text[:ends[-1]].strip() if ends else text
 
 
-def prompt_ids(tokenizer, text: str, system_prompt: str | None) -> list[int]:
-    """``text`` as a user's message after ``system_prompt`` (None: the template's default), ready to answer."""
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """``messages`` in the tokenizer's chat template (the processor's plain one where it has none), as token ids."""
     from speechlm.speech_io.processor import PLAIN_CHAT_TEMPLATE
 
+    return tokenizer.apply_chat_template(messages, chat_template=tokenizer.chat_template or PLAIN_CHAT_TEMPLATE,
+                                         add_generation_prompt=add_generation_prompt, tokenize=True,
+                                         return_dict=True)["input_ids"]
+
+
+def prompt_ids(tokenizer, text: str, system_prompt: str | None) -> list[int]:
+    """``text`` as a user's message after ``system_prompt`` (None: the template's default), ready to answer."""
     messages = [{"role": "user", "content": text}]
     if system_prompt is not None:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, chat_template=tokenizer.chat_template or PLAIN_CHAT_TEMPLATE,
-                                         add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return chat_ids(tokenizer, messages, add_generation_prompt=True)
 
 
 def end_token_ids(model, tokenizer) -> set[int]:
@@ -105,15 +111,9 @@ def end_token_ids(model, tokenizer) -> set[int]:
 def turn_end_token_id(tokenizer) -> int | None:
     """The special token that follows an assistant turn's text in the chat template (ChatML's ``<|im_end|>``), or
     None where the template puts none there."""
-    from speechlm.speech_io.processor import PLAIN_CHAT_TEMPLATE
-
-    def render(messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        return tokenizer.apply_chat_template(messages, chat_template=tokenizer.chat_template or PLAIN_CHAT_TEMPLATE,
-                                             add_generation_prompt=add_generation_prompt, tokenize=True,
-                                             return_dict=True)["input_ids"]
-
     asked = [{"role": "user", "content": "Hi."}]
-    prompt, whole = render(asked, True), render([*asked, {"role": "assistant", "content": "Hello."}], False)
+    prompt = chat_ids(tokenizer, asked, add_generation_prompt=True)
+    whole = chat_ids(tokenizer, [*asked, {"role": "assistant", "content": "Hello."}], add_generation_prompt=False)
     if whole[:len(prompt)] != prompt:
         return None
     special = set(tokenizer.all_special_ids)
@@ -231,17 +231,20 @@ def _read_partial(path: Path) -> dict[str, tuple[str, bool]]:
 
 def load_backbone(backbone: str | os.PathLike, *, device: str | None = None, dtype: str | None = None):
     """The backbone's causal LM (in eval mode, on ``device``, as ``dtype``; None: the checkpoint's own) and
-    tokenizer."""
+    tokenizer, loaded as a SpeechLM loads its backbone (`adapters.loading.load_backbone`: a folder or Hub id that
+    is missing is named)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    torch_dtype = None
+    from speechlm.adapters.loading import load_backbone as load_text_model
+
+    torch_dtype = "auto"  # what transformers does without one: the checkpoint's own
     if dtype is not None:
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"dtype={dtype!r}: expected a torch dtype such as float32 or bfloat16")
+    model = load_text_model(str(backbone), mode="frozen", dtype=torch_dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(backbone)
-    model = AutoModelForCausalLM.from_pretrained(backbone, **({"dtype": torch_dtype} if torch_dtype else {})).eval()
     return (model.to(device) if device else model), tokenizer
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from speechlm.demo import texts
-from speechlm.finetune.self_answers import AnswerSettings, greedy_answers
+from speechlm.finetune.self_answers import AnswerSettings, greedy_answers, load_backbone, prompt_ids
 
 if TYPE_CHECKING:
     from speechlm.demo.corpus import CorpusSize
@@ -174,22 +174,11 @@ class BackboneWriter:
 
     def _load(self):
         if self._model is None:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-            self._model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
+            self._model, self._tokenizer = load_backbone(self.model_dir)
         return self._model, self._tokenizer
 
     def _save(self) -> None:
         _write_text_cache(self.cache_file, self.cache)
-
-    def _prompt_ids(self, text: str, system: str | None = None) -> list[int]:
-        _, tokenizer = self._load()
-        messages = [{"role": "user", "content": text}]
-        if system is not None:
-            messages.insert(0, {"role": "system", "content": system})
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                             return_dict=True)["input_ids"]
 
     def answers(self, prompts: Sequence[str]) -> list[tuple[str, bool]]:
         """(answer, whether it ended by itself) per prompt: greedy, at most `ANSWER_MAX_NEW_TOKENS`
@@ -254,12 +243,12 @@ class BackboneWriter:
         import torch
 
         model, tokenizer = self._load()
-        prompt_ids = [self._prompt_ids(prompt) for prompt in prompts]
-        width = max(map(len, prompt_ids))
+        rows = [prompt_ids(tokenizer, prompt, None) for prompt in prompts]
+        width = max(map(len, rows))
         pad = tokenizer.pad_token_id
         # left padding, so every row's sampled continuation starts right after its prompt
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids])
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids])
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows])
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows])
         torch.manual_seed(zlib.crc32(key.encode()))
         with torch.no_grad():
             generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
