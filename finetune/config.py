@@ -49,10 +49,11 @@ class DataConfig:
     system_prompt: str | None = field(default=None, metadata={
         "help": "system turn for conversations without one, saved with the processor so that inference "
                 "uses it too; null: the chat template's default (\"\" for an empty one: shorter samples)"})
-    audio_text_separator: str = field(default="\n", metadata={
+    audio_text_separator: str | None = field(default=None, metadata={
         "help": "text put between a clip and a text part beside it in a request (saved with the processor): \"\\n\" "
                 "sets them apart, \"\" runs a clip's transcript slots into the instruction's text (the format of "
-                "models trained before it; a later stage's recipe gives it again, as system_prompt)"})
+                "models trained before it); null: init_from's saved processor's, so a later stage keeps the "
+                "format its model learnt, else \"\\n\""})
     seed: int = field(default=0, metadata={"help": "seed of the task mixture and the prompt choices"})
     fit_speaking_rate: bool = field(default=True, metadata={
         "help": "set the model's speech_units_per_character from the training data's text and speech pairs, so "
@@ -79,7 +80,7 @@ class DataConfig:
         problems.check(self.num_samples is None or self.num_samples >= 1,
                        f"num_samples={self.num_samples}: must be >= 1 or null")
         problems.check(self.max_audio_seconds > 0, f"max_audio_seconds={self.max_audio_seconds}: must be > 0")
-        problems.check(isinstance(self.audio_text_separator, str),
+        problems.check(self.audio_text_separator is None or isinstance(self.audio_text_separator, str),
                        f"audio_text_separator={self.audio_text_separator!r}: expected a string (\"\" or \"\\n\")")
         problems.raise_if_any("data")
 

@@ -38,7 +38,7 @@ from speechlm.finetune.trainer import (
     TrainingClock,
     newest_complete_checkpoint,
 )
-from speechlm.speech_io.processor import CODEC_FOLDER, SpeechLMProcessor
+from speechlm.speech_io.processor import CODEC_FOLDER, SpeechLMProcessor, saved_processor_settings
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,19 @@ def build_processor(config: TrainConfig, model: SpeechLMForCausalLM, tokenizer) 
     return processor_for(tokenizer, model.config, speech_input=data.speech_input, codec=codec,
                          codec_name_or_path=CODEC_FOLDER if codec is not None else None,
                          max_audio_seconds=data.max_audio_seconds, system_prompt=data.system_prompt,
-                         audio_text_separator=data.audio_text_separator)
+                         audio_text_separator=audio_text_separator(config))
+
+
+def audio_text_separator(config: TrainConfig) -> str:
+    """``data.audio_text_separator``; where the recipe leaves it out, the one ``init_from``'s processor was saved
+    with (a later stage keeps the request format its model learnt; ``""`` for a processor saved before the
+    setting), else ``"\\n"``."""
+    if config.data.audio_text_separator is not None:
+        return config.data.audio_text_separator
+    saved = saved_processor_settings(config.init_from) if config.init_from is not None else None
+    if saved is None:
+        return "\n"
+    return saved.get("audio_text_separator", "")
 
 
 def load_training_examples(config: TrainConfig) -> list[Example]:

@@ -97,6 +97,25 @@ def as_conversations(conversations=None, *, audio=None, text: str | None = None,
     return [list(c) for c in conversations], True
 
 
+def saved_processor_settings(name_or_path: str | os.PathLike, **hub_kwargs) -> dict[str, Any] | None:
+    """The settings a processor was saved with in a model directory or Hub repo (its ``processor_config.json``,
+    less the class name); None where none was saved."""
+    from transformers.utils import cached_file
+
+    config_file = cached_file(name_or_path, PROCESSOR_CONFIG_NAME, _raise_exceptions_for_missing_entries=False,
+                              **hub_kwargs)
+    if config_file is None:
+        return None
+    try:
+        settings = json.loads(Path(config_file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file}: not a processor's JSON settings ({error})") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"{config_file}: expected a JSON object of processor settings, got {type(settings).__name__}")
+    settings.pop("processor_class", None)
+    return settings
+
+
 class SpeechLMProcessor:
     """Tokenizer + Whisper features + codec settings, saved beside the model (``processor_config.json``)."""
 
@@ -219,8 +238,6 @@ class SpeechLMProcessor:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SpeechLMProcessor:
-        from transformers.utils import cached_file
-
         hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
         for key in PASSED_ALONG_KWARGS:
             kwargs.pop(key, None)
@@ -232,13 +249,10 @@ class SpeechLMProcessor:
         if missing_from_cache(pretrained_model_name_or_path, hub_kwargs):  # transformers' error would not say so
             raise FileNotFoundError(not_cached_message("SpeechLM processor", str(pretrained_model_name_or_path),
                                                        hub_kwargs))
-        config_file = cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME,
-                                  _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-        if config_file is None:
+        settings = saved_processor_settings(pretrained_model_name_or_path, **hub_kwargs)
+        if settings is None:
             raise FileNotFoundError(f"{pretrained_model_name_or_path}: no {PROCESSOR_CONFIG_NAME} (save the "
                                     f"processor with save_pretrained, as speechlm init does)")
-        settings = json.loads(Path(config_file).read_text())
-        settings.pop("processor_class", None)
         settings.update(kwargs)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         processor = cls(tokenizer, **settings)

@@ -20,6 +20,7 @@ from speechlm.configfile import ConfigFileError, apply_overrides, build_dataclas
 from speechlm.finetune.config import TrainConfig
 from speechlm.finetune.prepare import codec_hash
 from speechlm.finetune.recipe import (
+    audio_text_separator,
     build_datasets,
     build_model,
     build_processor,
@@ -248,6 +249,30 @@ def test_frozen_backbone_with_activation_checkpointing_saves_adapters_and_pushes
         key.startswith("language_model.") and "lora_" not in key for key in saved)
     reloaded = AutoModelForCausalLM.from_pretrained(lora)
     assert reloaded.config.mode == "lora" and reloaded.config.lora_config["r"] == 4
+
+
+def test_a_later_stage_keeps_the_separator_its_model_was_saved_with(processor, prepared, tmp_path):
+    """``data.audio_text_separator`` left out: ``init_from``'s saved processor's (a processor saved before the
+    setting had none: ""), so stage 2 keeps stage 1's request format; a new model gets "\\n"."""
+    stage1 = tmp_path / "stage1"
+    processor.audio_text_separator = " | "
+    processor.save_pretrained(stage1)
+
+    def later(*extra):
+        return config(prepared, tmp_path / "out", f"init_from={stage1}", *extra)
+
+    assert later().data.audio_text_separator is None
+    assert audio_text_separator(later()) == " | "
+    assert audio_text_separator(later("data.audio_text_separator=''")) == ""  # the recipe's, where it gives one
+    settings_file = stage1 / "processor_config.json"
+    settings = json.loads(settings_file.read_text())
+    del settings["audio_text_separator"]
+    settings_file.write_text(json.dumps(settings))
+    assert audio_text_separator(later()) == ""
+    assert audio_text_separator(config(prepared, tmp_path / "out")) == "\n"
+    settings_file.write_text("{not json")
+    with pytest.raises(ValueError, match="processor_config.json: not a processor's JSON settings"):
+        audio_text_separator(later())
 
 
 def test_reentrant_checkpointing_reaches_lora_through_our_embeddings(llama_dir):
