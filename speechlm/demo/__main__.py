@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--recipe", help="training recipe YAML (default: configs/smollm2-135m/stage1_align.yaml "
                                       "here, else in the source tree)")
     run.add_argument("--out", default=job.out, help="report, plot, wav and the trained model go here")
-    run.add_argument("--max-minutes", type=float, default=job.max_minutes, help="stop training after this many minutes")
+    run.add_argument("--max-minutes", type=float, default=job.max_minutes,
+                     help="stop training after this many minutes (default: the recipe's training.max_minutes)")
     run.add_argument("--curve-every", type=float, default=job.curve_every_minutes,
                      help="minutes of training between curve points")
     run.add_argument("--curve-items", type=int, default=job.curve_items, help="held-out clips per learning-curve point")

@@ -75,7 +75,7 @@ class JobSettings:
     size: str = "full"
     cache: str | None = None
     overrides: list[str] = field(default_factory=list)  # recipe overrides, key.sub=value
-    max_minutes: float | None = 15.0  # training stops here even if max_steps is not reached
+    max_minutes: float | None = None  # training stops here (None: the recipe's training.max_minutes)
     curve_every_minutes: float = 2.5  # a learning-curve point every this many minutes of training
     curve_items: int = 64  # held-out clips (spread over the split) per learning-curve point; the final
                           # figures use every clip

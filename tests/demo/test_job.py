@@ -136,6 +136,25 @@ def test_the_command_line_can_skip_the_untrained_evaluation(monkeypatch):
     assert settings[0].overrides == ["training.max_steps=5"]
 
 
+def test_the_recipe_says_how_many_minutes_the_job_trains_unless_it_is_told(tmp_path):
+    from speechlm.configfile import read_yaml
+    from speechlm.demo import job
+    from speechlm.demo.build import DemoAssets
+
+    assets = DemoAssets(cache=str(tmp_path), text_model="lm", audio_encoder="whisper.pt", codec="codec",
+                        corpus="corpus", train="train", heldout="heldout", ood="ood", card="CORPUS.md", seconds={})
+    recipe = read_yaml(job.JobSettings().recipe)
+    recipe["training"]["max_minutes"] = 4.5  # a user's edit of the recipe is what runs
+
+    def minutes(**settings) -> float:
+        config, _ = job.job_config(recipe, assets, ["train"], tmp_path, job.JobSettings(**settings))
+        return config.training.max_minutes
+
+    assert minutes() == 4.5
+    assert minutes(max_minutes=2.0) == 2.0  # --max-minutes
+    assert minutes(max_minutes=2.0, overrides=["training.max_minutes=3"]) == 3.0
+
+
 def test_a_report_without_the_untrained_evaluation_says_so():
     from speechlm.demo.job import format_report
 
