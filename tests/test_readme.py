@@ -1,8 +1,10 @@
 """The README's examples run as written, in a fresh folder, against the tiny default.
 
 Left out, each for its reason: `make` lines and `pip install` lines (what CI itself runs), the
-`speechlm init` line that names a gated Hub model and a local Whisper checkpoint, and the cluster launches
-(they need several machines; `tests/finetune/test_launchers.py` runs two nodes on one). `speechlm serve` runs
+`speechlm init` line that names a gated Hub model and a local Whisper checkpoint, the `speechlm answer` line
+that names the quick start's cached SmolLM2 (`make demo` builds it; `tests/finetune/test_self_answers.py`
+runs the command on a tiny backbone), and the cluster launches (they need several machines;
+`tests/finetune/test_launchers.py` runs two nodes on one). `speechlm serve` runs
 until stopped, so it is started in the background on a free port, which the examples' address
 (127.0.0.1:8000) is pointed at; it stops when the test ends.
 """
@@ -25,6 +27,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 NEEDS_THE_HUB = "meta-llama/"
+NEEDS_THE_DEMO_CACHE = "~/.cache/speechlm/demo/"
 NEEDS_A_CLUSTER = ("--nnodes", "--num_machines", "--hostfile")
 SERVES = "speechlm serve "
 README_ADDRESS = "127.0.0.1:8000"
@@ -42,6 +45,7 @@ def shell_commands(block: str) -> list[str]:
 
 def runnable(command: str) -> bool:
     return (not command.startswith(("make ", "pip ")) and NEEDS_THE_HUB not in command
+            and NEEDS_THE_DEMO_CACHE not in command
             and not any(flag in command.split() for flag in NEEDS_A_CLUSTER))
 
 
