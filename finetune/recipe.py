@@ -38,7 +38,12 @@ from speechlm.finetune.trainer import (
     TrainingClock,
     newest_complete_checkpoint,
 )
-from speechlm.speech_io.processor import CODEC_FOLDER, SpeechLMProcessor, saved_processor_settings
+from speechlm.speech_io.processor import (
+    CODEC_FOLDER,
+    UNSEPARATED,
+    SpeechLMProcessor,
+    saved_processor_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +112,7 @@ def audio_text_separator(config: TrainConfig) -> str:
     saved = saved_processor_settings(config.init_from) if config.init_from is not None else None
     if saved is None:
         return "\n"
-    return saved.get("audio_text_separator", "")
+    return saved.get("audio_text_separator", UNSEPARATED)
 
 
 def load_training_examples(config: TrainConfig) -> list[Example]:

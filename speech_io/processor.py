@@ -97,6 +97,10 @@ def as_conversations(conversations=None, *, audio=None, text: str | None = None,
     return [list(c) for c in conversations], True
 
 
+# The separator of a processor saved before `audio_text_separator` existed: nothing (the format its model learnt).
+UNSEPARATED = ""
+
+
 def saved_processor_settings(name_or_path: str | os.PathLike, **hub_kwargs) -> dict[str, Any] | None:
     """The settings a processor was saved with in a model directory or Hub repo (its ``processor_config.json``,
     less the class name); None where none was saved."""
@@ -123,7 +127,7 @@ class SpeechLMProcessor:
                  num_speech_units: int = 1024,
                  max_audio_seconds: float = MAX_SECONDS, speech_input: str = "continuous",
                  codec_name_or_path: str | None = None, codec=None, system_prompt: str | None = None,
-                 audio_text_separator: str = ""):
+                 audio_text_separator: str = UNSEPARATED):
         if speech_input not in SPEECH_INPUT_MODES:
             raise ValueError(f"speech_input={speech_input!r}: choose one of {list(SPEECH_INPUT_MODES)}")
         if not isinstance(audio_text_separator, str):
