@@ -28,12 +28,14 @@ from speechlm.finetune.speech_decoder_training import SpeechDecoderTraining
 from speechlm.finetune.vocoder_training import VocoderTraining
 
 # The vocoder that makes the codec's units (the LM's speech) audible: a few steps on the CI corpus,
-# VOCODER_MINUTES on the quick start's (BENCHMARKS.md, "Speech out": what more minutes and clips buy).
+# VOCODER_MINUTES on the quick start's (BENCHMARKS.md, "Speech out": what more minutes and clips buy; at 5 its
+# speech is heard at 18% WER against 14%).
 VOCODER_MINUTES = 10.0
 VOCODER_TRAINING = {"ci": VocoderTraining(max_steps=4, max_clips=8, batch_size=4),
                     "full": VocoderTraining(max_minutes=VOCODER_MINUTES, max_clips=800)}
 # The speech decoder that speaks the trained model's answers (the LM writes them): a few steps on the CI corpus,
-# SPEECH_DECODER_MINUTES on all of the quick start's training clips (BENCHMARKS.md, "Speech out").
+# SPEECH_DECODER_MINUTES on all of the quick start's training clips (BENCHMARKS.md, "Speech out": 7.5, or 10
+# without dropout's cost, speak unseen sentences worse).
 SPEECH_DECODER_MINUTES = 15.0
 SPEECH_DECODER_TRAINING = {"ci": SpeechDecoderTraining(max_steps=4, max_clips=8, batch_size=4),
                            "full": SpeechDecoderTraining(max_minutes=SPEECH_DECODER_MINUTES)}
