@@ -165,11 +165,8 @@ class WhisperUnitCodec(HoldsSpeechDecoder):
         return cls(encoder, config)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, subfolder: str = "", helpers: bool = True,
-                        **hub_kwargs) -> WhisperUnitCodec:
-        """A saved folder (``config.json`` + ``model.safetensors`` + vocoders), or a Hub repo id and folder.
-        ``helpers=False``: the units alone, without the folder's vocoder and speech decoder (what their training
-        reads, while another process may be writing the other one)."""
+    def from_pretrained(cls, path: str | os.PathLike, *, subfolder: str = "", **hub_kwargs) -> WhisperUnitCodec:
+        """A saved folder (``config.json`` + ``model.safetensors`` + vocoders), or a Hub repo id and folder."""
         unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
         if unknown:
             raise TypeError(f"WhisperUnitCodec.from_pretrained: unexpected keyword arguments {unknown}; it takes "
@@ -192,9 +189,8 @@ class WhisperUnitCodec(HoldsSpeechDecoder):
         encoder = WhisperUnitEncoder(config)
         load_fitting_state(encoder, weights_path, config_path)
         codec = cls(encoder, config)
-        if helpers:
-            add_saved_vocoders(codec, folder)
-            codec._load_speech_decoder(folder)
+        add_saved_vocoders(codec, folder)
+        codec._load_speech_decoder(folder)
         return codec
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

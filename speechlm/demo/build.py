@@ -10,18 +10,14 @@ Re-runs reuse what is built. ``assets.json`` in the cache lists the paths for th
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
-from pathlib import Path
 
 from speechlm.demo.assets import (
     build_backbone,
     build_codec,
     build_speech_decoder,
-    build_vocoder,
     build_whisper,
     cache_dir,
     verified,
@@ -31,17 +27,16 @@ from speechlm.demo.corpus_texts import seed_text_cache
 from speechlm.finetune.speech_decoder_training import SpeechDecoderTraining
 from speechlm.finetune.vocoder_training import VocoderTraining
 
-# The codec's two helpers train side by side, each on half the threads (`train_helpers`): on 2 cores a step
-# takes the vocoder 1.56x and the speech decoder 1.17x as long as alone on both, so 17.5 minutes side by side
-# buy each about the steps that 10 and 15 bought one after the other, and the stage takes 17.5, not 25
-# (BENCHMARKS.md, "Speech out": the helpers side by side; fewer steps are heard worse: the vocoder's 5 minutes
-# at 18% WER against 14%, and the speech decoder's 7.5 or 10 speak unseen sentences worse).
-# The vocoder makes the codec's units (the LM's speech) audible: a few steps on the CI corpus.
-VOCODER_MINUTES = 17.5
+# The vocoder that makes the codec's units (the LM's speech) audible: a few steps on the CI corpus,
+# VOCODER_MINUTES on the quick start's (BENCHMARKS.md, "Speech out": what more minutes and clips buy; at 5 its
+# speech is heard at 18% WER against 14%).
+VOCODER_MINUTES = 10.0
 VOCODER_TRAINING = {"ci": VocoderTraining(max_steps=4, max_clips=8, batch_size=4),
                     "full": VocoderTraining(max_minutes=VOCODER_MINUTES, max_clips=800)}
-# The speech decoder speaks the trained model's answers (the LM writes them), trained on all of the training clips.
-SPEECH_DECODER_MINUTES = 17.5
+# The speech decoder that speaks the trained model's answers (the LM writes them): a few steps on the CI corpus,
+# SPEECH_DECODER_MINUTES on all of the quick start's training clips (BENCHMARKS.md, "Speech out": 7.5, or 10
+# without dropout's cost, speak unseen sentences worse).
+SPEECH_DECODER_MINUTES = 15.0
 SPEECH_DECODER_TRAINING = {"ci": SpeechDecoderTraining(max_steps=4, max_clips=8, batch_size=4),
                            "full": SpeechDecoderTraining(max_minutes=SPEECH_DECODER_MINUTES)}
 
@@ -85,56 +80,21 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
         progress(f"[demo] {shipped} texts of the backbone's from the package ({text_cache})")
     corpus = step("corpus", lambda: build_corpus(root / f"corpus-{name}", backbone, voice, size=corpus_size(size),
                                                  seed=seed, text_cache=text_cache, progress=progress))
-    codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed))
+    codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed,
+                                              vocoder=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"]),
+                                              progress=progress))
     # the LM's training clips, and those only the speech decoder hears (split `decoder`, where the size has them)
     decoder_manifests = [corpus.manifests[split] for split in ("train", "decoder")
                          if corpus.manifests[split].stat().st_size]
-    step("vocoder and speech decoder", lambda: train_helpers(
-        partial(build_vocoder, codec, corpus.manifests["train"],
-                training=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"])),
-        partial(build_speech_decoder, codec, decoder_manifests,
-                training=SPEECH_DECODER_TRAINING.get(name, SPEECH_DECODER_TRAINING["full"])),
-        progress=progress))
+    step("speech decoder", lambda: build_speech_decoder(
+        codec, decoder_manifests,
+        training=SPEECH_DECODER_TRAINING.get(name, SPEECH_DECODER_TRAINING["full"]), progress=progress))
     assets = DemoAssets(cache=str(root), text_model=str(backbone), audio_encoder=str(whisper), codec=str(codec),
                         corpus=str(corpus.directory), train=str(corpus.manifests["train"]),
                         heldout=str(corpus.manifests["heldout"]), ood=str(corpus.manifests["ood"]),
                         card=str(corpus.card), seconds=seconds)
     (root / f"assets-{name}.json").write_text(json.dumps(asdict(assets), indent=2) + "\n")
     return assets
-
-
-def train_helpers(vocoder: partial, speech_decoder: partial, progress=print) -> tuple[Path, Path]:
-    """Run the two builds (`build_vocoder`, `build_speech_decoder` partials) side by side: the speech decoder in a
-    child process on half of torch's threads, the vocoder here on the rest; one after the other on one thread.
-    Both read the codec's units only and write their own folders, so neither sees the other half-written. A
-    failure in either is raised here, and the other is stopped."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if threads < 2:
-        return vocoder(progress=progress), speech_decoder(progress=progress)
-    progress(f"[demo] the vocoder and the speech decoder train side by side, {threads - threads // 2} and "
-             f"{threads // 2} threads")
-    with multiprocessing.get_context("spawn").Pool(1, initializer=use_threads, initargs=(threads // 2,)) as pool:
-        spoken = pool.apply_async(speech_decoder, kwds={"progress": progress_in_child})
-        torch.set_num_threads(threads - threads // 2)
-        try:
-            vocoded = vocoder(progress=progress)
-        finally:
-            torch.set_num_threads(threads)
-        return vocoded, spoken.get()  # leaving the block stops the child, where the vocoder failed
-
-
-def use_threads(count: int) -> None:
-    """The child process's torch threads, set before it runs its build."""
-    import torch
-
-    torch.set_num_threads(count)
-
-
-def progress_in_child(message: str) -> None:
-    """The speech decoder's progress from its process (the caller's callback does not travel)."""
-    print(message, flush=True)
 
 
 def load_demo_assets(size: str = "ci", cache: str | os.PathLike | None = None) -> DemoAssets:
@@ -145,4 +105,4 @@ def load_demo_assets(size: str = "ci", cache: str | os.PathLike | None = None) -
     return DemoAssets(**json.loads(path.read_text()))
 
 
-__all__ = ["DemoAssets", "build_demo_assets", "load_demo_assets", "train_helpers"]
+__all__ = ["DemoAssets", "build_demo_assets", "load_demo_assets"]

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
-from functools import partial
 
 import numpy as np
 import pytest
@@ -113,7 +111,7 @@ def test_a_tiny_corpus_builds_with_every_split_and_is_reused(tmp_path, backbone_
 def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_cache, voice, monkeypatch):
     import soundfile as sf
 
-    from speechlm.demo.assets import UNIT_CODES, build_codec, build_vocoder, build_whisper
+    from speechlm.demo.assets import UNIT_CODES, build_codec, build_whisper
     from speechlm.demo.corpus_audio import PiperSynthesizer
     from speechlm.finetune.vocoder_training import VocoderTraining
     from speechlm.speech_io.codec_loading import load_codec
@@ -132,23 +130,17 @@ def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     whisper = build_whisper(demo_cache)
     training = VocoderTraining(max_steps=2, max_clips=2, batch_size=2)
-    directory = build_codec(tmp_path / "train.jsonl", whisper, demo_cache)
+    directory = build_codec(tmp_path / "train.jsonl", whisper, demo_cache, vocoder=training, progress=lambda _: None)
     assert "Whisper units" in (directory / "README.md").read_text()
-    assert load_codec(directory).decodes_with(1) == "none"  # the units first; their vocoder joins the folder
-    assert build_vocoder(directory, tmp_path / "train.jsonl", training=training,
-                         progress=lambda _: None) == directory / "vocoder-rvq1"
     codec = load_codec(directory)
     assert isinstance(codec, WhisperUnitCodec) and codec.codebooks_filled
-    assert WhisperUnitCodec.from_pretrained(directory, helpers=False).decodes_with(1) == "none"  # the units alone
     assert (codec.codebook_size, codec.n_q, codec.hop_length, codec.config.encoder_blocks) == (UNIT_CODES, 1, 320, 4)
     units = codec.encode([audio])[0]
     assert len(set(units[0].tolist())) > 10  # different frames get different codes
     assert codec.decodes_with(1) == "vocoder" and codec.decode(units).shape == (units.shape[1] * 320,)
     start = time.perf_counter()
-    assert build_codec(tmp_path / "train.jsonl", whisper, demo_cache) == directory
+    assert build_codec(tmp_path / "train.jsonl", whisper, demo_cache, vocoder=training) == directory
     assert time.perf_counter() - start < 5.0  # reused, not rebuilt
-    monkeypatch.setattr("speechlm.finetune.vocoder_training.train_codec_vocoder", lambda *a, **k: pytest.fail("rebuilt"))
-    assert build_vocoder(directory, tmp_path / "train.jsonl", training=training) == directory / "vocoder-rvq1"
 
     # the speech decoder joins the codec's folder, and is reused while codec, corpus and settings stay
     from speechlm.demo import assets
@@ -180,43 +172,6 @@ def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_
     assert trained_on == [[tmp_path / "train.jsonl", tmp_path / "decoder.jsonl"]]
     with pytest.raises(ValueError, match="no corpus manifest"):
         assets.build_speech_decoder(directory, [], training=settings)
-
-
-def helper_build(name: str, *, progress) -> tuple:
-    """A stand-in for a helper's build: who ran it, where, on how many threads."""
-    import torch
-
-    progress(f"{name} built")
-    return name, os.getpid(), torch.get_num_threads()
-
-
-def failing_build(*, progress) -> None:
-    raise ValueError("decoder.jsonl: no rows with 'audio'")
-
-
-def test_the_codecs_helpers_train_side_by_side_on_half_the_threads_each(monkeypatch):
-    from speechlm.demo.build import train_helpers
-
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the machine's two cores, wherever this runs
-    threads = []
-    monkeypatch.setattr(torch, "set_num_threads", threads.append)
-    messages = []
-    vocoded, spoken = train_helpers(partial(helper_build, "vocoder"), partial(helper_build, "decoder"),
-                                    progress=messages.append)
-    assert vocoded == ("vocoder", os.getpid(), 2) and threads == [1, 2]  # one thread here, then both again
-    assert spoken[0] == "decoder" and spoken[1] != os.getpid() and spoken[2] == 1  # a process of one thread
-    assert messages == ["[demo] the vocoder and the speech decoder train side by side, 1 and 1 threads",
-                        "vocoder built"]
-    # a failure in the child is raised here with its message; the vocoder's leaves the threads as they were
-    with pytest.raises(ValueError, match="decoder.jsonl: no rows"):
-        train_helpers(partial(helper_build, "vocoder"), failing_build, progress=messages.append)
-    threads.clear()
-    with pytest.raises(ValueError, match="decoder.jsonl"):
-        train_helpers(failing_build, partial(helper_build, "decoder"))
-    assert threads[-1] == 2
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one thread: one after the other, here
-    assert [result[1] for result in train_helpers(partial(helper_build, "vocoder"),
-                                                  partial(helper_build, "decoder"))] == [os.getpid()] * 2
 
 
 @pytest.mark.parametrize("size", ["nope"])
