@@ -100,6 +100,10 @@ class SpeechDecoderConfig:
     symbol_frames: list[float] = field(default_factory=list, metadata={
         "help": "with symbol_durations, the frames each vocabulary symbol speaks, in id order from 2 (training fits "
                 "them to the clips' lengths)"})
+    duration_predictor: bool = field(default=False, metadata={
+        "help": "predict each symbol's frames from the symbols around it (convolutions, as FastSpeech's duration "
+                "predictor), learnt from the clips' alignments (a manifest row's `alignment`: each phoneme's "
+                "seconds, as Piper gives them), rather than each symbol's mean frames; needs symbols=phonemes"})
     units_per_position: int = field(default=2, metadata={
         "help": "frames each transformer position speaks (its head gives that many frames' logits): k reads 1/k "
                 "of the positions, so a minutes-bounded training takes k times the steps (2: BENCHMARKS.md)"})
@@ -124,6 +128,11 @@ class SpeechDecoderConfig:
         problems.check(not self.symbol_frames or len(self.symbol_frames) == len(self.vocabulary),
                        f"symbol_frames has {len(self.symbol_frames)} entries for {len(self.vocabulary)} symbols of the "
                        f"vocabulary (expected one a symbol)")
+        problems.check(isinstance(self.duration_predictor, bool),
+                       f"duration_predictor={self.duration_predictor!r} (expected true or false)")
+        problems.check(not self.duration_predictor or self.symbols == "phonemes",
+                       f"duration_predictor=true with symbols={self.symbols!r} (it learns from phoneme alignments: "
+                       f"expected symbols=phonemes)")
         problems.transformer(self)
         problems.check(isinstance(self.vocabulary, list) and all(isinstance(s, str) for s in self.vocabulary),
                        f"vocabulary={self.vocabulary!r:.60} (expected a list of strings)")
@@ -168,6 +177,27 @@ def spread(counts_total: int, symbols: int, weights: torch.Tensor | None = None)
     return counts
 
 
+class DurationPredictor(nn.Module):
+    """Each symbol's ``log(1 + frames)`` from the symbols around it: FastSpeech's duration predictor (convolutions
+    over the symbols, each followed by ReLU, layer norm and dropout), with its own symbol embedding."""
+
+    def __init__(self, symbols: int, width: int, dropout: float, *, layers: int = 3, kernel: int = 5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(symbols, width, padding_idx=PADDING)
+        self.convs = nn.ModuleList(nn.Conv1d(width, width, kernel, padding=kernel // 2) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` long ``(B, S)`` (`PADDING` past a sentence's end) -> ``(B, S)`` predicted ``log(1 + frames)``."""
+        hidden = self.embed(ids) * (ids != PADDING)[..., None]
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            hidden = hidden * (ids != PADDING)[..., None]  # the padding stays silent between layers
+            hidden = self.dropout(norm(torch.relu(conv(hidden.transpose(1, 2)).transpose(1, 2))))
+        return self.out(hidden).squeeze(-1)
+
+
 class SpeechDecoder(nn.Module):
     """Symbols of a sentence, spread over its positions (``units_per_position`` frames each) -> per-frame logits
     over the codec's units and CTC's blank (id ``codebook_size``)."""
@@ -183,6 +213,8 @@ class SpeechDecoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, config.units_per_position * (config.codebook_size + 1))
+        self.durations = (DurationPredictor(len(config.vocabulary) + 2, width, config.dropout)
+                          if config.duration_predictor else None)
 
     @property
     def blank(self) -> int:
@@ -194,18 +226,30 @@ class SpeechDecoder(nn.Module):
                 for sentence in text_sentences(text, self.config.symbols, self.config.language)]
 
     def symbol_frames(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """The frames each of ``ids`` speaks with `SpeechDecoderConfig.symbol_durations` (`UNKNOWN`:
-        ``units_per_symbol``), else None (every symbol the same)."""
+        """The frames each of ``ids`` (one sentence) speaks: predicted from the symbols around it with
+        `SpeechDecoderConfig.duration_predictor`, else each symbol's mean with ``symbol_durations``
+        (`mean_symbol_frames`), else None (every symbol the same)."""
+        if self.durations is not None:
+            with torch.no_grad():
+                predicted = self.durations(ids[None].to(self.head.weight.device))[0]
+            return predicted.double().expm1().clamp(min=0).cpu()
+        return self.mean_symbol_frames(ids)
+
+    def mean_symbol_frames(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Each of ``ids``' mean frames (`SpeechDecoderConfig.symbol_frames`; `UNKNOWN`: ``units_per_symbol``), or
+        None where the decoder has none."""
         if not self.config.symbol_frames:
             return None
         table = torch.tensor([0.0, self.config.units_per_symbol, *self.config.symbol_frames], dtype=torch.float64)
         return table[ids.cpu()]
 
-    def positions(self, ids: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+    def positions(self, ids: torch.Tensor, num_frames: int | None = None, frames: torch.Tensor | None = None
+                  ) -> torch.Tensor:
         """``ids`` repeated over the positions that speak ``num_frames`` frames (by default the symbols' own:
         `symbol_frames`, or ``units_per_symbol`` each), ``units_per_position`` frames a position, the last one's
-        rounded up; each symbol gets an even share, or its part of the frames with ``symbol_durations``."""
-        frames = self.symbol_frames(ids)
+        rounded up; each symbol gets its part of the frames by ``frames`` (a clip's own, in training), else by
+        `symbol_frames`, else an even share."""
+        frames = self.symbol_frames(ids) if frames is None else frames
         if num_frames is None:
             num_frames = round(float(frames.sum()) if frames is not None else len(ids) * self.config.units_per_symbol)
         counts = spread(-(-num_frames // self.config.units_per_position), len(ids), frames)

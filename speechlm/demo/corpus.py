@@ -28,12 +28,19 @@ from pathlib import Path
 import soundfile as sf
 
 from speechlm.demo import texts
-from speechlm.demo.corpus_audio import PiperSynthesizer, clip_file_name, save_clip, synthesis_settings
+from speechlm.demo.corpus_audio import (
+    PiperSynthesizer,
+    alignment_path,
+    clip_file_name,
+    save_alignment,
+    save_clip,
+    synthesis_settings,
+)
 from speechlm.demo.corpus_card import corpus_card, split_counts
 from speechlm.demo.corpus_scoring import question_accuracy, vocabulary_heard
 from speechlm.demo.corpus_texts import EVALUATION_SPLITS, SPLITS, BackboneWriter, text_rows
 
-CORPUS_VERSION = 2  # bump when rows or audio would change for the same settings
+CORPUS_VERSION = 3  # bump when rows or audio would change for the same settings
 
 
 @dataclass(frozen=True)
@@ -133,9 +140,13 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
         row["synthesis"] = synthesis_settings(row["id"], seed)
         row["audio"] = f"audio/{clip_file_name(row['id'], row['text'], row['synthesis'], seed)}"
         path = out / row["audio"]
-        if not path.is_file():
-            save_clip(synthesizer(row["text"], **row["synthesis"], seed=seed), path)
+        aligned = alignment_path(path)
+        if not (path.is_file() and aligned.is_file()):  # a clip from before alignments: Piper speaks it again
+            audio, alignment = synthesizer.synthesize(row["text"], **row["synthesis"], seed=seed)
+            save_alignment(alignment, aligned)
+            save_clip(audio, path)
             made += 1
+        row["alignment"] = json.loads(aligned.read_text())
         if (index + 1) % 100 == 0:
             progress(f"synthesized {index + 1}/{len(rows)} clips")
     timings["synthesis_seconds"] = time.perf_counter() - start

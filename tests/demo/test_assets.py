@@ -54,6 +54,20 @@ def test_whisper_base_transcribes_a_sentence_it_never_saw(demo_cache, voice):
     assert load_whisper_encoder(path).conv1.weight.shape == (512, 80, 3)
 
 
+def test_piper_says_how_long_each_phoneme_lasts(voice):
+    from speechlm.demo.corpus_audio import PiperSynthesizer
+    from speechlm.speech_io.speech_decoder import text_sentences
+
+    text = "Good morning. The orchestra rehearsed until midnight!"
+    audio, alignment = PiperSynthesizer(voice).synthesize(text, length_scale=1.1, noise_scale=0.0, noise_w_scale=0.0,
+                                                          snr_db=None)
+    # the speech decoder's symbols, sentence by sentence, each with its seconds; together the clip's length
+    assert [[symbol for symbol, _ in sentence] for sentence in alignment] == text_sentences(text, "phonemes")
+    seconds = [seconds for sentence in alignment for _, seconds in sentence]
+    assert min(seconds) >= 0 and sum(seconds) == pytest.approx(len(audio) / 16000, abs=0.02)
+    assert alignment[0][-1][1] > 0.25  # the pause between the sentences counts to the first one's end
+
+
 def test_a_tiny_corpus_builds_with_every_split_and_is_reused(tmp_path, backbone_dir, voice, demo_cache):
     from speechlm.demo import texts
     from speechlm.demo.corpus import CorpusSize, build_corpus

@@ -9,8 +9,10 @@ from speechlm.cli import main
 from speechlm.finetune.speech_decoder_training import (
     SpeechDecoderTraining,
     SpokenText,
+    alignment_frames,
     fit_symbol_frames,
     manifest_spoken_texts,
+    row_alignment,
     train_speech_decoder,
 )
 from speechlm.speech_io.codec import SpeechTokenizerCodec
@@ -108,3 +110,58 @@ def test_training_errors(demo_corpus, demo_codec, tmp_path):
     shutil.copytree(demo_corpus.parent / "codec", codec_dir)
     assert main(["train-speech-decoder", str(demo_corpus), "--codec", str(codec_dir),
                  "speech_decoder.codebook_size=7", "training.max_steps=1"]) == 2
+
+
+def test_alignment_frames_sum_to_the_clips_frames_in_proportion():
+    frames = alignment_frames([0.1, 0.02, 0.3, 0.08], 26)
+    assert frames.tolist() == [5, 1, 16, 4]  # cut at 5.2, 6.24, 21.84 and 26 frames
+    assert int(alignment_frames([0.013] * 7, 5).sum()) == 5  # shorter than a frame each: some get none
+
+
+def test_row_alignments_are_read_and_bad_ones_named():
+    assert row_alignment({"text": "a"}, "m: row 1") is None
+    assert row_alignment({"alignment": [[["h", 0.1], ["i", 0.2]], [["!", 0.05]]]}, "m") == [
+        ("h", 0.1), ("i", 0.2), ("!", 0.05)]
+    for bad in ([["h", 0.1]], [[["h", -1.0]]], [[["h"]]], "h 0.1", []):
+        with pytest.raises(ValueError, match="m.jsonl: row 3: 'alignment' should be a list of sentences"):
+            row_alignment({"alignment": bad}, "m.jsonl: row 3")
+
+
+def aligned(text: str, seconds: dict[str, float], unit_of: dict[str, int]) -> SpokenText:
+    """A clip of ``text`` whose phonemes last ``seconds`` (0.02 s a frame) and say ``unit_of`` their first letter."""
+    from speechlm.speech_io.speech_decoder import text_sentences
+
+    sentences = text_sentences(text, "phonemes")
+    pairs = [(s, seconds.get(s, 0.04)) for sentence in sentences for s in sentence]
+    units = [unit for s, sec in pairs for unit in [unit_of.get(s, 3)] * round(sec / 0.02)]
+    return SpokenText(text, units, pairs, source=text)
+
+
+def test_a_duration_predictor_learns_each_phonemes_frames_from_alignments():
+    # "s" lasts 10 frames, every other phoneme 2: the predictor learns it, and the positions follow
+    texts = ["sass", "so", "us", "see", "as"]
+    spoken = [aligned(text, {"s": 0.2}, {"s": 1}) for text in texts] * 6
+    config = SpeechDecoderConfig(codebook_size=8, symbols="phonemes", units_per_position=1, duration_predictor=True,
+                                 **TINY)
+    settings = SpeechDecoderTraining(max_steps=80, batch_size=6, learning_rate=1e-2, warmup_steps=5)
+    decoder, report = train_speech_decoder(spoken, config, settings)
+    assert report.losses[-1] < 0.3 * report.losses[0]
+    ids = decoder.encode_text("sass")[0]
+    frames = decoder.symbol_frames(ids)
+    s = decoder.symbol_ids["s"]
+    assert all(abs(f - (10 if i == s else 2)) < 2.5 for i, f in zip(ids.tolist(), frames.tolist(), strict=True)), frames
+    assert len(decoder.positions(ids)) == pytest.approx(float(frames.sum()), abs=1)
+
+
+def test_duration_training_errors():
+    config = SpeechDecoderConfig(codebook_size=8, symbols="phonemes", duration_predictor=True, **TINY)
+    with pytest.raises(ValueError, match="no clip has an 'alignment'"):
+        train_speech_decoder([SpokenText("so", [1, 1, 2])], config, SpeechDecoderTraining(max_steps=1))
+    wrong = SpokenText("so", [1, 1, 2], [("x", 0.1), ("y", 0.1)], source="m.jsonl: row 7")
+    with pytest.raises(ValueError, match="m.jsonl: row 7.*not espeak-ng's for the text"):
+        train_speech_decoder([wrong], config, SpeechDecoderTraining(max_steps=1))
+    with pytest.raises(ConfigError, match="duration_predictor=true with symbols='characters'"):
+        SpeechDecoderConfig(symbols="characters", duration_predictor=True)
+    # without duration_predictor, an alignment is not read (nor checked)
+    plain = SpeechDecoderConfig(codebook_size=8, symbols="phonemes", **TINY)
+    train_speech_decoder([wrong], plain, SpeechDecoderTraining(max_steps=1))

@@ -157,6 +157,21 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.speak("Hello world.") == decoder.speak("Hello world.")
 
 
+def test_a_duration_predictor_sets_the_positions_and_is_saved_with_the_decoder(tmp_path):
+    decoder = tiny_decoder(symbols="phonemes", units_per_position=2, duration_predictor=True, seed=3)
+    with torch.no_grad():  # every symbol log(1 + 4) frames, whatever it reads
+        decoder.durations.out.weight.zero_()
+        decoder.durations.out.bias.fill_(float(torch.tensor(5.0).log()))
+    ids = decoder.encode_text("Hello world.")[0]
+    assert decoder.symbol_frames(ids).tolist() == pytest.approx([4.0] * len(ids))
+    assert len(decoder.positions(ids)) == 2 * len(ids)  # 4 frames a symbol, 2 a position
+    assert decoder.mean_symbol_frames(ids) is None  # this one has no mean frames: the predictor speaks
+    decoder.save_pretrained(tmp_path / "d")
+    loaded = SpeechDecoder.from_pretrained(tmp_path / "d")
+    assert loaded.config.duration_predictor and loaded.speak("Hello world.") == decoder.speak("Hello world.")
+    assert len(loaded.speak("Hello world.")) == 4 * len(ids)
+
+
 def test_a_decoder_saved_before_its_newer_settings_speaks_as_it_did(tmp_path):
     decoder = tiny_decoder(units_per_position=1)
     decoder.save_pretrained(tmp_path / "d")
