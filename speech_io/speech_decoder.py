@@ -8,8 +8,9 @@ LM writes the text (chain-of-modality) and this decoder speaks it.
 It reads the text's phonemes (espeak-ng, as Piper bundles it: English spelling says little about sound) or its
 characters. Each symbol's embedding is repeated over its share of the frames (``symbol_durations``: the frames
 that symbol lasts on average, fit to the corpus's clip lengths, so the positions fall near where the clip says
-it; else an even share, ``units_per_symbol`` a symbol; with ``units_per_position`` k, over positions that speak k
-frames each), a small bidirectional transformer reads them, and CTC against the clip's units (repeats merged)
+it; with ``duration_predictor`` the frames a small convolutional predictor gives it from the symbols around it,
+learnt from the clips' alignments; else an even share, ``units_per_symbol`` a symbol; with ``units_per_position``
+k, over positions that speak k frames each), a small bidirectional transformer reads them, and CTC against the clip's units (repeats merged)
 learns where each unit falls. Speaking takes each frame's likeliest unit other than the blank (a one-frame flicker
 smoothed), one unit a frame. A text is spoken one sentence at a time (what a stream speaks as the LM finishes
 each), so the whole equals the sentences spoken in turn.

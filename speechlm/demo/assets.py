@@ -90,7 +90,8 @@ PINNED_FILES: dict[str, PinnedFile] = {
 WHISPER_FILES = {"base": (("whisper_base_part1", "whisper_base_part2"), "whisper_base_vocabulary"),
                  "tiny.en": (("whisper_tiny_en",), "whisper_tiny_en_vocabulary")}
 # Runtime libraries of the demo (imported, not hash-checked): transformers' GGUF reader and Piper.
-RUNTIME_PACKAGES = {"gguf": "==0.19.0", "piper-tts": "==1.8.0", "matplotlib": ">=3.8", "wordfreq": "==3.1.1"}
+RUNTIME_PACKAGES = {"gguf": "==0.19.0", "piper-tts": "==1.8.0", "onnx": ">=1.16", "matplotlib": ">=3.8",
+                    "wordfreq": "==3.1.1"}
 
 
 class DemoAssetError(ValueError):
@@ -304,7 +305,8 @@ def build_speech_decoder(codec_dir: str | os.PathLike, corpus_manifests: Sequenc
         raise ValueError("build_speech_decoder: no corpus manifest to train on")
     out = codec_dir / SPEECH_DECODER_FOLDER
     codec = load_codec(codec_dir)
-    config = SpeechDecoderConfig(codebook_size=codec.codebook_size)
+    # each phoneme's frames predicted, learnt from the corpus's alignments (Piper's): BENCHMARKS.md, "Speech out"
+    config = SpeechDecoderConfig(codebook_size=codec.codebook_size, duration_predictor=True)
     sources = {"manifests": [hashlib.sha256(manifest.read_bytes()).hexdigest() for manifest in manifests],
                "codec": hashlib.sha256((codec_dir / STAMP).read_bytes()).hexdigest(),
                "config": config.to_dict(), "training": asdict(training)}

@@ -138,9 +138,11 @@ def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_
              "Another one, a little longer, with more words and more sounds in it than the first.",
              "The third clip: numbers like seventeen and names like Priya, so the units vary."]
     for index, text in enumerate(texts * 3):
-        audio = synthesize(text, length_scale=1.0, noise_scale=0.5, noise_w_scale=0.6, snr_db=None)
+        audio, alignment = synthesize.synthesize(text, length_scale=1.0, noise_scale=0.5, noise_w_scale=0.6,
+                                                 snr_db=None)
         sf.write(tmp_path / "audio" / f"{index}.flac", audio, 16000)
-        lines.append(json.dumps({"id": str(index), "audio": f"audio/{index}.flac", "text": text}))
+        lines.append(json.dumps({"id": str(index), "audio": f"audio/{index}.flac", "text": text,
+                                 "alignment": alignment}))
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     whisper = build_whisper(demo_cache)
     training = VocoderTraining(max_steps=2, max_clips=2, batch_size=2)
@@ -165,6 +167,7 @@ def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_
                                                  progress=lambda _: None)
     speaking = load_codec(directory).speech_decoder
     assert speech_decoder == directory / "speech-decoder" and speaking.config.symbols == "phonemes"
+    assert speaking.config.duration_predictor  # learnt from the corpus's alignments
     assert len(speaking.speak("A short sentence.")) > 5
     assert codec.decode(np.array([speaking.speak("A short sentence.")])).shape[0] > 0
     monkeypatch.setattr("speechlm.finetune.speech_decoder_training.train_codec_speech_decoder",
