@@ -179,7 +179,7 @@ def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConf
     decoder.config.symbol_frames = symbol_frames if config.symbol_durations else []
     # each clip: its symbols spread over its own frame count (by its alignment where it has one, else by the
     # symbols' mean frames), its merged units (CTC's target), and its symbols and their frames where aligned
-    examples = [(decoder.positions(ids, len(units), frames if frames is not None else decoder.mean_symbol_frames(ids)),
+    examples = [(decoder.positions(ids, len(units), frames if frames is not None else _mean_or_even(decoder, ids)),
                  torch.tensor(merged_units(units)), ids, frames) for ids, units, frames in clips]
     ctc = nn.CTCLoss(blank=decoder.blank, zero_infinity=True)
 
@@ -202,6 +202,13 @@ def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConf
                                loss="CTC + duration loss" if decoder.durations is not None else "CTC loss",
                                clip_norm=1.0)
     return decoder, report
+
+
+def _mean_or_even(decoder: SpeechDecoder, ids: torch.Tensor) -> torch.Tensor:
+    """A clip without an alignment is spread by its symbols' mean frames, or evenly: never by a predictor that is
+    still untrained."""
+    frames = decoder.mean_symbol_frames(ids)
+    return torch.ones(len(ids), dtype=torch.float64) if frames is None else frames
 
 
 def duration_loss(predictor: nn.Module, ids: Sequence[torch.Tensor], frames: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -165,3 +165,14 @@ def test_duration_training_errors():
     # without duration_predictor, an alignment is not read (nor checked)
     plain = SpeechDecoderConfig(codebook_size=8, symbols="phonemes", **TINY)
     train_speech_decoder([wrong], plain, SpeechDecoderTraining(max_steps=1))
+
+
+def test_clips_without_alignments_are_spread_evenly_not_by_the_untrained_predictor(monkeypatch):
+    from speechlm.speech_io.speech_decoder import SpeechDecoder
+
+    monkeypatch.setattr(SpeechDecoder, "symbol_frames", lambda self, ids: pytest.fail("spread by the predictor"))
+    spoken = [aligned("sass", {"s": 0.2}, {"s": 1}), SpokenText("so", [1] * 12 + [2] * 4)] * 3
+    config = SpeechDecoderConfig(codebook_size=8, symbols="phonemes", units_per_position=1, duration_predictor=True,
+                                 symbol_durations=False, **TINY)
+    decoder, report = train_speech_decoder(spoken, config, SpeechDecoderTraining(max_steps=2, batch_size=2))
+    assert report.steps == 2 and decoder.config.symbol_frames == []
