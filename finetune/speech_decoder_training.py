@@ -21,7 +21,6 @@ from speechlm.speech_io.codec_loading import Codec, load_codec
 from speechlm.speech_io.speech_decoder import (
     PADDING,
     SPEECH_DECODER_FOLDER,
-    UNKNOWN,
     SpeechDecoder,
     SpeechDecoderConfig,
     codebook_fingerprint,
@@ -111,14 +110,13 @@ def _symbols_and_units(decoder: SpeechDecoder, spoken: Sequence[SpokenText]
     decoder's for the text (another espeak-ng, language or text) is an error that names the clip."""
     examples = []
     for item in spoken:
-        sentences = text_sentences(item.text, decoder.config.symbols, decoder.config.language)
-        ids = torch.tensor([decoder.symbol_ids.get(s, UNKNOWN) for sentence in sentences for s in sentence],
-                           dtype=torch.long)
+        symbols = [s for sentence in text_sentences(item.text, decoder.config.symbols, decoder.config.language)
+                   for s in sentence]
+        ids = decoder.ids_of(symbols)
         if not len(ids) or not item.units:
             continue
         frames = None
         if item.alignment is not None and decoder.config.duration_predictor:
-            symbols = [s for sentence in sentences for s in sentence]
             if [symbol for symbol, _ in item.alignment] != symbols:
                 raise ValueError(f"{item.source or item.text[:40]!r}: the alignment's phonemes "
                                  f"{''.join(s for s, _ in item.alignment)[:60]!r} are not espeak-ng's for the text "
@@ -170,8 +168,7 @@ def train_speech_decoder(spoken: Sequence[SpokenText], config: SpeechDecoderConf
     clips = _symbols_and_units(decoder, spoken)
     if not clips:
         raise ValueError("no clip has both units and a spoken symbol; the speech decoder has nothing to learn")
-    aligned = [i for i, (_, _, frames) in enumerate(clips) if frames is not None]
-    if config.duration_predictor and not aligned:
+    if config.duration_predictor and all(frames is None for *_, frames in clips):
         raise ValueError("duration_predictor=true, but no clip has an 'alignment' (each phoneme's seconds) to learn "
                          "durations from; add alignments to the manifests, or train without it")
     rate, symbol_frames = fit_symbol_frames([(ids, units) for ids, units, _ in clips], len(vocabulary))

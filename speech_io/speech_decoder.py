@@ -192,9 +192,9 @@ class DurationPredictor(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` long ``(B, S)`` (`PADDING` past a sentence's end) -> ``(B, S)`` predicted ``log(1 + frames)``."""
-        hidden = self.embed(ids) * (ids != PADDING)[..., None]
+        hidden, keep = self.embed(ids), (ids != PADDING)[..., None]
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            hidden = hidden * (ids != PADDING)[..., None]  # the padding stays silent between layers
+            hidden = hidden * keep  # the padding stays silent between layers
             hidden = self.dropout(norm(torch.relu(conv(hidden.transpose(1, 2)).transpose(1, 2))))
         return self.out(hidden).squeeze(-1)
 
@@ -222,9 +222,12 @@ class SpeechDecoder(nn.Module):
         return self.config.codebook_size
 
     def encode_text(self, text: str) -> list[torch.Tensor]:
-        """Each sentence of ``text`` as symbol ids (a symbol never seen in training is `UNKNOWN`)."""
-        return [torch.tensor([self.symbol_ids.get(s, UNKNOWN) for s in sentence])
-                for sentence in text_sentences(text, self.config.symbols, self.config.language)]
+        """Each sentence of ``text`` as symbol ids (`ids_of`)."""
+        return [self.ids_of(sentence) for sentence in text_sentences(text, self.config.symbols, self.config.language)]
+
+    def ids_of(self, symbols: Sequence[str]) -> torch.Tensor:
+        """``symbols`` as ids (a symbol never seen in training is `UNKNOWN`)."""
+        return torch.tensor([self.symbol_ids.get(s, UNKNOWN) for s in symbols], dtype=torch.long)
 
     def symbol_frames(self, ids: torch.Tensor) -> torch.Tensor | None:
         """The frames each of ``ids`` (one sentence) speaks: predicted from the symbols around it with

@@ -142,11 +142,12 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
         path = out / row["audio"]
         aligned = alignment_path(path)
         if not (path.is_file() and aligned.is_file()):  # a clip from before alignments: Piper speaks it again
-            audio, alignment = synthesizer.synthesize(row["text"], **row["synthesis"], seed=seed)
-            save_alignment(alignment, aligned)
+            audio, row["alignment"] = synthesizer.synthesize(row["text"], **row["synthesis"], seed=seed)
+            save_alignment(row["alignment"], aligned)
             save_clip(audio, path)
             made += 1
-        row["alignment"] = json.loads(aligned.read_text())
+        else:
+            row["alignment"] = json.loads(aligned.read_text())
         if (index + 1) % 100 == 0:
             progress(f"synthesized {index + 1}/{len(rows)} clips")
     timings["synthesis_seconds"] = time.perf_counter() - start
