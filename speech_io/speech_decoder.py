@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from speechlm.speech_io.config_errors import ConfigProblems, settings_from_dict
+from speechlm.speech_io.fast_dropout import use_fast_dropout
 from speechlm.speech_io.saved_files import load_module, save_module
 
 SPEECH_DECODER_FOLDER = "speech-decoder"  # inside the codec's folder
@@ -216,6 +217,7 @@ class SpeechDecoder(nn.Module):
         self.head = nn.Linear(width, config.units_per_position * (config.codebook_size + 1))
         self.durations = (DurationPredictor(len(config.vocabulary) + 2, width, config.dropout)
                           if config.duration_predictor else None)
+        use_fast_dropout(self)  # torch's Bernoulli masks were 30% of a training step on a CPU (BENCHMARKS.md)
 
     @property
     def blank(self) -> int:
