@@ -305,7 +305,8 @@ def build_speech_decoder(codec_dir: str | os.PathLike, corpus_manifests: Sequenc
         raise ValueError("build_speech_decoder: no corpus manifest to train on")
     out = codec_dir / SPEECH_DECODER_FOLDER
     codec = load_codec(codec_dir)
-    # each phoneme's frames predicted, learnt from the corpus's alignments (Piper's): BENCHMARKS.md, "Speech out"
+    # each phoneme's frames predicted, learnt from the corpus's alignments (Piper's), and feed-forwards over three
+    # positions (the default): BENCHMARKS.md, "Speech out"
     config = SpeechDecoderConfig(codebook_size=codec.codebook_size, duration_predictor=True)
     sources = {"manifests": [hashlib.sha256(manifest.read_bytes()).hexdigest() for manifest in manifests],
                "codec": hashlib.sha256((codec_dir / STAMP).read_bytes()).hexdigest(),
