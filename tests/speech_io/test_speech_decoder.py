@@ -81,8 +81,9 @@ def test_positions_repeat_each_symbol_over_its_share():
     assert decoder.positions(ids, 2).tolist() == [5, 6, 7]  # too few frames: each symbol still gets a position
 
 
-def test_a_padded_batch_speaks_as_its_rows_alone():
-    decoder = tiny_decoder()
+@pytest.mark.parametrize("kernel", [1, 3, 5])  # position-wise feed-forwards, and over 3 or 5 positions
+def test_a_padded_batch_speaks_as_its_rows_alone(kernel):
+    decoder = tiny_decoder(feed_forward_kernel=kernel, num_layers=2)
     rows = [decoder.positions(decoder.encode_text(text)[0]) for text in ("Hello world", "the cat")]
     batch = decoder(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
                     torch.tensor([[False] * len(rows[0]), [False] * len(rows[1]) + [True] * 10]))
@@ -173,17 +174,32 @@ def test_a_duration_predictor_sets_the_positions_and_is_saved_with_the_decoder(t
 
 
 def test_a_decoder_saved_before_its_newer_settings_speaks_as_it_did(tmp_path):
-    decoder = tiny_decoder(units_per_position=1)
+    decoder = tiny_decoder(units_per_position=1, feed_forward_kernel=1)
     decoder.save_pretrained(tmp_path / "d")
     config = tmp_path / "d" / "speech_decoder_config.json"
     data = json.loads(config.read_text())
-    for key in ("units_per_position", "symbol_durations", "symbol_frames"):
+    for key in ("units_per_position", "symbol_durations", "symbol_frames", "feed_forward_kernel"):
         del data[key]
     config.write_text(json.dumps(data))
     loaded = SpeechDecoder.from_pretrained(tmp_path / "d")
     assert loaded.config.units_per_position == 1 and SpeechDecoderConfig().units_per_position == 2
+    assert loaded.config.feed_forward_kernel == 1 and SpeechDecoderConfig().feed_forward_kernel == 3
     assert not loaded.config.symbol_durations and loaded.config.symbol_frames == []  # every symbol the same
     assert loaded.speak("Hello world.") == decoder.speak("Hello world.")
+
+
+def test_feed_forwards_read_each_position_with_its_neighbours():
+    layer = tiny_decoder(feed_forward_kernel=3).layers.layers[0]
+    positions = torch.arange(1.0, 7.0).reshape(1, 3, 2)  # three positions of width 2, the last one padding
+    neighbours = layer._neighbours(positions, torch.tensor([[False, False, True]]))
+    assert neighbours.tolist() == [[[0, 0, 1, 2, 3, 4], [1, 2, 3, 4, 0, 0], [3, 4, 0, 0, 0, 0]]]
+    assert layer.linear1.in_features == 3 * TINY["hidden_size"]
+
+
+@pytest.mark.parametrize("kernel", [0, 2, -3])
+def test_a_feed_forward_kernel_is_odd_and_positive(kernel):
+    with pytest.raises(ConfigError, match=f"feed_forward_kernel={kernel}"):
+        SpeechDecoderConfig(feed_forward_kernel=kernel)
 
 
 def test_loading_errors_name_the_file(tmp_path):
