@@ -123,7 +123,8 @@ class SpeechDecoderConfig:
         problems = ConfigProblems()
         problems.positive_integers(self, "codebook_size", "hidden_size", "num_layers", "num_heads",
                                    "units_per_position", "feed_forward_kernel")
-        problems.check(not isinstance(self.feed_forward_kernel, int) or self.feed_forward_kernel % 2 == 1,
+        problems.check(not isinstance(self.feed_forward_kernel, int) or self.feed_forward_kernel <= 0  # said above
+                       or self.feed_forward_kernel % 2 == 1,
                        f"feed_forward_kernel={self.feed_forward_kernel!r} (expected an odd number: the positions "
                        f"each side of one alike)")
         problems.check(self.symbols in SYMBOL_KINDS, f"symbols={self.symbols!r} (expected one of {list(SYMBOL_KINDS)})")
