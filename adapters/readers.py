@@ -47,6 +47,13 @@ LOGPROB_THRESHOLD = -1.0
 REPEATED_WORDS_LIMIT = 4
 
 
+def silence_windows(mel_lengths: torch.Tensor, silence_frames: int) -> torch.Tensor:
+    """Mel frames each clip is heard in: its own and ``silence_frames`` of silence after it, rounded up to whole
+    ``WINDOW_STEP`` (clips of similar length share a window, so they decode together), at most 30 s."""
+    padded = -(-(mel_lengths + silence_frames) // WINDOW_STEP) * WINDOW_STEP
+    return torch.maximum(padded.clamp(max=MAX_MEL_FRAMES), mel_lengths)
+
+
 class WhisperView(Whisper):
     """openai-whisper's model interface over a decoder owned elsewhere, for its ``DecodingTask``; no weights
     of its own. ``n_audio_ctx`` is the length of the encoded frames it will be handed."""
@@ -214,10 +221,8 @@ class WhisperTranscriptReader(nn.Module):
 
     # -- the encoder pass -----------------------------------------------------------------------------
     def windows(self, mel_lengths: torch.Tensor) -> torch.Tensor:
-        """Mel frames each clip is encoded with: its own and the silence after it, rounded up to whole
-        ``WINDOW_STEP`` (clips of similar length share a window, so they decode together), at most 30 s."""
-        padded = -(-(mel_lengths + self.silence_frames) // WINDOW_STEP) * WINDOW_STEP
-        return torch.maximum(padded.clamp(max=MAX_MEL_FRAMES), mel_lengths)
+        """Mel frames each clip is encoded with (`silence_windows`)."""
+        return silence_windows(mel_lengths, self.silence_frames)
 
     @staticmethod
     def pad_with_silence(features: torch.Tensor, mel_lengths: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:

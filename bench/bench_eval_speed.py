@@ -21,13 +21,17 @@ On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``),
   evaluation after training finds them), seconds, the figures, and how many outputs are the same;
 - **the judge** (the TTS task's Whisper base, on tts/heldout's reference units decoded by the codec): the
   decode's seconds, then the judge hearing one window at a time against `transcribe_batch`'s batches, seconds and
-  how many transcripts are the same as one at a time.
+  how many transcripts are the same as one at a time;
+- **the judge's window** (both TTS sets, their references and the job's trained answers from its
+  ``eval-items.json``): openai-whisper's 30 s windows against the clip and ``JUDGE_SILENCE_SECONDS`` of silence
+  (`transcribe_batch`: the library now); seconds, WER against the text, transcripts as the 30 s judge's.
 
     python bench/bench_eval_speed.py --job /tmp/exp/reader9 --out /tmp/exp/eval-speed.json
     python bench/bench_eval_speed.py --job /tmp/exp/np50 --sections ranked-reading --out /tmp/exp/ranked.json
     python bench/bench_eval_speed.py --job /tmp/exp/np57 --sections scoring --out /tmp/exp/scoring.json
     python bench/bench_eval_speed.py --job /tmp/exp/full33 --sections lm-dtype --out /tmp/exp/lm-dtype.json
     python bench/bench_eval_speed.py --job /tmp/exp/full38 --sections judge --judge /tmp/democache/whisper-base.pt
+    python bench/bench_eval_speed.py --job /tmp/exp/np77/demo --sections judge-window --judge /tmp/democache76/whisper-base.pt
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ from speechlm.adapters.text_scoring import UserTextScorer, base_weights
 from speechlm.demo.job import JobSettings, load_trained
 from speechlm.evaluation import (
     BATCH_LENGTH_FIELDS,
+    JUDGE_SILENCE_SECONDS,
+    JUDGE_TEMPERATURES,
+    LOOP_COMPRESSION_RATIO,
     EvalSettings,
     evaluate,
     load_judge,
@@ -276,7 +283,57 @@ def judge_rows(processor, items, judge_path: str, batch_sizes: list[int]) -> lis
     return rows
 
 
-SECTIONS = ("reading", "ranked-reading", "scoring", "batching", "lm-dtype", "judge")
+def thirty_second_windows(judge, waveforms, batch_size: int = 16) -> list[str]:
+    """The judge before `JUDGE_SILENCE_SECONDS`: openai-whisper's own model, every clip padded to 30 s."""
+    import whisper
+
+    def decode(mel, temperature):
+        return whisper.decode(judge, mel, whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False,
+                                                                  temperature=temperature))
+
+    texts = []
+    for start in range(0, len(waveforms), batch_size):
+        mels = [whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.as_tensor(wave, dtype=torch.float32)),
+                                            n_mels=judge.dims.n_mels) for wave in waveforms[start:start + batch_size]]
+        for mel, result in zip(mels, decode(torch.stack(mels), JUDGE_TEMPERATURES[0]), strict=True):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                for temperature in JUDGE_TEMPERATURES[1:]:
+                    if result.compression_ratio <= LOOP_COMPRESSION_RATIO:
+                        break
+                    result = decode(mel, temperature)
+            texts.append(result.text.strip())
+    return texts
+
+
+def judge_window_rows(processor, job: Path, judge_path: str) -> list[dict]:
+    """The TTS sets' references and the job's trained answers (its ``eval-items.json``), heard by the judge in
+    30 s windows and in the clip and `JUDGE_SILENCE_SECONDS`: seconds, WER against the text, transcripts alike."""
+    import whisper
+
+    after = json.loads((job / "eval-items.json").read_text())["after"]
+    judges = {"30 s windows (openai-whisper's model)": (whisper.load_model(judge_path, device="cpu"), thirty_second_windows),
+              f"the clip and {JUDGE_SILENCE_SECONDS:g} s of silence (the library)": (load_judge(judge_path), transcribe_batch)}
+    rows = []
+    for split in ("tts/heldout", "tts/ood"):
+        items = after[split]
+        texts = [item["text"] for item in items]
+        for field, what in (("reference_units", "references"), ("units", "trained answers")):
+            waves = processor.codec.decode_batch([item[field] for item in items])
+            heard = {}
+            for variant, (judge, hear) in judges.items():
+                start = time.perf_counter()
+                heard[variant] = hear(judge, waves)
+                rows.append({"set": split, "audio": what, "variant": variant,
+                             "seconds": round(time.perf_counter() - start, 1),
+                             "wer": round(word_errors(texts, heard[variant]).rate, 4),
+                             "same_as_30s": sum(a == b for a, b in zip(next(iter(heard.values())), heard[variant],
+                                                                       strict=True))})
+                print(rows[-1], flush=True)
+    return rows
+
+
+SECTIONS = ("reading", "ranked-reading", "scoring", "batching", "lm-dtype", "judge", "judge-window")
 
 
 def main() -> None:
@@ -318,6 +375,10 @@ def main() -> None:
             task = path.stem.split("-")[0]
             figures[f"lm dtype {path.stem}"] = lm_dtype_rows(model, processor, task, read_eval_manifest(path, task),
                                                              settings)
+    if "judge-window" in sections:
+        if not args.judge:
+            parser.error("--sections judge-window needs --judge (an openai-whisper .pt)")
+        figures["judge window"] = judge_window_rows(processor, job, args.judge)
     if "judge" in sections:
         if not args.judge:
             parser.error("--sections judge needs --judge (an openai-whisper .pt)")

@@ -228,24 +228,29 @@ def test_the_judge_hears_a_batch_as_it_hears_each_clip_alone(tmp_path, monkeypat
 
     judge = load_judge(save_tiny_whisper(tmp_path / "judge.pt", n_vocab=51864, n_text_ctx=64))
     generator = torch.Generator().manual_seed(0)
-    waves = [0.1 * torch.randn(16000 * seconds, generator=generator).numpy() for seconds in (1, 3, 2, 1, 2)]
+    waves = [0.1 * torch.randn(16000 * seconds, generator=generator).numpy() for seconds in (1, 3, 2, 1, 2, 2)]
     decode, calls = whisper.decode, []
 
     def counting(model, mel, options):
-        calls.append(mel.shape[0] if mel.ndim == 3 else 1)
+        calls.append((mel.shape[0] if mel.ndim == 3 else "alone", mel.shape[-1]))
         result = decode(model, mel, options)
         if mel.ndim == 3:  # the third clip loops when greedy, as unclear speech does
-            result = [dataclasses.replace(one, compression_ratio=9.0) if (len(calls), i) == (1, 2) else one
+            result = [dataclasses.replace(one, compression_ratio=9.0) if (len(calls), i) == (2, 1) else one
                       for i, one in enumerate(result)]
         return result
 
     monkeypatch.setattr(whisper, "decode", counting)
-    heard = transcribe_batch(judge, waves, batch_size=4)
-    assert calls[:2] == [4, 1] and len(heard) == 5, "greedy four at a time; the looping clip again alone"
+    heard = transcribe_batch(judge, waves, batch_size=2)
+    # each clip in its own length and 5 s of silence, in whole 2 s: the 1 s clips in 6 s, the 2-3 s ones in 8 s;
+    # greedy two at a time among clips of one window, the looping clip again alone
+    assert [call for call in calls if call[0] != "alone"] == [(2, 600), (2, 800), (2, 800)] and len(heard) == 6
+    assert calls[calls.index((2, 800)) + 1] == ("alone", 800)
     monkeypatch.setattr(whisper, "decode", decode)
     alone = [transcribe(judge, wave) for wave in waves]
-    assert [heard[i] for i in (0, 1, 3, 4)] == [alone[i] for i in (0, 1, 3, 4)]
+    assert [heard[i] for i in (0, 1, 3, 4, 5)] == [alone[i] for i in (0, 1, 3, 4, 5)]
     assert transcribe_batch(judge, []) == []
+    # an empty clip is heard as its window of silence, as a clip shorter than a mel frame is
+    assert transcribe_batch(judge, [np.zeros(0, dtype=np.float32)]) == [transcribe(judge, np.zeros(100))]
 
 
 def test_looping_answers_are_decoded_again_at_the_next_temperature(model_dir):
