@@ -55,9 +55,10 @@ from speechlm.evaluation import (
     BATCH_LENGTH_FIELDS,
     JUDGE_SILENCE_SECONDS,
     JUDGE_TEMPERATURES,
-    LOOP_COMPRESSION_RATIO,
     EvalSettings,
     evaluate,
+    heard_without_loop,
+    judge_decode,
     load_judge,
     read_eval_manifest,
     transcribe_batch,
@@ -287,22 +288,12 @@ def thirty_second_windows(judge, waveforms, batch_size: int = 16) -> list[str]:
     """The judge before `JUDGE_SILENCE_SECONDS`: openai-whisper's own model, every clip padded to 30 s."""
     import whisper
 
-    def decode(mel, temperature):
-        return whisper.decode(judge, mel, whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False,
-                                                                  temperature=temperature))
-
     texts = []
     for start in range(0, len(waveforms), batch_size):
         mels = [whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.as_tensor(wave, dtype=torch.float32)),
                                             n_mels=judge.dims.n_mels) for wave in waveforms[start:start + batch_size]]
-        for mel, result in zip(mels, decode(torch.stack(mels), JUDGE_TEMPERATURES[0]), strict=True):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                for temperature in JUDGE_TEMPERATURES[1:]:
-                    if result.compression_ratio <= LOOP_COMPRESSION_RATIO:
-                        break
-                    result = decode(mel, temperature)
-            texts.append(result.text.strip())
+        greedy = judge_decode(judge, torch.stack(mels), JUDGE_TEMPERATURES[0])
+        texts += [heard_without_loop(judge, mel, result) for mel, result in zip(mels, greedy, strict=True)]
     return texts
 
 

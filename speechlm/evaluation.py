@@ -383,7 +383,7 @@ def load_judge(path: str):
 # count as hundreds of insertions against a ten-word sentence.
 JUDGE_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # Silence heard after each clip (the quick start's reader_silence_seconds): on the quick start's TTS sets the same
-# WER as openai-whisper's 30 s windows (a few points of a percent lower) in 0.4x the time (BENCHMARKS.md)
+# WER as openai-whisper's 30 s windows (0.4-2.2 points lower) in 0.36x the time (BENCHMARKS.md)
 JUDGE_SILENCE_SECONDS = 5.0
 
 
@@ -402,11 +402,6 @@ def transcribe_batch(judge, waveforms: Sequence, *, batch_size: int = 16) -> lis
 
     from speechlm.adapters.readers import silence_windows
 
-    def decode(mel: torch.Tensor, temperature: float) -> list:
-        options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False,
-                                          temperature=temperature)
-        return whisper.decode(judge, mel, options)
-
     # at most 30 s, as openai-whisper's window
     audio = [torch.as_tensor(waveform, dtype=torch.float32).flatten()[: whisper.audio.N_SAMPLES] for waveform in waveforms]
     mel_lengths = torch.tensor([len(clip) // whisper.audio.HOP_LENGTH for clip in audio], dtype=torch.long)
@@ -419,16 +414,30 @@ def transcribe_batch(judge, waveforms: Sequence, *, batch_size: int = 16) -> lis
         same_window = list(same_window)
         for start in range(0, len(same_window), batch_size):
             rows = same_window[start:start + batch_size]
-            for row, result in zip(rows, decode(torch.stack([mels[row] for row in rows]), JUDGE_TEMPERATURES[0]),
-                                   strict=True):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
-                    for temperature in JUDGE_TEMPERATURES[1:]:
-                        if result.compression_ratio <= LOOP_COMPRESSION_RATIO:
-                            break
-                        result = decode(mels[row], temperature)
-                texts[row] = result.text.strip()
+            greedy = judge_decode(judge, torch.stack([mels[row] for row in rows]), JUDGE_TEMPERATURES[0])
+            for row, result in zip(rows, greedy, strict=True):
+                texts[row] = heard_without_loop(judge, mels[row], result)
     return texts
+
+
+def judge_decode(judge, mel: torch.Tensor, temperature: float):
+    """openai-whisper's decoding of ``mel`` (one log-mel or a batch) by the judge, English, without timestamps."""
+    import whisper
+
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, temperature=temperature)
+    return whisper.decode(judge, mel, options)
+
+
+def heard_without_loop(judge, mel: torch.Tensor, result) -> str:
+    """The text of ``result`` (the greedy decoding of ``mel``) or, where it loops, of ``mel`` decoded again at the
+    next of `JUDGE_TEMPERATURES` (seeded, so a run repeats)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for temperature in JUDGE_TEMPERATURES[1:]:
+            if result.compression_ratio <= LOOP_COMPRESSION_RATIO:
+                break
+            result = judge_decode(judge, mel, temperature)
+    return result.text.strip()
 
 
 def evaluate_latency(model, processor, items: list[EvalItem], settings: EvalSettings) -> list[dict]:
