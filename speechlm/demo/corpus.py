@@ -29,11 +29,10 @@ import soundfile as sf
 
 from speechlm.demo import texts
 from speechlm.demo.corpus_audio import (
-    PiperSynthesizer,
+    ClipToSpeak,
     alignment_path,
     clip_file_name,
-    save_alignment,
-    save_clip,
+    speak_clips,
     synthesis_settings,
 )
 from speechlm.demo.corpus_card import corpus_card, split_counts
@@ -109,8 +108,9 @@ def corpus_size(size: str | CorpusSize) -> CorpusSize:
 
 def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice: Voice, *,
                  size: str | CorpusSize = "ci", seed: int = 0, text_cache: str | os.PathLike | None = None,
-                 progress: Callable[[str], None] = print) -> CorpusPaths:
-    """Build (or reuse) the corpus in ``out``; ``text_cache`` keeps the backbone's texts across sizes."""
+                 workers: int | None = None, progress: Callable[[str], None] = print) -> CorpusPaths:
+    """Build (or reuse) the corpus in ``out``; ``text_cache`` keeps the backbone's texts across sizes;
+    ``workers``: the processes that speak the clips (`speak_clips`; None: one a core)."""
     settings = corpus_size(size)
     out = Path(out)
     (out / "audio").mkdir(parents=True, exist_ok=True)
@@ -134,22 +134,26 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
     timings["answers_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    synthesizer = PiperSynthesizer(voice)
-    made = 0
-    for index, row in enumerate(rows):
+    unspoken = []
+    for row in rows:
         row["synthesis"] = synthesis_settings(row["id"], seed)
         row["audio"] = f"audio/{clip_file_name(row['id'], row['text'], row['synthesis'], seed)}"
         path = out / row["audio"]
         aligned = alignment_path(path)
-        if not (path.is_file() and aligned.is_file()):  # a clip from before alignments: Piper speaks it again
-            audio, row["alignment"] = synthesizer.synthesize(row["text"], **row["synthesis"], seed=seed)
-            save_alignment(row["alignment"], aligned)
-            save_clip(audio, path)
-            made += 1
-        else:
+        if path.is_file() and aligned.is_file():
             row["alignment"] = json.loads(aligned.read_text())
-        if (index + 1) % 100 == 0:
-            progress(f"synthesized {index + 1}/{len(rows)} clips")
+        else:  # new, or a clip from before alignments: Piper speaks it again
+            unspoken.append(row)
+    clips = [ClipToSpeak(row["text"], row["synthesis"], out / row["audio"], seed) for row in unspoken]
+
+    def spoken_so_far(done: int) -> None:
+        if done % 100 == 0:
+            progress(f"synthesized {done}/{len(clips)} clips")
+
+    spoken = speak_clips(voice, clips, workers=workers, progress=spoken_so_far)
+    for row, alignment in zip(unspoken, spoken, strict=True):
+        row["alignment"] = alignment
+    made = len(unspoken)
     timings["synthesis_seconds"] = time.perf_counter() - start
     timings = {key: round(value, 3) for key, value in timings.items()}
     timings["clips_synthesized"] = made

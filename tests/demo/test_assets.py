@@ -68,6 +68,31 @@ def test_piper_says_how_long_each_phoneme_lasts(voice):
     assert alignment[0][-1][1] > 0.25  # the pause between the sentences counts to the first one's end
 
 
+def test_clips_spoken_in_worker_processes_are_the_clips_spoken_in_one(tmp_path, voice):
+    from speechlm.demo.corpus_audio import ClipToSpeak, alignment_path, speak_clips
+    from speechlm.speech_io.audio import load_audio
+
+    # at zero noise Piper speaks the same audio every time, on one thread or two
+    texts = ["Good morning.", "The orchestra rehearsed until midnight!", "Seven apples, please.", "Thank you."]
+    settings = dict(length_scale=1.0, noise_scale=0.0, noise_w_scale=0.0, snr_db=None)
+    runs = {}
+    for workers in (1, 2):
+        clips = [ClipToSpeak(text, settings, tmp_path / f"{workers}-{index}.flac") for index, text in enumerate(texts)]
+        done = []
+        runs[workers] = list(speak_clips(voice, clips, workers=workers, progress=done.append)), clips
+        assert done == [1, 2, 3, 4]
+        for clip, alignment in zip(clips, runs[workers][0], strict=True):
+            assert json.loads(alignment_path(clip.path).read_text()) == alignment
+    (one, one_clips), (two, two_clips) = runs[1], runs[2]
+    assert [[symbol for symbol, _ in sentence] for alignment in one for sentence in alignment] == \
+        [[symbol for symbol, _ in sentence] for alignment in two for sentence in alignment]
+    for a, b in zip(one_clips, two_clips, strict=True):
+        first, second = load_audio(a.path), load_audio(b.path)
+        assert first.shape == second.shape and np.abs(first - second).max() < 1e-2
+    with pytest.raises(ValueError, match="workers=0: expected at least 1 process"):
+        next(speak_clips(voice, two_clips, workers=0))
+
+
 def test_a_tiny_corpus_builds_with_every_split_and_is_reused(tmp_path, backbone_dir, voice, demo_cache):
     from speechlm.demo import texts
     from speechlm.demo.corpus import CorpusSize, build_corpus
