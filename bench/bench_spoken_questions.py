@@ -156,11 +156,11 @@ def main() -> None:
                 print(f"[bench] {model.reading_cache.load(kept)} readings of clips loaded from {kept}", flush=True)
             examples = recipe.load_training_examples(config)
             recipe.fit_speaking_rate(config, model, examples)
+            dataset = recipe.build_datasets(config, processor, examples)
             start = time.perf_counter()
-            ahead = recipe.read_ahead(config, model, processor, examples)
+            ahead = recipe.read_ahead(config, model, processor, recipe.clips_to_read_ahead(config, examples, dataset))
             read_seconds = time.perf_counter() - start
             shared_readings = model.reading_cache
-            dataset = recipe.build_datasets(config, processor, examples)
             trainer = recipe.build_trainer(config, model, processor, dataset)
             start = time.perf_counter()
             result = recipe.train(config, trainer)

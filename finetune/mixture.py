@@ -93,6 +93,11 @@ class TaskMixtureDataset(torch.utils.data.Dataset):
     def task_counts(self) -> Counter:
         return Counter(sample.task for _, sample in self.samples)
 
+    def sampled_examples(self) -> list[Example]:
+        """The examples the samples draw, each once, in the order first drawn: a plan draws each sample's example
+        with replacement, so some examples come many times and others never."""
+        return [self.examples[index] for index in dict.fromkeys(sample.example for _, sample in self.samples)]
+
     def conversation(self, index: int) -> Conversation:
         seed_index, sample = self.samples[index]
         return self._render(seed_index, sample)

@@ -52,7 +52,8 @@ def clips_to_read(examples: Sequence[Example]) -> list:
 
 def read_ahead(model, processor, examples: Sequence[Example], batch_size: int = 32,
                progress: bool = True) -> ReadAhead:
-    """Every training clip through the frozen encoder (and reader) into ``model.reading_cache``."""
+    """Every clip of ``examples`` (the recipe's `clips_to_read_ahead`: those the training will read) through the
+    frozen encoder (and reader) into ``model.reading_cache``."""
     if model.config.train_audio_encoder:
         raise ValueError("training.read_ahead keeps what a frozen encoder reads; this model trains its encoder "
                          "(model.train_audio_encoder: true), so every step must read its clips again")

@@ -296,7 +296,8 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     training_clock = TrainingClock()
     curve = LearningCurve(model, processor, curve_items, settings.eval_settings("asr"),
                           every_minutes=settings.curve_every_minutes, clock=training_clock, progress=progress)
-    ahead = recipe.read_ahead(config, model, processor, examples)
+    dataset = recipe.build_datasets(config, processor, examples)
+    ahead = recipe.read_ahead(config, model, processor, recipe.clips_to_read_ahead(config, examples, dataset))
     if ahead is not None:
         lap("read_ahead")
         progress(f"[demo] {ahead.summary()}")
@@ -306,7 +307,6 @@ def run_job(settings: JobSettings, progress=print) -> dict:
         if before:
             curve.start_from(before["asr/heldout"]["items"])
         progress(f"[demo] {alignment.summary()}")
-    dataset = recipe.build_datasets(config, processor, examples)
     trainer = recipe.build_trainer(config, model, processor, dataset, callbacks=[curve], clock=training_clock)
     result = recipe.train(config, trainer)
     training_minutes = curve.minutes  # the clock runs on through the evaluation after

@@ -25,6 +25,7 @@ from speechlm.finetune.recipe import (
     build_model,
     build_processor,
     build_trainer,
+    clips_to_read_ahead,
     fit_speaking_rate,
     load_training_examples,
     read_ahead,
@@ -132,17 +133,26 @@ def test_a_recipe_with_the_whisper_reader_trains_saves_and_transcribes(prepared,
 
 
 def test_clips_read_ahead_are_the_ones_the_training_steps_read(prepared, tmp_path):
-    run_config = config(prepared, tmp_path / "run", "training.max_steps=2", "training.read_ahead=true", *READER)
+    # a plan of 3 samples over more examples: only the clips it draws are read (and no step reads one again)
+    run_config = config(prepared, tmp_path / "run", "training.max_steps=2", "training.read_ahead=true",
+                        "data.num_samples=3", "training.per_device_train_batch_size=2", *READER)
     model, tokenizer = build_model(run_config)
     processor = build_processor(run_config, model, tokenizer)
     examples = load_training_examples(run_config)
-    ahead = read_ahead(run_config, model, processor, examples, progress=False)
+    dataset = build_datasets(run_config, processor, examples)
+    to_read = clips_to_read_ahead(run_config, examples, dataset)
+    drawn = {examples[sample.example].audio for _, sample in dataset.samples}
+    assert {example.audio for example in to_read} == drawn and len(to_read) == len(drawn) <= 3
+    assert len(drawn) < len({example.audio for example in examples if example.has("audio")})
+    ahead = read_ahead(run_config, model, processor, to_read, progress=False)
     cache = model.reading_cache
-    clips = {example.audio for example in examples if example.has("audio")}
-    assert ahead.clips == len(cache) == len(clips) and ahead.cached_bytes == cache.bytes > 0
+    assert ahead.clips == len(cache) == len(drawn) and ahead.cached_bytes == cache.bytes > 0
     misses = cache.misses
-    train(run_config, build_trainer(run_config, model, processor, build_datasets(run_config, processor, examples)))
+    train(run_config, build_trainer(run_config, model, processor, dataset))
     assert cache.hits > 0 and cache.misses == misses  # no step read a clip again
+    # the CTC pre-alignment draws from every transcribed example: all are read
+    aligning = dataclasses.replace(run_config, alignment=dataclasses.replace(run_config.alignment, max_steps=1))
+    assert clips_to_read_ahead(aligning, examples, dataset) == examples
     model.config.train_audio_encoder = True
     with pytest.raises(ValueError, match="trains its encoder"):
         read_ahead(run_config, model, processor, examples, progress=False)
