@@ -22,9 +22,10 @@ if TYPE_CHECKING:
     from speechlm.demo.corpus import Voice
 
 SENTENCE_GAP_SECONDS = 0.25  # Piper returns one chunk per sentence; join them with a short pause
-# Fewer clips than this to speak: one process (a worker's start, ~2 s, would cost more than it saves)
+# Fewer clips than this to speak: one process (a worker's start, ~3 s of the library's imports and the voice,
+# would cost more than it saves)
 MIN_CLIPS_FOR_WORKERS = 64
-MAX_WORKERS = 8  # each holds its own voice and onnxruntime (~200 MB)
+MAX_WORKERS = 8  # each holds the library's imports, its own voice and onnxruntime (~1 GB resident on 2 cores)
 
 
 def synthesis_settings(row_id: str, seed: int) -> dict:
@@ -126,7 +127,6 @@ class PiperSynthesizer:
             rms = float(np.sqrt(np.mean(audio**2))) or 1e-4
             audio = audio + (rms / 10 ** (snr_db / 20) * rng.standard_normal(audio.size)).astype(np.float32)
         return audio, alignment
-
 
 
 @dataclass(frozen=True)
