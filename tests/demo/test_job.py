@@ -58,7 +58,8 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypa
     settings = JobSettings(out=str(tmp_path / "out"), size="ci", cache=str(demo_cache), max_minutes=None,
                            curve_every_minutes=0.5, curve_items=4, tts_items=4, tts_train_clips=16,
                            overrides=["training.max_steps=16", "training.per_device_train_batch_size=4",
-                                      "training.logging_steps=1", "training.learning_rate=0.003"],
+                                      "data.num_samples=64", "training.logging_steps=1",
+                                      "training.learning_rate=0.003"],
                            eval=EvalSettings(batch_size=8, max_new_tokens=24, max_speech_units=100))
     report = run_job(settings, progress=lambda _: None)
 
