@@ -28,7 +28,10 @@ def test_wheel_contains_the_mapped_packages(wheel):
                    "speechlm/adapters/configuration.py", "speechlm/speech_io/units.py",
                    "speechlm/finetune/__init__.py", "speechlm/serving/app.py",
                    "speechlm/serving/chat_page.html",  # the page is package data, and so are
-                   "speechlm/demo/data/backbone-texts.json.gz"):  # the quick start backbone's texts
+                   "speechlm/demo/data/backbone-texts.json.gz",  # the quick start backbone's texts, its codec
+                   "speechlm/demo/data/codec/shipped.json", "speechlm/demo/data/codec/codebook.safetensors",
+                   "speechlm/demo/data/codec/vocoder-rvq1/model.safetensors",
+                   "speechlm/demo/data/codec/speech-decoder/model.safetensors"):
         assert module in names, module
     assert not any(name.startswith(("adapters/", "speech_io/", "finetune/", "tests/")) for name in names)
 

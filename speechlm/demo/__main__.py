@@ -2,6 +2,7 @@
 
     python -m speechlm.demo assets --size ci|full|full-words [--cache DIR]   build the assets only
     python -m speechlm.demo run --size full --out out/demo          the main job (assets, training, report)
+    python -m speechlm.demo ship-codec --cache DIR                  (maintainers) data/codec/ from DIR's trained codec
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from speechlm.demo.corpus import CORPUS_SIZES
 from speechlm.demo.job import JobSettings, run_job
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--cache", help="cache folder (default: $SPEECHLM_CACHE or ~/.cache/speechlm/demo)")
         p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
         p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+        p.add_argument("--train-codec", action="store_true",
+                       help="train the codec's vocoder and speech decoder on the corpus (25 minutes for full), not "
+                            "the ones the package ships for it")
     assets.add_argument("--seed", type=int, default=0)
     run.add_argument("--recipe", help="training recipe YAML (default: configs/smollm2-135m/stage1_align.yaml "
                                       "here, else in the source tree)")
@@ -45,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="skip the evaluation before training (variants of a recipe compared after training)")
     run.add_argument("--read-again", dest="keep_readings", action="store_false",
                      help="read every clip with the frozen encoder and reader again, not from the cache's readings file")
+    ship = commands.add_parser("ship-codec", help="(maintainers) the package's shipped codec, from the codec a cache "
+                                                  "built with --train-codec")
+    ship.add_argument("--size", choices=list(CORPUS_SIZES), default="full")
+    ship.add_argument("--cache", help="cache folder (default: $SPEECHLM_CACHE or ~/.cache/speechlm/demo)")
+    ship.add_argument("--out", help="where to write it (default: the package's data/codec/)")
+    ship.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    ship.set_defaults(threads=None)
     run.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value (e.g. training.max_steps=50)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -56,17 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     from speechlm.finetune.prepare import PrepareError
 
     try:
-        if args.command == "assets":
+        if args.command == "ship-codec":
+            from speechlm.demo.build import load_demo_assets
+            from speechlm.demo.shipped_codec import SHIPPED_CODEC, ship_codec
+
+            built = load_demo_assets(args.size, args.cache)
+            heard = [path for split in ("train", "decoder") if (path := Path(built.corpus) / f"{split}.jsonl").stat().st_size]
+            print(ship_codec(built.codec, args.out or SHIPPED_CODEC, heard=heard))
+        elif args.command == "assets":
             from speechlm.demo.build import build_demo_assets
 
-            print(json.dumps(asdict(build_demo_assets(args.size, args.cache, seed=args.seed)), indent=2))
+            print(json.dumps(asdict(build_demo_assets(args.size, args.cache, seed=args.seed, train_codec=args.train_codec)), indent=2))
         else:
             recipe = {"recipe": args.recipe} if args.recipe else {}
             run_job(JobSettings(**recipe, out=args.out, size=args.size, cache=args.cache,
                                 overrides=args.overrides, max_minutes=args.max_minutes,
                                 curve_every_minutes=args.curve_every, curve_items=args.curve_items,
                                 tts_items=args.tts_items, tts_train_clips=args.tts_train_clips,
-                                evaluate_untrained=args.evaluate_untrained, keep_readings=args.keep_readings))
+                                evaluate_untrained=args.evaluate_untrained, keep_readings=args.keep_readings,
+                                train_codec=args.train_codec))
     except (DemoAssetError, ConfigFileError, PrepareError, ValueError, OSError) as error:
         if args.debug:
             raise

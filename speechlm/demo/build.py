@@ -1,8 +1,9 @@
 """Build every asset of the quick start into the cache: backbone, Whisper, corpus, codec (units, vocoder and
-speech decoder).
+speech decoder: shipped with the package for the quick start's corpus, `speechlm.demo.shipped_codec`).
 
     python -m speechlm.demo assets --size ci     # a few dozen clips (CI)
     python -m speechlm.demo assets --size full   # ~2,300 clips (the quick start)
+    python -m speechlm.demo assets --size full --train-codec   # and its codec trained here (25 minutes more)
 
 Re-runs reuse what is built. ``assets.json`` in the cache lists the paths for the training recipe.
 """
@@ -24,6 +25,7 @@ from speechlm.demo.assets import (
 )
 from speechlm.demo.corpus import CorpusPaths, CorpusSize, Voice, build_corpus, corpus_size
 from speechlm.demo.corpus_texts import seed_text_cache
+from speechlm.demo.shipped_codec import install_shipped_codec, shipped_codec_fits
 from speechlm.finetune.speech_decoder_training import SpeechDecoderTraining
 from speechlm.finetune.vocoder_training import VocoderTraining
 
@@ -58,7 +60,10 @@ class DemoAssets:
 
 
 def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | None = None, *, seed: int = 0,
-                      progress=print) -> DemoAssets:
+                      train_codec: bool = False, progress=print) -> DemoAssets:
+    """Every asset of the corpus ``size`` in ``cache``. The codec is the one that ships with the package where its
+    helpers heard this corpus's texts (the quick start's, `full`), else, or with ``train_codec``, trained here on
+    the corpus (25 minutes for `full`)."""
     root = cache_dir(cache)
     seconds: dict[str, float] = {}
 
@@ -80,15 +85,20 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
         progress(f"[demo] {shipped} texts of the backbone's from the package ({text_cache})")
     corpus = step("corpus", lambda: build_corpus(root / f"corpus-{name}", backbone, voice, size=corpus_size(size),
                                                  seed=seed, text_cache=text_cache, progress=progress))
-    codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed,
-                                              vocoder=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"]),
-                                              progress=progress))
     # the LM's training clips, and those only the speech decoder hears (split `decoder`, where the size has them)
     decoder_manifests = [corpus.manifests[split] for split in ("train", "decoder")
                          if corpus.manifests[split].stat().st_size]
-    step("speech decoder", lambda: build_speech_decoder(
-        codec, decoder_manifests,
-        training=SPEECH_DECODER_TRAINING.get(name, SPEECH_DECODER_TRAINING["full"]), progress=progress))
+    if not train_codec and shipped_codec_fits(decoder_manifests):
+        codec = step("codec (shipped)", lambda: install_shipped_codec(whisper, root))
+    else:
+        if not train_codec:
+            progress(f"[demo] the shipped codec's helpers heard other texts than corpus-{name}'s: training its own")
+        codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed,
+                                                  vocoder=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"]),
+                                                  progress=progress))
+        step("speech decoder", lambda: build_speech_decoder(
+            codec, decoder_manifests,
+            training=SPEECH_DECODER_TRAINING.get(name, SPEECH_DECODER_TRAINING["full"]), progress=progress))
     assets = DemoAssets(cache=str(root), text_model=str(backbone), audio_encoder=str(whisper), codec=str(codec),
                         corpus=str(corpus.directory), train=str(corpus.manifests["train"]),
                         heldout=str(corpus.manifests["heldout"]), ood=str(corpus.manifests["ood"]),

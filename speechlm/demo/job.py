@@ -90,6 +90,8 @@ class JobSettings:
     # False: no evaluation of the untrained model (the report's "before" is empty), for variants of a recipe
     # compared after training; their untrained models are the same backbone and encoder
     evaluate_untrained: bool = True
+    # True: the codec (vocoder and speech decoder) trained on the corpus, not the one the package ships for it
+    train_codec: bool = False
     eval: EvalSettings = field(default_factory=lambda: EvalSettings(batch_size=40,
                                                                       max_speech_units=400))
     # Evaluated with the LM's weights in bfloat16 (`EvalSettings.lm_dtype`, where the CPU has it natively): the
@@ -259,7 +261,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
         seconds[name] = round(now - lap_start, 1)
         lap_start = now
 
-    assets = build_demo_assets(settings.size, settings.cache, progress=progress)
+    assets = build_demo_assets(settings.size, settings.cache, train_codec=settings.train_codec, progress=progress)
     lap("assets")
     if settings.eval.judge is None:  # Whisper base hears the trained model's tts answers and their references
         settings = replace(settings, eval=replace(settings.eval, judge=assets.audio_encoder))

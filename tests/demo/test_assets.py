@@ -216,6 +216,77 @@ def test_codec_is_whisper_units_with_their_vocoder_and_is_reused(tmp_path, demo_
         assets.build_speech_decoder(directory, [], training=settings)
 
 
+def test_a_shipped_codec_installs_as_the_codec_it_was_shipped_from(tmp_path, demo_cache, voice):
+    import soundfile as sf
+    from safetensors import safe_open
+
+    from speechlm.demo.assets import DemoAssetError, build_codec, build_speech_decoder, build_whisper
+    from speechlm.demo.corpus_audio import PiperSynthesizer
+    from speechlm.demo.shipped_codec import install_shipped_codec, ship_codec, shipped_codec_fits
+    from speechlm.finetune.speech_decoder_training import SpeechDecoderTraining
+    from speechlm.finetune.vocoder_training import VocoderTraining
+    from speechlm.speech_io.codec_loading import load_codec
+
+    synthesize, lines, clips = PiperSynthesizer(voice), [], []
+    (tmp_path / "audio").mkdir()
+    for index, text in enumerate(["Seventeen green boats sailed past the harbour wall at noon.",
+                                  "Priya counted the apples twice before she sold them."] * 5):
+        audio, alignment = synthesize.synthesize(text, length_scale=1.0, noise_scale=0.5, noise_w_scale=0.6,
+                                                 snr_db=None)
+        sf.write(tmp_path / "audio" / f"{index}.flac", audio, 16000)
+        clips.append(audio)
+        lines.append(json.dumps({"id": str(index), "audio": f"audio/{index}.flac", "text": text,
+                                 "alignment": alignment}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "other.jsonl").write_text(lines[0] + "\n")
+    whisper = build_whisper(demo_cache)
+    built = build_codec(tmp_path / "train.jsonl", whisper, tmp_path / "built", progress=lambda _: None,
+                        vocoder=VocoderTraining(max_steps=2, max_clips=2, batch_size=2))
+    build_speech_decoder(built, [tmp_path / "train.jsonl"], training=SpeechDecoderTraining(max_steps=2, batch_size=2),
+                         progress=lambda _: None)
+
+    shipped = ship_codec(built, tmp_path / "shipped", heard=[tmp_path / "train.jsonl"])
+    assert shipped_codec_fits([tmp_path / "train.jsonl"], shipped)
+    assert not shipped_codec_fits([tmp_path / "train.jsonl", tmp_path / "other.jsonl"], shipped)  # other texts
+    with safe_open(str(shipped / "speech-decoder" / "model.safetensors"), "pt") as weights:
+        assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"F16"}
+    installed = install_shipped_codec(whisper, tmp_path / "cache", shipped=shipped)
+    original, codec = load_codec(built), load_codec(installed)
+    units = codec.encode(clips[:2])
+    assert all(np.array_equal(a, b) for a, b in zip(units, original.encode(clips[:2]), strict=True))
+    with torch.no_grad():  # the same log-mel to a float16 rounding (Griffin-Lim's phase then wanders further)
+        unit_tensor = torch.from_numpy(units[0])[None]
+        assert torch.allclose(codec.vocoders[1](unit_tensor), original.vocoders[1](unit_tensor), atol=0.05)
+    assert codec.decode(units[0]).shape == original.decode(units[0]).shape
+    spoken, spoken_before = codec.speech_decoder.speak("Green apples."), original.speech_decoder.speak("Green apples.")
+    assert len(spoken) == len(spoken_before) and np.mean(np.array(spoken) == np.array(spoken_before)) > 0.9
+    assert install_shipped_codec(whisper, tmp_path / "cache", shipped=shipped) == installed  # reused
+
+    (shipped / "vocoder-rvq1" / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(DemoAssetError, match="vocoder-rvq1/model.safetensors: missing or not the shipped bytes"):
+        install_shipped_codec(whisper, tmp_path / "damaged", shipped=shipped)
+    (tmp_path / "other-whisper.pt").write_bytes(b"another checkpoint")
+    with pytest.raises(DemoAssetError, match="other-whisper.pt: SHA-256 .*the shipped codec's units are codes of"):
+        install_shipped_codec(tmp_path / "other-whisper.pt", tmp_path / "other", shipped=shipped)
+    (shipped / "shipped.json").write_text("{}")
+    with pytest.raises(DemoAssetError, match="shipped.json: a shipped codec's provenance without"):
+        install_shipped_codec(whisper, tmp_path / "other", shipped=shipped)
+
+
+def test_the_packages_codec_speaks_what_whisper_base_hears(demo_cache):
+    from speechlm.demo.assets import build_whisper
+    from speechlm.demo.shipped_codec import install_shipped_codec
+    from speechlm.evaluation import load_judge, transcribe_batch
+    from speechlm.finetune.metrics import word_errors
+    from speechlm.speech_io.codec_loading import load_codec
+
+    codec = load_codec(install_shipped_codec(build_whisper(demo_cache), demo_cache))
+    text = "The weather is warm today, and the children are playing in the park."
+    audio = codec.decode(np.array([codec.speech_decoder.speak(text)]))
+    (heard,) = transcribe_batch(load_judge(str(build_whisper(demo_cache))), [audio])
+    assert word_errors([text], [heard]).rate <= 0.35, heard
+
+
 @pytest.mark.parametrize("size", ["nope"])
 def test_unknown_corpus_size_is_refused(size):
     from speechlm.demo.corpus import corpus_size
