@@ -15,7 +15,8 @@ together with the cache's Whisper base, whose first blocks make the units. What 
   corpus's ``train`` and ``decoder`` splits: a corpus of other texts may hold out what they heard, and trains
   its own), what each helper's training reported, and every shipped file's SHA-256.
 
-    python -m speechlm.demo ship-codec CACHE/units-corpus-full   # a maintainer's: data/codec/ from a built codec
+    python -m speechlm.demo assets --size full --cache DIR --train-codec   # a maintainer's: train one, then
+    python -m speechlm.demo ship-codec --cache DIR                        # write data/codec/ from it
 """
 
 from __future__ import annotations

@@ -273,6 +273,28 @@ def test_a_shipped_codec_installs_as_the_codec_it_was_shipped_from(tmp_path, dem
         install_shipped_codec(whisper, tmp_path / "other", shipped=shipped)
 
 
+def test_the_corpus_its_helpers_heard_gets_the_shipped_codec_and_others_train_their_own(demo_cache, monkeypatch):
+    from speechlm.demo import build
+
+    calls, said = [], []
+    monkeypatch.setattr(build, "install_shipped_codec", lambda whisper, root: calls.append("install") or root / "c")
+    monkeypatch.setattr(build, "build_codec", lambda *args, **kwargs: calls.append("codec") or demo_cache / "c")
+    monkeypatch.setattr(build, "build_speech_decoder", lambda *args, **kwargs: calls.append("decoder"))
+    monkeypatch.setattr(build, "shipped_codec_fits", lambda manifests: True)  # as for the quick start's corpus
+    assets = build.build_demo_assets("ci", demo_cache, progress=said.append)
+    assert calls == ["install"] and "codec (shipped)" in assets.seconds and "speech decoder" not in assets.seconds
+    calls.clear()
+    build.build_demo_assets("ci", demo_cache, train_codec=True, progress=said.append)
+    assert calls == ["codec", "decoder"]
+    calls.clear()
+    monkeypatch.undo()  # the ci corpus's texts are not those the shipped helpers heard
+    monkeypatch.setattr(build, "build_codec", lambda *args, **kwargs: calls.append("codec") or demo_cache / "c")
+    monkeypatch.setattr(build, "build_speech_decoder", lambda *args, **kwargs: calls.append("decoder"))
+    build.build_demo_assets("ci", demo_cache, progress=said.append)
+    assert calls == ["codec", "decoder"]
+    assert "[demo] the shipped codec's helpers heard other texts than corpus-ci's: training its own" in said
+
+
 def test_the_packages_codec_speaks_what_whisper_base_hears(demo_cache):
     from speechlm.demo.assets import build_whisper
     from speechlm.demo.shipped_codec import install_shipped_codec
