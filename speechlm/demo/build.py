@@ -83,8 +83,12 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
     text_cache = root / "backbone-texts.json"
     if shipped := seed_text_cache(text_cache):  # the pinned backbone's texts: not written again on a new machine
         progress(f"[demo] {shipped} texts of the backbone's from the package ({text_cache})")
-    corpus = step("corpus", lambda: build_corpus(root / f"corpus-{name}", backbone, voice, size=corpus_size(size),
-                                                 seed=seed, text_cache=text_cache, progress=progress))
+    def corpus_stage(unspoken_splits: tuple[str, ...]) -> CorpusPaths:
+        return build_corpus(root / f"corpus-{name}", backbone, voice, size=corpus_size(size), seed=seed,
+                            text_cache=text_cache, unspoken_splits=unspoken_splits, progress=progress)
+
+    # the `decoder` split's clips only the speech decoder hears: spoken only where it trains here
+    corpus = step("corpus", lambda: corpus_stage(() if train_codec else ("decoder",)))
     # the LM's training clips, and those only the speech decoder hears (split `decoder`, where the size has them)
     decoder_manifests = [corpus.manifests[split] for split in ("train", "decoder")
                          if corpus.manifests[split].stat().st_size]
@@ -93,6 +97,7 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
     else:
         if not train_codec:
             progress(f"[demo] the shipped codec's helpers heard other texts than corpus-{name}'s: training its own")
+            corpus = step("corpus (the decoder's clips)", lambda: corpus_stage(()))
         codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed,
                                                   vocoder=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"]),
                                                   progress=progress))

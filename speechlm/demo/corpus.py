@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,9 +108,15 @@ def corpus_size(size: str | CorpusSize) -> CorpusSize:
 
 def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice: Voice, *,
                  size: str | CorpusSize = "ci", seed: int = 0, text_cache: str | os.PathLike | None = None,
-                 workers: int | None = None, progress: Callable[[str], None] = print) -> CorpusPaths:
+                 workers: int | None = None, unspoken_splits: Sequence[str] = (),
+                 progress: Callable[[str], None] = print) -> CorpusPaths:
     """Build (or reuse) the corpus in ``out``; ``text_cache`` keeps the backbone's texts across sizes;
-    ``workers``: the processes that speak the clips (`speak_clips`; None: one a core)."""
+    ``workers``: the processes that speak the clips (`speak_clips`; None: one a core). The rows of
+    ``unspoken_splits`` keep their texts and get no clip (no ``audio`` field): the `decoder` split where the
+    speech decoder is not trained here (the shipped codec's heard them); a later build without it speaks them."""
+    unknown = sorted(set(unspoken_splits) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unspoken_splits={list(unspoken_splits)}: {unknown} are not splits; choose from {list(SPLITS)}")
     settings = corpus_size(size)
     out = Path(out)
     (out / "audio").mkdir(parents=True, exist_ok=True)
@@ -136,6 +142,8 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
     start = time.perf_counter()
     unspoken = []
     for row in rows:
+        if row["split"] in unspoken_splits:
+            continue
         row["synthesis"] = synthesis_settings(row["id"], seed)
         row["audio"] = f"audio/{clip_file_name(row['id'], row['text'], row['synthesis'], seed)}"
         path = out / row["audio"]
@@ -165,9 +173,10 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
         manifests[split] = out / f"{split}.jsonl"
         split_rows = [{k: v for k, v in row.items() if k != "split"} for row in rows if row["split"] == split]
         manifests[split].write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in split_rows))
-    audio_seconds = sum(sf.info(str(out / row["audio"])).duration for row in rows)
+    audio_seconds = sum(sf.info(str(out / row["audio"])).duration for row in rows if "audio" in row)
     known = [row for row in rows if row.get("expected")]
-    build = {"version": CORPUS_VERSION, "size": asdict(settings), "seed": seed, "clips": len(rows),
+    build = {"version": CORPUS_VERSION, "size": asdict(settings), "seed": seed,
+             "clips": sum("audio" in row for row in rows), "unspoken_splits": sorted(unspoken_splits),
              "audio_hours": round(audio_seconds / 3600, 3), "doc_packages": doc_versions,
              "stdlib_python": python_version, "vocabulary_heard": vocabulary_heard(rows),
              "backbone_text_accuracy": {split: question_accuracy([r for r in known if r["split"] == split])

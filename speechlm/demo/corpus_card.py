@@ -41,6 +41,9 @@ def corpus_card(build: dict, voice: Voice) -> str:
              (". Heard only by the speech decoder (split `decoder`): the LM\n  trains on the other sources alone.\n"
               if size.get("decoder_words") else ".\n") if size.get("words") or size.get("decoder_words") else "")
     accuracy = ", ".join(f"{v['correct']}/{v['questions']}" for v in build["backbone_text_accuracy"].values())
+    unspoken = (f" Not spoken in this build: {', '.join(f'`{split}`' for split in build['unspoken_splits'])} (its "
+                "texts only: the speech decoder that hears them was not\ntrained here, the shipped codec's was trained "
+                "on them)." if build.get("unspoken_splits") else "")
     return f"""# speechlm demo corpus
 
 {build['clips']} clips, {build['audio_hours']} hours of 16 kHz speech synthesized by the Piper voice
@@ -75,7 +78,7 @@ Share of each held-out split's running words that some training clip speaks: {he
 ## Splits
 `heldout` is a seeded random {build['size']['heldout_fraction']:.0%} of each training source
 ({build['size']['question_heldout_fraction']:.0%} of the in-domain questions; same distribution as `train`); `ood` is out of domain: a text source and question kinds never trained on;
-`decoder` holds clips only the codec's speech decoder trains on (with `train`'s), never the LM.
+`decoder` holds clips only the codec's speech decoder trains on (with `train`'s), never the LM.{unspoken}
 
 ## Voice settings
 Each clip draws its own speaking rate (Piper `length_scale` 0.8-1.25), `noise_scale` (0.33-0.9) and

@@ -143,6 +143,25 @@ def test_a_tiny_corpus_builds_with_every_split_and_is_reused(tmp_path, backbone_
         assert moved[split] == [row for row in rows[split] if row["source"] != "words"]
     assert for_decoder.build["this_run"]["clips_synthesized"] == 0  # the same ids, the same clips
     assert "Heard only by the speech decoder" in for_decoder.card.read_text()
+
+    # the decoder's texts without their clips (the shipped codec's decoder heard them), spoken by a later build
+    decoder_size = dataclasses.replace(size, words=0, decoder_words=2)
+    texts_only = build_corpus(tmp_path / "texts-only", backbone_dir, voice, text_cache=demo_cache / "texts.json",
+                              size=decoder_size, unspoken_splits=("decoder",), progress=lambda _: None)
+    unspoken = [json.loads(line) for line in texts_only.manifests["decoder"].read_text().splitlines()]
+    assert [row["text"] for row in unspoken] == [row["text"] for row in moved["decoder"]]
+    assert not any("audio" in row for row in unspoken)
+    assert texts_only.build["clips"] == for_decoder.build["clips"] - 2
+    assert len(list((tmp_path / "texts-only" / "audio").glob("*.flac"))) == texts_only.build["clips"]
+    assert "Not spoken in this build: `decoder`" in texts_only.card.read_text()
+    spoken = build_corpus(tmp_path / "texts-only", backbone_dir, voice, text_cache=demo_cache / "texts.json",
+                          size=decoder_size, progress=lambda _: None)
+    assert spoken.build["this_run"]["clips_synthesized"] == 2 and spoken.build["clips"] == for_decoder.build["clips"]
+    decoder_rows = [json.loads(line) for line in spoken.manifests["decoder"].read_text().splitlines()]
+    assert [row["text"] for row in decoder_rows] == [row["text"] for row in unspoken]
+    assert all((tmp_path / "texts-only" / row["audio"]).is_file() and row["alignment"] for row in decoder_rows)
+    with pytest.raises(ValueError, match=r"unspoken_splits=\['dev'\]: \['dev'\] are not splits"):
+        build_corpus(tmp_path / "texts-only", backbone_dir, voice, size=decoder_size, unspoken_splits=("dev",))
     with pytest.raises(ValueError, match="words=1 and decoder_words=1"):
         dataclasses.replace(size, words=1, decoder_words=1)
 
