@@ -73,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             from speechlm.demo.shipped_codec import SHIPPED_CODEC, ship_codec
 
             built = load_demo_assets(args.size, args.cache)
-            heard = [path for split in ("train", "decoder") if (path := Path(built.corpus) / f"{split}.jsonl").stat().st_size]
+            heard = [path for split in ("train", "decoder")
+                     if (path := Path(built.corpus) / f"{split}.jsonl").stat().st_size]
             print(ship_codec(built.codec, args.out or SHIPPED_CODEC, heard=heard))
         elif args.command == "assets":
             from speechlm.demo.build import build_demo_assets
 
-            print(json.dumps(asdict(build_demo_assets(args.size, args.cache, seed=args.seed, train_codec=args.train_codec)), indent=2))
+            built = build_demo_assets(args.size, args.cache, seed=args.seed, train_codec=args.train_codec)
+            print(json.dumps(asdict(built), indent=2))
         else:
             recipe = {"recipe": args.recipe} if args.recipe else {}
             run_job(JobSettings(**recipe, out=args.out, size=args.size, cache=args.cache,

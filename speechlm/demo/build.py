@@ -83,6 +83,7 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
     text_cache = root / "backbone-texts.json"
     if shipped := seed_text_cache(text_cache):  # the pinned backbone's texts: not written again on a new machine
         progress(f"[demo] {shipped} texts of the backbone's from the package ({text_cache})")
+
     def corpus_stage(unspoken_splits: tuple[str, ...]) -> CorpusPaths:
         return build_corpus(root / f"corpus-{name}", backbone, voice, size=corpus_size(size), seed=seed,
                             text_cache=text_cache, unspoken_splits=unspoken_splits, progress=progress)
@@ -97,7 +98,8 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
     else:
         if not train_codec:
             progress(f"[demo] the shipped codec's helpers heard other texts than corpus-{name}'s: training its own")
-            corpus = step("corpus (the decoder's clips)", lambda: corpus_stage(()))
+            if corpus.manifests["decoder"].stat().st_size:  # its texts were left unspoken above
+                corpus = step("corpus (the decoder's clips)", lambda: corpus_stage(()))
         codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed,
                                                   vocoder=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"]),
                                                   progress=progress))
