@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 from speechlm.demo.corpus import CORPUS_SIZES
 from speechlm.demo.job import JobSettings, run_job
@@ -69,13 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "ship-codec":
-            from speechlm.demo.build import load_demo_assets
+            from speechlm.demo.build import load_demo_assets, speech_decoder_manifests
             from speechlm.demo.shipped_codec import SHIPPED_CODEC, ship_codec
 
             built = load_demo_assets(args.size, args.cache)
-            heard = [path for split in ("train", "decoder")
-                     if (path := Path(built.corpus) / f"{split}.jsonl").stat().st_size]
-            print(ship_codec(built.codec, args.out or SHIPPED_CODEC, heard=heard))
+            print(ship_codec(built.codec, args.out or SHIPPED_CODEC, heard=speech_decoder_manifests(built.corpus)))
         elif args.command == "assets":
             from speechlm.demo.build import build_demo_assets
 

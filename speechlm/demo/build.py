@@ -14,6 +14,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from speechlm.demo.assets import (
     build_backbone,
@@ -90,9 +91,7 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
 
     # the `decoder` split's clips only the speech decoder hears: spoken only where it trains here
     corpus = step("corpus", lambda: corpus_stage(() if train_codec else ("decoder",)))
-    # the LM's training clips, and those only the speech decoder hears (split `decoder`, where the size has them)
-    decoder_manifests = [corpus.manifests[split] for split in ("train", "decoder")
-                         if corpus.manifests[split].stat().st_size]
+    decoder_manifests = speech_decoder_manifests(corpus.directory)
     if not train_codec and shipped_codec_fits(decoder_manifests):
         codec = step("codec (shipped)", lambda: install_shipped_codec(whisper, root))
     else:
@@ -114,6 +113,13 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
     return assets
 
 
+def speech_decoder_manifests(corpus_dir: str | os.PathLike) -> list[Path]:
+    """What a corpus's speech decoder hears: the LM's training clips, and those only it hears (split `decoder`,
+    where the size has them)."""
+    manifests = [Path(corpus_dir) / f"{split}.jsonl" for split in ("train", "decoder")]
+    return [manifest for manifest in manifests if manifest.stat().st_size]
+
+
 def load_demo_assets(size: str = "ci", cache: str | os.PathLike | None = None) -> DemoAssets:
     """The assets of an earlier `build_demo_assets` run (``assets-<size>.json`` in the cache)."""
     path = cache_dir(cache) / f"assets-{size}.json"
@@ -122,4 +128,4 @@ def load_demo_assets(size: str = "ci", cache: str | os.PathLike | None = None) -
     return DemoAssets(**json.loads(path.read_text()))
 
 
-__all__ = ["DemoAssets", "build_demo_assets", "load_demo_assets"]
+__all__ = ["DemoAssets", "build_demo_assets", "load_demo_assets", "speech_decoder_manifests"]

@@ -41,11 +41,15 @@ from speechlm.demo.assets import (
     sha256_of,
 )
 from speechlm.finetune.examples import read_jsonl
+from speechlm.speech_io.speech_decoder import SPEECH_DECODER_FOLDER, SPEECH_DECODER_WEIGHTS_NAME
+from speechlm.speech_io.vocoder import VOCODER_WEIGHTS_NAME, vocoder_folder
+from speechlm.speech_io.whisper_units import CONFIG_NAME
 
 SHIPPED_CODEC = Path(__file__).parent / "data" / "codec"
 PROVENANCE_NAME = "shipped.json"
 CODEBOOK_NAME = "codebook.safetensors"
-HALVED_FOLDERS = ("vocoder-rvq1", "speech-decoder")  # the helpers, float16 but their copy of the codebook
+# the helpers' folders and weights, float16 but the vocoder's copy of the codebook
+HALVED_WEIGHTS = {vocoder_folder(1): VOCODER_WEIGHTS_NAME, SPEECH_DECODER_FOLDER: SPEECH_DECODER_WEIGHTS_NAME}
 INSTALLED_NAME = "units-shipped"  # the installed codec's folder in the cache
 
 
@@ -67,7 +71,7 @@ def ship_codec(codec_dir: str | os.PathLike, out: str | os.PathLike = SHIPPED_CO
     codec_dir, out = Path(codec_dir), Path(out)
     try:
         stamp = json.loads((codec_dir / STAMP).read_text())
-        decoder_stamp = json.loads((codec_dir / "speech-decoder" / STAMP).read_text())
+        decoder_stamp = json.loads((codec_dir / SPEECH_DECODER_FOLDER / STAMP).read_text())
     except (OSError, ValueError) as error:
         raise DemoAssetError(f"{codec_dir}: not a codec the demo built with its speech decoder ({error})") from error
     codec = load_codec(codec_dir)
@@ -75,16 +79,16 @@ def ship_codec(codec_dir: str | os.PathLike, out: str | os.PathLike = SHIPPED_CO
         raise DemoAssetError(f"{codec_dir}: expected whisper units with a vocoder and a speech decoder")
     staging = _fresh(out.with_name(out.name + ".partial"))
     config = codec.config.to_dict() | {"source": ""}  # the installer names the cache's Whisper
-    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     save_file({"codebook": codec.model.codebook.detach().contiguous()}, str(staging / CODEBOOK_NAME))
-    for folder in HALVED_FOLDERS:
+    for folder, weights in HALVED_WEIGHTS.items():
         (staging / folder).mkdir()
         for file in (codec_dir / folder).iterdir():
             if file.suffix == ".json" and file.name != STAMP:
                 shutil.copy(file, staging / folder / file.name)
-        state = load_file(str(codec_dir / folder / "model.safetensors"))
+        state = load_file(str(codec_dir / folder / weights))
         save_file({key: value if key == "codebooks" or not value.is_floating_point() else value.half()
-                   for key, value in state.items()}, str(staging / folder / "model.safetensors"))
+                   for key, value in state.items()}, str(staging / folder / weights))
     files = {path.relative_to(staging).as_posix(): sha256_of(path)
              for path in sorted(staging.rglob("*")) if path.is_file()}
     provenance = {"whisper": stamp["sources"]["whisper"], "heard_texts": heard_texts_digest(heard),
@@ -128,7 +132,7 @@ def install_shipped_codec(whisper_checkpoint: str | os.PathLike, cache: str | os
         if not (shipped / name).is_file() or sha256_of(shipped / name) != expected:
             raise DemoAssetError(f"{shipped / name}: missing or not the shipped bytes (SHA-256 {expected} expected); "
                                  f"reinstall speechlm, or train the codec: --train-codec")
-    config = WhisperUnitConfig.from_dict(json.loads((shipped / "config.json").read_text()))
+    config = WhisperUnitConfig.from_dict(json.loads((shipped / CONFIG_NAME).read_text()))
     dims, state = read_whisper_checkpoint(whisper_checkpoint)
     codec = WhisperUnitCodec.from_whisper(dims, state, source=os.fspath(whisper_checkpoint),
                                           encoder_blocks=config.encoder_blocks, codebook_size=config.codebook_size)
@@ -137,7 +141,7 @@ def install_shipped_codec(whisper_checkpoint: str | os.PathLike, cache: str | os
         codec.model.codebook_filled.fill_(1.0)
     staging = _fresh(out.with_name(out.name + ".partial"))
     codec.save_pretrained(staging)
-    for folder in HALVED_FOLDERS:
+    for folder in HALVED_WEIGHTS:
         shutil.copytree(shipped / folder, staging / folder)
     installed = load_codec(staging)  # the vocoder checks it was trained on this codebook
     if installed.decodes_with(1) != "vocoder" or installed.speech_decoder is None:
