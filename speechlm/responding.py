@@ -32,6 +32,7 @@ from speechlm.constraints import (
     SpeechTokenIds,
     TranscriptFollowingLogitsProcessor,
 )
+from speechlm.drafting import accepted_drafts, drafts_apply
 from speechlm.speech_io.constants import SAMPLE_RATE
 from speechlm.speech_io.processor import as_conversations, padding_token_id
 
@@ -215,7 +216,6 @@ def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor
     right-padded. ``speech_by``: who speaks (`speaking_decoder`); where the codec's speech decoder does, the LM
     writes text and the decoder's units are spliced in (`spoken_token_stream`), or, for a TTS request
     (``spoken_text``), the decoder speaks the text given and the LM is not run."""
-    prompt_length = inputs["input_ids"].shape[1]
     output = settings.get("output", "text")
     decoder = speaking_decoder(processor, output, speech_by)
     spoken_text = settings.pop("spoken_text", None) if decoder is not None else None
@@ -226,8 +226,7 @@ def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor
     else:
         text_only = {**settings, "output": "text"} if decoder is not None else settings
         with torch.inference_mode(), _with_transcripts(model, processor, inputs, text_only) as text_only:
-            kwargs = generation_settings(model, processor, prompt_length, **text_only)
-            new_tokens = model.generate(**inputs, **kwargs)[:, prompt_length:]
+            new_tokens = _text_tokens(model, processor, inputs, text_only)
         if transcript_fallback is not None and text_only.get("follow_transcript"):
             new_tokens = transcripts_where_run_off(processor, new_tokens, text_only["transcripts"],
                                                    transcript_fallback, eos)
@@ -239,6 +238,63 @@ def generate_response_tokens(model, processor, inputs: Mapping[str, torch.Tensor
                                        spoken_text=None if spoken_text is None else spoken_text[i]))
               for i, row in enumerate(rows)]
     return _right_padded(spoken, padding_token_id(processor.tokenizer))
+
+
+def _text_tokens(model, processor, inputs: Mapping[str, torch.Tensor], settings: dict) -> torch.Tensor:
+    """``B, G`` new token ids, right-padded. A greedy transcription that follows the reader's transcript is
+    checked against that transcript in one pass first (`speechlm.drafting`): only the rows that leave it are
+    decoded step by step, so a batch of transcriptions costs about one pass, not a pass per token."""
+    prompt_length = inputs["input_ids"].shape[1]
+    kwargs = generation_settings(model, processor, prompt_length, **settings)
+    sampling = {key: value for key, value in kwargs.items() if key not in ("max_new_tokens", "logits_processor")}
+    if not settings.get("follow_transcript") or not drafts_apply(model.generation_config, sampling):
+        return model.generate(**inputs, **kwargs)[:, prompt_length:]
+    eos, pad = eos_token_ids(model, processor)[0], padding_token_id(processor.tokenizer)
+    drafts = [[*transcript, eos][: kwargs["max_new_tokens"]] for transcript in settings["transcripts"]]
+    accepted = accepted_drafts(model, inputs, drafts, kwargs["logits_processor"], pad)
+    rows: list[list[int]] = [list(draft) if ok else [] for draft, ok in zip(drafts, accepted, strict=True)]
+    left = [row for row, ok in enumerate(accepted) if not ok]
+    if left:
+        subset = {**settings, "transcripts": [settings["transcripts"][row] for row in left]}
+        generated = _text_tokens_plain(model, processor, rows_of_inputs(model, inputs, left), subset)
+        for row, tokens in zip(left, generated.tolist(), strict=True):
+            rows[row] = tokens
+    return _right_padded(rows, pad, device=inputs["input_ids"].device)
+
+
+def _text_tokens_plain(model, processor, inputs: Mapping[str, torch.Tensor], settings: dict) -> torch.Tensor:
+    prompt_length = inputs["input_ids"].shape[1]
+    return model.generate(**inputs, **generation_settings(model, processor, prompt_length, **settings))[:, prompt_length:]
+
+
+def rows_of_inputs(model, inputs: Mapping[str, torch.Tensor], rows: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The processor inputs of ``rows`` alone (left-padded as before; their clips' features with them), the
+    columns of left padding that every row kept leaves cut."""
+    input_ids, attention_mask = inputs["input_ids"][list(rows)], inputs["attention_mask"][list(rows)]
+    start = int(attention_mask.eq(0).all(0).long().cumprod(0).sum())  # leading columns of padding only
+    chosen = {"input_ids": input_ids[:, start:], "attention_mask": attention_mask[:, start:]}
+    if "input_features" in inputs:
+        owners = clip_rows(model, inputs)
+        clips = [clip for clip, owner in enumerate(owners) if owner in set(rows)]
+        chosen["input_features"] = inputs["input_features"][clips]
+        if inputs.get("input_features_mask") is not None:
+            chosen["input_features_mask"] = inputs["input_features_mask"][clips]
+    return chosen
+
+
+def clip_rows(model, inputs: Mapping[str, torch.Tensor]) -> list[int]:
+    """The row each clip of ``inputs`` belongs to: a row's clips fill its ``<|audio|>`` placeholders, in order."""
+    features, mask = inputs["input_features"], inputs.get("input_features_mask")
+    mel_lengths = torch.full(features.shape[:1], features.shape[-1]) if mask is None else mask.sum(-1)
+    positions = model.audio_lengths(mel_lengths).tolist()
+    placeholders = (inputs["input_ids"] == model.config.audio_token_id).sum(1).tolist()
+    owners, clip = [], 0
+    for row, count in enumerate(placeholders):
+        while count > 0:
+            owners.append(row)
+            count -= positions[clip]
+            clip += 1
+    return owners
 
 
 def _right_padded(rows: Sequence[Sequence[int]], pad: int, device=None) -> torch.Tensor:
@@ -281,21 +337,14 @@ def reader_transcripts(model, processor, inputs: Mapping[str, torch.Tensor]) -> 
     row's answer would begin (no leading space): what `TranscriptFollowingLogitsProcessor` follows."""
     if getattr(model, "audio_reader", None) is None:
         raise ValueError("follow_transcript needs a model with a reader (projector_config.reader: whisper)")
-    audio_rows = (inputs["input_ids"] == model.config.audio_token_id).sum(1).tolist()
     if "input_features" not in inputs:
-        clips, positions = [], []
+        clips, owners = [], []
     else:
-        features, mask = inputs["input_features"], inputs.get("input_features_mask")
-        clips = model.audio_transcripts(features, mask)
-        mel_lengths = torch.full(features.shape[:1], features.shape[-1]) if mask is None else mask.sum(-1)
-        positions = model.audio_lengths(mel_lengths).tolist()
-    transcripts, clip = [], 0
-    for placeholders in audio_rows:  # a row's clips fill its placeholders, in order
-        texts = []
-        while placeholders > 0:
-            texts.append(processor.tokenizer.decode(clips[clip]).strip())
-            placeholders -= positions[clip]
-            clip += 1
+        clips = model.audio_transcripts(inputs["input_features"], inputs.get("input_features_mask"))
+        owners = clip_rows(model, inputs)
+    transcripts = []
+    for row in range(inputs["input_ids"].shape[0]):
+        texts = [processor.tokenizer.decode(clips[clip]).strip() for clip, owner in enumerate(owners) if owner == row]
         text = " ".join(t for t in texts if t)
         transcripts.append(processor.tokenizer(text, add_special_tokens=False).input_ids if text else [])
     return transcripts
