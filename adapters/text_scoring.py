@@ -5,9 +5,7 @@ which of them is a likely thing for a user to say is knowledge the backbone was 
 hours of one voice cannot teach it. A text is scored after the chat template's opening of a user turn (its
 default system turn included: the backbone was tuned to see it), under the base weights (LoRA switched
 off), over the text vocabulary. The opening is the same for every text (SmolLM2's is 24 tokens, longer than most
-transcripts), so it runs once a call and its keys and values are shared by every text; and a beam's transcripts of
-one clip mostly differ in a word or two, so texts that begin alike run their common beginning once too, and only
-each one's rest after it.
+transcripts), so it runs once a call and its keys and values are shared by every text.
 """
 
 from __future__ import annotations
@@ -45,12 +43,10 @@ def base_weights(model):
 
 
 class UserTextScorer:
-    """texts -> each one's summed log-probability under ``model``'s backbone, as a user's message. Texts that
-    begin with the same ``min_shared`` tokens or more (a beam's transcripts of one clip) are scored as a group:
-    their common beginning runs once, after the opening, and each text's rest after it."""
+    """texts -> each one's summed log-probability under ``model``'s backbone, as a user's message."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, min_shared: int = 3):
-        self.model, self.tokenizer, self.batch_size, self.min_shared = model, tokenizer, batch_size, min_shared
+    def __init__(self, model, tokenizer, *, batch_size: int = 16):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.prefix = user_turn_prefix(tokenizer)
 
     def weights(self) -> list[torch.Tensor]:
@@ -62,30 +58,18 @@ class UserTextScorer:
         if not texts:
             return []
         # A beam's finished transcripts can repeat one text (the same words from other Whisper tokens): each
-        # distinct text is scored once
+        # distinct text is scored once, in batches of similar length so that little of a batch is padding.
         distinct = list(dict.fromkeys(text.strip() for text in texts))
         tokens = self.tokenizer(distinct, add_special_tokens=False).input_ids
+        order = sorted(range(len(distinct)), key=lambda index: len(tokens[index]))
         scores: dict[str, float] = {}
         with base_weights(self.model):
-            opening = self._prefix()
-            groups, alone = shared_beginnings(tokens, self.min_shared)
-            for shared, members in groups:
-                cached, first, summed = self._extend(*opening, tokens[members[0]][:shared])
-                rest = self._batched([tokens[member][shared:] for member in members], cached, first)
-                scores.update({distinct[member]: summed + score for member, score in zip(members, rest, strict=True)})
-            kept = self._batched([tokens[index] for index in alone], *opening)
-            scores.update({distinct[index]: score for index, score in zip(alone, kept, strict=True)})
+            prefix = self._prefix()
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start: start + self.batch_size]
+                for index, score in zip(batch, self._scores([tokens[index] for index in batch], *prefix), strict=True):
+                    scores[distinct[index]] = score
         return [scores[text.strip()] for text in texts]
-
-    def _batched(self, own: Sequence[list[int]], cached, first: torch.Tensor) -> list[float]:
-        """`_scores` of ``own`` in batches of similar length, so that little of a batch is padding."""
-        order = sorted(range(len(own)), key=lambda index: len(own[index]))
-        scores = [0.0] * len(own)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start: start + self.batch_size]
-            for index, score in zip(batch, self._scores([own[index] for index in batch], cached, first), strict=True):
-                scores[index] = score
-        return scores
 
     def _prefix(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """The user turn's opening through the backbone: each layer's keys and values, and the log-probabilities
@@ -97,19 +81,6 @@ class UserTextScorer:
         hidden = decoder(inputs_embeds=embeddings(ids), use_cache=True, **{cache_keyword(decoder): cache}).last_hidden_state
         return [(layer.keys, layer.values) for layer in cache.layers], self._log_probs(hidden[:, -1:])
 
-    def _extend(self, cached: list[tuple[torch.Tensor, torch.Tensor]], first: torch.Tensor, tokens: list[int]
-                ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, float]:
-        """``tokens`` after the ``cached`` keys and values (one row): the keys and values with theirs added, the
-        log-probabilities of the token after them, and their own summed log-probability."""
-        embeddings = self.model.get_input_embeddings()
-        decoder = self.model.get_decoder()
-        ids = torch.tensor([tokens], device=embeddings.weight.device)
-        cache = DynamicCache(list(cached), config=decoder.config)
-        hidden = decoder(inputs_embeds=embeddings(ids), use_cache=True, **{cache_keyword(decoder): cache}).last_hidden_state
-        log_probs = torch.cat([first, self._log_probs(hidden[:, :-1])], dim=1)
-        summed = float(log_probs[0].gather(-1, ids[0, :, None]).sum())
-        return [(layer.keys, layer.values) for layer in cache.layers], self._log_probs(hidden[:, -1:]), summed
-
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         # contiguous: on CPU a bfloat16 matmul over a sliced (strided) input takes a path 10-100x slower
         # (`SpeechVocabulary.logits` likewise); the head is most of a score
@@ -118,8 +89,7 @@ class UserTextScorer:
 
     def _scores(self, own: Sequence[list[int]], cached: list[tuple[torch.Tensor, torch.Tensor]],
                 first: torch.Tensor) -> list[float]:
-        """Each text's (token ids') summed log-probability after the ``cached`` keys and values (one row: the
-        opening, or the opening and a group's common beginning); ``first``: the next token's log-probabilities."""
+        """Each text's (token ids') summed log-probability after the cached opening."""
         model = self.model
         embeddings = model.get_input_embeddings()
         device = embeddings.weight.device
@@ -135,50 +105,14 @@ class UserTextScorer:
         decoder = model.get_decoder()
         cache = DynamicCache([(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
                               for keys, values in cached], config=decoder.config)
-        opened = torch.cat([torch.ones(rows, cached[0][0].shape[-2], dtype=mask.dtype, device=device), mask], dim=1)
+        opened = torch.cat([torch.ones(rows, len(self.prefix), dtype=mask.dtype, device=device), mask], dim=1)
         hidden = decoder(inputs_embeds=embeddings(ids), attention_mask=opened, use_cache=True,
                          **{cache_keyword(decoder): cache}).last_hidden_state
         # the positions that predict the text's tokens only (the head over the vocabulary is the big part): the
-        # cached part's last predicts the first, each text position but the last the next
+        # opening's last predicts the first, each text position but the last the next
         log_probs = torch.cat([first.expand(rows, -1, -1), self._log_probs(hidden[:, :-1])], dim=1)
         picked = log_probs.gather(-1, ids[:, :, None]).squeeze(-1)
         return (picked * mask).sum(-1).tolist()
-
-
-def shared_beginnings(tokens: Sequence[list[int]], min_shared: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
-    """Texts (token ids) in groups that begin alike: ``[(shared, members)]`` for runs of two or more texts, in
-    sorted order, whose common first ``shared`` tokens are at least ``min_shared``; and the indices of the rest."""
-    order = sorted(range(len(tokens)), key=lambda index: tokens[index])
-    groups: list[tuple[int, list[int]]] = []
-    alone: list[int] = []
-
-    def close(shared: int, members: list[int]) -> None:
-        if len(members) > 1:
-            groups.append((shared, members))
-        else:
-            alone.extend(members)
-
-    shared, members = 0, []
-    for index in order:
-        if members:
-            common = _common_length(tokens[members[0]][:shared], tokens[index])
-            if common >= min_shared:
-                shared = common
-                members.append(index)
-                continue
-            close(shared, members)
-        shared, members = len(tokens[index]), [index]
-    close(shared, members)
-    return groups, alone
-
-
-def _common_length(first: Sequence[int], second: Sequence[int]) -> int:
-    length = 0
-    for a, b in zip(first, second, strict=False):
-        if a != b:
-            break
-        length += 1
-    return length
 
 
 def cache_keyword(decoder) -> str:

@@ -14,10 +14,6 @@ On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``),
   a clip (`beams_attend_together`); seconds, the reader's WER, transcripts as the first row's;
 - **scoring** (the same reading): the backbone scoring every finished transcript of the beam in the beam's
   order, against each distinct transcript once, in batches of similar length (`UserTextScorer`: the library now);
-- **grouped scoring** (``--items`` held-out clips and half as many ood, spread over each split, the job's reader
-  as saved, the LM in bfloat16): the backbone scoring each distinct transcript after the user turn's opening,
-  against transcripts that begin alike scored as a group, their common first tokens once (`UserTextScorer`'s
-  ``min_shared``: the library now); seconds, the reader's WER, transcripts as the first row's;
 - **batching** (``speechlm eval``'s ASR and TTS tasks): items in the manifest's order against batched by
   length (`batch_order`), seconds and the task's figures;
 - **the LM's dtype** (every evaluation set of the job, with the job's settings): the language model's weights
@@ -33,7 +29,6 @@ On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``),
     python bench/bench_eval_speed.py --job /tmp/exp/reader9 --out /tmp/exp/eval-speed.json
     python bench/bench_eval_speed.py --job /tmp/exp/np50 --sections ranked-reading --out /tmp/exp/ranked.json
     python bench/bench_eval_speed.py --job /tmp/exp/np57 --sections scoring --out /tmp/exp/scoring.json
-    python bench/bench_eval_speed.py --job /tmp/exp/np87/demo --sections grouped-scoring --items 80
     python bench/bench_eval_speed.py --job /tmp/exp/full33 --sections lm-dtype --out /tmp/exp/lm-dtype.json
     python bench/bench_eval_speed.py --job /tmp/exp/full38 --sections judge --judge /tmp/democache/whisper-base.pt
     python bench/bench_eval_speed.py --job /tmp/exp/np77/demo --sections judge-window --judge /tmp/democache76/whisper-base.pt
@@ -55,7 +50,7 @@ from whisper.decoding import DecodingTask, PyTorchInference
 from speechlm.adapters import readers
 from speechlm.adapters.reading_cache import ReadingCache
 from speechlm.adapters.text_scoring import UserTextScorer, base_weights
-from speechlm.demo.job import JobSettings, load_trained, spread
+from speechlm.demo.job import JobSettings, load_trained
 from speechlm.evaluation import (
     BATCH_LENGTH_FIELDS,
     JUDGE_SILENCE_SECONDS,
@@ -183,16 +178,6 @@ def scoring_rows(model, processor, items, batch_size: int) -> list[dict]:
             ("before: every transcript of the beam scored, in the beam's order",
              functools.partial(scorer_in_place, model.audio_reader, before)),
             ("each distinct transcript scored once, in batches by length (the library now)", nullcontext)])
-
-
-def grouped_scoring_rows(model, processor, items, batch_size: int) -> list[dict]:
-    reader = model.audio_reader
-    ungrouped = UserTextScorer(model, processor.tokenizer, min_shared=10**9)
-    with model.language_model_in("bfloat16"):
-        return compare_readings(model, processor, items, batch_size, [
-            ("each distinct transcript after the opening", functools.partial(scorer_in_place, reader, ungrouped)),
-            ("transcripts that begin alike scored as a group (the library now)", nullcontext),
-            ("each distinct transcript after the opening, again", functools.partial(scorer_in_place, reader, ungrouped))])
 
 
 def read_split(model, processor, items, batch_size: int) -> tuple[float, list[str]]:
@@ -339,7 +324,7 @@ def judge_window_rows(processor, job: Path, judge_path: str) -> list[dict]:
     return rows
 
 
-SECTIONS = ("reading", "ranked-reading", "scoring", "grouped-scoring", "batching", "lm-dtype", "judge", "judge-window")
+SECTIONS = ("reading", "ranked-reading", "scoring", "batching", "lm-dtype", "judge", "judge-window")
 
 
 def main() -> None:
@@ -347,7 +332,6 @@ def main() -> None:
     parser.add_argument("--job", required=True, help="a quick-start job's --out folder (model/ and eval-data/)")
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {list(SECTIONS)}")
-    parser.add_argument("--items", type=int, default=80, help="grouped-scoring: held-out clips (half as many ood)")
     parser.add_argument("--judge", help="judge section: the openai-whisper .pt that hears the TTS audio")
     parser.add_argument("--out", help="write the figures here (JSON)")
     args = parser.parse_args()
@@ -369,10 +353,6 @@ def main() -> None:
         for split in ("heldout", "ood"):
             figures[f"scoring asr/{split}"] = scoring_rows(
                 model, processor, read_eval_manifest(job / "eval-data" / f"asr-{split}.jsonl", "asr"), args.batch_size)
-    if "grouped-scoring" in sections:
-        for split, count in (("heldout", args.items), ("ood", args.items // 2)):
-            items = spread(read_eval_manifest(job / "eval-data" / f"asr-{split}.jsonl", "asr"), count)
-            figures[f"grouped scoring asr/{split}"] = grouped_scoring_rows(model, processor, items, args.batch_size)
     if "batching" in sections:
         figures["batching asr/ood"] = batching_rows(
             model, processor, "asr", read_eval_manifest(job / "eval-data" / "asr-ood.jsonl", "asr"),

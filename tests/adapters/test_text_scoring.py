@@ -61,38 +61,9 @@ def test_the_opening_runs_once_a_call_and_each_batch_only_its_texts(reading, mon
     forward = decoder.forward
     monkeypatch.setattr(decoder, "forward", lambda **kwargs: lengths.append(kwargs["inputs_embeds"].shape[1])
                         or forward(**kwargs))
-    # a text twice is scored once; no two texts grouped (`min_shared` above any text's length)
-    UserTextScorer(model, tokenizer, batch_size=2, min_shared=1000)(TEXTS + TEXTS[:2])
+    UserTextScorer(model, tokenizer, batch_size=2)(TEXTS + TEXTS[:2])  # a text twice is scored once
     ordered = sorted(len(tokenizer(text, add_special_tokens=False).input_ids) for text in TEXTS)
     assert lengths == [len(user_turn_prefix(tokenizer)), ordered[1], ordered[3]]  # batches of similar length
-
-
-def test_texts_that_begin_alike_run_their_beginning_once(reading, monkeypatch):
-    model, tokenizer = reading
-    expected = [plain_log_likelihood(model, tokenizer, text) if text else 0.0 for text in TEXTS]
-    decoder = model.get_decoder()
-    lengths = []
-    forward = decoder.forward
-    monkeypatch.setattr(decoder, "forward", lambda **kwargs: lengths.append(tuple(kwargs["inputs_embeds"].shape[:2]))
-                        or forward(**kwargs))
-    tokens = [tokenizer(text, add_special_tokens=False).input_ids for text in TEXTS]
-    shared = next(i for i, (a, b) in enumerate(zip(tokens[0], tokens[1], strict=False)) if a != b)
-    assert shared >= 3  # "feed the ca..."
-    scores = UserTextScorer(model, tokenizer, batch_size=4, min_shared=3)(TEXTS)
-    rest = max(len(tokens[0]), len(tokens[1])) - shared
-    assert lengths == [(1, len(user_turn_prefix(tokenizer))), (1, shared), (2, rest), (2, len(tokens[3]))]  # "" with the last
-    assert scores == pytest.approx(expected, abs=1e-4)
-
-
-@pytest.mark.parametrize("tokens, groups, alone", [
-    ([[1, 2, 3, 4], [1, 2, 3, 5], [7, 8], [1, 2, 3, 4, 6]], [(3, [0, 3, 1])], [2]),
-    ([[1, 2, 3], [1, 2, 4], [1, 2, 3, 9, 9]], [(3, [0, 2])], [1]),  # two tokens in common: not enough
-    ([[5], [], [5, 6, 7]], [], [1, 0, 2]),
-])
-def test_groups_share_at_least_min_shared_first_tokens(tokens, groups, alone):
-    from speechlm.adapters.text_scoring import shared_beginnings
-
-    assert shared_beginnings(tokens, 3) == (groups, alone)
 
 
 def test_repeated_texts_get_one_score_in_their_places(reading):
