@@ -244,11 +244,10 @@ def _text_tokens(model, processor, inputs: Mapping[str, torch.Tensor], settings:
     """``B, G`` new token ids, right-padded. A greedy transcription that follows the reader's transcript is
     checked against that transcript in one pass first (`speechlm.drafting`): only the rows that leave it are
     decoded step by step, so a batch of transcriptions costs about one pass, not a pass per token."""
-    prompt_length = inputs["input_ids"].shape[1]
-    kwargs = generation_settings(model, processor, prompt_length, **settings)
+    kwargs = generation_settings(model, processor, inputs["input_ids"].shape[1], **settings)
     sampling = {key: value for key, value in kwargs.items() if key not in ("max_new_tokens", "logits_processor")}
     if not settings.get("follow_transcript") or not drafts_apply(model.generation_config, sampling):
-        return model.generate(**inputs, **kwargs)[:, prompt_length:]
+        return _step_by_step(model, processor, inputs, settings)
     eos, pad = eos_token_ids(model, processor)[0], padding_token_id(processor.tokenizer)
     drafts = [[*transcript, eos][: kwargs["max_new_tokens"]] for transcript in settings["transcripts"]]
     accepted = accepted_drafts(model, inputs, drafts, kwargs["logits_processor"], pad)
@@ -256,13 +255,14 @@ def _text_tokens(model, processor, inputs: Mapping[str, torch.Tensor], settings:
     left = [row for row, ok in enumerate(accepted) if not ok]
     if left:
         subset = {**settings, "transcripts": [settings["transcripts"][row] for row in left]}
-        generated = _text_tokens_plain(model, processor, rows_of_inputs(model, inputs, left), subset)
+        generated = _step_by_step(model, processor, rows_of_inputs(model, inputs, left), subset)
         for row, tokens in zip(left, generated.tolist(), strict=True):
             rows[row] = tokens
     return _right_padded(rows, pad, device=inputs["input_ids"].device)
 
 
-def _text_tokens_plain(model, processor, inputs: Mapping[str, torch.Tensor], settings: dict) -> torch.Tensor:
+def _step_by_step(model, processor, inputs: Mapping[str, torch.Tensor], settings: dict) -> torch.Tensor:
+    """``B, G`` new token ids from ``generate``, a decoding step a token."""
     prompt_length = inputs["input_ids"].shape[1]
     return model.generate(**inputs, **generation_settings(model, processor, prompt_length, **settings))[:, prompt_length:]
 
@@ -274,8 +274,8 @@ def rows_of_inputs(model, inputs: Mapping[str, torch.Tensor], rows: Sequence[int
     start = int(attention_mask.eq(0).all(0).long().cumprod(0).sum())  # leading columns of padding only
     chosen = {"input_ids": input_ids[:, start:], "attention_mask": attention_mask[:, start:]}
     if "input_features" in inputs:
-        owners = clip_rows(model, inputs)
-        clips = [clip for clip, owner in enumerate(owners) if owner in set(rows)]
+        kept = set(rows)
+        clips = [clip for clip, owner in enumerate(clip_rows(model, inputs)) if owner in kept]
         chosen["input_features"] = inputs["input_features"][clips]
         if inputs.get("input_features_mask") is not None:
             chosen["input_features_mask"] = inputs["input_features_mask"][clips]

@@ -397,8 +397,13 @@ def training_summary(steps: int, minutes: float, curve: LearningCurve) -> dict:
 
 
 def machine() -> dict:
+    """The machine's figures that decide the job's minutes: on a CPU without native bfloat16 (AVX2 only) the LM,
+    the encoder and training run in float32, and the job takes about twice as long (BENCHMARKS.md, `np87`)."""
+    from speechlm.adapters.audio_encoder import native_bfloat16
+
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-            "processor": platform.processor() or platform.machine(), "torch": torch.__version__}
+            "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bfloat16": native_bfloat16("cpu")}
 
 
 def write_report(report: dict, before: dict, after: dict, out: Path, progress=print) -> None:
@@ -473,7 +478,7 @@ def answer_audio_note(answer: dict) -> str:
 def format_report(report: dict) -> str:
     lines = ["# speechlm quick start: report", "",
              f"Machine: {report['machine']['cpus']} CPUs ({report['machine']['processor']}), torch "
-             f"{report['machine']['torch']}, CUDA {report['machine']['cuda']}.",
+             f"{report['machine']['torch']}, CUDA {report['machine']['cuda']}{_cpu_line(report['machine'])}.",
              *_alignment_line(report["alignment"]),
              f"Training: {report['training']['steps']} steps in {report['training']['minutes']} min, loss "
              f"{report['training']['first_loss']} -> {report['training']['last_loss']}.", "",
@@ -499,6 +504,13 @@ def format_report(report: dict) -> str:
             lines += [f"Evaluation {when} training, seconds per set: "
                       + ", ".join(f"{name} {seconds}" for name, seconds in sets.items()), ""]
     return "\n".join(lines)
+
+
+def _cpu_line(machine: dict) -> str:
+    if "cpu_capability" not in machine:  # a report written before they were kept
+        return ""
+    return (f", CPU {machine['cpu_capability']} with{'' if machine['native_bfloat16'] else 'out'} native bfloat16"
+            f"{'' if machine['native_bfloat16'] else ' (float32 throughout)'}")
 
 
 def _eval_settings_lines(settings: dict[str, dict]) -> list[str]:

@@ -173,6 +173,11 @@ def test_a_report_without_the_untrained_evaluation_says_so():
     assert "Evaluation after training, seconds per set: asr/heldout 41.5" in text
     assert "Evaluation before" not in text
     assert "Evaluation settings" not in text  # a report written before they were kept
+    assert "Machine: 2 CPUs (x86_64), torch 2, CUDA False." in text
+    report["machine"].update(cpu_capability="AVX2", native_bfloat16=False)
+    assert "CUDA False, CPU AVX2 without native bfloat16 (float32 throughout)." in format_report(report)
+    report["machine"].update(cpu_capability="AVX512", native_bfloat16=True)
+    assert "CUDA False, CPU AVX512 with native bfloat16." in format_report(report)
 
 
 def test_the_report_names_the_evaluation_settings_that_differ_from_the_defaults():
