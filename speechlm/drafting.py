@@ -38,8 +38,10 @@ def drafts_apply(generation_config: GenerationConfig, generate_kwargs: dict) -> 
 def accepted_drafts(model, inputs, drafts: Sequence[Sequence[int]], logits_processor: LogitsProcessorList,
                     pad_token_id: int) -> list[bool]:
     """For each row of ``inputs`` (left-padded processor inputs), whether greedy decoding under
-    ``logits_processor`` writes exactly its draft (its tokens, the last one ending the response). One forward
-    pass over the prompts with the drafts after them (right-padded), the head only at the draft's positions."""
+    ``logits_processor`` writes exactly its draft (its tokens, the last one ending the response), up to
+    floating-point rounding: one forward pass over the prompts with the drafts after them (right-padded), the head
+    only at the draft's positions, where decoding runs a pass a token over cached keys and values (a near-tie
+    between two tokens may fall the other way)."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     rows, prompt_length = input_ids.shape
     width = max(map(len, drafts))
@@ -54,10 +56,11 @@ def accepted_drafts(model, inputs, drafts: Sequence[Sequence[int]], logits_proce
     mask = torch.cat([attention_mask, draft_mask], dim=1)
     audio = {key: inputs[key] for key in ("input_features", "input_features_mask") if key in inputs}
     # generate's position ids (counted over the attention mask, left padding at 0); a model that masks audio
-    # positions counts its own over the mask it makes
-    positions = None if model.masks_audio_positions else (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    # positions counts its own over the mask it makes, where there is audio
+    own_positions = model.masks_audio_positions and "input_features" in audio
+    positions = None if own_positions else (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     keep = torch.arange(prompt_length - 1, prompt_length - 1 + width, device=ids.device)
-    with torch.inference_mode():
+    with torch.inference_mode():  # B, W, V: each draft position's next-token scores
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
                        use_cache=False, **audio).logits.float()
     accepted = [True] * rows

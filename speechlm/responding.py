@@ -246,10 +246,13 @@ def _text_tokens(model, processor, inputs: Mapping[str, torch.Tensor], settings:
     decoded step by step, so a batch of transcriptions costs about one pass, not a pass per token."""
     kwargs = generation_settings(model, processor, inputs["input_ids"].shape[1], **settings)
     sampling = {key: value for key, value in kwargs.items() if key not in ("max_new_tokens", "logits_processor")}
-    if not settings.get("follow_transcript") or not drafts_apply(model.generation_config, sampling):
+    # a caller's own logits processors may keep state or tell rows apart: those decode as they were written for
+    if (not settings.get("follow_transcript") or settings.get("logits_processor")
+            or not drafts_apply(model.generation_config, sampling)):
         return _step_by_step(model, processor, inputs, settings)
-    eos, pad = eos_token_ids(model, processor)[0], padding_token_id(processor.tokenizer)
-    drafts = [[*transcript, eos][: kwargs["max_new_tokens"]] for transcript in settings["transcripts"]]
+    ends = eos_token_ids(model, processor)
+    eos, pad = ends[0], padding_token_id(processor.tokenizer)
+    drafts = [[*_before_any(transcript, ends), eos][: kwargs["max_new_tokens"]] for transcript in settings["transcripts"]]
     accepted = accepted_drafts(model, inputs, drafts, kwargs["logits_processor"], pad)
     rows: list[list[int]] = [list(draft) if ok else [] for draft, ok in zip(drafts, accepted, strict=True)]
     left = [row for row, ok in enumerate(accepted) if not ok]
@@ -259,6 +262,12 @@ def _text_tokens(model, processor, inputs: Mapping[str, torch.Tensor], settings:
         for row, tokens in zip(left, generated.tolist(), strict=True):
             rows[row] = tokens
     return _right_padded(rows, pad, device=inputs["input_ids"].device)
+
+
+def _before_any(tokens: Sequence[int], ends: Sequence[int]) -> list[int]:
+    """``tokens`` up to the first of ``ends`` (greedy decoding that wrote it would stop there)."""
+    cut = next((index for index, token in enumerate(tokens) if token in ends), len(tokens))
+    return list(tokens[:cut])
 
 
 def _step_by_step(model, processor, inputs: Mapping[str, torch.Tensor], settings: dict) -> torch.Tensor:
@@ -276,9 +285,10 @@ def rows_of_inputs(model, inputs: Mapping[str, torch.Tensor], rows: Sequence[int
     if "input_features" in inputs:
         kept = set(rows)
         clips = [clip for clip, owner in enumerate(clip_rows(model, inputs)) if owner in kept]
-        chosen["input_features"] = inputs["input_features"][clips]
-        if inputs.get("input_features_mask") is not None:
-            chosen["input_features_mask"] = inputs["input_features_mask"][clips]
+        if clips:  # rows of text alone take no features
+            chosen["input_features"] = inputs["input_features"][clips]
+            if inputs.get("input_features_mask") is not None:
+                chosen["input_features_mask"] = inputs["input_features_mask"][clips]
     return chosen
 
 

@@ -509,8 +509,9 @@ def format_report(report: dict) -> str:
 def _cpu_line(machine: dict) -> str:
     if "cpu_capability" not in machine:  # a report written before they were kept
         return ""
-    return (f", CPU {machine['cpu_capability']} with{'' if machine['native_bfloat16'] else 'out'} native bfloat16"
-            f"{'' if machine['native_bfloat16'] else ' (float32 throughout)'}")
+    native = machine["native_bfloat16"]
+    return (f", CPU {machine['cpu_capability']} with{'' if native else 'out'} native bfloat16"
+            f"{'' if native or machine.get('cuda') else ' (float32 throughout)'}")
 
 
 def _eval_settings_lines(settings: dict[str, dict]) -> list[str]:

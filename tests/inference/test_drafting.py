@@ -87,3 +87,42 @@ def test_only_plain_greedy_decoding_is_drafted():
     assert not drafts_apply(plain, {"do_sample": False, "repetition_penalty": 1.2})
     assert not drafts_apply(GenerationConfig(eos_token_id=2, repetition_penalty=1.3), {"do_sample": False})
     assert not drafts_apply(GenerationConfig(eos_token_id=2, do_sample=True), {})
+
+
+def test_a_refused_row_of_text_alone_decodes_without_the_batchs_clips(reading, monkeypatch):
+    model, processor = reading
+    conversations = [*transcription_requests(lengths=(14000, 9000)),
+                     [{"role": "user", "content": "Transcribe the audio."}]]  # no clip: an empty transcript
+    real_check = responding.accepted_drafts
+    monkeypatch.setattr(responding, "accepted_drafts", lambda *args: [ok and row != 2 for row, ok in
+                                                                     enumerate(real_check(*args))])
+
+    def replies():
+        return [r.text for r in respond(model, processor, conversations, max_new_tokens=12, follow_transcript=1e4)]
+
+    assert replies() == step_by_step(monkeypatch, replies)
+
+
+def test_a_callers_own_logits_processor_decodes_step_by_step(reading, monkeypatch):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Counting(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            Counting.calls += 1
+            return scores
+
+    model, processor = reading
+    checked = []
+    monkeypatch.setattr(responding, "accepted_drafts", lambda *args: checked.append(args) or [True] * len(args[2]))
+    respond(model, processor, transcription_requests(), max_new_tokens=6, follow_transcript=1e4,
+            logits_processor=LogitsProcessorList([Counting()]))
+    assert not checked and Counting.calls >= 1  # generate ran it, a step a token
+
+
+def test_a_draft_stops_at_the_first_end_of_turn_id():
+    from speechlm.responding import _before_any
+
+    assert _before_any([5, 6, 7, 2, 8], ends=[9, 2]) == [5, 6, 7]
+    assert _before_any([5, 6], ends=[2]) == [5, 6]
