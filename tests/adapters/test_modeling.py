@@ -187,7 +187,11 @@ def test_a_model_cast_to_bfloat16_whole_hears():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
 
-def test_an_encoder_in_bfloat16_hears_close_to_float32_and_saves_with_the_model(tmp_path):
+def test_an_encoder_in_bfloat16_hears_close_to_float32_and_saves_with_the_model(tmp_path, monkeypatch):
+    from speechlm.adapters import audio_encoder
+
+    # the bfloat16 path, taken on a CPU without native bfloat16 too (there it is slow, not wrong; the job falls back)
+    monkeypatch.setattr(audio_encoder, "native_bfloat16", lambda device_type: True)
     plain, tokenizer = build_speechlm(tiny_spec())
     fast, _ = build_speechlm(tiny_spec(audio_encoder_dtype="bfloat16"))  # the same seed: the same weights
     inputs = audio_inputs(plain, tokenizer, [40, 23])
@@ -215,8 +219,11 @@ def test_an_encoder_in_bfloat16_runs_in_float32_where_the_device_lacks_it(monkey
     assert "no native bfloat16" in caplog.text
 
 
-def test_a_bfloat16_reading_is_not_taken_for_a_float32_one():
+def test_a_bfloat16_reading_is_not_taken_for_a_float32_one(monkeypatch):
+    from speechlm.adapters import audio_encoder
     from speechlm.adapters.reading_cache import ReadingCache
+
+    monkeypatch.setattr(audio_encoder, "native_bfloat16", lambda device_type: True)  # as above
 
     plain, tokenizer = build_speechlm(tiny_spec())
     fast, _ = build_speechlm(tiny_spec(audio_encoder_dtype="bfloat16"))
