@@ -249,7 +249,7 @@ def _text_tokens(model, processor, inputs: Mapping[str, torch.Tensor], settings:
     # a caller's own logits processors may keep state or tell rows apart: those decode as they were written for
     if (not settings.get("follow_transcript") or settings.get("logits_processor")
             or not drafts_apply(model.generation_config, sampling)):
-        return _step_by_step(model, processor, inputs, settings)
+        return _step_by_step(model, inputs, kwargs)
     ends = eos_token_ids(model, processor)
     eos, pad = ends[0], padding_token_id(processor.tokenizer)
     drafts = [[*_before_any(transcript, ends), eos][: kwargs["max_new_tokens"]] for transcript in settings["transcripts"]]
@@ -258,7 +258,8 @@ def _text_tokens(model, processor, inputs: Mapping[str, torch.Tensor], settings:
     left = [row for row, ok in enumerate(accepted) if not ok]
     if left:
         subset = {**settings, "transcripts": [settings["transcripts"][row] for row in left]}
-        generated = _step_by_step(model, processor, rows_of_inputs(model, inputs, left), subset)
+        rest = rows_of_inputs(model, inputs, left)
+        generated = _step_by_step(model, rest, generation_settings(model, processor, rest["input_ids"].shape[1], **subset))
         for row, tokens in zip(left, generated.tolist(), strict=True):
             rows[row] = tokens
     return _right_padded(rows, pad, device=inputs["input_ids"].device)
@@ -270,10 +271,10 @@ def _before_any(tokens: Sequence[int], ends: Sequence[int]) -> list[int]:
     return list(tokens[:cut])
 
 
-def _step_by_step(model, processor, inputs: Mapping[str, torch.Tensor], settings: dict) -> torch.Tensor:
-    """``B, G`` new token ids from ``generate``, a decoding step a token."""
-    prompt_length = inputs["input_ids"].shape[1]
-    return model.generate(**inputs, **generation_settings(model, processor, prompt_length, **settings))[:, prompt_length:]
+def _step_by_step(model, inputs: Mapping[str, torch.Tensor], generate_kwargs: dict) -> torch.Tensor:
+    """``B, G`` new token ids from ``generate`` (``generate_kwargs``: `generation_settings` for these inputs), a
+    decoding step a token."""
+    return model.generate(**inputs, **generate_kwargs)[:, inputs["input_ids"].shape[1]:]
 
 
 def rows_of_inputs(model, inputs: Mapping[str, torch.Tensor], rows: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -294,9 +295,8 @@ def rows_of_inputs(model, inputs: Mapping[str, torch.Tensor], rows: Sequence[int
 
 def clip_rows(model, inputs: Mapping[str, torch.Tensor]) -> list[int]:
     """The row each clip of ``inputs`` belongs to: a row's clips fill its ``<|audio|>`` placeholders, in order."""
-    features, mask = inputs["input_features"], inputs.get("input_features_mask")
-    mel_lengths = torch.full(features.shape[:1], features.shape[-1]) if mask is None else mask.sum(-1)
-    positions = model.audio_lengths(mel_lengths).tolist()
+    positions = model.audio_lengths(model._mel_lengths(inputs["input_features"], inputs.get("input_features_mask")))
+    positions = positions.tolist()
     placeholders = (inputs["input_ids"] == model.config.audio_token_id).sum(1).tolist()
     owners, clip = [], 0
     for row, count in enumerate(placeholders):
