@@ -89,7 +89,10 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
     ``reader_prompt`` text Whisper's decoder reads as if it came before each clip (openai-whisper's
     ``initial_prompt``: the names and terms of a domain, spelled as they should come out) or null, and
     ``reader_lm_weight`` how much the backbone's log-likelihood of each of the beam's transcripts counts
-    beside Whisper's when the best is chosen (0: Whisper's choice alone; greedy decoding has no choice)."""
+    beside Whisper's when the best is chosen (0: Whisper's choice alone; greedy decoding has no choice), and
+    ``reader_lm_context`` text the backbone reads as the chat's system turn before each transcript it ranks
+    (sentences a domain's users say, its names: domain-prompted rescoring, which unlike ``reader_prompt``
+    only chooses among what Whisper heard) or null (the chat template's default system turn)."""
 
     model_type = "speechlm_projector"
 
@@ -104,6 +107,7 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
     reader_language: str | None = "en"
     reader_prompt: str | None = None
     reader_lm_weight: float = 0.0
+    reader_lm_context: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -135,6 +139,10 @@ class SpeechLMProjectorConfig(PreTrainedConfig):
         if self.reader_prompt is not None and not (isinstance(self.reader_prompt, str) and self.reader_prompt.strip()):
             problems.append(f"projector_config.reader_prompt={self.reader_prompt!r}: expected text (the words Whisper "
                             f"should spell as given) or null")
+        if self.reader_lm_context is not None and not (isinstance(self.reader_lm_context, str)
+                                                       and self.reader_lm_context.strip()):
+            problems.append(f"projector_config.reader_lm_context={self.reader_lm_context!r}: expected text (what "
+                            f"the backbone reads before each transcript it ranks) or null")
         if not self.reader_lm_weight >= 0:
             problems.append(f"projector_config.reader_lm_weight={self.reader_lm_weight}: must be >= 0 (0: Whisper "
                             f"ranks its beam alone)")

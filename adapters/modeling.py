@@ -194,7 +194,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         """The backbone's tokenizer, for a reader that hands the LM text (`load_speechlm` and
         `build_speechlm` call this); a model without a reader needs none."""
         if self.audio_reader is not None:
-            self.audio_reader.set_text_tokenizer(tokenizer, UserTextScorer(self, tokenizer))
+            context = self.config.projector_config.reader_lm_context
+            self.audio_reader.set_text_tokenizer(tokenizer, UserTextScorer(self, tokenizer, context=context))
 
     @property
     def masks_audio_positions(self) -> bool:

@@ -11,7 +11,8 @@ With a beam, ``reader_lm_weight`` lets the backbone choose among the beam's fini
 (N-best rescoring, shallow fusion's cheap form): each one's log-likelihood as a user's message, under the
 backbone's base weights, is added to Whisper's own with that weight before openai-whisper's length-normalized
 ranking. Whisper hears; the backbone knows which of the sentences it might have heard is English ("feed the
-cadet half past eight" or "feed the cat at half past eight").
+cadet half past eight" or "feed the cat at half past eight"). With ``reader_lm_context`` it reads a domain's
+text first (its users' sentences, its names), and knows which of them a user of that domain says.
 
 Each clip is followed by ``silence_seconds`` of Whisper's silence, its window rounded up to whole 2 s and
 at most 30 s (30: every clip gets exactly openai-whisper's input; less costs less, but Whisper's decoder
@@ -183,6 +184,7 @@ class WhisperTranscriptReader(nn.Module):
         self.language = projector_config.reader_language
         self.prompt = projector_config.reader_prompt
         self.lm_weight = projector_config.reader_lm_weight
+        self.lm_context = projector_config.reader_lm_context
         self.whisper_tokenizer = get_tokenizer(self.dims.n_vocab >= 51865, num_languages=self._num_languages(),
                                                language=self.language, task="transcribe")
         self.text_tokenizer = None  # the backbone's tokenizer: `set_text_tokenizer`
@@ -200,7 +202,7 @@ class WhisperTranscriptReader(nn.Module):
         """What besides the weights decides a transcript (a reading cache's fingerprint includes it; while
         `rescores`, the backbone's weights decide too)."""
         return (self.tokens_per_second, self.silence_frames, self.beam_size, self.language, self.prompt,
-                *((self.lm_weight,) if self.rescores else ()))
+                *((self.lm_weight, self.lm_context) if self.rescores else ()))
 
     @contextlib.contextmanager
     def beam(self, beam_size: int) -> Iterator[None]:

@@ -6,11 +6,17 @@ hours of one voice cannot teach it. A text is scored after the chat template's o
 default system turn included: the backbone was tuned to see it), under the base weights (LoRA switched
 off), over the text vocabulary. The opening is the same for every text (SmolLM2's is 24 tokens, longer than most
 transcripts), so it runs once a call and its keys and values are shared by every text.
+
+A context (`projector_config.reader_lm_context`) takes the system turn's place: text of the domain the clips come
+from (sentences its users say, its names), so that the backbone prefers the transcripts of that domain among those
+Whisper heard (domain-prompted rescoring, as Li et al. prompt an LLM rescorer, arXiv 2306.16007). `sample_context`
+makes one of a training split's transcripts.
 """
 
 from __future__ import annotations
 
 import inspect
+import random
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -20,11 +26,16 @@ from transformers import DynamicCache
 SENTINEL = "\u2063speechlm-user-text\u2063"  # stands for the message while the template is rendered
 
 
-def user_turn_prefix(tokenizer) -> list[int]:
-    """The token ids before a user message's text: the chat template's opening of the first user turn, or
-    without a template the tokenizer's BOS token (else its EOS, which separates documents)."""
+CONTEXT_HEADING = "Things users have said:"  # what `sample_context` puts before its sentences
+
+
+def user_turn_prefix(tokenizer, context: str | None = None) -> list[int]:
+    """The token ids before a user message's text: the chat template's opening of the first user turn (after
+    ``context`` as the system turn, if given), or without a template the tokenizer's BOS token (else its EOS,
+    which separates documents), then ``context`` on a line of its own."""
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False)
+        system = [{"role": "system", "content": context}] if context is not None else []
+        rendered = tokenizer.apply_chat_template([*system, {"role": "user", "content": SENTINEL}], tokenize=False)
         ids = tokenizer(rendered.split(SENTINEL)[0], add_special_tokens=False).input_ids
         if ids:
             return ids
@@ -32,7 +43,19 @@ def user_turn_prefix(tokenizer) -> list[int]:
     if token is None:
         raise ValueError("scoring a text needs a token before it: the tokenizer has no chat template, BOS or EOS "
                          "token")
-    return [token]
+    return [token, *(tokenizer(context.strip() + "\n", add_special_tokens=False).input_ids if context else [])]
+
+
+def sample_context(texts: Sequence[str], count: int, seed: int = 0) -> str | None:
+    """``count`` of ``texts`` (a training split's transcripts), drawn with ``seed``, one a line under
+    `CONTEXT_HEADING`: a `reader_lm_context` that shows the backbone what the domain's users say. None for
+    no texts or a count of 0."""
+    if count < 0:
+        raise ValueError(f"sample_context(count={count}): expected a number of sentences >= 0")
+    distinct = list(dict.fromkeys(text.strip() for text in texts if text.strip()))
+    if not distinct or count == 0:
+        return None
+    return "\n".join([CONTEXT_HEADING, *random.Random(seed).sample(distinct, min(count, len(distinct)))])
 
 
 def base_weights(model):
@@ -43,11 +66,12 @@ def base_weights(model):
 
 
 class UserTextScorer:
-    """texts -> each one's summed log-probability under ``model``'s backbone, as a user's message."""
+    """texts -> each one's summed log-probability under ``model``'s backbone, as a user's message (after
+    ``context`` as the system turn, if given)."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16):
+    def __init__(self, model, tokenizer, *, context: str | None = None, batch_size: int = 16):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.prefix = user_turn_prefix(tokenizer)
+        self.prefix = user_turn_prefix(tokenizer, context)
 
     def weights(self) -> list[torch.Tensor]:
         """The tensors a score depends on: the backbone's, its LoRA factors left out."""

@@ -9,7 +9,13 @@ from whisper.decoding import MaximumLikelihoodRanker
 from speechlm.adapters import readers
 from speechlm.adapters.building import build_speechlm
 from speechlm.adapters.reading_cache import ReadingCache
-from speechlm.adapters.text_scoring import SENTINEL, UserTextScorer, user_turn_prefix
+from speechlm.adapters.text_scoring import (
+    CONTEXT_HEADING,
+    SENTINEL,
+    UserTextScorer,
+    sample_context,
+    user_turn_prefix,
+)
 from speechlm.speech_io.config_errors import ConfigError
 from tests.adapters.conftest import audio_inputs
 from tests.adapters.test_readers import READER_PROJECTOR, reader_spec
@@ -17,9 +23,9 @@ from tests.adapters.test_readers import READER_PROJECTOR, reader_spec
 TEXTS = ["feed the cat at half past eight", "feed the cadet half past eight", "", "List three colors."]
 
 
-def plain_log_likelihood(model, tokenizer, text: str) -> float:
+def plain_log_likelihood(model, tokenizer, text: str, context: str | None = None) -> float:
     """The backbone alone, one text, every position projected: what the scorer must equal."""
-    prefix = user_turn_prefix(tokenizer)
+    prefix = user_turn_prefix(tokenizer, context)
     ids = torch.tensor([prefix + tokenizer(text.strip(), add_special_tokens=False).input_ids])
     with torch.no_grad():
         logits = model.text_model(input_ids=ids).logits[0, :, : model.config.text_vocab_size].float()
@@ -42,6 +48,43 @@ def test_without_a_chat_template_a_text_follows_the_bos_or_eos_token(reading):
         assert user_turn_prefix(tokenizer) == [expected]
     finally:
         tokenizer.chat_template = template
+
+
+def test_a_context_is_the_system_turn_before_the_user_turn(reading):
+    _, tokenizer = reading
+    context = "Things users have said:\nPriya painted the door."
+    prefix = tokenizer.decode(user_turn_prefix(tokenizer, context))
+    rendered = tokenizer.apply_chat_template([{"role": "system", "content": context},
+                                              {"role": "user", "content": SENTINEL}], tokenize=False)
+    assert rendered.startswith(prefix) and rendered[len(prefix):].startswith(SENTINEL)
+    assert context in prefix and prefix != tokenizer.decode(user_turn_prefix(tokenizer))
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:  # no template: the document's first token, then the context on a line of its own
+        bare = user_turn_prefix(tokenizer, context)
+        assert bare[0] == user_turn_prefix(tokenizer)[0] and tokenizer.decode(bare[1:]) == context + "\n"
+    finally:
+        tokenizer.chat_template = template
+
+
+def test_scores_after_a_context_are_the_backbones_log_likelihoods_after_it(reading):
+    model, tokenizer = reading
+    context = "Things users have said:\nfeed the cat at half past eight"
+    scores = UserTextScorer(model, tokenizer, context=context, batch_size=3)(TEXTS)
+    expected = [plain_log_likelihood(model, tokenizer, text, context) if text else 0.0 for text in TEXTS]
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert scores != pytest.approx(UserTextScorer(model, tokenizer)(TEXTS), abs=1e-4)
+
+
+def test_a_sampled_context_is_distinct_training_texts_under_a_heading():
+    texts = [f"Sentence number {i}." for i in range(50)] + ["Sentence number 3.", " ", ""]
+    context = sample_context(texts, 10, seed=0)
+    heading, *lines = context.split("\n")
+    assert heading == CONTEXT_HEADING and len(lines) == len(set(lines)) == 10 and set(lines) <= set(texts)
+    assert sample_context(texts, 10, seed=0) == context and sample_context(texts, 10, seed=1) != context
+    assert sample_context(texts[:3], 10).count("\n") == 3  # all there are
+    assert sample_context(texts, 0) is None and sample_context([" "], 5) is None
+    with pytest.raises(ValueError, match="count=-1"):
+        sample_context(texts, -1)
 
 
 def test_scores_are_the_backbones_log_likelihoods_batched_or_alone(reading):
@@ -166,6 +209,23 @@ def test_the_weight_is_checked_and_saved_with_the_model(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.audio_reader.lm_weight == 0.5 and loaded.audio_reader.rescores
+
+
+def test_the_context_is_checked_saved_with_the_model_and_keys_the_readings(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ConfigError, match="reader_lm_context=' '"):
+        build_speechlm(reader_spec(projector=dict(READER_PROJECTOR, reader_lm_context=" ")))
+    projector = dict(READER_PROJECTOR, reader_lm_weight=0.5, reader_beam_size=3)
+    plain, _ = build_speechlm(reader_spec(projector=projector))
+    model, tokenizer = build_speechlm(reader_spec(projector=dict(projector, reader_lm_context="Priya, Mei")))
+    assert model.audio_reader.text_scorer.prefix == user_turn_prefix(tokenizer, "Priya, Mei")
+    assert plain.audio_reader.settings() != model.audio_reader.settings()  # a reading ranked in another context
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.audio_reader.text_scorer.prefix == model.audio_reader.text_scorer.prefix
+    assert loaded.audio_reader.settings() == model.audio_reader.settings()
 
 
 @pytest.fixture(scope="module")

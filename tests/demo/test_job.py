@@ -189,3 +189,29 @@ def test_the_report_names_the_evaluation_settings_that_differ_from_the_defaults(
     lines = _eval_settings_lines({task: asdict(settings.eval_settings(task)) for task in ("asr", "qa")})
     assert lines[0] == ("Evaluation settings besides the defaults: asr: batch_size=40, max_speech_units=400, "
                         "lm_dtype='bfloat16'; qa: batch_size=40, max_speech_units=400")
+
+
+def test_the_reader_ranks_in_a_context_of_training_transcripts_unless_the_recipe_gives_one(tmp_path):
+    from speechlm.adapters.text_scoring import CONTEXT_HEADING
+    from speechlm.configfile import read_yaml
+    from speechlm.demo import job
+    from speechlm.demo.build import DemoAssets
+
+    assets = DemoAssets(cache=str(tmp_path), text_model="lm", audio_encoder="whisper.pt", codec="codec",
+                        corpus="corpus", train="train", heldout="heldout", ood="ood", card="CORPUS.md", seconds={})
+    texts = [f"Training sentence {i}." for i in range(100)]
+
+    def context(recipe=None, texts=texts, **settings) -> str | None:
+        recipe = recipe or read_yaml(job.JobSettings().recipe)
+        config, _ = job.job_config(recipe, assets, ["train"], tmp_path, job.JobSettings(**settings), train_texts=texts)
+        return config.model.projector.get("reader_lm_context")
+
+    drawn = context()
+    heading, *lines = drawn.split("\n")
+    assert heading == CONTEXT_HEADING and len(lines) == 30 and set(lines) <= set(texts)
+    assert context(reader_context_sentences=5).count("\n") == 5
+    assert context(reader_context_sentences=0) is None and context(texts=[]) is None
+    assert context(overrides=["model.projector.reader_lm_context=Priya and Mei"]) == "Priya and Mei"
+    own = read_yaml(job.JobSettings().recipe)
+    own["model"]["projector"]["reader_lm_context"] = "A recipe's own context."
+    assert context(own) == "A recipe's own context."
