@@ -147,7 +147,8 @@ def main() -> None:
             run = replace(settings, out=str(out / name),
                           overrides=[f"training.max_steps={args.steps}", "training.max_minutes=null", *overrides])
             # job_config sets values in the dict it is given: each variant starts from its own copy
-            config, _ = job_config(copy.deepcopy(recipe_yaml), assets, train_sources, out / name, run)
+            config, _ = job_config(copy.deepcopy(recipe_yaml), assets, train_sources, out / name, run,
+                                   train_texts=[row["text"] for row in corpus["train"]])
             model, tokenizer = recipe.build_model(config)
             processor = recipe.build_processor(config, model, tokenizer)
             if shared_readings is not None:
