@@ -98,6 +98,8 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypa
     assert (out / "model" / "processor_config.json").is_file()
     saved = json.loads((out / "model" / "config.json").read_text())["projector_config"]
     assert saved["reader_prompt"] is None  # Whisper hears each clip unprompted (the corpus's names cost ood WER)
+    # the backbone ranks Whisper's beam after training transcripts, and the model keeps them
+    assert saved["reader_lm_context"].startswith("Things users have said:\n")
     # every clip's reading is kept in the cache for the next run: the training clips (read ahead) and the
     # evaluation's, which the reader reads with the model's own beam
     kept = ReadingCache()
