@@ -83,8 +83,6 @@ def read_beams(model, processor, items, batch_size: int) -> list[list[dict]]:
                                 for item in chunk])
             with torch.inference_mode(), model.language_model_in("bfloat16"):
                 chosen += [processor.tokenizer.decode(ids) for ids in reader_transcripts(model, processor, inputs)]
-    if not model.audio_reader.rescores:
-        raise SystemExit("the model's reader does not rank a beam (reader_beam_size 1 or reader_lm_weight 0)")
     return [recorder.beams.get(index, [{"text": text, "whisper": 0.0, "length": 1, "model": 0.0}])
             for index, text in enumerate(chosen)]
 
@@ -117,6 +115,8 @@ def main() -> None:
     parser.add_argument("--beams", help="a JSON file of the beams read: written, or read if it exists")
     args = parser.parse_args()
     model, processor = load_trained(Path(args.job) / "model")
+    if not model.audio_reader.rescores:  # before any clip is read: there would be no beam to rank
+        raise SystemExit("the model's reader does not rank a beam (reader_beam_size 1 or reader_lm_weight 0)")
     items = {split: read_eval_manifest(Path(args.job) / "eval-data" / f"asr-{split}.jsonl", "asr")
              for split in args.splits.split(",")}
     if args.beams and Path(args.beams).is_file():

@@ -144,10 +144,8 @@ def test_the_command_line_can_skip_the_untrained_evaluation(monkeypatch):
 def test_the_recipe_says_how_many_minutes_the_job_trains_unless_it_is_told(tmp_path):
     from speechlm.configfile import read_yaml
     from speechlm.demo import job
-    from speechlm.demo.build import DemoAssets
 
-    assets = DemoAssets(cache=str(tmp_path), text_model="lm", audio_encoder="whisper.pt", codec="codec",
-                        corpus="corpus", train="train", heldout="heldout", ood="ood", card="CORPUS.md", seconds={})
+    assets = stand_in_assets(tmp_path)
     recipe = read_yaml(job.JobSettings().recipe)
     recipe["training"]["max_minutes"] = 4.5  # a user's edit of the recipe is what runs
 
@@ -197,10 +195,8 @@ def test_the_reader_ranks_in_a_context_of_training_transcripts_unless_the_recipe
     from speechlm.adapters.text_scoring import CONTEXT_HEADING
     from speechlm.configfile import read_yaml
     from speechlm.demo import job
-    from speechlm.demo.build import DemoAssets
 
-    assets = DemoAssets(cache=str(tmp_path), text_model="lm", audio_encoder="whisper.pt", codec="codec",
-                        corpus="corpus", train="train", heldout="heldout", ood="ood", card="CORPUS.md", seconds={})
+    assets = stand_in_assets(tmp_path)
     texts = [f"Training sentence {i}." for i in range(100)]
 
     def context(recipe=None, texts=texts, **settings) -> str | None:
@@ -217,3 +213,11 @@ def test_the_reader_ranks_in_a_context_of_training_transcripts_unless_the_recipe
     own = read_yaml(job.JobSettings().recipe)
     own["model"]["projector"]["reader_lm_context"] = "A recipe's own context."
     assert context(own) == "A recipe's own context."
+
+
+def stand_in_assets(cache: Path):
+    """Assets a recipe can be resolved against without building any (names, not files)."""
+    from speechlm.demo.build import DemoAssets
+
+    return DemoAssets(cache=str(cache), text_model="lm", audio_encoder="whisper.pt", codec="codec", corpus="corpus",
+                      train="train", heldout="heldout", ood="ood", card="CORPUS.md", seconds={})
