@@ -5,7 +5,8 @@ which of them is a likely thing for a user to say is knowledge the backbone was 
 hours of one voice cannot teach it. A text is scored after the chat template's opening of a user turn (its
 default system turn included: the backbone was tuned to see it), under the base weights (LoRA switched
 off), over the text vocabulary. The opening is the same for every text (SmolLM2's is 24 tokens, longer than most
-transcripts), so it runs once a call and its keys and values are shared by every text.
+transcripts), so it runs once a call and its keys and values are shared by every text: the texts are packed into
+one row that attends to a single copy of them.
 
 A context (`projector_config.reader_lm_context`) takes the system turn's place: text of the domain the clips come
 from (sentences its users say, its names), so that the backbone prefers the transcripts of that domain among those
@@ -82,15 +83,15 @@ class UserTextScorer:
         if not texts:
             return []
         # A beam's finished transcripts can repeat one text (the same words from other Whisper tokens): each
-        # distinct text is scored once, in batches of similar length so that little of a batch is padding.
+        # distinct text is scored once.
         distinct = list(dict.fromkeys(text.strip() for text in texts))
         tokens = self.tokenizer(distinct, add_special_tokens=False).input_ids
-        order = sorted(range(len(distinct)), key=lambda index: len(tokens[index]))
-        scores: dict[str, float] = {}
+        scores = {text: 0.0 for text, ids in zip(distinct, tokens, strict=True) if not ids}
+        scored = [index for index, ids in enumerate(tokens) if ids]
         with base_weights(self.model):
-            prefix = self._prefix()
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start: start + self.batch_size]
+            prefix = self._prefix() if scored else None
+            for start in range(0, len(scored), self.batch_size):
+                batch = scored[start: start + self.batch_size]
                 for index, score in zip(batch, self._scores([tokens[index] for index in batch], *prefix), strict=True):
                     scores[distinct[index]] = score
         return [scores[text.strip()] for text in texts]
@@ -103,7 +104,7 @@ class UserTextScorer:
         ids = torch.tensor([self.prefix], device=embeddings.weight.device)
         cache = DynamicCache(config=decoder.config)
         hidden = decoder(inputs_embeds=embeddings(ids), use_cache=True, **{cache_keyword(decoder): cache}).last_hidden_state
-        return [(layer.keys, layer.values) for layer in cache.layers], self._log_probs(hidden[:, -1:])
+        return [(layer.keys, layer.values) for layer in cache.layers], self._log_probs(hidden[0, -1])
 
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         # contiguous: on CPU a bfloat16 matmul over a sliced (strided) input takes a path 10-100x slower
@@ -113,30 +114,34 @@ class UserTextScorer:
 
     def _scores(self, own: Sequence[list[int]], cached: list[tuple[torch.Tensor, torch.Tensor]],
                 first: torch.Tensor) -> list[float]:
-        """Each text's (token ids') summed log-probability after the cached opening."""
-        model = self.model
-        embeddings = model.get_input_embeddings()
+        """Each text's (token ids', none empty) summed log-probability after the cached opening.
+
+        The texts are packed into one row, each attending to the opening and to its own earlier tokens (a block
+        causal mask) at the positions it would have alone: the opening's keys and values are held once. Batched
+        rows would each attend to a copy of them (the cache concatenates them with each row's own, in every
+        layer), which made a long context cost 4x its short one."""
+        embeddings = self.model.get_input_embeddings()
+        decoder = self.model.get_decoder()
         device = embeddings.weight.device
-        width = max(map(len, own))
-        if width == 0:
-            return [0.0] * len(own)
-        ids = torch.zeros(len(own), width, dtype=torch.long, device=device)  # right-padded
-        mask = torch.zeros_like(ids)
-        for row, tokens in enumerate(own):
-            ids[row, : len(tokens)] = torch.tensor(tokens, device=device)
-            mask[row, : len(tokens)] = 1
-        rows = len(own)
-        decoder = model.get_decoder()
-        cache = DynamicCache([(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
-                              for keys, values in cached], config=decoder.config)
-        opened = torch.cat([torch.ones(rows, len(self.prefix), dtype=mask.dtype, device=device), mask], dim=1)
-        hidden = decoder(inputs_embeds=embeddings(ids), attention_mask=opened, use_cache=True,
-                         **{cache_keyword(decoder): cache}).last_hidden_state
-        # the positions that predict the text's tokens only (the head over the vocabulary is the big part): the
-        # opening's last predicts the first, each text position but the last the next
-        log_probs = torch.cat([first.expand(rows, -1, -1), self._log_probs(hidden[:, :-1])], dim=1)
-        picked = log_probs.gather(-1, ids[:, :, None]).squeeze(-1)
-        return (picked * mask).sum(-1).tolist()
+        lengths = torch.tensor([len(tokens) for tokens in own], device=device)
+        ids = torch.tensor([token for tokens in own for token in tokens], device=device)
+        text = torch.repeat_interleave(torch.arange(len(own), device=device), lengths)  # which text a position is
+        offset = torch.arange(len(ids), device=device) - (torch.cumsum(lengths, 0) - lengths)[text]  # within it
+        inputs = embeddings(ids[None])
+        opening = len(self.prefix)
+        visible = torch.cat([torch.ones(len(ids), opening, dtype=torch.bool, device=device),
+                             (text[:, None] == text[None, :]) & (offset[:, None] >= offset[None, :])], dim=1)
+        mask = torch.zeros(visible.shape, dtype=inputs.dtype, device=device).masked_fill(
+            ~visible, torch.finfo(inputs.dtype).min)
+        cache = DynamicCache(list(cached), config=decoder.config)
+        hidden = decoder(inputs_embeds=inputs, attention_mask=mask[None, None], position_ids=(opening + offset)[None],
+                         use_cache=True, **{cache_keyword(decoder): cache}).last_hidden_state[0]
+        # a text's first token is predicted by the opening's last position, each later one by the position before
+        # it (the head over the vocabulary, the big part, runs only there)
+        picked = first[ids].clone()
+        later = torch.nonzero(offset > 0).squeeze(-1)
+        picked[later] = self._log_probs(hidden[later - 1]).gather(-1, ids[later, None]).squeeze(-1)
+        return torch.zeros(len(own), device=device).index_add_(0, text, picked).tolist()
 
 
 def cache_keyword(decoder) -> str:

@@ -89,7 +89,7 @@ def test_a_sampled_context_is_distinct_training_texts_under_a_heading():
 
 def test_scores_are_the_backbones_log_likelihoods_batched_or_alone(reading):
     model, tokenizer = reading
-    scorer = UserTextScorer(model, tokenizer, batch_size=3)  # two batches, right-padded
+    scorer = UserTextScorer(model, tokenizer, batch_size=2)  # two packs
     scores = scorer(TEXTS)
     expected = [plain_log_likelihood(model, tokenizer, text) if text else 0.0 for text in TEXTS]
     assert scores == pytest.approx(expected, abs=1e-4)
@@ -104,9 +104,9 @@ def test_the_opening_runs_once_a_call_and_each_batch_only_its_texts(reading, mon
     forward = decoder.forward
     monkeypatch.setattr(decoder, "forward", lambda **kwargs: lengths.append(kwargs["inputs_embeds"].shape[1])
                         or forward(**kwargs))
-    UserTextScorer(model, tokenizer, batch_size=2)(TEXTS + TEXTS[:2])  # a text twice is scored once
-    ordered = sorted(len(tokenizer(text, add_special_tokens=False).input_ids) for text in TEXTS)
-    assert lengths == [len(user_turn_prefix(tokenizer)), ordered[1], ordered[3]]  # batches of similar length
+    UserTextScorer(model, tokenizer, batch_size=2)(TEXTS + TEXTS[:2])  # a text twice is scored once, "" never
+    counts = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in TEXTS if text]
+    assert lengths == [len(user_turn_prefix(tokenizer)), counts[0] + counts[1], counts[2]]  # texts packed, no padding
 
 
 def test_repeated_texts_get_one_score_in_their_places(reading):
