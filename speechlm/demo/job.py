@@ -89,8 +89,9 @@ class JobSettings:
     keep_readings: bool = True
     # Training transcripts the backbone reads before each of Whisper's transcripts it ranks (the reader's
     # `reader_lm_context`, unless the recipe gives its own; 0: none): it prefers what this corpus says among
-    # what Whisper heard (held-out WER 3.62 -> 2.99% on np87's clips, ood 6.88 -> 7.43%, BENCHMARKS.md)
-    reader_context_sentences: int = 30
+    # what Whisper heard (held-out WER 3.62 -> 2.74% on np87's clips, ood 6.88 -> 7.37%, at the recipe's weight
+    # 0.7; 30 sentences 2.99-3.14%, BENCHMARKS.md)
+    reader_context_sentences: int = 100
     # False: no evaluation of the untrained model (the report's "before" is empty), for variants of a recipe
     # compared after training; their untrained models are the same backbone and encoder
     evaluate_untrained: bool = True

@@ -75,6 +75,20 @@ def test_scores_after_a_context_are_the_backbones_log_likelihoods_after_it(readi
     assert scores != pytest.approx(UserTextScorer(model, tokenizer)(TEXTS), abs=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_texts_score_as_each_alone_under_either_attention(reading, attention):
+    model, tokenizer = reading
+    context = "Things users have said:\nList three colors."
+    kept = model.text_model.config._attn_implementation
+    model.text_model.set_attn_implementation(attention)
+    try:  # one pack: each text sees the opening and its own tokens only, at its own positions
+        scores = UserTextScorer(model, tokenizer, context=context, batch_size=len(TEXTS))(TEXTS)
+    finally:
+        model.text_model.set_attn_implementation(kept)
+    expected = [plain_log_likelihood(model, tokenizer, text, context) if text else 0.0 for text in TEXTS]
+    assert scores == pytest.approx(expected, abs=1e-4)
+
+
 def test_a_sampled_context_is_distinct_training_texts_under_a_heading():
     texts = [f"Sentence number {i}." for i in range(50)] + ["Sentence number 3.", " ", ""]
     context = sample_context(texts, 10, seed=0)

@@ -197,7 +197,7 @@ def test_the_reader_ranks_in_a_context_of_training_transcripts_unless_the_recipe
     from speechlm.demo import job
 
     assets = stand_in_assets(tmp_path)
-    texts = [f"Training sentence {i}." for i in range(100)]
+    texts = [f"Training sentence {i}." for i in range(300)]
 
     def context(recipe=None, texts=texts, **settings) -> str | None:
         recipe = recipe or read_yaml(job.JobSettings().recipe)
@@ -206,7 +206,8 @@ def test_the_reader_ranks_in_a_context_of_training_transcripts_unless_the_recipe
 
     drawn = context()
     heading, *lines = drawn.split("\n")
-    assert heading == CONTEXT_HEADING and len(lines) == 30 and set(lines) <= set(texts)
+    assert heading == CONTEXT_HEADING and len(lines) == job.JobSettings().reader_context_sentences == 100
+    assert set(lines) <= set(texts)
     assert context(reader_context_sentences=5).count("\n") == 5
     assert context(reader_context_sentences=0) is None and context(texts=[]) is None
     assert context(overrides=["model.projector.reader_lm_context=Priya and Mei"]) == "Priya and Mei"
