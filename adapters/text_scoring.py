@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import DynamicCache
@@ -28,6 +28,9 @@ SENTINEL = "\u2063speechlm-user-text\u2063"  # stands for the message while the 
 
 
 CONTEXT_HEADING = "Things users have said:"  # what `sample_context` puts before its sentences
+# The attention implementations that read a 4D mask as given (flex as a bias on the scores): the texts are packed
+# under one. Flash attention takes padding only, so a backbone loaded with it scores in sdpa (`packable_attention`).
+PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 def user_turn_prefix(tokenizer, context: str | None = None) -> list[int]:
@@ -66,6 +69,21 @@ def base_weights(model):
     return language_model.disable_adapter() if hasattr(type(language_model), "disable_adapter") else nullcontext()
 
 
+@contextmanager
+def packable_attention(text_model):
+    """Where ``text_model`` attends with an implementation that reads `UserTextScorer`'s block mask: its own if
+    it is one of `PACKABLE_ATTENTION`, else sdpa until the block ends."""
+    kept = text_model.config._attn_implementation
+    if kept in PACKABLE_ATTENTION:
+        yield
+        return
+    text_model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        text_model.set_attn_implementation(kept)
+
+
 class UserTextScorer:
     """texts -> each one's summed log-probability under ``model``'s backbone, as a user's message (after
     ``context`` as the system turn, if given)."""
@@ -88,7 +106,7 @@ class UserTextScorer:
         tokens = self.tokenizer(distinct, add_special_tokens=False).input_ids
         scores = {text: 0.0 for text, ids in zip(distinct, tokens, strict=True) if not ids}
         scored = [index for index, ids in enumerate(tokens) if ids]
-        with base_weights(self.model):
+        with base_weights(self.model), packable_attention(self.model.text_model):
             prefix = self._prefix() if scored else None
             for start in range(0, len(scored), self.batch_size):
                 batch = scored[start: start + self.batch_size]
@@ -138,7 +156,7 @@ class UserTextScorer:
                          use_cache=True, **{cache_keyword(decoder): cache}).last_hidden_state[0]
         # a text's first token is predicted by the opening's last position, each later one by the position before
         # it (the head over the vocabulary, the big part, runs only there)
-        picked = first[ids].clone()
+        picked = first[ids]
         later = torch.nonzero(offset > 0).squeeze(-1)
         picked[later] = self._log_probs(hidden[later - 1]).gather(-1, ids[later, None]).squeeze(-1)
         return torch.zeros(len(own), device=device).index_add_(0, text, picked).tolist()

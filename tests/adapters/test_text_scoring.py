@@ -89,6 +89,33 @@ def test_packed_texts_score_as_each_alone_under_either_attention(reading, attent
     assert scores == pytest.approx(expected, abs=1e-4)
 
 
+def test_a_backbone_whose_attention_takes_padding_only_scores_in_sdpa(reading):
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    model, tokenizer = reading
+    calls = []
+
+    def padding_only(module, query, key, value, attention_mask, **kwargs):  # as flash attention: no block mask
+        calls.append(attention_mask)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("padding_only", padding_only)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("padding_only", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    kept = model.text_model.config._attn_implementation
+    model.text_model.set_attn_implementation("padding_only")
+    try:
+        scores = UserTextScorer(model, tokenizer, batch_size=len(TEXTS))(TEXTS)
+        assert not calls and model.text_model.config._attn_implementation == "padding_only"  # sdpa, then back
+        plain_log_likelihood(model, tokenizer, TEXTS[0])
+        assert calls  # the backbone's own attention otherwise
+    finally:
+        model.text_model.set_attn_implementation(kept)
+    assert scores == pytest.approx([plain_log_likelihood(model, tokenizer, text) if text else 0.0 for text in TEXTS],
+                                   abs=1e-4)
+
+
 def test_a_sampled_context_is_distinct_training_texts_under_a_heading():
     texts = [f"Sentence number {i}." for i in range(50)] + ["Sentence number 3.", " ", ""]
     context = sample_context(texts, 10, seed=0)
