@@ -91,6 +91,15 @@ class UserTextScorer:
     def __init__(self, model, tokenizer, *, context: str | None = None, batch_size: int = 16):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.prefix = user_turn_prefix(tokenizer, context)
+        self.positions = getattr(model.text_model.config, "max_position_embeddings", None)
+        self._check_fits(0)
+
+    def _check_fits(self, longest: int) -> None:
+        # past its positions a backbone's scores are noise (rotary embeddings it never trained on), not an error
+        if self.positions is not None and len(self.prefix) + longest > self.positions:
+            raise ValueError(f"the backbone reads at most {self.positions} positions: the ranking's opening "
+                             f"({len(self.prefix)} tokens, `reader_lm_context` in it) and a transcript of {longest} "
+                             "tokens do not fit; give a shorter reader_lm_context")
 
     def weights(self) -> list[torch.Tensor]:
         """The tensors a score depends on: the backbone's, its LoRA factors left out."""
@@ -106,6 +115,7 @@ class UserTextScorer:
         tokens = self.tokenizer(distinct, add_special_tokens=False).input_ids
         scores = {text: 0.0 for text, ids in zip(distinct, tokens, strict=True) if not ids}
         scored = [index for index, ids in enumerate(tokens) if ids]
+        self._check_fits(max(map(len, tokens)))
         with base_weights(self.model), packable_attention(self.model.text_model):
             prefix = self._prefix() if scored else None
             for start in range(0, len(scored), self.batch_size):

@@ -116,6 +116,20 @@ def test_a_backbone_whose_attention_takes_padding_only_scores_in_sdpa(reading):
                                    abs=1e-4)
 
 
+def test_a_context_past_the_backbones_positions_is_refused_by_name(reading):
+    model, tokenizer = reading
+    positions = model.text_model.config.max_position_embeddings
+    with pytest.raises(ValueError, match="reader_lm_context"):
+        UserTextScorer(model, tokenizer, context="word " * positions)
+    fits = len(user_turn_prefix(tokenizer)) + max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in TEXTS)
+    scorer = UserTextScorer(model, tokenizer)
+    scorer.positions = fits  # the longest text ends on the last position
+    assert scorer(TEXTS)
+    scorer.positions = fits - 1
+    with pytest.raises(ValueError, match=f"at most {fits - 1} positions"):
+        scorer(TEXTS)
+
+
 def test_a_sampled_context_is_distinct_training_texts_under_a_heading():
     texts = [f"Sentence number {i}." for i in range(50)] + ["Sentence number 3.", " ", ""]
     context = sample_context(texts, 10, seed=0)
