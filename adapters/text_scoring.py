@@ -31,6 +31,7 @@ CONTEXT_HEADING = "Things users have said:"  # what `sample_context` puts before
 # The attention implementations that read a 4D mask as given (flex as a bias on the scores): the texts are packed
 # under one. Flash attention takes padding only, so a backbone loaded with it scores in sdpa (`packable_attention`).
 PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
+MIN_TRANSCRIPT_TOKENS = 32  # what the opening must leave for a transcript, checked when a scorer is built
 
 
 def user_turn_prefix(tokenizer, context: str | None = None) -> list[int]:
@@ -72,16 +73,25 @@ def base_weights(model):
 @contextmanager
 def packable_attention(text_model):
     """Where ``text_model`` attends with an implementation that reads `UserTextScorer`'s block mask: its own if
-    it is one of `PACKABLE_ATTENTION`, else sdpa until the block ends."""
+    it is one of `PACKABLE_ATTENTION`, else sdpa (eager where sdpa cannot be set) until the block ends. The
+    setting is the backbone's, read by every forward: the model's calls are one at a time (a pipeline's lock)."""
     kept = text_model.config._attn_implementation
     if kept in PACKABLE_ATTENTION:
         yield
         return
-    text_model.set_attn_implementation("sdpa")
+    for packable in ("sdpa", "eager"):
+        try:
+            text_model.set_attn_implementation(packable)
+        except (ValueError, ImportError):
+            continue
+        if text_model.config._attn_implementation == packable:  # refused with a warning only, otherwise
+            break
+    else:
+        raise RuntimeError(f"scoring texts packed needs sdpa or eager attention; the backbone ({kept}) takes neither")
     try:
         yield
-    finally:
-        text_model.set_attn_implementation(kept)
+    finally:  # `kept` was set before: a kernel from outside kernels-community needs leave again
+        text_model.set_attn_implementation(kept, allow_all_kernels=True)
 
 
 class UserTextScorer:
@@ -92,14 +102,17 @@ class UserTextScorer:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.prefix = user_turn_prefix(tokenizer, context)
         self.positions = getattr(model.text_model.config, "max_position_embeddings", None)
-        self._check_fits(0)
+        self._check_fits(MIN_TRANSCRIPT_TOKENS)
 
     def _check_fits(self, longest: int) -> None:
         # past its positions a backbone's scores are noise (rotary embeddings it never trained on), not an error
-        if self.positions is not None and len(self.prefix) + longest > self.positions:
-            raise ValueError(f"the backbone reads at most {self.positions} positions: the ranking's opening "
-                             f"({len(self.prefix)} tokens, `reader_lm_context` in it) and a transcript of {longest} "
-                             "tokens do not fit; give a shorter reader_lm_context")
+        if self.positions is None or len(self.prefix) + longest <= self.positions:
+            return
+        opening = (f"the ranking's opening ({len(self.prefix)} tokens, most of them reader_lm_context: give a "
+                   "shorter one)" if len(self.prefix) > self.positions // 2 else
+                   f"the ranking's opening ({len(self.prefix)} tokens)")
+        raise ValueError(f"the backbone reads at most {self.positions} positions: {opening} and a transcript of "
+                         f"{longest} tokens do not fit")
 
     def weights(self) -> list[torch.Tensor]:
         """The tensors a score depends on: the backbone's, its LoRA factors left out."""
@@ -147,12 +160,15 @@ class UserTextScorer:
         The texts are packed into one row, each attending to the opening and to its own earlier tokens (a block
         causal mask) at the positions it would have alone: the opening's keys and values are held once. Batched
         rows would each attend to a copy of them (the cache concatenates them with each row's own, in every
-        layer), which made a long context cost 4x its short one."""
+        layer), which made a long context cost 4x its short one. A pack is what each text alone would be for a
+        backbone that attends in full (the Llama family); the block mask takes the place of a sliding window
+        (Mistral's: a difference only past it), and longrope (Phi-3) picks its frequencies by a pack's furthest
+        position (past its original length only)."""
         embeddings = self.model.get_input_embeddings()
         decoder = self.model.get_decoder()
         device = embeddings.weight.device
         lengths = torch.tensor([len(tokens) for tokens in own], device=device)
-        ids = torch.tensor([token for tokens in own for token in tokens], device=device)
+        ids = torch.tensor([token for tokens in own for token in tokens], dtype=torch.long, device=device)
         text = torch.repeat_interleave(torch.arange(len(own), device=device), lengths)  # which text a position is
         offset = torch.arange(len(ids), device=device) - (torch.cumsum(lengths, 0) - lengths)[text]  # within it
         inputs = embeddings(ids[None])

@@ -13,7 +13,7 @@ On a job's trained model and evaluation sets (``OUT/model``, ``OUT/eval-data``),
   opening), with the opening run once a call (`UserTextScorer`), then with the cross-attention's keys once
   a clip (`beams_attend_together`); seconds, the reader's WER, transcripts as the first row's;
 - **scoring** (the same reading): the backbone scoring every finished transcript of the beam in the beam's
-  order, against each distinct transcript once, in batches of similar length (`UserTextScorer`: the library now);
+  order, against each distinct transcript once, packed (`UserTextScorer`: the library now);
 - **batching** (``speechlm eval``'s ASR and TTS tasks): items in the manifest's order against batched by
   length (`batch_order`), seconds and the task's figures;
 - **the LM's dtype** (every evaluation set of the job, with the job's settings): the language model's weights
@@ -49,7 +49,7 @@ from whisper.decoding import DecodingTask, PyTorchInference
 
 from speechlm.adapters import readers
 from speechlm.adapters.reading_cache import ReadingCache
-from speechlm.adapters.text_scoring import UserTextScorer, base_weights
+from speechlm.adapters.text_scoring import UserTextScorer, base_weights, packable_attention
 from speechlm.demo.job import JobSettings, load_trained
 from speechlm.evaluation import (
     BATCH_LENGTH_FIELDS,
@@ -153,12 +153,15 @@ class EveryTextInTurn(UserTextScorer):
 
     @torch.no_grad()
     def __call__(self, texts):
-        scores = []
-        with base_weights(self.model):
+        tokens = [self.tokenizer(text.strip(), add_special_tokens=False).input_ids for text in texts]
+        scores = [0.0] * len(texts)  # an empty text scores 0, as in the library
+        scored = [index for index, ids in enumerate(tokens) if ids]
+        with base_weights(self.model), packable_attention(self.model.text_model):
             prefix = self._prefix()
-            for start in range(0, len(texts), self.batch_size):
-                scores += self._scores([self.tokenizer(text.strip(), add_special_tokens=False).input_ids
-                                        for text in texts[start: start + self.batch_size]], *prefix)
+            for start in range(0, len(scored), self.batch_size):
+                batch = scored[start: start + self.batch_size]
+                for index, score in zip(batch, self._scores([tokens[index] for index in batch], *prefix), strict=True):
+                    scores[index] = score
         return scores
 
 
@@ -177,7 +180,7 @@ def scoring_rows(model, processor, items, batch_size: int) -> list[dict]:
         return compare_readings(model, processor, items, batch_size, [
             ("before: every transcript of the beam scored, in the beam's order",
              functools.partial(scorer_in_place, model.audio_reader, before)),
-            ("each distinct transcript scored once, in batches by length (the library now)", nullcontext)])
+            ("each distinct transcript scored once, packed (the library now)", nullcontext)])
 
 
 def read_split(model, processor, items, batch_size: int) -> tuple[float, list[str]]:

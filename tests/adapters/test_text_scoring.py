@@ -110,6 +110,11 @@ def test_a_backbone_whose_attention_takes_padding_only_scores_in_sdpa(reading):
         assert not calls and model.text_model.config._attn_implementation == "padding_only"  # sdpa, then back
         plain_log_likelihood(model, tokenizer, TEXTS[0])
         assert calls  # the backbone's own attention otherwise
+        failing = UserTextScorer(model, tokenizer)
+        failing._scores = lambda *args: 1 / 0
+        with pytest.raises(ZeroDivisionError):
+            failing(TEXTS)
+        assert model.text_model.config._attn_implementation == "padding_only"  # given back on an error too
     finally:
         model.text_model.set_attn_implementation(kept)
     assert scores == pytest.approx([plain_log_likelihood(model, tokenizer, text) if text else 0.0 for text in TEXTS],
