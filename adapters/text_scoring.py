@@ -6,7 +6,7 @@ hours of one voice cannot teach it. A text is scored after the chat template's o
 default system turn included: the backbone was tuned to see it), under the base weights (LoRA switched
 off), over the text vocabulary. The opening is the same for every text (SmolLM2's is 24 tokens, longer than most
 transcripts), so it runs once a call and its keys and values are shared by every text: the texts are packed into
-one row that attends to a single copy of them.
+one row, a tree of their tokens (each distinct beginning once), that attends to a single copy of them.
 
 A context (`projector_config.reader_lm_context`) takes the system turn's place: text of the domain the clips come
 from (sentences its users say, its names), so that the backbone prefers the transcripts of that domain among those
@@ -157,35 +157,58 @@ class UserTextScorer:
                 first: torch.Tensor) -> list[float]:
         """Each text's (token ids', none empty) summed log-probability after the cached opening.
 
-        The texts are packed into one row, each attending to the opening and to its own earlier tokens (a block
-        causal mask) at the positions it would have alone: the opening's keys and values are held once. Batched
-        rows would each attend to a copy of them (the cache concatenates them with each row's own, in every
-        layer), which made a long context cost 4x its short one. A pack is what each text alone would be for a
-        backbone that attends in full (the Llama family); the block mask takes the place of a sliding window
+        The texts are packed into one row as a token tree: each distinct beginning once (a beam's transcripts
+        grew from common beginnings: half the tokens of a clip's ten), each token attending to the opening and its
+        own ancestors (tree attention) at the position it has in its texts. The opening's keys and values are held
+        once: batched rows would each attend to a copy of them (the cache concatenates them with each row's own,
+        in every layer), which made a long context cost 4x its short one. A pack is what each text alone would be
+        for a backbone that attends in full (the Llama family); the mask takes the place of a sliding window
         (Mistral's: a difference only past it), and longrope (Phi-3) picks its frequencies by a pack's furthest
         position (past its original length only)."""
         embeddings = self.model.get_input_embeddings()
         decoder = self.model.get_decoder()
         device = embeddings.weight.device
-        lengths = torch.tensor([len(tokens) for tokens in own], device=device)
-        ids = torch.tensor([token for tokens in own for token in tokens], dtype=torch.long, device=device)
-        text = torch.repeat_interleave(torch.arange(len(own), device=device), lengths)  # which text a position is
-        offset = torch.arange(len(ids), device=device) - (torch.cumsum(lengths, 0) - lengths)[text]  # within it
+        node_of: dict[tuple[int, int], int] = {}  # (parent node or -1, token) -> node
+        parents, tokens, paths = [], [], []
+        for text in own:
+            node, path = -1, []
+            for token in text:
+                if (node, token) not in node_of:
+                    node_of[node, token] = len(tokens)
+                    parents.append(node)
+                    tokens.append(token)
+                node = node_of[node, token]
+                path.append(node)
+            paths.append(path)
+        ancestry = torch.zeros(len(tokens), len(tokens), dtype=torch.bool)  # a node sees itself and its ancestors
+        depth = [0] * len(tokens)
+        for node, parent in enumerate(parents):  # parents come before their children
+            if parent >= 0:
+                ancestry[node] = ancestry[parent]
+                depth[node] = depth[parent] + 1
+            ancestry[node, node] = True
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)
         inputs = embeddings(ids[None])
         opening = len(self.prefix)
-        visible = torch.cat([torch.ones(len(ids), opening, dtype=torch.bool, device=device),
-                             (text[:, None] == text[None, :]) & (offset[:, None] >= offset[None, :])], dim=1)
+        visible = torch.cat([torch.ones(len(tokens), opening, dtype=torch.bool), ancestry], dim=1).to(device)
         mask = torch.zeros(visible.shape, dtype=inputs.dtype, device=device).masked_fill(
             ~visible, torch.finfo(inputs.dtype).min)
+        positions = opening + torch.tensor(depth, device=device)
         cache = DynamicCache(list(cached), config=decoder.config)
-        hidden = decoder(inputs_embeds=inputs, attention_mask=mask[None, None], position_ids=(opening + offset)[None],
+        hidden = decoder(inputs_embeds=inputs, attention_mask=mask[None, None], position_ids=positions[None],
                          use_cache=True, **{cache_keyword(decoder): cache}).last_hidden_state[0]
-        # a text's first token is predicted by the opening's last position, each later one by the position before
-        # it (the head over the vocabulary, the big part, runs only there)
+        # a text's first token is predicted by the opening's last position, each later one by its parent's (the
+        # head over the vocabulary, the big part, runs once a parent)
         picked = first[ids]
-        later = torch.nonzero(offset > 0).squeeze(-1)
-        picked[later] = self._log_probs(hidden[later - 1]).gather(-1, ids[later, None]).squeeze(-1)
-        return torch.zeros(len(own), device=device).index_add_(0, text, picked).tolist()
+        parent = torch.tensor(parents, device=device)
+        later = torch.nonzero(parent >= 0).squeeze(-1)
+        if len(later):
+            predictors, row = torch.unique(parent[later], return_inverse=True)
+            picked[later] = self._log_probs(hidden[predictors])[row, ids[later]]
+        text = torch.repeat_interleave(torch.arange(len(own), device=device),
+                                       torch.tensor([len(path) for path in paths], device=device))
+        path_nodes = torch.tensor([node for path in paths for node in path], dtype=torch.long, device=device)
+        return torch.zeros(len(own), device=device).index_add_(0, text, picked[path_nodes]).tolist()
 
 
 def cache_keyword(decoder) -> str:
