@@ -125,17 +125,25 @@ class UserTextScorer:
         # A beam's finished transcripts can repeat one text (the same words from other Whisper tokens): each
         # distinct text is scored once.
         distinct = list(dict.fromkeys(text.strip() for text in texts))
-        tokens = self.tokenizer(distinct, add_special_tokens=False).input_ids
-        scores = {text: 0.0 for text, ids in zip(distinct, tokens, strict=True) if not ids}
+        scores = dict(zip(distinct, self.score_token_ids(self.tokenizer(distinct, add_special_tokens=False).input_ids),
+                          strict=True))
+        return [scores[text.strip()] for text in texts]
+
+    @torch.no_grad()
+    def score_token_ids(self, tokens: Sequence[list[int]]) -> list[float]:
+        """Each text's (token ids') summed log-probability, 0 for an empty one, `batch_size` texts a pack."""
+        scores = [0.0] * len(tokens)
         scored = [index for index, ids in enumerate(tokens) if ids]
-        self._check_fits(max(map(len, tokens)))
+        if not scored:
+            return scores
+        self._check_fits(max(len(tokens[index]) for index in scored))
         with base_weights(self.model), packable_attention(self.model.text_model):
-            prefix = self._prefix() if scored else None
+            prefix = self._prefix()
             for start in range(0, len(scored), self.batch_size):
                 batch = scored[start: start + self.batch_size]
                 for index, score in zip(batch, self._scores([tokens[index] for index in batch], *prefix), strict=True):
-                    scores[distinct[index]] = score
-        return [scores[text.strip()] for text in texts]
+                    scores[index] = score
+        return scores
 
     def _prefix(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """The user turn's opening through the backbone: each layer's keys and values, and the log-probabilities

@@ -49,7 +49,7 @@ from whisper.decoding import DecodingTask, PyTorchInference
 
 from speechlm.adapters import readers
 from speechlm.adapters.reading_cache import ReadingCache
-from speechlm.adapters.text_scoring import UserTextScorer, base_weights, packable_attention
+from speechlm.adapters.text_scoring import UserTextScorer, base_weights
 from speechlm.demo.job import JobSettings, load_trained
 from speechlm.evaluation import (
     BATCH_LENGTH_FIELDS,
@@ -151,18 +151,8 @@ def ranked_reading_rows(model, processor, items, batch_size: int) -> list[dict]:
 class EveryTextInTurn(UserTextScorer):
     """The scorer before this round: every text the beam hands it, in the beam's order."""
 
-    @torch.no_grad()
     def __call__(self, texts):
-        tokens = [self.tokenizer(text.strip(), add_special_tokens=False).input_ids for text in texts]
-        scores = [0.0] * len(texts)  # an empty text scores 0, as in the library
-        scored = [index for index, ids in enumerate(tokens) if ids]
-        with base_weights(self.model), packable_attention(self.model.text_model):
-            prefix = self._prefix()
-            for start in range(0, len(scored), self.batch_size):
-                batch = scored[start: start + self.batch_size]
-                for index, score in zip(batch, self._scores([tokens[index] for index in batch], *prefix), strict=True):
-                    scores[index] = score
-        return scores
+        return self.score_token_ids([self.tokenizer(text.strip(), add_special_tokens=False).input_ids for text in texts])
 
 
 @contextmanager
