@@ -5,8 +5,9 @@ which of them is a likely thing for a user to say is knowledge the backbone was 
 hours of one voice cannot teach it. A text is scored after the chat template's opening of a user turn (its
 default system turn included: the backbone was tuned to see it), under the base weights (LoRA switched
 off), over the text vocabulary. The opening is the same for every text (SmolLM2's is 24 tokens, longer than most
-transcripts), so it runs once a call and its keys and values are shared by every text: the texts are packed into
-one row, a tree of their tokens (each distinct beginning once), that attends to a single copy of them.
+transcripts; with a context ~1,400), so it runs once while the backbone's weights stay as they are, and its keys and
+values are shared by every text: the texts are packed into one row, a tree of their tokens (each distinct beginning
+once), that attends to a single copy of them.
 
 A context (`projector_config.reader_lm_context`) takes the system turn's place: text of the domain the clips come
 from (sentences its users say, its names), so that the backbone prefers the transcripts of that domain among those
@@ -103,6 +104,7 @@ class UserTextScorer:
         self.prefix = user_turn_prefix(tokenizer, context)
         self.positions = getattr(model.text_model.config, "max_position_embeddings", None)
         self._check_fits(MIN_TRANSCRIPT_TOKENS)
+        self._opening: tuple[tuple, tuple] | None = None  # (the state it was run in, `_run_opening`'s result)
 
     def _check_fits(self, longest: int) -> None:
         # past its positions a backbone's scores are noise (rotary embeddings it never trained on), not an error
@@ -146,8 +148,21 @@ class UserTextScorer:
         return scores
 
     def _prefix(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """`_run_opening`, run again only when the backbone changed since: a weight trained or loaded in place
+        (torch's version counter), replaced or cast (its storage), or another attention or autocast. A reader calls
+        the scorer once a decoding batch, and a context's opening costs a pass over ~1,400 tokens (~4.5 s on 2
+        cores): more than the batch's transcripts."""
+        device = self.model.get_input_embeddings().weight.device
+        state = (self.model.text_model.config._attn_implementation, torch.is_autocast_enabled(device.type),
+                 torch.get_autocast_dtype(device.type),
+                 *((t.data_ptr(), t._version, t.dtype, t.device) for t in self.weights()))
+        if self._opening is None or self._opening[0] != state:
+            self._opening = (state, self._run_opening())
+        return self._opening[1]
+
+    def _run_opening(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """The user turn's opening through the backbone: each layer's keys and values, and the log-probabilities
-        of a text's first token. Run once a call: the backbone may have trained since the last one."""
+        of a text's first token."""
         embeddings = self.model.get_input_embeddings()
         decoder = self.model.get_decoder()
         ids = torch.tensor([self.prefix], device=embeddings.weight.device)

@@ -136,6 +136,31 @@ def test_a_context_past_the_backbones_positions_is_refused_by_name(reading):
         scorer(TEXTS)
 
 
+def test_the_opening_runs_again_only_when_the_backbone_changed(reading):
+    model, tokenizer = reading
+    context = "Things users have said:\nList three colors."
+    scorer = UserTextScorer(model, tokenizer, context=context, batch_size=2)
+    runs = []
+    run_opening = scorer._run_opening
+    scorer._run_opening = lambda: runs.append(1) or run_opening()
+    with torch.inference_mode():  # a response's reading keeps it, a training step's no-grad scoring reuses it
+        first = scorer(TEXTS)
+    assert scorer(TEXTS) == pytest.approx(first, abs=1e-6) and len(runs) == 1
+    weight = model.text_model.get_input_embeddings().weight
+    kept = weight.detach().clone()
+    try:
+        with torch.no_grad():  # trained in place, as an optimizer step does
+            weight.mul_(1.5)
+        trained = scorer(TEXTS)
+        assert len(runs) == 2
+        expected = [plain_log_likelihood(model, tokenizer, text, context) if text else 0.0 for text in TEXTS]
+        assert trained == pytest.approx(expected, abs=1e-4) and trained != pytest.approx(first, abs=1e-3)
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+    assert scorer(TEXTS) == pytest.approx(first, abs=1e-4) and len(runs) == 3
+
+
 def test_a_sampled_context_is_distinct_training_texts_under_a_heading():
     texts = [f"Sentence number {i}." for i in range(50)] + ["Sentence number 3.", " ", ""]
     context = sample_context(texts, 10, seed=0)
@@ -158,18 +183,22 @@ def test_scores_are_the_backbones_log_likelihoods_batched_or_alone(reading):
     assert all(score < 0 for score, text in zip(scores, TEXTS, strict=True) if text)
 
 
-def test_the_opening_runs_once_a_call_and_each_batch_only_its_texts(reading, monkeypatch):
+def test_the_opening_runs_once_and_each_batch_only_its_texts(reading, monkeypatch):
     model, tokenizer = reading
     decoder = model.get_decoder()
     lengths = []
     forward = decoder.forward
     monkeypatch.setattr(decoder, "forward", lambda **kwargs: lengths.append(kwargs["inputs_embeds"].shape[1])
                         or forward(**kwargs))
-    UserTextScorer(model, tokenizer, batch_size=2)(TEXTS + TEXTS[:2])  # a text twice is scored once, "" never
+    scorer = UserTextScorer(model, tokenizer, batch_size=2)
+    scorer(TEXTS + TEXTS[:2])  # a text twice is scored once, "" never
     ids = [tokenizer(text, add_special_tokens=False).input_ids for text in TEXTS if text]
     shared = next(k for k in range(len(ids[0])) if ids[0][k] != ids[1][k])  # "feed the ca..." once in their pack
     assert shared > 0
-    assert lengths == [len(user_turn_prefix(tokenizer)), len(ids[0]) + len(ids[1]) - shared, len(ids[2])]
+    packs = [len(ids[0]) + len(ids[1]) - shared, len(ids[2])]
+    assert lengths == [len(user_turn_prefix(tokenizer)), *packs]
+    scorer(TEXTS)  # the next call (a reader's next batch) reuses the opening
+    assert lengths == [len(user_turn_prefix(tokenizer)), *packs, *packs]
 
 
 def test_repeated_texts_get_one_score_in_their_places(reading):
