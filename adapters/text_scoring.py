@@ -97,9 +97,11 @@ def packable_attention(text_model):
 
 class UserTextScorer:
     """texts -> each one's summed log-probability under ``model``'s backbone, as a user's message (after
-    ``context`` as the system turn, if given)."""
+    ``context`` as the system turn, if given). ``batch_size`` texts a pack: 64 scored a reader's beams after a
+    1,400-token context in 0.64x the time of 16 (each pack attends to the whole opening in every layer, and a
+    clip's ten transcripts are split less), with ~300 positions a pack."""
 
-    def __init__(self, model, tokenizer, *, context: str | None = None, batch_size: int = 16):
+    def __init__(self, model, tokenizer, *, context: str | None = None, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.prefix = user_turn_prefix(tokenizer, context)
         self.positions = getattr(model.text_model.config, "max_position_embeddings", None)
