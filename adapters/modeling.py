@@ -313,20 +313,34 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         if missing:
             lengths = mel_lengths[missing]
             windows = lengths if reader is None else reader.windows(lengths)
-            padded = (input_features[missing] if reader is None
-                      else reader.pad_with_silence(input_features[missing], lengths, windows))
-            with (torch.no_grad() if cacheable else nullcontext()), torch.autocast(padded.device.type, enabled=False):
-                with encoder_precision(self.config.audio_encoder_dtype, padded.device.type):
-                    frames = self.audio_tower(self._audio_input(padded), windows)
-                frames = frames.to(self.audio_tower.conv1.weight.dtype)  # the weights' dtype, as without autocast
-                # the transcript too, in float32: under training's bf16 autocast it could differ from inference's
-                token_ids = [[] for _ in missing] if reader is None else reader.token_ids(
-                    reader.transcribe(frames.detach(), windows), lengths)
-            for row, clip in enumerate(missing):
-                results[clip] = (frames[row, : int(encoder_frames(lengths[row]))], token_ids[row])
-                if cacheable:
-                    self.reading_cache.put(fingerprint, keys[clip], results[clip])
+            # A reader's clips are encoded a window at a time, as its decoder reads them: nothing padded to mask (a
+            # batch of clips of similar lengths spans a few windows). Without one each clip is its own length.
+            groups = ([torch.arange(len(missing))] if reader is None
+                      else [(windows == window).nonzero().squeeze(-1) for window in torch.unique(windows)])
+            with (torch.no_grad() if cacheable else nullcontext()):
+                for group in groups:
+                    clips = [missing[row] for row in group.tolist()]
+                    frames, token_ids = self._encode_clips(input_features[clips], lengths[group], windows[group])
+                    for row, clip in enumerate(clips):
+                        results[clip] = (frames[row, : int(encoder_frames(lengths[group][row]))], token_ids[row])
+                        if cacheable:
+                            self.reading_cache.put(fingerprint, keys[clip], results[clip])
         return [frames for frames, _ in results], [ids for _, ids in results]
+
+    def _encode_clips(self, input_features: torch.Tensor, lengths: torch.Tensor,
+                      windows: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+        """`_encode_and_read`'s work for clips not read before: ``N, T', C`` encoder frames (each clip heard in its
+        window: with a reader, followed by silence) and each clip's transcript (``[]`` without a reader)."""
+        reader = self.audio_reader
+        padded = input_features if reader is None else reader.pad_with_silence(input_features, lengths, windows)
+        with torch.autocast(padded.device.type, enabled=False):
+            with encoder_precision(self.config.audio_encoder_dtype, padded.device.type):
+                frames = self.audio_tower(self._audio_input(padded), windows)
+            frames = frames.to(self.audio_tower.conv1.weight.dtype)  # the weights' dtype, as without autocast
+            if reader is None:
+                return frames, [[] for _ in range(len(lengths))]
+            # the transcript too, in float32: under training's bf16 autocast it could differ from inference's
+            return frames, reader.token_ids(reader.transcribe(frames.detach(), windows), lengths)
 
     def merge_audio_embeddings(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor,
                                audio_embeds: torch.Tensor) -> torch.Tensor:
