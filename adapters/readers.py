@@ -32,7 +32,13 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from whisper.decoding import DecodingOptions, DecodingTask, MaximumLikelihoodRanker, PyTorchInference
+from whisper.decoding import (
+    BeamSearchDecoder,
+    DecodingOptions,
+    DecodingTask,
+    MaximumLikelihoodRanker,
+    PyTorchInference,
+)
 from whisper.model import ModelDimensions, MultiHeadAttention, TextDecoder, Whisper
 from whisper.tokenizer import get_tokenizer
 
@@ -89,9 +95,63 @@ class BatchDecodingTask(DecodingTask):
         # reads the start-of-transcript position (the no-speech probability) at index 0.
         sot_index, self.sot_index = self.sot_index, 0
         try:
+            if isinstance(self.decoder, BeamSearchDecoder):
+                return self._beam_loop(audio_features, tokens)
             return super()._main_loop(audio_features, tokens)
         finally:
             self.sot_index = sot_index
+
+    def _beam_loop(self, audio_features: torch.Tensor, tokens: torch.Tensor):
+        """openai-whisper's ``_main_loop`` for a beam, where a clip leaves the batch once its beam has finished
+        its candidates: openai-whisper decodes every clip's beams until the last clip's are done, a quarter of a
+        reading's rows after their clip's (the quick start's evaluation). Its rows, caches and frames are
+        dropped; its finished candidates stay with the decoder, which `finalize` reads (a clip's live rows only
+        matter while it has too few)."""
+        decoder, group = self.decoder, self.n_group
+        rows, length = tokens.shape
+        sum_logprobs = torch.zeros(rows, device=audio_features.device)
+        no_speech_probs = [float("nan")] * rows
+        decoder.finished_sequences = finished = [{} for _ in range(rows // group)]  # every clip's, in order
+        active = list(range(rows // group))  # the clips still in the batch, in order
+        try:
+            for step in range(self.sample_len):
+                logits = self.inference.logits(tokens, audio_features)
+                if step == 0 and self.tokenizer.no_speech is not None:  # before any clip leaves: every row
+                    no_speech_probs = logits[:, self.sot_index].float().softmax(dim=-1)[:, self.tokenizer.no_speech].tolist()
+                logits = logits[:, -1]
+                for logit_filter in self.logit_filters:
+                    logit_filter.apply(logits, tokens)
+                tokens, completed = decoder.update(tokens, logits, sum_logprobs)
+                length = tokens.shape[-1]
+                if completed or length > self.n_ctx:
+                    break
+                staying = [place for place, clip in enumerate(active) if len(finished[clip]) < decoder.max_candidates]
+                if len(staying) < len(active):
+                    kept_rows = [place * group + beam for place in staying for beam in range(group)]
+                    tokens, sum_logprobs, audio_features = tokens[kept_rows], sum_logprobs[kept_rows], audio_features[kept_rows]
+                    self._keep_in_caches(kept_rows, staying)
+                    active = [active[place] for place in staying]
+                    decoder.finished_sequences = [finished[clip] for clip in active]
+        finally:
+            self.inference.cleanup_caching()
+            decoder.finished_sequences = finished
+        # every clip's rows back in place for `run`; a clip that left has its candidates, so its rows are not read
+        all_tokens = torch.full((rows, length), self.tokenizer.eot, dtype=tokens.dtype, device=tokens.device)
+        all_logprobs = torch.zeros(rows, device=sum_logprobs.device)
+        active_rows = [clip * group + beam for clip in active for beam in range(group)]
+        all_tokens[active_rows], all_logprobs[active_rows] = tokens, sum_logprobs
+        return all_tokens, all_logprobs, no_speech_probs
+
+    def _keep_in_caches(self, kept_rows: list[int], kept_clips: list[int]) -> None:
+        """Drop the rows that left from the self-attention caches, and their clips from the cross-attention's
+        (one copy a clip: `SharedPromptInference`)."""
+        cache = self.inference.kv_cache
+        for module in self.inference.kv_modules:
+            cache[module] = cache[module][kept_rows]
+        for block in self.model.decoder.blocks:
+            for module in (block.cross_attn.key, block.cross_attn.value):
+                if module in cache:
+                    cache[module] = cache[module][kept_clips]
 
 
 class SharedPromptInference(PyTorchInference):

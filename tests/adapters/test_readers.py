@@ -124,6 +124,58 @@ def test_the_prompt_and_frames_read_once_a_clip_decode_as_openai_whisper(monkeyp
         assert ours.no_speech_prob == pytest.approx(theirs.no_speech_prob, abs=1e-6)
 
 
+class ScriptedInference:
+    """Whisper's decoder as a script: a clip's rows write three words (likeliest first) until the step its frames
+    hold (``features[clip, 0, 0]``), then the end of text; records how many rows each step decodes."""
+
+    def __init__(self, tokenizer, vocabulary: int, initial: int):
+        self.eot, self.vocabulary, self.initial = tokenizer.eot, vocabulary, initial
+        self.words = [tokenizer.encode(word)[0] for word in (" cat", " dog", " bird")]
+        self.kv_cache, self.kv_modules, self.rows = {}, [], []
+
+    def logits(self, tokens, audio_features):
+        self.rows.append(tokens.shape[0])
+        logits = torch.full((tokens.shape[0], 1, self.vocabulary), -10.0)
+        logits[:, 0, self.words] = torch.tensor([2.0, 1.0, 0.5])
+        ended = tokens.shape[1] - self.initial >= audio_features[:, 0, 0]
+        logits[ended, 0, self.eot] = 10.0
+        return logits
+
+    def rearrange_kv_cache(self, source_indices):
+        pass
+
+    def cleanup_caching(self):
+        pass
+
+
+def test_a_clip_whose_beam_is_done_leaves_the_batch_and_reads_as_in_openai_whispers_loop(reading, monkeypatch):
+    model, _ = reading
+    reader = model.audio_reader
+    frames = torch.zeros(3, 150, model.config.audio_config.n_audio_state)
+    frames[:, 0, 0] = torch.tensor([1.0, 3.0, 5.0])  # the steps each clip's words end at
+
+    def read(scripted_rows: list[int]):
+        with reader.beam(3):
+            task = reader.decoding_task(frames.shape[1])
+        task.inference = task.decoder.inference = ScriptedInference(task.tokenizer, model.config.audio_config.n_vocab,
+                                                                    len(task.initial_tokens))
+        results = task.run(frames)
+        scripted_rows += task.inference.rows
+        return results
+
+    leaving_rows, every_rows = [], []
+    leaving = read(leaving_rows)
+    monkeypatch.setattr(readers.BatchDecodingTask, "_beam_loop", DecodingTask._main_loop)  # every clip to the end
+    every = read(every_rows)
+    assert every_rows == [9] * len(every_rows) and leaving_rows[0] == 9 and leaving_rows[-1] == 3
+    assert sorted(leaving_rows, reverse=True) == leaving_rows and len(set(leaving_rows)) == 3  # 9, then 6, then 3
+    assert [len(result.tokens) for result in leaving] == [1, 3, 5]
+    for ours, theirs in zip(leaving, every, strict=True):
+        assert ours.tokens == theirs.tokens and ours.text == theirs.text
+        assert ours.avg_logprob == pytest.approx(theirs.avg_logprob, abs=1e-6)
+        assert ours.no_speech_prob == pytest.approx(theirs.no_speech_prob, abs=1e-6, nan_ok=True)
+
+
 def test_generate_batch_equals_one_at_a_time(reading):
     model, tokenizer = reading
     processor = build_processor(tokenizer, model.config)
