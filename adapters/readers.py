@@ -75,7 +75,7 @@ class BatchDecodingTask(DecodingTask):
     """openai-whisper's ``DecodingTask`` that also runs a beam over a batch of clips: it repeats each clip's
     tokens by the beam but not the clip's frames (one clip broadcasts, a batch fails), so the frames are
     repeated here; the language is detected once a clip. Its first step (the prompt) runs once a clip, not
-    once a beam (`SharedPromptInference`)."""
+    once a beam (`SharedPromptInference`), and a clip leaves the batch once its beam is done (`_beam_loop`)."""
 
     def _get_audio_features(self, mel: torch.Tensor) -> torch.Tensor:
         features = super()._get_audio_features(mel)
