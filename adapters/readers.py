@@ -125,11 +125,13 @@ class BatchDecodingTask(DecodingTask):
                 length = tokens.shape[-1]
                 if completed or length > self.n_ctx:
                     break
-                staying = [place for place, clip in enumerate(active) if len(finished[clip]) < decoder.max_candidates]
+                # `finalize` fills a clip's candidates up to the beam from its live rows (patience < 1): it stays till then
+                enough = max(decoder.max_candidates, decoder.beam_size)
+                staying = [place for place, clip in enumerate(active) if len(finished[clip]) < enough]
                 if len(staying) < len(active):
                     kept_rows = [place * group + beam for place in staying for beam in range(group)]
                     tokens, sum_logprobs, audio_features = tokens[kept_rows], sum_logprobs[kept_rows], audio_features[kept_rows]
-                    self._keep_in_caches(kept_rows, staying)
+                    self._keep_in_caches(kept_rows, staying, len(active))
                     active = [active[place] for place in staying]
                     decoder.finished_sequences = [finished[clip] for clip in active]
         finally:
@@ -142,16 +144,16 @@ class BatchDecodingTask(DecodingTask):
         all_tokens[active_rows], all_logprobs[active_rows] = tokens, sum_logprobs
         return all_tokens, all_logprobs, no_speech_probs
 
-    def _keep_in_caches(self, kept_rows: list[int], kept_clips: list[int]) -> None:
-        """Drop the rows that left from the self-attention caches, and their clips from the cross-attention's
-        (one copy a clip: `SharedPromptInference`)."""
+    def _keep_in_caches(self, kept_rows: list[int], kept_clips: list[int], clips: int) -> None:
+        """Drop the rows that left from the self-attention caches, and from the cross-attention's, which hold one
+        copy a clip (`SharedPromptInference`) or, as openai-whisper's own first step makes them, one a row."""
         cache = self.inference.kv_cache
         for module in self.inference.kv_modules:
             cache[module] = cache[module][kept_rows]
         for block in self.model.decoder.blocks:
             for module in (block.cross_attn.key, block.cross_attn.value):
                 if module in cache:
-                    cache[module] = cache[module][kept_clips]
+                    cache[module] = cache[module][kept_clips if cache[module].shape[0] == clips else kept_rows]
 
 
 class SharedPromptInference(PyTorchInference):

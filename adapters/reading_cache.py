@@ -48,6 +48,11 @@ class ReadingCache:
             self._fingerprints = {state: weights_digest(tensors, settings)}  # the weights of one moment are enough
         return self._fingerprints[state]
 
+    def weights_changed(self) -> None:
+        """Hash the weights again at the next `fingerprint`: for a change torch's version counter does not see (a
+        write through ``.data``, as peft's LoRA merge makes)."""
+        self._fingerprints = {}
+
     @staticmethod
     def clip_key(features: torch.Tensor) -> str:
         """``n_mels, T`` log-mel of one clip (its real frames) -> a key."""

@@ -33,6 +33,8 @@ CONTEXT_HEADING = "Things users have said:"  # what `sample_context` puts before
 # under one. Flash attention takes padding only, so a backbone loaded with it scores in sdpa (`packable_attention`).
 PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 MIN_TRANSCRIPT_TOKENS = 32  # what the opening must leave for a transcript, checked when a scorer is built
+PACK_TOKENS = 2048  # a pack's texts' tokens at most (its mask and attention grow with their square; a text over it alone)
+HEAD_ROWS = 256  # the head's log-probabilities over the vocabulary for this many positions at a time
 
 
 def user_turn_prefix(tokenizer, context: str | None = None) -> list[int]:
@@ -99,7 +101,8 @@ class UserTextScorer:
     """texts -> each one's summed log-probability under ``model``'s backbone, as a user's message (after
     ``context`` as the system turn, if given). ``batch_size`` texts a pack: 64 scored a reader's beams after a
     1,400-token context in 0.64x the time of 16 (each pack attends to the whole opening in every layer, and a
-    clip's ten transcripts are split less), with ~300 positions a pack."""
+    clip's ten transcripts are split less), with ~300 positions a pack; fewer where their tokens pass `PACK_TOKENS`
+    (long transcripts)."""
 
     def __init__(self, model, tokenizer, *, context: str | None = None, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -117,6 +120,11 @@ class UserTextScorer:
                    f"the ranking's opening ({len(self.prefix)} tokens)")
         raise ValueError(f"the backbone reads at most {self.positions} positions: {opening} and a transcript of "
                          f"{longest} tokens do not fit")
+
+    def weights_changed(self) -> None:
+        """Run the opening again at the next call: for a change of the weights torch's version counter does not see
+        (a write through ``.data``, as peft's LoRA merge makes)."""
+        self._opening = None
 
     def weights(self) -> list[torch.Tensor]:
         """The tensors a score depends on: the backbone's, its LoRA factors left out."""
@@ -143,11 +151,23 @@ class UserTextScorer:
         self._check_fits(max(len(tokens[index]) for index in scored))
         with base_weights(self.model), packable_attention(self.model.text_model):
             prefix = self._prefix()
-            for start in range(0, len(scored), self.batch_size):
-                batch = scored[start: start + self.batch_size]
+            for pack in self._packs([len(tokens[index]) for index in scored]):
+                batch = [scored[place] for place in pack]
                 for index, score in zip(batch, self._scores([tokens[index] for index in batch], *prefix), strict=True):
                     scores[index] = score
         return scores
+
+    def _packs(self, lengths: Sequence[int]) -> list[list[int]]:
+        """The texts of ``lengths`` tokens in packs, in order: `batch_size` texts a pack, or fewer where their tokens
+        would pass `PACK_TOKENS`."""
+        packs, pack, tokens = [], [], 0
+        for place, length in enumerate(lengths):
+            if pack and (len(pack) == self.batch_size or tokens + length > PACK_TOKENS):
+                packs.append(pack)
+                pack, tokens = [], 0
+            pack.append(place)
+            tokens += length
+        return [*packs, pack] if pack else packs
 
     def _prefix(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """`_run_opening`, run again only when the backbone changed since: a weight trained or loaded in place
@@ -229,7 +249,10 @@ class UserTextScorer:
         later = torch.nonzero(parent >= 0).squeeze(-1)
         if len(later):
             predictors, row = torch.unique(parent[later], return_inverse=True)
-            picked[later] = self._log_probs(hidden[predictors])[row, ids[later]]
+            for start in range(0, len(predictors), HEAD_ROWS):  # a pack's parents times the vocabulary, in parts
+                inside = (row >= start) & (row < start + HEAD_ROWS)
+                log_probs = self._log_probs(hidden[predictors[start: start + HEAD_ROWS]])
+                picked[later[inside]] = log_probs[row[inside] - start, ids[later[inside]]]
         text = torch.repeat_interleave(torch.arange(len(own), device=device),
                                        torch.tensor([len(path) for path in paths], device=device))
         path_nodes = torch.tensor([node for path in paths for node in path], dtype=torch.long, device=device)

@@ -148,7 +148,9 @@ class ScriptedInference:
         pass
 
 
-def test_a_clip_whose_beam_is_done_leaves_the_batch_and_reads_as_in_openai_whispers_loop(reading, monkeypatch):
+@pytest.mark.parametrize("patience", [1.0, 0.5, 2.0])  # below 1, `finalize` fills a clip's beam from its live rows
+def test_a_clip_whose_beam_is_done_leaves_the_batch_and_reads_as_in_openai_whispers_loop(reading, monkeypatch,
+                                                                                          patience):
     model, _ = reading
     reader = model.audio_reader
     frames = torch.zeros(3, 150, model.config.audio_config.n_audio_state)
@@ -157,6 +159,7 @@ def test_a_clip_whose_beam_is_done_leaves_the_batch_and_reads_as_in_openai_whisp
     def read(scripted_rows: list[int]):
         with reader.beam(3):
             task = reader.decoding_task(frames.shape[1])
+        task.decoder.max_candidates = round(3 * patience)
         task.inference = task.decoder.inference = ScriptedInference(task.tokenizer, model.config.audio_config.n_vocab,
                                                                     len(task.initial_tokens))
         results = task.run(frames)
@@ -167,13 +170,48 @@ def test_a_clip_whose_beam_is_done_leaves_the_batch_and_reads_as_in_openai_whisp
     leaving = read(leaving_rows)
     monkeypatch.setattr(readers.BatchDecodingTask, "_beam_loop", DecodingTask._main_loop)  # every clip to the end
     every = read(every_rows)
-    assert every_rows == [9] * len(every_rows) and leaving_rows[0] == 9 and leaving_rows[-1] == 3
-    assert sorted(leaving_rows, reverse=True) == leaving_rows and len(set(leaving_rows)) == 3  # 9, then 6, then 3
-    assert [len(result.tokens) for result in leaving] == [1, 3, 5]
+    assert every_rows == [9] * len(every_rows) and sorted(leaving_rows, reverse=True) == leaving_rows
+    if patience == 1.0:
+        assert leaving_rows[0] == 9 and leaving_rows[-1] == 3 and len(set(leaving_rows)) == 3  # 9, then 6, then 3
+        assert [len(result.tokens) for result in leaving] == [1, 3, 5]
+    if patience < 1:  # the beam's third candidate comes from a live row at the end: nobody leaves
+        assert leaving_rows == every_rows
     for ours, theirs in zip(leaving, every, strict=True):
         assert ours.tokens == theirs.tokens and ours.text == theirs.text
         assert ours.avg_logprob == pytest.approx(theirs.avg_logprob, abs=1e-6)
         assert ours.no_speech_prob == pytest.approx(theirs.no_speech_prob, abs=1e-6, nan_ok=True)
+
+
+def test_clips_that_leave_the_beam_take_their_cached_keys_with_them(reading, monkeypatch):
+    model, tokenizer = reading  # Whisper's own (tiny) decoder and caches, each clip told to end at its own step
+    inputs = audio_inputs(model, tokenizer, [90, 150, 120], seed=5)
+    reader, lengths = model.audio_reader, inputs["input_features_mask"].sum(-1)
+    windows = reader.windows(lengths)
+    with torch.no_grad():
+        frames = model.audio_tower(reader.pad_with_silence(inputs["input_features"], lengths, windows), windows)
+    ends = torch.tensor([1.0, 3.0, 5.0])
+    rows = []
+
+    class Ending(readers.SharedPromptInference):
+        def logits(self, tokens, audio_features):
+            logits = super().logits(tokens, audio_features).clone()
+            clips = (audio_features[:, :1] == frames[None, :, 0]).all(-1).float().argmax(-1)  # each row's clip
+            ended = tokens.shape[1] - self.initial_token_length >= ends[clips]
+            logits[ended, -1, task_eot] += 50.0
+            rows.append(tokens.shape[0])
+            return logits
+
+    monkeypatch.setattr(readers, "SharedPromptInference", Ending)
+    task_eot = reader.whisper_tokenizer.eot
+    with reader.beam(3):
+        leaving = reader.decoding_task(frames.shape[1]).run(frames)
+        monkeypatch.setattr(readers.BatchDecodingTask, "_beam_loop", DecodingTask._main_loop)
+        left_rows, rows = rows, []
+        every = reader.decoding_task(frames.shape[1]).run(frames)
+    assert left_rows[-1] < left_rows[0] == 9 and set(rows) == {9}
+    for ours, theirs in zip(leaving, every, strict=True):
+        assert ours.tokens == theirs.tokens
+        assert ours.avg_logprob == pytest.approx(theirs.avg_logprob, abs=1e-5)
 
 
 def test_generate_batch_equals_one_at_a_time(reading):

@@ -161,6 +161,39 @@ def test_the_opening_runs_again_only_when_the_backbone_changed(reading):
     assert scorer(TEXTS) == pytest.approx(first, abs=1e-4) and len(runs) == 3
 
 
+def test_packs_keep_within_their_tokens_and_the_head_runs_in_parts(reading, monkeypatch):
+    from speechlm.adapters import text_scoring
+
+    model, tokenizer = reading
+    scorer = UserTextScorer(model, tokenizer, batch_size=3)
+    monkeypatch.setattr(text_scoring, "PACK_TOKENS", 12)
+    assert scorer._packs([5, 5, 5, 20, 1, 1, 1, 1]) == [[0, 1], [2], [3], [4, 5, 6], [7]]  # 3 texts at most
+    monkeypatch.setattr(text_scoring, "HEAD_ROWS", 2)
+    texts = [*TEXTS, "feed the cat", "feed the cat at half past eight o'clock"]
+    expected = [plain_log_likelihood(model, tokenizer, text) if text else 0.0 for text in texts]
+    assert scorer(texts) == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_lora_merge_runs_the_opening_again():
+    from speechlm.adapters.modes import merge_lora
+
+    projector = dict(READER_PROJECTOR, reader_beam_size=3, reader_lm_weight=0.5)
+    model, tokenizer = build_speechlm(reader_spec(mode="lora", lora_scope="all", projector=projector))
+    model.eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    scorer = model.audio_reader.text_scorer
+    before = scorer(TEXTS)  # the base weights' opening, kept
+    readings = model.reading_cache.fingerprint(model.audio_tower, tensors=scorer.weights())  # and the readings' key
+    merged = merge_lora(model)  # peft writes the LoRA into the weights through .data: no version counter moves
+    after = merged.audio_reader.text_scorer(TEXTS)
+    expected = [plain_log_likelihood(merged, tokenizer, text) if text else 0.0 for text in TEXTS]
+    assert after == pytest.approx(expected, abs=1e-4) and after != pytest.approx(before, abs=1e-3)
+    assert merged.reading_cache.fingerprint(merged.audio_tower, tensors=scorer.weights()) != readings
+
+
 def test_a_sampled_context_is_distinct_training_texts_under_a_heading():
     texts = [f"Sentence number {i}." for i in range(50)] + ["Sentence number 3.", " ", ""]
     context = sample_context(texts, 10, seed=0)
