@@ -226,6 +226,13 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                              f"reader={self.config.projector_config.reader!r}")
         return self._encode_and_read(input_features, self._mel_lengths(input_features, input_features_mask))[1]
 
+    def weights_changed(self) -> None:
+        """What was computed from the weights (the readings' fingerprint, the ranking's opening) is computed again:
+        after a change torch's version counters do not see, a write through ``.data`` (peft's LoRA merge)."""
+        self.reading_cache.weights_changed()
+        if self.audio_reader is not None and self.audio_reader.text_scorer is not None:
+            self.audio_reader.text_scorer.weights_changed()
+
     @contextmanager
     def keeping_readings(self) -> Iterator[None]:
         """While inside, what the frozen encoder and reader make of each clip is kept (when the model keeps

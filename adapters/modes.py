@@ -101,12 +101,7 @@ def merge_lora(model: SpeechLMForCausalLM) -> SpeechLMForCausalLM:
             raise ValueError("cannot merge LoRA into a 4-bit backbone exactly: load the checkpoint with "
                              "mode='lora' (full-precision backbone) and merge that")
         model.language_model = model.language_model.merge_and_unload()
-        # peft merges through ``.data``, which torch's version counters do not see: what was computed from the
-        # backbone's base weights is computed again
-        model.reading_cache.weights_changed()
-        scorer = None if model.audio_reader is None else model.audio_reader.text_scorer
-        if scorer is not None:
-            scorer.weights_changed()
+        model.weights_changed()  # peft merges through ``.data``, which torch's version counters do not see
     model.config.mode = "frozen"
     model.config.text_model_name_or_path = None
     model.config.audio_model_name_or_path = None

@@ -113,6 +113,8 @@ class BatchDecodingTask(DecodingTask):
         no_speech_probs = [float("nan")] * rows
         decoder.finished_sequences = finished = [{} for _ in range(rows // group)]  # every clip's, in order
         active = list(range(rows // group))  # the clips still in the batch, in order
+        # `finalize` fills a clip's candidates up to the beam from its live rows (patience < 1): it stays till then
+        enough = max(decoder.max_candidates, decoder.beam_size)
         try:
             for step in range(self.sample_len):
                 logits = self.inference.logits(tokens, audio_features)
@@ -125,8 +127,6 @@ class BatchDecodingTask(DecodingTask):
                 length = tokens.shape[-1]
                 if completed or length > self.n_ctx:
                     break
-                # `finalize` fills a clip's candidates up to the beam from its live rows (patience < 1): it stays till then
-                enough = max(decoder.max_candidates, decoder.beam_size)
                 staying = [place for place, clip in enumerate(active) if len(finished[clip]) < enough]
                 if len(staying) < len(active):
                     kept_rows = [place * group + beam for place in staying for beam in range(group)]

@@ -43,7 +43,7 @@ class ReadingCache:
         decides a reading: a reader's silence or prompt); rehashed only when a tensor is replaced or
         modified (its storage or torch's version counter changes)."""
         tensors = [*(t for module in modules for t in (*module.parameters(), *module.buffers())), *tensors]
-        state = (repr(settings), *((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors))
+        state = (repr(settings), *tensors_state(tensors))
         if state not in self._fingerprints:
             self._fingerprints = {state: weights_digest(tensors, settings)}  # the weights of one moment are enough
         return self._fingerprints[state]
@@ -122,6 +122,12 @@ class ReadingCache:
     def clear(self) -> None:
         self._entries.clear()
         self.bytes = 0
+
+
+def tensors_state(tensors) -> tuple:
+    """What tells whether ``tensors`` changed without reading them: each one's storage, torch's version counter
+    (an in-place write moves it; a write through ``.data`` does not), dtype, shape and device."""
+    return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device) for t in tensors)
 
 
 def weights_digest(tensors, settings: tuple = ()) -> str:

@@ -25,6 +25,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from transformers import DynamicCache
 
+from speechlm.adapters.reading_cache import tensors_state
+
 SENTINEL = "\u2063speechlm-user-text\u2063"  # stands for the message while the template is rendered
 
 
@@ -177,7 +179,7 @@ class UserTextScorer:
         device = self.model.get_input_embeddings().weight.device
         state = (self.model.text_model.config._attn_implementation, torch.is_autocast_enabled(device.type),
                  torch.get_autocast_dtype(device.type),
-                 *((t.data_ptr(), t._version, t.dtype, t.device) for t in self.weights()))
+                 *tensors_state(self.weights()))
         if self._opening is None or self._opening[0] != state:
             self._opening = (state, self._run_opening())
         return self._opening[1]
