@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="clips of each held-out split the tts evaluation speaks")
     run.add_argument("--tts-train-clips", type=int, default=job.tts_train_clips,
                      help="training clips whose units are extracted for the tts task")
+    run.add_argument("--spoken-train-clips", type=int, default=job.spoken_train_clips,
+                     help="training clips Piper speaks (default: the recipe's data.num_samples; all with --train-codec)")
     run.add_argument("--no-untrained-eval", dest="evaluate_untrained", action="store_false",
                      help="skip the evaluation before training (variants of a recipe compared after training)")
     run.add_argument("--read-again", dest="keep_readings", action="store_false",
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                 curve_every_minutes=args.curve_every, curve_items=args.curve_items,
                                 tts_items=args.tts_items, tts_train_clips=args.tts_train_clips,
                                 evaluate_untrained=args.evaluate_untrained, keep_readings=args.keep_readings,
-                                train_codec=args.train_codec))
+                                train_codec=args.train_codec, spoken_train_clips=args.spoken_train_clips))
     except (DemoAssetError, ConfigFileError, PrepareError, ValueError, OSError) as error:
         if args.debug:
             raise

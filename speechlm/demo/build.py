@@ -61,10 +61,11 @@ class DemoAssets:
 
 
 def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | None = None, *, seed: int = 0,
-                      train_codec: bool = False, progress=print) -> DemoAssets:
+                      train_codec: bool = False, spoken_train: int | None = None, progress=print) -> DemoAssets:
     """Every asset of the corpus ``size`` in ``cache``. The codec is the one that ships with the package where its
     helpers heard this corpus's texts (the quick start's, `full`), else, or with ``train_codec``, trained here on
-    the corpus (25 minutes for `full`)."""
+    the corpus (25 minutes for `full`). ``spoken_train``: the training clips to speak (`build_corpus`; a job
+    speaks those its training can draw); a codec trained here hears them all."""
     root = cache_dir(cache)
     seconds: dict[str, float] = {}
 
@@ -85,20 +86,21 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
     if shipped := seed_text_cache(text_cache):  # the pinned backbone's texts: not written again on a new machine
         progress(f"[demo] {shipped} texts of the backbone's from the package ({text_cache})")
 
-    def corpus_stage(unspoken_splits: tuple[str, ...]) -> CorpusPaths:
+    def corpus_stage(unspoken_splits: tuple[str, ...], spoken_train: int | None) -> CorpusPaths:
         return build_corpus(root / f"corpus-{name}", backbone, voice, size=corpus_size(size), seed=seed,
-                            text_cache=text_cache, unspoken_splits=unspoken_splits, progress=progress)
+                            text_cache=text_cache, unspoken_splits=unspoken_splits, spoken_train=spoken_train,
+                            progress=progress)
 
     # the `decoder` split's clips only the speech decoder hears: spoken only where it trains here
-    corpus = step("corpus", lambda: corpus_stage(() if train_codec else ("decoder",)))
+    corpus = step("corpus", lambda: corpus_stage(*(((), None) if train_codec else (("decoder",), spoken_train))))
     decoder_manifests = speech_decoder_manifests(corpus.directory)
     if not train_codec and shipped_codec_fits(decoder_manifests):
         codec = step("codec (shipped)", lambda: install_shipped_codec(whisper, root))
     else:
         if not train_codec:
             progress(f"[demo] the shipped codec's helpers heard other texts than corpus-{name}'s: training its own")
-            if corpus.manifests["decoder"].stat().st_size:  # its texts were left unspoken above
-                corpus = step("corpus (the decoder's clips)", lambda: corpus_stage(()))
+            if corpus.manifests["decoder"].stat().st_size or spoken_train is not None:  # left unspoken above
+                corpus = step("corpus (the codec's clips)", lambda: corpus_stage((), None))
         codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed,
                                                   vocoder=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"]),
                                                   progress=progress))

@@ -18,6 +18,7 @@ the answer and vocabulary scoring `corpus_scoring`, the card `corpus_card`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -108,15 +109,20 @@ def corpus_size(size: str | CorpusSize) -> CorpusSize:
 
 def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice: Voice, *,
                  size: str | CorpusSize = "ci", seed: int = 0, text_cache: str | os.PathLike | None = None,
-                 workers: int | None = None, unspoken_splits: Sequence[str] = (),
+                 workers: int | None = None, unspoken_splits: Sequence[str] = (), spoken_train: int | None = None,
                  progress: Callable[[str], None] = print) -> CorpusPaths:
     """Build (or reuse) the corpus in ``out``; ``text_cache`` keeps the backbone's texts across sizes;
     ``workers``: the processes that speak the clips (`speak_clips`; None: one a core). The rows of
     ``unspoken_splits`` keep their texts and get no clip (no ``audio`` field): the `decoder` split where the
-    speech decoder is not trained here (the shipped codec's heard them); a later build without it speaks them."""
+    speech decoder is not trained here (the shipped codec's heard them); a later build without it speaks them.
+    ``spoken_train``: speak only this many of the ``train`` split's clips (`spoken_training_ids`), the others
+    kept as texts like the unspoken splits' rows (None: all)."""
     unknown = sorted(set(unspoken_splits) - set(SPLITS))
     if unknown:
         raise ValueError(f"unspoken_splits={list(unspoken_splits)}: {unknown} are not splits; choose from {list(SPLITS)}")
+    if spoken_train is not None and (isinstance(spoken_train, bool) or not isinstance(spoken_train, int)
+                                     or spoken_train < 0):
+        raise ValueError(f"spoken_train={spoken_train!r}: expected a number of training clips >= 0, or None for all")
     settings = corpus_size(size)
     out = Path(out)
     (out / "audio").mkdir(parents=True, exist_ok=True)
@@ -140,9 +146,12 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
     timings["answers_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    training_ids = [row["id"] for row in rows if row["split"] == "train"]
+    spoken_ids = set(training_ids if spoken_train is None else spoken_training_ids(
+        [row for row in rows if row["split"] == "train"], spoken_train, seed))
     unspoken = []
     for row in rows:
-        if row["split"] in unspoken_splits:
+        if row["split"] in unspoken_splits or (row["split"] == "train" and row["id"] not in spoken_ids):
             continue
         row["synthesis"] = synthesis_settings(row["id"], seed)
         row["audio"] = f"audio/{clip_file_name(row['id'], row['text'], row['synthesis'], seed)}"
@@ -177,6 +186,7 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
     known = [row for row in rows if row.get("expected")]
     build = {"version": CORPUS_VERSION, "size": asdict(settings), "seed": seed,
              "clips": sum("audio" in row for row in rows), "unspoken_splits": sorted(unspoken_splits),
+             "spoken_train": {"clips": len(spoken_ids), "of": len(training_ids)},
              "audio_hours": round(audio_seconds / 3600, 3), "doc_packages": doc_versions,
              "stdlib_python": python_version, "vocabulary_heard": vocabulary_heard(rows),
              "backbone_text_accuracy": {split: question_accuracy([r for r in known if r["split"] == split])
@@ -189,3 +199,13 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
     card = out / "CORPUS.md"
     card.write_text(corpus_card(build, voice))
     return CorpusPaths(out, manifests, card, build)
+
+
+def spoken_training_ids(rows: Sequence[dict], count: int, seed: int = 0) -> list[str]:
+    """The ids of ``count`` training rows to speak: every question first (the spoken requests that instruction
+    tasks answer), then the other texts in an order seeded by their ids, so that a larger count speaks a superset
+    (a cache's clips are reused) and each source keeps about its share."""
+    questions = [row["id"] for row in rows if row["source"] == "questions"]
+    others = sorted((row["id"] for row in rows if row["source"] != "questions"),
+                    key=lambda row_id: hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest())
+    return (questions + others)[:count]

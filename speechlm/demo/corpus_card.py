@@ -44,6 +44,11 @@ def corpus_card(build: dict, voice: Voice) -> str:
     unspoken = (f" Not spoken in this build: {', '.join(f'`{split}`' for split in build['unspoken_splits'])} (its "
                 "texts only: the speech decoder that hears them was not\ntrained here, the shipped codec's was trained "
                 "on them)." if build.get("unspoken_splits") else "")
+    spoken_train = build.get("spoken_train") or {}
+    if spoken_train and spoken_train["clips"] < spoken_train["of"]:
+        unspoken += (f" Of `train`'s {spoken_train['of']} texts, {spoken_train['clips']} are spoken (every question, "
+                     "and the others in a seeded order: as many as\nthe job's training draws from); the rest are texts "
+                     "only.")
     return f"""# speechlm demo corpus
 
 {build['clips']} clips, {build['audio_hours']} hours of 16 kHz speech synthesized by the Piper voice

@@ -18,8 +18,9 @@ def answer_is_correct(answer: str, expected: Sequence[str]) -> bool:
 
 def vocabulary_heard(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Per held-out split (and per source in it): the share of its running words that some training
-    clip speaks. No adapter can be expected to write a word it never heard."""
-    heard = {word for row in rows if row["split"] == "train" for word in spoken_words(row["text"])}
+    clip speaks (a training text left unspoken is not heard). No adapter can be expected to write a word it
+    never heard."""
+    heard = {word for row in rows if row["split"] == "train" and "audio" in row for word in spoken_words(row["text"])}
     shares: dict[str, dict[str, float]] = {}
     for split in EVALUATION_SPLITS:
         split_rows = [row for row in rows if row["split"] == split]

@@ -12,6 +12,7 @@ WER every few minutes of training (the learning curve); save; evaluate again; wr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -83,6 +84,11 @@ class JobSettings:
     # Training clips whose speech units are extracted for the tts task (whisper units: ~20 clips a second on 2
     # cores; a published-size SpeechTokenizer encodes ~2, so all ~2,000 would take it a quarter of an hour).
     tts_train_clips: int = 400
+    # Training clips Piper speaks; the rest of the training split stays text (`build_corpus`'s spoken_train). None:
+    # as many as the recipe's data.num_samples, the most its plan can draw (the quick start's 960 draws hear ~560
+    # distinct clips of 1,928 either way: ~5 of a from-empty job's minutes went to speaking clips no step heard;
+    # all where it sets none). With `train_codec` every clip is spoken: the codec trained here hears them.
+    spoken_train_clips: int | None = None
     # What the frozen Whisper encoder and reader make of every clip (training and evaluation), kept in the cache
     # (READINGS_FILE) between runs: a re-run on the same corpus reads no clip again (~7 minutes on 2 cores); and
     # what the judge heard of the tts references (JUDGED_REFERENCES_FILE: `EvalSettings.judge_cache`)
@@ -111,19 +117,30 @@ class JobSettings:
 
 # -- evaluation sets ------------------------------------------------------------------------------------
 
+def spoken_training_clips(settings: JobSettings, recipe_yaml: dict) -> int | None:
+    """The training clips the job has spoken (`JobSettings.spoken_train_clips`): the user's number, else the
+    recipe's ``data.num_samples`` after the overrides (None: all)."""
+    from speechlm.configfile import apply_overrides
+
+    if settings.spoken_train_clips is not None:
+        return settings.spoken_train_clips
+    resolved = apply_overrides(copy.deepcopy(recipe_yaml), settings.overrides)
+    return (resolved.get("data") or {}).get("num_samples")
+
+
 def corpus_rows(assets: DemoAssets) -> dict[str, list[dict]]:
     """``train``, ``heldout`` and ``ood`` manifest rows, audio paths made absolute (so that ``speechlm eval``
-    runs on the manifests written from them, from anywhere)."""
+    runs on the manifests written from them, from anywhere); a training text left unspoken has none."""
     return {split: _rows(Path(getattr(assets, split))) for split in ("train", "heldout", "ood")}
 
 
 def split_for_units(rows: dict[str, list[dict]], out: Path, train_units: int, heldout_units: int) -> dict[str, Path]:
     """Manifests of the clips whose units are extracted, spread over the sources: ``train-units`` (tts
-    training), ``heldout-units`` and ``ood-units`` (tts references); ``train-text``: the rest of the
-    training split, for the tasks that need no units. Deterministic, so that `prepare` reuses its output."""
+    training, of the spoken clips), ``heldout-units`` and ``ood-units`` (tts references); ``train-text``: the rest
+    of the training split, for the tasks that need no units. Deterministic, so that `prepare` reuses its output."""
     out.mkdir(parents=True, exist_ok=True)
     train, heldout, ood = rows["train"], rows["heldout"], rows["ood"]
-    with_units = spread(train, train_units)
+    with_units = spread([row for row in train if "audio" in row], train_units)
     chosen = {row["id"] for row in with_units}
     rest = [row for row in train if row["id"] not in chosen]
     manifests = {"train-units": _write_jsonl(out / "train-units.jsonl", with_units),
@@ -150,7 +167,8 @@ def units_dir(manifest: Path, codec: Path) -> Path:
 def _rows(manifest: Path) -> list[dict]:
     rows = read_jsonl(manifest)
     for row in rows:
-        row["audio"] = str((manifest.parent / row["audio"]).resolve())
+        if "audio" in row:
+            row["audio"] = str((manifest.parent / row["audio"]).resolve())
     return rows
 
 
@@ -266,7 +284,9 @@ def run_job(settings: JobSettings, progress=print) -> dict:
         seconds[name] = round(now - lap_start, 1)
         lap_start = now
 
-    assets = build_demo_assets(settings.size, settings.cache, train_codec=settings.train_codec, progress=progress)
+    spoken_train = spoken_training_clips(settings, recipe_yaml)
+    assets = build_demo_assets(settings.size, settings.cache, train_codec=settings.train_codec,
+                               spoken_train=spoken_train, progress=progress)
     lap("assets")
     if settings.eval.judge is None:  # Whisper base hears the trained model's tts answers and their references
         settings = replace(settings, eval=replace(settings.eval, judge=assets.audio_encoder))
@@ -334,7 +354,7 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     answer = spoken_answer(model, processor, eval_sets, out / "answer.wav", settings.eval, judge=settings.eval.judge)
     report = {
         "machine": machine(), "assets": asdict(assets), "recipe": settings.recipe,
-        "job_settings": job_values, "overrides": settings.overrides,
+        "job_settings": job_values, "overrides": settings.overrides, "spoken_train_clips": spoken_train,
         "model": str(model_dir), "eval_sets": {name: str(path) for name, (_, path) in eval_sets.items()},
         "read_ahead": None if ahead is None else {**asdict(ahead), "summary": ahead.summary()},
         "alignment": None if alignment is None else {**asdict(alignment), "summary": alignment.summary()},

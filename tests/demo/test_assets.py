@@ -162,6 +162,33 @@ def test_a_tiny_corpus_builds_with_every_split_and_is_reused(tmp_path, backbone_
     assert all((tmp_path / "texts-only" / row["audio"]).is_file() and row["alignment"] for row in decoder_rows)
     with pytest.raises(ValueError, match=r"unspoken_splits=\['dev'\]: \['dev'\] are not splits"):
         build_corpus(tmp_path / "texts-only", backbone_dir, voice, size=decoder_size, unspoken_splits=("dev",))
+
+    # a few of the training clips spoken (what a job's training can draw): every question, then seeded others;
+    # the rest of the split kept as texts, the held-out splits whole
+    train_count = len(rows["train"])
+    questions = sum(row["source"] == "questions" for row in rows["train"])
+    partial = build_corpus(tmp_path / "partial", backbone_dir, voice, size=size, spoken_train=questions + 1,
+                           text_cache=demo_cache / "texts.json", progress=lambda _: None)
+    assert partial.build["this_run"]["clips_synthesized"] == corpus.build["clips"] - (train_count - questions - 1)
+    assert partial.build["spoken_train"] == {"clips": questions + 1, "of": train_count}
+    partial_rows = {split: [json.loads(line) for line in partial.manifests[split].read_text().splitlines()]
+                    for split in SPLITS}
+    assert [row["text"] for row in partial_rows["train"]] == [row["text"] for row in rows["train"]]
+    assert all("audio" in row for row in partial_rows["train"] if row["source"] == "questions")
+    assert sum("audio" in row for row in partial_rows["train"]) == questions + 1
+    assert all("audio" in row for row in partial_rows["heldout"] + partial_rows["ood"])
+    assert len(list((tmp_path / "partial" / "audio").glob("*.flac"))) == partial.build["clips"]
+    assert f"Of `train`'s {train_count} texts, {questions + 1} are spoken" in partial.card.read_text()
+    heard = partial.build["vocabulary_heard"]["heldout"]["all"]  # words of unspoken texts are not heard
+    assert heard <= corpus.build["vocabulary_heard"]["heldout"]["all"]
+    more = build_corpus(tmp_path / "partial", backbone_dir, voice, size=size, spoken_train=train_count,
+                        text_cache=demo_cache / "texts.json", progress=lambda _: None)
+    assert more.build["this_run"]["clips_synthesized"] == train_count - questions - 1  # the new ones only
+    spoken_again = [json.loads(line) for line in more.manifests["train"].read_text().splitlines()]
+    assert [row["audio"] for row in spoken_again] == [row["audio"] for row in rows["train"]]  # the same clips
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"spoken_train={bad!r}: expected a number of training clips >= 0"):
+            build_corpus(tmp_path / "partial", backbone_dir, voice, size=size, spoken_train=bad)
     with pytest.raises(ValueError, match="words=1 and decoder_words=1"):
         dataclasses.replace(size, words=1, decoder_words=1)
 
@@ -292,6 +319,20 @@ def test_a_shipped_codec_installs_as_the_codec_it_was_shipped_from(tmp_path, dem
         install_shipped_codec(whisper, tmp_path / "other", shipped=shipped)
 
 
+def test_spoken_training_ids_put_questions_first_and_grow_as_supersets():
+    from speechlm.demo.corpus import spoken_training_ids
+
+    rows = [{"id": f"templates-{i:03d}", "source": "templates"} for i in range(40)] + \
+        [{"id": f"questions-{i:03d}", "source": "questions"} for i in range(5)]
+    questions = [f"questions-{i:03d}" for i in range(5)]
+    assert spoken_training_ids(rows, 3) == questions[:3]
+    ten, twenty = spoken_training_ids(rows, 10), spoken_training_ids(rows, 20)
+    assert ten[:5] == questions and twenty[:10] == ten and len(set(twenty)) == 20
+    assert ten[5:] != [f"templates-{i:03d}" for i in range(5)]  # seeded, not the manifest's first
+    assert spoken_training_ids(rows, 10, seed=1)[5:] != ten[5:]
+    assert sorted(spoken_training_ids(rows, 100)) == sorted(row["id"] for row in rows)
+
+
 def test_the_corpus_its_helpers_heard_gets_the_shipped_codec_and_others_train_their_own(demo_cache, monkeypatch):
     from speechlm.demo import build
 
@@ -312,6 +353,17 @@ def test_the_corpus_its_helpers_heard_gets_the_shipped_codec_and_others_train_th
     build.build_demo_assets("ci", demo_cache, progress=said.append)
     assert calls == ["codec", "decoder"]
     assert "[demo] the shipped codec's helpers heard other texts than corpus-ci's: training its own" in said
+
+    # a job speaks the training clips it draws from; a codec trained here hears every clip
+    spoken, build_corpus = [], build.build_corpus
+    monkeypatch.setattr(build, "build_corpus", lambda *args, **kwargs: spoken.append(kwargs["spoken_train"])
+                        or build_corpus(*args, **{**kwargs, "spoken_train": None}))
+    monkeypatch.setattr(build, "shipped_codec_fits", lambda manifests: True)
+    build.build_demo_assets("ci", demo_cache, spoken_train=5, progress=said.append)
+    build.build_demo_assets("ci", demo_cache, spoken_train=5, train_codec=True, progress=said.append)
+    monkeypatch.setattr(build, "shipped_codec_fits", lambda manifests: False)
+    build.build_demo_assets("ci", demo_cache, spoken_train=5, progress=said.append)
+    assert spoken == [5, None, 5, None]
 
 
 def test_the_packages_codec_speaks_what_whisper_base_hears(demo_cache):

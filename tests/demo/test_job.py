@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,45 @@ def test_spread_picks_evenly_through_the_sources():
     rows = [f"templates-{i}" for i in range(6)] + [f"questions-{i}" for i in range(3)]
     assert spread(rows, 3) == ["templates-0", "templates-3", "questions-0"]
     assert spread(rows, 20) == rows
+
+
+def test_the_job_speaks_as_many_training_clips_as_its_plan_draws_unless_told(tmp_path, monkeypatch):
+    from speechlm.configfile import read_yaml
+    from speechlm.demo import __main__ as demo_main
+    from speechlm.demo import job
+
+    recipe = read_yaml(job.JobSettings().recipe)
+    assert job.spoken_training_clips(job.JobSettings(), recipe) == recipe["data"]["num_samples"] == 960
+    assert job.spoken_training_clips(job.JobSettings(overrides=["data.num_samples=100"]), recipe) == 100
+    assert recipe["data"]["num_samples"] == 960  # the recipe itself as it was
+    assert job.spoken_training_clips(job.JobSettings(spoken_train_clips=7, overrides=["data.num_samples=100"]),
+                                     recipe) == 7
+    assert job.spoken_training_clips(job.JobSettings(overrides=["data.num_samples=null"]), recipe) is None
+    settings = []
+    monkeypatch.setattr(demo_main, "run_job", settings.append)
+    assert demo_main.main(["run", "--out", "o", "--spoken-train-clips", "12"]) == 0
+    assert demo_main.main(["run", "--out", "o"]) == 0
+    assert [s.spoken_train_clips for s in settings] == [12, None]
+
+
+def test_training_texts_left_unspoken_get_no_units_and_stay_text(tmp_path):
+    from speechlm.demo import job
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = {"train": [{"id": f"t{i}", "text": f"text {i}", **({"audio": f"audio/t{i}.flac"} if i % 2 else {})}
+                      for i in range(8)],
+            "heldout": [{"id": "h0", "text": "held out", "audio": "audio/h0.flac"}],
+            "ood": [{"id": "o0", "text": "other", "audio": "audio/o0.flac"}]}
+    for split, split_rows in rows.items():
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in split_rows))
+    assets = dataclasses.replace(stand_in_assets(tmp_path), **{split: str(corpus / f"{split}.jsonl") for split in rows})
+    read = job.corpus_rows(assets)
+    assert [row.get("audio") for row in read["train"][:2]] == [None, str((corpus / "audio/t1.flac").resolve())]
+    manifests = job.split_for_units(read, tmp_path / "data", train_units=2, heldout_units=1)
+    units = [json.loads(line)["id"] for line in manifests["train-units"].read_text().splitlines()]
+    text = [json.loads(line)["id"] for line in manifests["train-text"].read_text().splitlines()]
+    assert units == ["t1", "t5"] and sorted(units + text) == sorted(row["id"] for row in rows["train"])
 
 
 def test_units_are_kept_per_manifest_and_codec(tmp_path):
