@@ -85,9 +85,9 @@ class JobSettings:
     # cores; a published-size SpeechTokenizer encodes ~2, so all ~2,000 would take it a quarter of an hour).
     tts_train_clips: int = 400
     # Training clips Piper speaks; the rest of the training split stays text (`build_corpus`'s spoken_train). None:
-    # as many as the recipe's data.num_samples, the most its plan can draw (the quick start's 960 draws hear ~560
-    # distinct clips of 1,928 either way: ~5 of a from-empty job's minutes went to speaking clips no step heard;
-    # all where it sets none). With `train_codec` every clip is spoken: the codec trained here hears them.
+    # as many as the recipe's data.num_samples, the most its plan can draw (the quick start's 960 draws heard 567
+    # distinct clips of 1,928 spoken, and 487 of the 960 now: ~5 of a from-empty job's minutes went to speaking
+    # clips no step heard; all where it sets none). With `train_codec` every clip is spoken: the codec trained here hears them.
     spoken_train_clips: int | None = None
     # What the frozen Whisper encoder and reader make of every clip (training and evaluation), kept in the cache
     # (READINGS_FILE) between runs: a re-run on the same corpus reads no clip again (~7 minutes on 2 cores); and
