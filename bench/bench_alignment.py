@@ -30,9 +30,10 @@ from speechlm.speech_io.features import log_mel_features
 
 
 def rows_of(manifest: str, count: int) -> list[dict]:
-    """``count`` rows spread evenly through the manifest (it lists its sources one after another)."""
+    """``count`` spoken rows spread evenly through the manifest (it lists its sources one after another; a job
+    leaves some training texts unspoken)."""
     path = Path(manifest)
-    rows = spread(read_jsonl(path), count)
+    rows = spread([row for row in read_jsonl(path) if row.get("audio")], count)
     for row in rows:
         row["array"] = load_audio(path.parent / row["audio"])
     return rows

@@ -19,7 +19,7 @@ import torch
 from speechlm.adapters.building import ModelSpec
 from speechlm.demo.build import load_demo_assets
 from speechlm.demo.job import spread
-from speechlm.finetune.alignment import ProjectorAligner
+from speechlm.finetune.alignment import ProjectorAligner, transcribed
 from speechlm.finetune.config import AlignmentConfig, DataConfig, TrainConfig
 from speechlm.finetune.examples import read_jsonl, read_manifest
 from speechlm.finetune.metrics import match_answer, word_errors
@@ -44,7 +44,7 @@ def main() -> None:
     processor = build_processor(config, model, tokenizer)
     aligner = ProjectorAligner(model, tokenizer, AlignmentConfig(max_steps=args.ctc_steps), n_mels=80,
                                max_audio_seconds=30.0, bf16=True)
-    steps, losses, vocabulary = aligner.train(aligner.encode(read_manifest(assets.train)))
+    steps, losses, vocabulary = aligner.train(aligner.encode(transcribed(read_manifest(assets.train))))
     print(f"CTC: {steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, {vocabulary} transcript tokens")
     model.eval()
     embeddings = model.get_input_embeddings().weight.detach()[aligner.vocabulary]

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--tts-train-clips", type=int, default=job.tts_train_clips,
                      help="training clips whose units are extracted for the tts task")
     run.add_argument("--spoken-train-clips", type=int, default=job.spoken_train_clips,
-                     help="training clips Piper speaks (default: the recipe's data.num_samples; all with --train-codec)")
+                     help="training clips Piper speaks (default: the recipe's data.num_samples; all where the codec "
+                          "trains here)")
     run.add_argument("--no-untrained-eval", dest="evaluate_untrained", action="store_false",
                      help="skip the evaluation before training (variants of a recipe compared after training)")
     run.add_argument("--read-again", dest="keep_readings", action="store_false",

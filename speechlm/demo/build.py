@@ -99,7 +99,8 @@ def build_demo_assets(size: str | CorpusSize = "ci", cache: str | os.PathLike | 
     else:
         if not train_codec:
             progress(f"[demo] the shipped codec's helpers heard other texts than corpus-{name}'s: training its own")
-            if corpus.manifests["decoder"].stat().st_size or spoken_train is not None:  # left unspoken above
+            left_unspoken = corpus.build["spoken_train"]["clips"] < corpus.build["spoken_train"]["of"]
+            if corpus.manifests["decoder"].stat().st_size or left_unspoken:
                 corpus = step("corpus (the codec's clips)", lambda: corpus_stage((), None))
         codec = step("codec", lambda: build_codec(corpus.manifests["train"], whisper, root, seed=seed,
                                                   vocoder=VOCODER_TRAINING.get(name, VOCODER_TRAINING["full"]),

@@ -85,9 +85,10 @@ class JobSettings:
     # cores; a published-size SpeechTokenizer encodes ~2, so all ~2,000 would take it a quarter of an hour).
     tts_train_clips: int = 400
     # Training clips Piper speaks; the rest of the training split stays text (`build_corpus`'s spoken_train). None:
-    # as many as the recipe's data.num_samples, the most its plan can draw (the quick start's 960 draws heard 567
-    # distinct clips of 1,928 spoken, and 487 of the 960 now: ~5 of a from-empty job's minutes went to speaking
-    # clips no step heard; all where it sets none). With `train_codec` every clip is spoken: the codec trained here hears them.
+    # as many as the recipe's data.num_samples, the most its plan can draw (all where it sets none, or where a CTC
+    # pre-alignment reads every clip): the quick start's 960 draws heard 567 distinct clips of 1,928 spoken, and 487
+    # of the 960 now; ~5 of a from-empty job's minutes went to speaking clips no step heard. Where the codec trains
+    # here (`train_codec`, or a corpus size the shipped codec was not made for) every clip is spoken: it hears them.
     spoken_train_clips: int | None = None
     # What the frozen Whisper encoder and reader make of every clip (training and evaluation), kept in the cache
     # (READINGS_FILE) between runs: a re-run on the same corpus reads no clip again (~7 minutes on 2 cores); and
@@ -115,18 +116,25 @@ class JobSettings:
         return replace(self.eval, lm_dtype="bfloat16") if task in self.bfloat16_tasks else self.eval
 
 
-# -- evaluation sets ------------------------------------------------------------------------------------
-
 def spoken_training_clips(settings: JobSettings, recipe_yaml: dict) -> int | None:
-    """The training clips the job has spoken (`JobSettings.spoken_train_clips`): the user's number, else the
-    recipe's ``data.num_samples`` after the overrides (None: all)."""
+    """The training clips the job asks Piper to speak (`JobSettings.spoken_train_clips`): the user's number, else
+    the recipe's ``data.num_samples`` after the overrides; None (all) where it sets none or where a CTC
+    pre-alignment (``alignment.max_steps`` > 0) reads every clip with a transcript."""
     from speechlm.configfile import apply_overrides
 
-    if settings.spoken_train_clips is not None:
-        return settings.spoken_train_clips
+    chosen = settings.spoken_train_clips
+    if chosen is not None:
+        if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 1:
+            raise ValueError(f"spoken_train_clips={chosen!r}: expected a number of training clips >= 1 "
+                             "(--spoken-train-clips), or none for the recipe's data.num_samples")
+        return chosen
     resolved = apply_overrides(copy.deepcopy(recipe_yaml), settings.overrides)
+    if ((resolved.get("alignment") or {}).get("max_steps") or 0) > 0:
+        return None
     return (resolved.get("data") or {}).get("num_samples")
 
+
+# -- evaluation sets ------------------------------------------------------------------------------------
 
 def corpus_rows(assets: DemoAssets) -> dict[str, list[dict]]:
     """``train``, ``heldout`` and ``ood`` manifest rows, audio paths made absolute (so that ``speechlm eval``
@@ -354,7 +362,8 @@ def run_job(settings: JobSettings, progress=print) -> dict:
     answer = spoken_answer(model, processor, eval_sets, out / "answer.wav", settings.eval, judge=settings.eval.judge)
     report = {
         "machine": machine(), "assets": asdict(assets), "recipe": settings.recipe,
-        "job_settings": job_values, "overrides": settings.overrides, "spoken_train_clips": spoken_train,
+        "job_settings": job_values, "overrides": settings.overrides,
+        "spoken_train_clips": json.loads((Path(assets.corpus) / "build.json").read_text())["spoken_train"],
         "model": str(model_dir), "eval_sets": {name: str(path) for name, (_, path) in eval_sets.items()},
         "read_ahead": None if ahead is None else {**asdict(ahead), "summary": ahead.summary()},
         "alignment": None if alignment is None else {**asdict(alignment), "summary": alignment.summary()},

@@ -31,6 +31,11 @@ def test_the_job_speaks_as_many_training_clips_as_its_plan_draws_unless_told(tmp
     assert job.spoken_training_clips(job.JobSettings(spoken_train_clips=7, overrides=["data.num_samples=100"]),
                                      recipe) == 7
     assert job.spoken_training_clips(job.JobSettings(overrides=["data.num_samples=null"]), recipe) is None
+    # a CTC pre-alignment reads every clip with a transcript
+    assert job.spoken_training_clips(job.JobSettings(overrides=["alignment.max_steps=50"]), recipe) is None
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(ValueError, match=rf"spoken_train_clips={bad!r}: expected a number of training clips >= 1"):
+            job.spoken_training_clips(job.JobSettings(spoken_train_clips=bad), recipe)
     settings = []
     monkeypatch.setattr(demo_main, "run_job", settings.append)
     assert demo_main.main(["run", "--out", "o", "--spoken-train-clips", "12"]) == 0
@@ -117,6 +122,8 @@ def test_main_job_trains_and_reports_every_metric(tmp_path, demo_cache, monkeypa
         assert (metric in report["before"][name]) == ("judge" not in metric), (name, metric)
     assert report["text_answers_unchanged"] is True  # LoRA acts on audio rows only: text answers stay
     assert report["alignment"] is None  # the recipe's whisper reader needs no CTC pre-alignment
+    spoken = report["spoken_train_clips"]  # the ci corpus's codec trains here: every clip is spoken
+    assert spoken["clips"] == spoken["of"] > 0
     # the untrained model speaks in the same length window as the trained one (the rate is the data's, not learned)
     assert len(rates) == 2 and rates[0] is not None and rates[0] == rates[1]
     # transcripts and speech with the LM in bfloat16, free answers (and the typed answers' check) as trained
