@@ -150,8 +150,8 @@ def training_reads(config: TrainConfig, model: SpeechLMForCausalLM) -> Iterator[
 def clips_to_read_ahead(config: TrainConfig, examples: Sequence[Example], dataset: TaskMixtureDataset
                         ) -> list[Example]:
     """The examples whose clips the training reads: those the dataset's samples draw (the quick start's plan, 960
-    samples of ASR and spoken requests 1:1 over the 960 clips its job speaks, draws 487 of them), and every example where the CTC
-    pre-alignment runs (it draws from all that have audio and text)."""
+    samples of ASR and spoken requests 1:1 over the 960 clips its job speaks, draws 487 of them), and every
+    example where the CTC pre-alignment runs (it draws from all that have audio and text)."""
     return list(examples) if config.alignment.max_steps > 0 else dataset.sampled_examples()
 
 

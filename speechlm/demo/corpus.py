@@ -146,9 +146,9 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
     timings["answers_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    training_ids = [row["id"] for row in rows if row["split"] == "train"]
-    spoken_ids = set(training_ids if spoken_train is None else spoken_training_ids(
-        [row for row in rows if row["split"] == "train"], spoken_train, seed))
+    training = [row for row in rows if row["split"] == "train"]
+    spoken_ids = {row["id"] for row in training} if spoken_train is None else \
+        set(spoken_training_ids(training, spoken_train, seed))
     unspoken = []
     for row in rows:
         if row["split"] in unspoken_splits or (row["split"] == "train" and row["id"] not in spoken_ids):
@@ -186,7 +186,7 @@ def build_corpus(out: str | os.PathLike, backbone_dir: str | os.PathLike, voice:
     known = [row for row in rows if row.get("expected")]
     build = {"version": CORPUS_VERSION, "size": asdict(settings), "seed": seed,
              "clips": sum("audio" in row for row in rows), "unspoken_splits": sorted(unspoken_splits),
-             "spoken_train": {"clips": len(spoken_ids), "of": len(training_ids)},
+             "spoken_train": {"clips": len(spoken_ids), "of": len(training)},
              "audio_hours": round(audio_seconds / 3600, 3), "doc_packages": doc_versions,
              "stdlib_python": python_version, "vocabulary_heard": vocabulary_heard(rows),
              "backbone_text_accuracy": {split: question_accuracy([r for r in known if r["split"] == split])

@@ -119,19 +119,20 @@ class JobSettings:
 def spoken_training_clips(settings: JobSettings, recipe_yaml: dict) -> int | None:
     """The training clips the job asks Piper to speak (`JobSettings.spoken_train_clips`): the user's number, else
     the recipe's ``data.num_samples`` after the overrides; None (all) where it sets none or where a CTC
-    pre-alignment (``alignment.max_steps`` > 0) reads every clip with a transcript."""
+    pre-alignment (``alignment.max_steps`` > 0) reads every clip with a transcript. Either number is checked here,
+    before anything is built."""
     from speechlm.configfile import apply_overrides
 
-    chosen = settings.spoken_train_clips
-    if chosen is not None:
-        if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 1:
-            raise ValueError(f"spoken_train_clips={chosen!r}: expected a number of training clips >= 1 "
-                             "(--spoken-train-clips), or none for the recipe's data.num_samples")
-        return chosen
-    resolved = apply_overrides(copy.deepcopy(recipe_yaml), settings.overrides)
-    if ((resolved.get("alignment") or {}).get("max_steps") or 0) > 0:
-        return None
-    return (resolved.get("data") or {}).get("num_samples")
+    chosen, where = settings.spoken_train_clips, "spoken_train_clips"
+    if chosen is None:
+        resolved = apply_overrides(copy.deepcopy(recipe_yaml), settings.overrides)
+        if ((resolved.get("alignment") or {}).get("max_steps") or 0) > 0:
+            return None
+        chosen, where = (resolved.get("data") or {}).get("num_samples"), "data.num_samples"
+    if chosen is not None and (isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 1):
+        raise ValueError(f"{where}={chosen!r}: expected a number of training clips >= 1 (--spoken-train-clips), "
+                         "or none for the recipe's data.num_samples")
+    return chosen
 
 
 # -- evaluation sets ------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ def test_the_job_speaks_as_many_training_clips_as_its_plan_draws_unless_told(tmp
     for bad in (0, -3, True, 2.5):
         with pytest.raises(ValueError, match=rf"spoken_train_clips={bad!r}: expected a number of training clips >= 1"):
             job.spoken_training_clips(job.JobSettings(spoken_train_clips=bad), recipe)
+    with pytest.raises(ValueError, match=r"data.num_samples=0: expected a number of training clips >= 1"):
+        job.spoken_training_clips(job.JobSettings(overrides=["data.num_samples=0"]), recipe)
     settings = []
     monkeypatch.setattr(demo_main, "run_job", settings.append)
     assert demo_main.main(["run", "--out", "o", "--spoken-train-clips", "12"]) == 0
