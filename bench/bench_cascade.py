@@ -1,8 +1,8 @@
 """The cascade anchor: openai-whisper transcribes, and the backbone gets the transcript as text.
 
 On the evaluation sets a quick-start job wrote (``OUT/eval-data``): Whisper base's own WER on ASR clips
-spread over each split (``whisper.decode`` on the 30 s padded log-mel, greedy, English, as the
-evaluation's judge: ~2 s a clip on 2 cores, hence a spread rather than every clip), and
+spread over each split (the evaluation's judge, `speechlm.evaluation.transcribe_batch`: greedy, English,
+each clip heard with 5 s of silence after it), and
 spoken-QA accuracy when the backbone answers Whisper's transcript of each question, beside the same
 questions as written text. A trained SpeechLM answers text requests with its base backbone exactly
 (LoRA gated to audio), so any of the job's models serves as the backbone here.
@@ -18,11 +18,17 @@ import time
 from pathlib import Path
 
 import torch
-import whisper
 
 from speechlm.demo.build import load_demo_assets
 from speechlm.demo.job import load_trained, spread
-from speechlm.evaluation import EvalSettings, generate_text, read_eval_manifest, transcribe, transcribe_batch
+from speechlm.evaluation import (
+    EvalSettings,
+    generate_text,
+    load_judge,
+    read_eval_manifest,
+    transcribe,
+    transcribe_batch,
+)
 from speechlm.finetune.metrics import match_answer, word_errors
 from speechlm.speech_io.audio import load_audio
 
@@ -38,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     assets = load_demo_assets(args.size, args.cache)
-    judge = whisper.load_model(assets.audio_encoder, device="cpu")
+    judge = load_judge(str(assets.audio_encoder))
     model, processor = load_trained(Path(args.model))
     settings = EvalSettings(batch_size=40, max_new_tokens=64)
     data = Path(args.job) / "eval-data"

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-import whisper
 
 from speechlm.adapters.text_scoring import base_weights
 from speechlm.demo.assets import verified
@@ -50,6 +49,7 @@ from speechlm.evaluation import (
     answers_start_alike,
     evaluate,
     generate_text,
+    load_judge,
     read_eval_manifest,
     transcribe_batch,
 )
@@ -200,7 +200,7 @@ def main() -> None:
     seconds["spoken_and_typed"] = round(time.perf_counter() - start, 1)
 
     start = time.perf_counter()
-    judge = whisper.load_model(assets.audio_encoder, device="cpu")
+    judge = load_judge(str(assets.audio_encoder))
     heard = transcribe_batch(judge, [load_audio(row["audio"]) for row in questions])
     cascade = generate_text(model, processor, [[{"role": "user", "content": text}] for text in heard], settings)
     seconds["cascade"] = round(time.perf_counter() - start, 1)

@@ -4,8 +4,8 @@ The reader (`adapters/readers.py`) encodes each clip followed by ``reader_silenc
 silence (its window rounded up to whole 2 s, at most 30 s) and lets Whisper's own decoder read it. 30 s
 gives every clip openai-whisper's own input; less costs less but is not what Whisper was trained on. For
 each silence: the WER of the reader's transcripts on clips spread over the quick start's held-out
-splits, and the seconds a clip (encoder pass and decoding, batched). The anchor is openai-whisper itself (`whisper.decode` on the
-30 s padded log-mel, one clip at a time, as the evaluation's judge).
+splits, and the seconds a clip (encoder pass and decoding, batched). The anchor is openai-whisper's own decoding, as the
+evaluation's judge hears a clip (`speechlm.evaluation.transcribe`: greedy, with 5 s of silence after it).
 
 Uses the quick start's assets (``python -m speechlm.demo assets --size full``).
 
@@ -18,14 +18,13 @@ import argparse
 import time
 
 import torch
-import whisper
 
 from speechlm.adapters.audio_encoder import load_whisper_encoder, read_whisper_checkpoint
 from speechlm.adapters.configuration import SpeechLMAudioConfig, SpeechLMProjectorConfig
 from speechlm.adapters.readers import WhisperTranscriptReader
 from speechlm.demo.build import load_demo_assets
 from speechlm.demo.job import corpus_rows, spread
-from speechlm.evaluation import transcribe
+from speechlm.evaluation import load_judge, transcribe
 from speechlm.finetune.metrics import word_errors
 from speechlm.speech_io.audio import load_audio
 from speechlm.speech_io.features import log_mel_features
@@ -65,7 +64,7 @@ def main() -> None:
           f"{torch.get_num_threads()}")
     print("| split | decoding | WER | seconds a clip |")
     print("| --- | --- | --- | --- |")
-    judge = whisper.load_model(assets.audio_encoder, device="cpu")
+    judge = load_judge(str(assets.audio_encoder))
     for split in ("heldout", "ood"):
         chosen = spread(rows[split], args.clips)
         waves = [load_audio(row["audio"]) for row in chosen]

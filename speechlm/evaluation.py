@@ -400,8 +400,13 @@ def transcribe_batch(judge, waveforms: Sequence, *, batch_size: int = 16) -> lis
     that share a window decode together, so a clip is heard the same alone or in a batch."""
     import whisper
 
+    from speechlm.adapters.audio_encoder import WhisperAudioEncoder
     from speechlm.adapters.readers import silence_windows
 
+    if not isinstance(judge.encoder, WhisperAudioEncoder):  # openai-whisper's own asserts a 30 s input
+        raise TypeError(f"transcribe_batch hears clips in windows shorter than 30 s, which the judge's encoder "
+                        f"({type(judge.encoder).__name__}) does not take: load the judge with "
+                        f"speechlm.evaluation.load_judge(path), not whisper.load_model")
     # at most 30 s, as openai-whisper's window
     audio = [torch.as_tensor(waveform, dtype=torch.float32).flatten()[: whisper.audio.N_SAMPLES] for waveform in waveforms]
     mel_lengths = torch.tensor([len(clip) // whisper.audio.HOP_LENGTH for clip in audio], dtype=torch.long)

@@ -253,6 +253,17 @@ def test_the_judge_hears_a_batch_as_it_hears_each_clip_alone(tmp_path, monkeypat
     assert transcribe_batch(judge, [np.zeros(0, dtype=np.float32)]) == [transcribe(judge, np.zeros(100))]
 
 
+def test_the_judge_must_take_short_windows(tmp_path):
+    import whisper
+
+    from speechlm.evaluation import transcribe_batch
+    from tests.conftest import save_tiny_whisper
+
+    stock = whisper.load_model(str(save_tiny_whisper(tmp_path / "judge.pt", n_vocab=51864, n_text_ctx=64)), device="cpu")
+    with pytest.raises(TypeError, match=r"load_judge\(path\), not whisper.load_model"):
+        transcribe_batch(stock, [np.zeros(16000, dtype=np.float32)])
+
+
 def test_looping_answers_are_decoded_again_at_the_next_temperature(model_dir):
     from whisper.utils import compression_ratio
 
