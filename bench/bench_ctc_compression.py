@@ -23,7 +23,7 @@ import torch
 
 from speechlm.configfile import apply_overrides, build_dataclass, read_yaml
 from speechlm.demo.build import build_demo_assets
-from speechlm.demo.corpus import ANSWER_SYSTEM_PROMPT
+from speechlm.demo.corpus_texts import ANSWER_SYSTEM_PROMPT
 from speechlm.demo.job import corpus_rows, split_for_units, spread, units_dir
 from speechlm.evaluation import EvalSettings, evaluate, read_eval_manifest
 from speechlm.finetune import recipe
