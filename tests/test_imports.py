@@ -106,8 +106,8 @@ def test_benches_import_what_exists():
     # the benches run by hand, not in the suite: a name moved out of a module must not leave one unrunnable
     import importlib
 
-    missing = []
-    for bench, module, name in bench_imports():
+    imports, missing = bench_imports(), []
+    for bench, module, name in imports:
         try:
             imported = importlib.import_module(module)
         except ModuleNotFoundError:
@@ -115,4 +115,4 @@ def test_benches_import_what_exists():
             continue
         if not hasattr(imported, name) and f"{module}.{name}" not in MODULES:
             missing.append(f"{bench}: {module} has no {name}")
-    assert len(bench_imports()) > 50 and not missing, missing
+    assert len(imports) > 50 and not missing, missing
